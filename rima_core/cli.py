@@ -79,7 +79,9 @@ def _cmd_validate(args: argparse.Namespace) -> Any:
     from rima_core import steps
 
     cfg = _config(args)
-    result = steps.validate(args.store or cfg.prepare.store_dir, args.report or cfg.validate.report, cfg)
+    result = steps.validate(
+        args.store or cfg.prepare.store_dir, args.report or cfg.validate.report, cfg
+    )
     if not result["success"]:
         lines = "\n".join(f"  - {f}" for f in result["failures"])
         raise StepFailed(f"validation failed ({len(result['failures'])} expectation(s)):\n{lines}")
@@ -90,7 +92,9 @@ def _cmd_simulate_missing(args: argparse.Namespace) -> Any:
     from rima_core import steps
 
     cfg = _config(args)
-    return steps.simulate_missing(args.store or cfg.prepare.store_dir, args.out or cfg.missing.masks, cfg)
+    return steps.simulate_missing(
+        args.store or cfg.prepare.store_dir, args.out or cfg.missing.masks, cfg
+    )
 
 
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
@@ -106,7 +110,9 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="source tree -> Arrow store + manifest")
     _common(p)
     p.add_argument("--source", choices=["fairvision", "gamma", "rima", "auto"], default=None)
-    p.add_argument("--disease", choices=["amd", "dr", "glaucoma", "synthetic", "auto"], default=None)
+    p.add_argument(
+        "--disease", choices=["amd", "dr", "glaucoma", "synthetic", "auto"], default=None
+    )
     p.add_argument("--input", default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--skip-bad", action="store_true", help="quarantine bad cases into a report")
