@@ -131,8 +131,396 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_simulate_missing)
 
 
+# --- model: train / evaluate --------------------------------------------------------------------
+
+
+def _cmd_train(args: argparse.Namespace) -> Any:
+    from pathlib import Path
+
+    from rima_core import steps
+    from rima_core.engine import EngineError
+
+    cfg = _config(args)
+    out = args.out or cfg.train.out_dir
+    if args.model_name:
+        cfg.model.name = args.model_name
+        # a baseline goes beside the main model (models/<name>), never over it
+        out = args.out or str(Path(cfg.train.out_dir).parent / args.model_name)
+    try:
+        return steps.train(
+            store=args.store or cfg.prepare.store_dir,
+            masks=args.masks or cfg.missing.masks,
+            out_dir=out,
+            cfg=cfg,
+            resume=args.resume,
+            best_params=args.best_params,
+            track=not args.no_mlflow,
+        )
+    except EngineError as exc:
+        raise StepFailed(str(exc)) from exc
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> Any:
+    from rima_core import steps
+    from rima_core.engine import EngineError
+
+    cfg = _config(args)
+    try:
+        return steps.evaluate(
+            model=args.model or f"{cfg.train.out_dir}/model.pt",
+            store=args.store or cfg.prepare.store_dir,
+            masks=args.masks or cfg.missing.masks,
+            out_dir=args.out or cfg.evaluate.out_dir,
+            cfg=cfg,
+            track=not args.no_mlflow,
+        )
+    except EngineError as exc:
+        raise StepFailed(str(exc)) from exc
+
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model; best epoch on validation -> model.pt")
+    _common(p)
+    p.add_argument("--store", default=None, help="store directory (default: prepare.store_dir)")
+    p.add_argument("--masks", default=None, help="masks parquet (default: missing.masks)")
+    p.add_argument("--out", default=None, help="output directory (default: train.out_dir)")
+    p.add_argument("--resume", action="store_true", help="continue from out/checkpoint.pt")
+    p.add_argument("--best-params", default=None, metavar="FILE", help="tuned best_params.json")
+    p.add_argument(
+        "--model-name",
+        default=None,
+        metavar="NAME",
+        help="model to train (default: model.name); without --out it goes to models/NAME",
+    )
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a model under every missing-modality scenario")
+    _common(p)
+    p.add_argument("--model", default=None, help="model.pt (default: train.out_dir/model.pt)")
+    p.add_argument("--store", default=None)
+    p.add_argument("--masks", default=None)
+    p.add_argument("--out", default=None, help="output directory (default: evaluate.out_dir)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+# --- tuning and params ---------------------------------------------------------------------------
+
+
+def _cmd_tune(args: argparse.Namespace) -> Any:
+    from rima_core import steps
+    from rima_core.tune import TuneError
+
+    cfg = _config(args)
+    try:
+        return steps.tune(
+            store=args.store or cfg.prepare.store_dir,
+            masks=args.masks or cfg.missing.masks,
+            out_dir=args.out or cfg.tune.out_dir,
+            cfg=cfg,
+            workers=args.workers,
+            n_trials=args.n_trials,
+            timeout_s=args.timeout_s,
+            storage=args.storage,
+            study_name=args.study_name,
+            track=not args.no_mlflow,
+        )
+    except TuneError as exc:
+        raise StepFailed(str(exc)) from exc
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _dvc_value(value: Any) -> str:
+    """A value in the syntax of ``dvc exp run -S`` (Hydra overrides): JSON scalars and lists."""
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _cmd_params(args: argparse.Namespace) -> Any:
+    import yaml
+
+    if args.params_command == "show":
+        print(yaml.safe_dump(_config(args).to_dict(), sort_keys=False), end="")
+        return None
+    # overrides: the profile's keys as `dvc exp run` arguments, one per line
+    load_config(None, args.profile_file)  # schema check: a typo fails here, not in a stage
+    from pathlib import Path
+
+    raw = yaml.safe_load(Path(args.profile_file).read_text()) or {}
+    for key, value in _flatten(raw).items():
+        print(f"++{key}={_dvc_value(value)}")
+    return None
+
+
+def _add_tune_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="Optuna search over the OT regularisation and lr")
+    _common(p)
+    p.add_argument("--store", default=None, help="store directory (default: prepare.store_dir)")
+    p.add_argument("--masks", default=None, help="masks parquet (default: missing.masks)")
+    p.add_argument("--out", default=None, help="output directory (default: tune.out_dir)")
+    p.add_argument("--workers", type=int, default=None, help="processes on one study")
+    p.add_argument("--n-trials", type=int, default=None, help="budget: finished trials")
+    p.add_argument("--timeout-s", type=float, default=None, help="budget: wall seconds")
+    p.add_argument("--storage", default=None, help="SQLAlchemy URL (default: tune.storage)")
+    p.add_argument(
+        "--study-name", default=None, help="use this study as is (default: name + fingerprint)"
+    )
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.set_defaults(func=_cmd_tune)
+
+    params = sub.add_parser("params", help="inspect params and profiles")
+    params_sub = params.add_subparsers(dest="params_command", required=True)
+    p = params_sub.add_parser("show", help="print the effective params (params+profile+--set)")
+    _common(p)
+    p.set_defaults(func=_cmd_params)
+    p = params_sub.add_parser(
+        "overrides", help="a profile's keys as `dvc exp run -S` values, one per line"
+    )
+    p.add_argument("profile_file", metavar="PROFILE")
+    p.set_defaults(func=_cmd_params)
+
+
+# --- Kubeflow pipeline: compile / submit / run-local -------------------------------------------
+
+
+def _import_pipelines(module: str) -> Any:
+    """Import ``pipelines.<module>`` from the repository checkout.
+
+    ``pipelines/`` and ``components/`` are compile-time code that lives beside ``rima_core``
+    in the repository, not in the installed package (the image needs only ``rima_core``).
+    The checkout is the one ``rima_core`` is installed from (editable install), or the current
+    directory or one of its parents.
+    """
+    import importlib
+    from pathlib import Path
+
+    import rima_core
+
+    here = Path.cwd().resolve()
+    candidates = [Path(rima_core.__file__).resolve().parents[1], here, *here.parents]
+    for root in candidates:
+        if (root / "pipelines" / "__init__.py").exists() and (root / "components").is_dir():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            return importlib.import_module(f"pipelines.{module}")
+    raise StepFailed(
+        "`rima pipeline` needs the repository checkout (pipelines/ and components/ are not "
+        "part of the installed package): run it from the repository"
+    )
+
+
+def _cluster_options(args: argparse.Namespace) -> Any:
+    rp = _import_pipelines("rima_pipeline")
+    selector = {}
+    for pair in args.gpu_node_selector:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise StepFailed(f"--gpu-node-selector {pair!r}: expected KEY=VALUE")
+        selector[key] = value
+    try:
+        tolerations = tuple(rp.Toleration.parse(t) for t in args.gpu_toleration)
+    except ValueError as exc:
+        raise StepFailed(str(exc)) from exc
+    return rp.ClusterOptions(
+        image=args.image,
+        secret_name=args.secret,
+        gpu_type="" if args.no_gpu else args.gpu_type,
+        gpu_count=0 if args.no_gpu else args.gpus,
+        gpu_tolerations=tolerations if args.gpu_toleration else rp.ClusterOptions.gpu_tolerations,
+        gpu_node_selector=selector,
+        gpu_cpu_request=args.gpu_cpu,
+        gpu_memory_request=args.gpu_memory,
+        tune_parallelism=args.tune_parallelism,
+    )
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> Any:
+    try:
+        if args.pipeline_command == "compile":
+            compile_mod = _import_pipelines("compile")
+            out = compile_mod.compile_pipeline(
+                args.out, args.params, args.profile, args.overrides, _cluster_options(args)
+            )
+            return {"package": str(out)}
+        if args.pipeline_command == "submit":
+            submit_mod = _import_pipelines("submit")
+            submission = submit_mod.build_submission(
+                package=args.package,
+                experiment=args.experiment,
+                host=args.host,
+                namespace=args.namespace,
+                run_name=args.run_name,
+                argument_pairs=args.arg,
+                enable_caching=False if args.no_cache else None,
+                service_account=args.service_account,
+                wait_s=args.wait,
+            )
+            return submit_mod.submit(submission)
+        local_mod = _import_pipelines("local")
+        return local_mod.run_local(args.params, args.profile, args.overrides, args.root, args.arg)
+    except (ValueError, RuntimeError) as exc:
+        if isinstance(exc, ConfigError | StepFailed):
+            raise
+        raise StepFailed(str(exc)) from exc
+
+
+def _add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
+    pipe = sub.add_parser("pipeline", help="Kubeflow pipeline: compile, submit, run locally")
+    pipe_sub = pipe.add_subparsers(dest="pipeline_command", required=True)
+
+    p = pipe_sub.add_parser("compile", help="write the pipeline package (KFP IR YAML)")
+    _common(p)
+    p.add_argument("--out", default="rima_pipeline.yaml", help="package path (.yaml)")
+    p.add_argument("--image", default=None, help="component image (default: $RIMA_IMAGE)")
+    p.add_argument("--secret", default="rima-credentials", help="Kubernetes secret -> env")
+    p.add_argument("--gpu-type", default="nvidia.com/gpu", help="accelerator resource name")
+    p.add_argument("--gpus", type=int, default=1, help="accelerators per train/tune task")
+    p.add_argument("--no-gpu", action="store_true", help="CPU-only cluster: no accelerators")
+    p.add_argument(
+        "--gpu-toleration",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE][:EFFECT]",
+        help="toleration for GPU tasks (repeatable; default nvidia.com/gpu:NoSchedule)",
+    )
+    p.add_argument(
+        "--gpu-node-selector",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="node selector for GPU tasks (repeatable)",
+    )
+    p.add_argument("--gpu-cpu", default=None, help="CPU request of GPU tasks, e.g. 8")
+    p.add_argument("--gpu-memory", default=None, help="memory request of GPU tasks, e.g. 32Gi")
+    p.add_argument("--tune-parallelism", type=int, default=None, help="max concurrent workers")
+    p.set_defaults(func=_cmd_pipeline)
+
+    p = pipe_sub.add_parser("submit", help="start a run on Kubeflow Pipelines (kfp.Client)")
+    p.add_argument("--package", default="rima_pipeline.yaml", help="compiled package")
+    p.add_argument("--host", default=None, help="KFP API URL (default: $KF_PIPELINES_ENDPOINT)")
+    p.add_argument("--namespace", default=None, help="Kubeflow profile namespace")
+    p.add_argument("--experiment", required=True, help="KFP experiment name")
+    p.add_argument("--run-name", default=None)
+    p.add_argument(
+        "--arg",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="pipeline parameter for this run (repeatable), e.g. data_source_uri=s3://b/p",
+    )
+    p.add_argument("--no-cache", action="store_true", help="disable caching for this run")
+    p.add_argument("--service-account", default=None, help="Kubernetes service account")
+    p.add_argument(
+        "--wait", type=int, default=0, metavar="SECONDS", help="block until the run ends"
+    )
+    p.set_defaults(func=_cmd_pipeline)
+
+    p = pipe_sub.add_parser("run-local", help="run the pipeline here with kfp.local")
+    _common(p)
+    p.add_argument("--root", default="reports/kfp-local", help="where task outputs go")
+    p.add_argument(
+        "--arg", action="append", default=[], metavar="NAME=VALUE", help="pipeline parameter"
+    )
+    p.set_defaults(func=_cmd_pipeline)
+
+
+# --- registry: register / promote / predict -----------------------------------------------------
+
+
+def _registry_errors() -> tuple[type[Exception], ...]:
+    """User-facing registry/serving errors, imported only when a registry command runs."""
+    from mlflow.exceptions import MlflowException
+
+    from rima_core.registry import RegistryError
+    from rima_core.serving import InputError
+
+    return (RegistryError, InputError, MlflowException)
+
+
+def _cmd_register(args: argparse.Namespace) -> Any:
+    from pathlib import Path
+
+    from rima_core import steps
+
+    cfg = _config(args)
+    store = args.store or cfg.prepare.store_dir
+    try:
+        return steps.register(
+            model_dir=args.model_dir or cfg.train.out_dir,
+            metrics=args.metrics or f"{cfg.evaluate.out_dir}/metrics.json",
+            cfg=cfg,
+            store=store if Path(store).is_dir() else None,
+            out=args.out,
+        )
+    except _registry_errors() as exc:
+        raise StepFailed(str(exc)) from exc
+
+
+def _cmd_promote(args: argparse.Namespace) -> Any:
+    from rima_core import steps
+    from rima_core.registry import format_table
+
+    cfg = _config(args)
+    try:
+        result = steps.promote(cfg, dry_run=args.dry_run, out=args.out)
+    except _registry_errors() as exc:
+        raise StepFailed(str(exc)) from exc
+    print(format_table(result))
+    return result if args.json else None
+
+
+def _cmd_predict(args: argparse.Namespace) -> Any:
+    from rima_core import steps
+
+    cfg = _config(args)
+    model = args.model or f"models:/{cfg.mlflow.model_name}@champion"
+    try:
+        return steps.predict(model, args.input, args.out, cfg)
+    except _registry_errors() as exc:
+        raise StepFailed(str(exc)) from exc
+
+
+def _add_registry_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("register", help="register the trained model (alias challenger)")
+    _common(p)
+    p.add_argument("--model-dir", default=None, help="folder with model.pt (train.out_dir)")
+    p.add_argument("--metrics", default=None, help="metrics.json (default: evaluate.out_dir/...)")
+    p.add_argument("--store", default=None, help="store whose content hash tags the version")
+    p.add_argument("--out", default=None, help="also write the summary JSON here")
+    p.set_defaults(func=_cmd_register)
+
+    p = sub.add_parser("promote", help="move alias champion to the challenger if it wins")
+    _common(p)
+    p.add_argument("--dry-run", action="store_true", help="print the comparison, change nothing")
+    p.add_argument("--out", default=None, help="also write the decision JSON here")
+    p.add_argument("--json", action="store_true", help="print the decision as JSON too")
+    p.set_defaults(func=_cmd_promote)
+
+    p = sub.add_parser("predict", help="grade eyes listed in a CSV/Parquet file")
+    _common(p)
+    p.add_argument(
+        "--model", default=None, help="model URI (default: models:/<mlflow.model_name>@champion)"
+    )
+    p.add_argument("--input", required=True, help="table with fundus/oct paths (csv|parquet)")
+    p.add_argument("--out", required=True, help="predictions (csv|parquet)")
+    p.set_defaults(func=_cmd_predict)
+
+
 # Each group of commands registers itself here; keep one function per group.
 COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [_add_data_commands]
+COMMAND_GROUPS.append(_add_model_commands)
+COMMAND_GROUPS.append(_add_tune_commands)
+COMMAND_GROUPS.append(_add_pipeline_commands)
+COMMAND_GROUPS.append(_add_registry_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

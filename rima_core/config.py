@@ -130,6 +130,10 @@ class TuneConfig:
     seed: int = 0
     scenario: str = "mixed"
     metric: str = "qwk"
+    # MedianPruner: no pruning until this many trials completed / before this many epochs
+    pruner_startup_trials: int = 3
+    pruner_warmup_epochs: int = 1
+    # search ranges [low, high], sampled on a log scale
     gw_epsilon: list[float] = field(default_factory=lambda: [1e-3, 5e-2])
     feature_epsilon: list[float] = field(default_factory=lambda: [1e-3, 5e-2])
     loss_weight: list[float] = field(default_factory=lambda: [0.05, 2.0])
@@ -148,6 +152,10 @@ class MlflowConfig:
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "rima-synthetic"
     model_name: str = "rima"
+    # where a new experiment stores artifacts: "s3://bucket/prefix" for direct S3 (the client then
+    # needs MLFLOW_S3_ENDPOINT_URL off AWS); null = `mlartifacts/` beside a SQLite file, or the
+    # server's choice for an http(s) tracking URI
+    artifact_location: str | None = None
 
 
 @dataclass

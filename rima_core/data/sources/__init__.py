@@ -1,0 +1,51 @@
+"""Source formats -> :class:`~rima_core.data.types.RawCase` (contract: docs/interfaces.md).
+
+Each source module exposes ``scan(root, disease="auto") -> ScanResult`` (cheap listing, raises
+``SourceError`` for a tree of another format) and ``load(ref, disease) -> RawCase`` (decodes one
+eye, picklable for worker processes, raises ``CaseError``). Modules are imported lazily so
+``detect_source`` on one format never pays for another format's imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+
+from rima_core.data.sources._common import ScanResult
+from rima_core.data.types import SourceError
+
+__all__ = ["SOURCES", "ScanResult", "detect_source", "get_source"]
+
+# name -> (module, layout test). Checked in this order by detect_source: the RIMA and GAMMA
+# layouts are recognised by their label sheets, FairVision by npz files in split folders.
+SOURCES: dict[str, tuple[str, str]] = {
+    "rima": ("rima_core.data.sources.rima_folders", "is_rima"),
+    "gamma": ("rima_core.data.sources.gamma", "is_gamma"),
+    "fairvision": ("rima_core.data.sources.fairvision", "is_fairvision"),
+}
+_ALIASES = {"rima_folders": "rima", "harvard": "fairvision", "synthetic": "fairvision"}
+
+
+def get_source(name: str) -> ModuleType:
+    """The loader module for ``name`` (fairvision | gamma | rima); it has ``scan`` and ``load``."""
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in SOURCES:
+        raise SourceError(f"unknown source {name!r}; expected one of {sorted(SOURCES)} or auto")
+    return importlib.import_module(SOURCES[key][0])
+
+
+def detect_source(root: str | Path) -> str:
+    """Which format ``root`` holds; ``SourceError`` listing the layouts looked for if none fits."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SourceError(f"{root}: no such directory")
+    for name, (module, test) in SOURCES.items():
+        if getattr(importlib.import_module(module), test)(root):
+            return name
+    raise SourceError(
+        f"{root}: no known source layout. Expected one of: "
+        "FairVision (<root>/<Disease>/<Training|Validation|Test>/data_XXXXX.npz), "
+        "GAMMA (<root>/training/multi-modality_images/<id>/ + glaucoma_grading_training_GT.xlsx), "
+        "RIMA folders (<root>/train.xlsx + <root>/Image/<id>/)"
+    )

@@ -1,0 +1,68 @@
+"""Data-side components: fetch the raw data, prepare, validate, simulate-missing.
+
+Thin wrappers: each reads the run's resolved config and calls the matching
+:mod:`rima_core.steps` function with its artifacts' paths. All four are deterministic in their
+inputs, so the pipeline caches them (the fetch keyed on the URI: point runs at immutable,
+versioned prefixes, or submit with caching off).
+"""
+
+from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Output
+
+
+def fetch_raw(config: Input[Artifact], data_source_uri: str, raw: Output[Dataset]):
+    """The run's raw data: ``data_source_uri`` (s3:// or a mounted path), or, when it is empty,
+    the embedded synthetic phantom (FairVision layout) generated from the config.
+
+    One task rather than ``dsl.If`` + ``dsl.OneOf`` over two producers: kfp.local cannot
+    resolve an artifact ``OneOf``, and the pipeline must run locally unchanged.
+    """
+    from rima_core import steps
+    from rima_core.kfp_support import fetch_tree, load_task_config
+
+    if data_source_uri:
+        summary = fetch_tree(data_source_uri, raw.path)
+    else:
+        summary = {"uri": "synthetic", **steps.synth(raw.path, load_task_config(config.path))}
+    raw.metadata.update({k: str(v) for k, v in summary.items()})
+
+
+def prepare(config: Input[Artifact], raw: Input[Dataset], store: Output[Dataset]):
+    """Raw source tree -> Arrow store + Parquet manifest."""
+    from rima_core import steps
+    from rima_core.kfp_support import load_task_config
+
+    summary = steps.prepare(raw.path, store.path, load_task_config(config.path))
+    store.metadata.update({k: str(v) for k, v in summary.items()})
+
+
+def validate(
+    config: Input[Artifact],
+    store: Input[Dataset],
+    report: Output[Artifact],
+    summary: Output[Markdown],
+):
+    """Great Expectations over the store; a violation fails the task and so the run."""
+    from rima_core import steps
+    from rima_core.kfp_support import load_task_config, summary_markdown
+
+    result = steps.validate(store.path, report.path, load_task_config(config.path))
+    with open(summary.path, "w") as fh:
+        fh.write(summary_markdown("Data validation", result))
+    if not result["success"]:
+        failures = "\n".join(f"  - {f}" for f in result["failures"])
+        raise RuntimeError(f"validation failed ({len(result['failures'])}):\n{failures}")
+
+
+def simulate_missing(
+    config: Input[Artifact],
+    store: Input[Dataset],
+    masks: Output[Dataset],
+    stats: Output[Metrics],
+):
+    """Seeded availability masks for every split and missing-modality scenario."""
+    from rima_core import steps
+    from rima_core.kfp_support import flat_metrics, load_task_config
+
+    summary = steps.simulate_missing(store.path, masks.path, load_task_config(config.path))
+    for name, value in flat_metrics(summary).items():
+        stats.log_metric(name, value)

@@ -1,0 +1,76 @@
+"""Model-side components: train and evaluate (GPU tasks in the cluster).
+
+Thin wrappers over :func:`rima_core.steps.train` / :func:`rima_core.steps.evaluate`. Neither is
+cached: GPU kernels are not bit-reproducible, and each run should leave its own MLflow run.
+"""
+
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+
+
+def train(
+    config: Input[Artifact],
+    store: Input[Dataset],
+    masks: Input[Dataset],
+    best_params: Input[Artifact],
+    model: Output[Model],
+    summary: Output[Metrics],
+):
+    """Train with the tuned parameters; ``model`` is the training directory (model.pt, history)."""
+    from rima_core import steps
+    from rima_core.kfp_support import flat_metrics, load_task_config
+
+    cfg = load_task_config(config.path)
+    result = steps.train(store.path, masks.path, model.path, cfg, best_params=best_params.path)
+    model.metadata.update(
+        {
+            "framework": "pytorch",
+            "model_name": cfg.model.name,
+            "mlflow_run_id": str(result.get("mlflow_run_id", "")),
+        }
+    )
+    for name, value in flat_metrics(result).items():
+        summary.log_metric(name, value)
+
+
+def evaluate(
+    config: Input[Artifact],
+    model: Input[Model],
+    store: Input[Dataset],
+    masks: Input[Dataset],
+    results: Output[Artifact],
+    metrics: Output[Metrics],
+    confusion: Output[ClassificationMetrics],
+    report: Output[HTML],
+) -> float:
+    """Score every missing-modality scenario; returns the promotion metric (the gate's input)."""
+    import json
+    from pathlib import Path
+
+    from rima_core import steps
+    from rima_core.data import open_store
+    from rima_core.kfp_support import (
+        confusion_matrix,
+        flat_metrics,
+        html_report,
+        load_task_config,
+        primary_metric,
+    )
+
+    cfg = load_task_config(config.path)
+    steps.evaluate(str(Path(model.path) / "model.pt"), store.path, masks.path, results.path, cfg)
+    out = Path(results.path)
+    scores = json.loads((out / "metrics.json").read_text())
+    for name, value in flat_metrics(scores).items():
+        metrics.log_metric(name, value)
+    class_names = list(open_store(store.path).class_names)
+    confusion.log_confusion_matrix(
+        class_names, confusion_matrix(out / "confusion.csv", class_names)
+    )
+    Path(report.path).write_text(
+        html_report(
+            f"Evaluation ({cfg.evaluate.split} split)",
+            {"scenario": scores},
+            sorted(out.glob("*.png")),
+        )
+    )
+    return primary_metric(scores, cfg.promote.scenario, cfg.promote.metric)

@@ -1,0 +1,112 @@
+"""Compile the pipeline to the IR YAML that Kubeflow Pipelines (and ``kfp.Client``) reads."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kfp import compiler
+
+from pipelines.rima_pipeline import ClusterOptions, build_pipeline
+from rima_core.atomic import atomic_file
+from rima_core.config import Config, _merge, load_config, parse_override
+
+log = logging.getLogger(__name__)
+
+
+def pipeline_arguments(
+    params: str | Path | None = "params.yaml",
+    profile: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """The pipeline's parameter values for params.yaml (+ profile, + overrides).
+
+    ``params_yaml``/``profile_yaml`` carry the files' text, so the pod needs no checkout; the
+    typed parameters get the resolved values, so the KFP UI shows the real defaults and a typed
+    parameter left unchanged at submit time changes nothing.
+    """
+    cfg: Config = load_config(params, profile, overrides)  # fail here on a typo, not in the pod
+    params_data: dict[str, Any] = {}
+    if params is not None and Path(params).exists():
+        params_data = yaml.safe_load(Path(params).read_text()) or {}
+    profile_data: dict[str, Any] = {}
+    if profile is not None:
+        profile_data = yaml.safe_load(Path(profile).read_text()) or {}
+    for text in overrides or []:  # --set rides on the profile so the pod resolves the same config
+        profile_data = _merge(profile_data, parse_override(text))
+    return {
+        "params_yaml": one_line_yaml(params_data),
+        "profile_yaml": one_line_yaml(profile_data) if profile_data else "",
+        "data_source": cfg.data.source,
+        "disease": cfg.data.disease,
+        "missing_rate": cfg.missing.rate,
+        "missing_mixed": list(cfg.missing.mixed),
+        "missing_sweep": list(cfg.missing.sweep),
+        "tune_trials": cfg.tune.n_trials,
+        "tune_workers": cfg.tune.workers,
+        "promote_metric": cfg.promote.metric,
+        "promote_scenario": cfg.promote.scenario,
+        "promote_margin": cfg.promote.margin,
+        "promote_tolerance": cfg.promote.tolerance,
+        "mlflow_tracking_uri": cfg.mlflow.tracking_uri,
+        "mlflow_experiment": cfg.mlflow.experiment,
+        "model_name": cfg.mlflow.model_name,
+    }
+
+
+def one_line_yaml(data: dict[str, Any]) -> str:
+    """``data`` as single-line flow YAML.
+
+    kfp 2.17 copies string defaults into the package's header comment without escaping line
+    breaks, so a multi-line default (a params file verbatim) makes the package invalid YAML.
+    """
+    text = yaml.safe_dump(data, default_flow_style=True, sort_keys=False, width=float("inf"))
+    text = text.strip()
+    if "\n" in text:
+        raise ValueError("a parameter value contains a line break; it cannot be a KFP default")
+    return text
+
+
+def compile_pipeline(
+    out: str | Path,
+    params: str | Path | None = "params.yaml",
+    profile: str | Path | None = None,
+    overrides: list[str] | None = None,
+    options: ClusterOptions | None = None,
+) -> Path:
+    """Write the pipeline package (IR YAML) to ``out`` atomically and return its path."""
+    out = Path(out)
+    arguments = pipeline_arguments(params, profile, overrides)
+    pipeline = build_pipeline(options)
+    if out.suffix not in (".yaml", ".yml", ".json"):
+        raise ValueError(f"{out}: the pipeline package must end in .yaml (or .json)")
+    with atomic_file(out) as tmp:
+        # kfp picks the format from the suffix, so compile to a same-suffixed file inside tmp's
+        # directory and move it onto the temporary path
+        staged = tmp.with_name(tmp.name + out.suffix)
+        try:
+            compiler.Compiler().compile(
+                pipeline_func=pipeline, package_path=str(staged), pipeline_parameters=arguments
+            )
+            staged.replace(tmp)
+        finally:
+            staged.unlink(missing_ok=True)
+    log.info("compiled the pipeline to %s", out)
+    return out
+
+
+def parameter_types(options: ClusterOptions | None = None) -> dict[str, str]:
+    """The pipeline's parameter names and KFP types, read from a compiled package (the same
+    source of truth ``submit`` checks run arguments against)."""
+    import tempfile
+
+    from pipelines.submit import package_parameters
+
+    with tempfile.TemporaryDirectory(prefix="rima-kfp-") as tmp:
+        package = Path(tmp) / "pipeline.yaml"
+        compiler.Compiler().compile(
+            pipeline_func=build_pipeline(options), package_path=str(package)
+        )
+        return package_parameters(package)

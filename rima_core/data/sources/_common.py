@@ -1,0 +1,231 @@
+"""Helpers shared by the source loaders: the scan result, pixel decoding and label sheets.
+
+Every loader must turn the same kinds of damage (unreadable file, wrong rank, odd dtype,
+malformed label sheet) into the same :class:`CaseError` / :class:`SourceError` messages, so
+these live in one place rather than three slightly different copies.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rima_core.data.types import CaseError, CaseRef, SourceError
+
+log = logging.getLogger(__name__)
+
+# Folder spellings seen across copies of the datasets -> the store's split names.
+_SPLIT_ALIASES = {
+    "training": "train",
+    "train": "train",
+    "validation": "val",
+    "valid": "val",
+    "val": "val",
+    "test": "test",
+    "testing": "test",
+}
+
+
+@dataclass
+class ScanResult:
+    """What a source holds, before any pixel is decoded (see docs/interfaces.md)."""
+
+    class_names: list[str]
+    cases: list[CaseRef]
+    source: str
+    disease: str | None = None
+    notes: list[str] = field(default_factory=list)  # lenient fixes worth reporting
+
+
+def split_of(folder_name: str) -> str | None:
+    """``Training`` / ``train`` / ``training`` -> ``train`` (etc.); None for other names."""
+    return _SPLIT_ALIASES.get(folder_name.strip().lower())
+
+
+def child_dir(parent: Path, *names: str) -> Path | None:
+    """The first child directory whose name matches one of ``names`` case-insensitively."""
+    if not parent.is_dir():
+        return None
+    wanted = [n.lower() for n in names]
+    children = {c.name.lower(): c for c in sorted(parent.iterdir()) if c.is_dir()}
+    for name in wanted:
+        if name in children:
+            return children[name]
+    return None
+
+
+def to_uint8(arr: np.ndarray, case_id: str, path: str | Path, what: str) -> np.ndarray:
+    """Bring pixel data to uint8 without changing what an 8-bit export would have held.
+
+    Rules, in order: uint8 is kept; values already within 0..255 (integers, or floats that are
+    not all within 0..1) are rounded; floats within 0..1 are multiplied by 255; anything else
+    (16-bit scanners, signed or calibrated NIfTI) is min-max scaled to 0..255 per array.
+    Non-finite values are an error: they mean a broken export, not a dark pixel.
+    """
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == bool or arr.size == 0:
+        raise CaseError(
+            case_id, f"{what} has unusable dtype {arr.dtype} / size {arr.size}", str(path)
+        )
+    if not np.issubdtype(arr.dtype, np.number):
+        raise CaseError(case_id, f"{what} is not numeric (dtype {arr.dtype})", str(path))
+    data = arr.astype(np.float64, copy=False)
+    if not np.isfinite(data).all():
+        raise CaseError(case_id, f"{what} contains NaN or infinite values", str(path))
+    lo, hi = float(data.min()), float(data.max())
+    is_int = np.issubdtype(arr.dtype, np.integer)
+    if lo >= 0.0 and hi <= 255.0 and (is_int or hi > 1.0):
+        return np.rint(data).astype(np.uint8)
+    if lo >= 0.0 and hi <= 1.0:
+        return np.rint(data * 255.0).astype(np.uint8)
+    if hi == lo:
+        return np.zeros(arr.shape, np.uint8)
+    log.debug("case %s: %s min-max scaled from [%g, %g] to uint8", case_id, what, lo, hi)
+    return np.rint((data - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def as_fundus(arr: np.ndarray, case_id: str, path: str | Path) -> np.ndarray:
+    """A fundus as H×W (grey) or H×W×3 uint8; reject anything that is not an image."""
+    a = np.asarray(arr)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    elif a.ndim == 3 and a.shape[-1] == 4:
+        a = a[..., :3]  # drop alpha
+    elif a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3, 4):
+        a = np.moveaxis(a, 0, -1)  # channels-first export
+        if a.shape[-1] == 1:
+            a = a[..., 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] == 3)):
+        raise CaseError(
+            case_id,
+            f"fundus has shape {a.shape}; expected H×W (grey) or H×W×3 (rank 2 or 3)",
+            str(path),
+        )
+    if min(a.shape[:2]) < 2:
+        raise CaseError(case_id, f"fundus has degenerate shape {a.shape}", str(path))
+    return np.ascontiguousarray(to_uint8(a, case_id, path, "fundus"))
+
+
+def as_oct(arr: np.ndarray, case_id: str, path: str | Path) -> np.ndarray:
+    """An OCT volume as D×H×W uint8 (B-scans first); reject other ranks."""
+    a = np.asarray(arr)
+    while a.ndim > 3 and a.shape[-1] == 1:  # e.g. NIfTI with a trailing singleton time axis
+        a = a[..., 0]
+    if a.ndim != 3:
+        raise CaseError(
+            case_id,
+            f"OCT volume has rank {a.ndim} (shape {a.shape}); expected 3 (D×H×W)",
+            str(path),
+        )
+    if min(a.shape) < 1:
+        raise CaseError(case_id, f"OCT volume has an empty axis (shape {a.shape})", str(path))
+    return np.ascontiguousarray(to_uint8(a, case_id, path, "OCT volume"))
+
+
+def read_image(path: Path, case_id: str, mode: str | None = None) -> np.ndarray:
+    """Decode one image file fully (truncation is detected here, not later in a worker)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if mode is not None and img.mode != mode:
+                img = img.convert(mode)
+            elif img.mode in ("P", "PA", "LA", "CMYK", "YCbCr", "RGBA", "1"):
+                img = img.convert("RGB" if img.mode != "1" else "L")
+            return np.asarray(img)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise CaseError(case_id, f"unreadable or truncated image: {exc}", str(path)) from exc
+
+
+_INT_RE = re.compile(r"^\s*(\d+)(?:\.0*)?\s*$")
+
+
+def _as_int_id(value: object) -> int | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return int(value) if float(value).is_integer() else None
+    m = _INT_RE.match(str(value))
+    return int(m.group(1)) if m else None
+
+
+def read_onehot_sheet(
+    path: Path,
+    id_column: str = "data",
+    class_columns: list[str] | None = None,
+    case_name: Callable[[int], str] = str,
+) -> tuple[list[str], dict[int, int]]:
+    """Read a label sheet ``id_column`` + one-hot class columns -> (class names, id -> grade).
+
+    ``class_columns`` (normalised: lower case, ``-``/space -> ``_``) pins the expected columns;
+    otherwise every column after the id column is a class, in sheet order. ``case_name`` turns
+    the sheet's integer id into the case id used in error messages (GAMMA pads it to 4 digits).
+    A row whose values have no unique maximum (all zero, blank, tie) has no defined argmax and
+    is rejected.
+    """
+    import pandas as pd
+
+    try:
+        df = pd.read_excel(path, engine="openpyxl")
+    except Exception as exc:  # openpyxl raises a zoo of types for broken workbooks
+        raise SourceError(f"{path}: cannot read the label sheet: {exc}") from exc
+    norm = {c: re.sub(r"[\s\-]+", "_", str(c).strip().lower()) for c in df.columns}
+    by_norm = {v: k for k, v in norm.items()}
+    if id_column not in by_norm:
+        raise SourceError(f"{path}: no '{id_column}' column; columns are {list(df.columns)}")
+    id_col = by_norm[id_column]
+    if class_columns is not None:
+        missing = [c for c in class_columns if c not in by_norm]
+        if missing:
+            raise SourceError(
+                f"{path}: missing one-hot column(s) {missing}; "
+                f"expected {[id_column, *class_columns]}, found {list(df.columns)}"
+            )
+        cols = [by_norm[c] for c in class_columns]
+        names = list(class_columns)
+    else:
+        pos = list(df.columns).index(id_col)
+        cols = [c for c in df.columns[pos + 1 :] if not str(c).startswith("Unnamed")]
+        names = [str(c).strip() for c in cols]
+        if len(cols) < 2:
+            raise SourceError(f"{path}: need at least two one-hot class columns after '{id_col}'")
+    labels: dict[int, int] = {}
+    for row_no, (raw_id, values) in enumerate(
+        zip(df[id_col].tolist(), df[cols].to_numpy(), strict=True), start=2
+    ):
+        if raw_id is None or (isinstance(raw_id, float) and np.isnan(raw_id)):
+            if pd.isna(values).all():
+                continue  # trailing blank row
+            raise SourceError(f"{path}: row {row_no} has labels but no id")
+        case_int = _as_int_id(raw_id)
+        if case_int is None:
+            raise SourceError(f"{path}: row {row_no}: id {raw_id!r} is not an integer")
+        try:
+            vec = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise CaseError(
+                case_name(case_int), f"non-numeric one-hot values {list(values)}", str(path)
+            ) from exc
+        if np.isnan(vec).any() or vec.max() <= 0 or (vec == vec.max()).sum() != 1:
+            raise CaseError(
+                case_name(case_int),
+                f"label row {list(values)} has no unique maximum (row {row_no})",
+                str(path),
+            )
+        if case_int in labels:
+            raise CaseError(
+                case_name(case_int), f"duplicate id in the label sheet (row {row_no})", str(path)
+            )
+        labels[case_int] = int(vec.argmax())
+    if not labels:
+        raise SourceError(f"{path}: the label sheet has no rows")
+    return names, labels

@@ -1,0 +1,115 @@
+"""Pieces every model shares: the output record, input checks, modality dropout, and encoding
+only the rows that have a modality while keeping the batch order.
+
+Keeping these in one place is what makes the models interchangeable for the engine: the same
+availability rules (an eye with neither modality is an input error; modality dropout never drops
+both) and the same per-sample bookkeeping apply to RIMA, its ablations and the baselines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+class MissingModalityError(ValueError):
+    """An eye in the batch has neither a fundus photo nor an OCT volume: nothing to grade."""
+
+    def __init__(self, positions: list[int]) -> None:
+        self.positions = positions
+        shown = positions[:20]
+        more = f" (+{len(positions) - 20} more)" if len(positions) > 20 else ""
+        super().__init__(
+            f"batch position(s) {shown}{more} have neither a fundus photo nor an OCT volume "
+            "(has_fundus and has_oct both false); at least one modality is required per eye"
+        )
+
+
+@dataclass
+class ModelOutput:
+    """What every model returns; the engine adds cross-entropy on ``logits`` to ``aux_loss``."""
+
+    logits: torch.Tensor  # (B, K)
+    aux_loss: torch.Tensor  # scalar; 0 when the model has no auxiliary objective
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def check_inputs(
+    fundus: torch.Tensor,
+    oct: torch.Tensor,
+    has_fundus: torch.Tensor,
+    has_oct: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate shapes and availability; return the masks as bool vectors on the input device."""
+    if fundus.dim() != 4 or fundus.shape[1] != 3:
+        raise ValueError(f"fundus must be (B, 3, H, W) floats in [0, 1], got {tuple(fundus.shape)}")
+    if oct.dim() != 5 or oct.shape[1] != 1:
+        raise ValueError(f"oct must be (B, 1, D, H, W) floats in [0, 1], got {tuple(oct.shape)}")
+    batch = fundus.shape[0]
+    has_f = has_fundus.reshape(-1).to(device=fundus.device, dtype=torch.bool)
+    has_o = has_oct.reshape(-1).to(device=fundus.device, dtype=torch.bool)
+    if not (oct.shape[0] == has_f.numel() == has_o.numel() == batch):
+        raise ValueError(
+            f"batch sizes disagree: fundus {batch}, oct {oct.shape[0]}, "
+            f"has_fundus {has_f.numel()}, has_oct {has_o.numel()}"
+        )
+    neither = ~(has_f | has_o)
+    if bool(neither.any()):
+        raise MissingModalityError(neither.nonzero().flatten().tolist())
+    return has_f, has_o
+
+
+def modality_dropout(
+    has_f: torch.Tensor, has_o: torch.Tensor, p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For eyes with both modalities, drop one (fundus or OCT, equally likely) with probability p.
+
+    This trains the missing-modality path (translations standing in for a real feature) on eyes
+    whose real features exist; an eye keeps at least one modality, so it never becomes invalid.
+    Draws from the global torch generator, so ``torch.manual_seed`` makes it reproducible.
+    """
+    if p <= 0:
+        return has_f, has_o
+    both = has_f & has_o
+    drop = both & (torch.rand(has_f.shape, device=has_f.device) < p)
+    drop_fundus = drop & (torch.rand(has_f.shape, device=has_f.device) < 0.5)
+    drop_oct = drop & ~drop_fundus
+    return has_f & ~drop_fundus, has_o & ~drop_oct
+
+
+def encode_present(encoder: nn.Module, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Encode only the rows that have the modality and scatter them back to their batch rows.
+
+    Rows without the modality are zeros in the result (callers replace them); nothing is grouped
+    or reordered, so row i of the result always belongs to eye i.
+    """
+    idx = present.nonzero().flatten()
+    batch = x.shape[0]
+    if idx.numel() == 0:
+        return x.new_zeros(batch, encoder.out_dim)
+    feats = encoder(x.index_select(0, idx))
+    return feats.new_zeros(batch, feats.shape[1]).index_copy(0, idx, feats)
+
+
+class MLP(nn.Module):
+    """LayerNorm -> Linear -> GELU -> Dropout -> Linear: the small head used throughout."""
+
+    def __init__(self, d_in: int, d_hidden: int, d_out: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.LayerNorm(d_in),
+            nn.Linear(d_in, d_hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(d_hidden, d_out),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def zero_loss(like: torch.Tensor) -> torch.Tensor:
+    """A scalar 0 on the right device, for models/batches without an auxiliary objective."""
+    return like.new_zeros(())

@@ -1,0 +1,323 @@
+"""RIMA: align fundus and OCT features with labeled optimal transport, stand in for a missing
+modality with its translation from the present one, and fuse asymmetrically.
+
+One training step (DESIGN.md "The method"):
+
+1. encode the present modalities (only the rows that have them; batch order is kept),
+2. class-wise OT: a label-constrained entropic GW coupling ``T`` (n_f × n_o) between the
+   fundus features of eyes with a fundus photo and the OCT features of eyes with an OCT volume
+   (not necessarily the same eyes: the data may be unpaired), on detached float32 features,
+3. translators ``g_fo`` / ``g_of`` trained with a cosine loss towards OT targets,
+4. feature-wise OT: ``T_v`` (d_o × d_f) given ``T``, kept as a running estimate in a buffer,
+5. asymmetric fusion: OCT branch = MLP over [OCT, predicted OCT]; fundus branch = a transformer
+   block over [fundus, OCT mapped by ``T_v``, predicted fundus]; classifier on both.
+
+A missing modality (at inference, in training, or dropped by modality dropout) is replaced by
+its translation from the present one, and every downstream path stays the same. Nothing is
+ever grouped by label, so row i of every tensor is eye i throughout (the authors' release
+regrouped samples by label and fused translations with the wrong eye).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rima_core import ot
+from rima_core.config import ModelConfig, OTConfig
+
+from .common import (
+    MLP,
+    ModelOutput,
+    check_inputs,
+    encode_present,
+    modality_dropout,
+    zero_loss,
+)
+from .encoders import build_encoder
+
+log = logging.getLogger(__name__)
+
+OT_TARGETS = ("barycentric", "sample")
+
+
+class OctBranch(nn.Module):
+    """MLP over [OCT feature, OCT predicted from fundus].
+
+    Each half is layer-normed on its own: translators are trained with a cosine loss, which fixes
+    a direction but not a scale, so a prediction can sit at a different norm than the real feature.
+    """
+
+    def __init__(self, d_o: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.norm_real = nn.LayerNorm(d_o)
+        self.norm_pred = nn.LayerNorm(d_o)
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * d_o, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, hidden)
+        )
+        self.out_dim = hidden
+
+    def forward(self, o: torch.Tensor, pred_o: torch.Tensor) -> torch.Tensor:
+        return self.mlp(torch.cat([self.norm_real(o), self.norm_pred(pred_o)], dim=1))
+
+
+class FundusBranch(nn.Module):
+    """One transformer block over three d_f tokens, mean-pooled.
+
+    The tokens are [fundus feature, OCT feature in fundus space, fundus predicted from OCT]; a
+    learned type embedding tells the block which is which (attention alone is order-blind).
+    """
+
+    def __init__(self, d_f: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        if d_f % heads:
+            raise ValueError(f"model.fundus_dim={d_f} must be divisible by model.heads={heads}")
+        self.token_type = nn.Parameter(torch.randn(3, d_f) * 0.02)
+        self.block = nn.TransformerEncoderLayer(
+            d_model=d_f,
+            nhead=heads,
+            dim_feedforward=2 * d_f,
+            dropout=dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.norm = nn.LayerNorm(d_f)
+        self.out_dim = d_f
+
+    def forward(self, f: torch.Tensor, o_in_f: torch.Tensor, pred_f: torch.Tensor) -> torch.Tensor:
+        tokens = torch.stack([f, o_in_f, pred_f], dim=1) + self.token_type  # (B, 3, d_f)
+        return self.norm(self.block(tokens).mean(dim=1))
+
+
+class RIMA(nn.Module):
+    """RIMA and its ablations (one class, flags):
+
+    - ``class_ot=False`` (``rima_no_class_ot``): no GW. The translators' targets come from the
+      *pairing* coupling (mass 1/n_pairs between the two features of each eye that has both
+      modalities), i.e. plain paired regression; unpaired eyes get no translation loss. ``T_v``
+      is still estimated, from that pairing, so only the class-wise OT is ablated.
+    - ``feature_ot=False`` (``rima_no_feature_ot``): no ``T_v``. The OCT token of the fundus
+      branch is a learned linear map d_o -> d_f instead, so the architecture (three tokens) and
+      capacity stay comparable and only the OT estimate of the map is ablated.
+    - ``modality_dropout=0`` (``rima_no_dropout``).
+    """
+
+    def __init__(
+        self,
+        mcfg: ModelConfig,
+        ocfg: OTConfig,
+        n_classes: int,
+        *,
+        class_ot: bool = True,
+        feature_ot: bool = True,
+        modality_dropout: float | None = None,
+        pretrained: bool = True,
+    ) -> None:
+        super().__init__()
+        if ocfg.target not in OT_TARGETS:
+            raise ValueError(f"ot.target must be one of {OT_TARGETS}, got {ocfg.target!r}")
+        d_f, d_o, hidden = mcfg.fundus_dim, mcfg.oct_dim, mcfg.hidden_dim
+        self.class_ot = class_ot
+        self.feature_ot = feature_ot
+        p = mcfg.modality_dropout if modality_dropout is None else modality_dropout
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"model.modality_dropout must be in [0, 1), got {p}")
+        self.modality_dropout = p
+        self.ocfg = ocfg
+
+        self.fundus_encoder = build_encoder(
+            mcfg.fundus_encoder, d_f, mcfg.fundus_weights if pretrained else None
+        )
+        self.oct_encoder = build_encoder(
+            mcfg.oct_encoder, d_o, mcfg.oct_weights if pretrained else None
+        )
+        self.g_fo = MLP(d_f, hidden, d_o)  # fundus -> OCT feature space
+        self.g_of = MLP(d_o, hidden, d_f)  # OCT -> fundus feature space
+        if feature_ot:
+            # Initialised to the independent coupling 1/(d_o·d_f): the coupling of "no knowledge"
+            # (and the limit of the entropic solve as epsilon grows), valid for any d_o, d_f.
+            # The first OT estimate replaces it outright (see _update_feature_coupling), so it
+            # is only ever used by a model that has not trained a single batch.
+            self.register_buffer("T_v", torch.full((d_o, d_f), 1.0 / (d_o * d_f)))
+            self.register_buffer("T_v_updates", torch.zeros((), dtype=torch.long))
+            self.oct_to_fundus = None
+        else:
+            self.oct_to_fundus = nn.Linear(d_o, d_f, bias=False)
+        self.fundus_branch = FundusBranch(d_f, mcfg.heads, mcfg.dropout)
+        self.oct_branch = OctBranch(d_o, hidden, mcfg.dropout)
+        d_cat = self.fundus_branch.out_dim + self.oct_branch.out_dim
+        self.head = nn.Sequential(
+            nn.LayerNorm(d_cat), nn.Dropout(mcfg.dropout), nn.Linear(d_cat, n_classes)
+        )
+
+    # ---------------------------------------------------------------------------------------
+    # fusion
+
+    def oct_in_fundus_space(self, o: torch.Tensor) -> torch.Tensor:
+        """Map OCT features to fundus space with the feature coupling.
+
+        Column-normalised ``T_v`` makes each fundus dimension j the T_v-weighted average of the
+        OCT dimensions coupled to it (a barycentric projection in feature space). With exact
+        uniform marginals this equals ``d_f · oᵀ T_v``; normalising by the actual column sums
+        keeps it right when the Sinkhorn marginals are only approximately met.
+        """
+        if self.oct_to_fundus is not None:
+            return self.oct_to_fundus(o)
+        tv = self.T_v / self.T_v.sum(dim=0, keepdim=True).clamp_min(
+            torch.finfo(self.T_v.dtype).tiny
+        )
+        return o @ tv.to(o.dtype)
+
+    def forward(
+        self,
+        fundus: torch.Tensor,
+        oct: torch.Tensor,
+        has_fundus: torch.Tensor,
+        has_oct: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        has_f, has_o = check_inputs(fundus, oct, has_fundus, has_oct)
+        stats: dict[str, float] = {}
+        if self.training and self.modality_dropout > 0:
+            # A dropped modality is treated exactly like a missing one, including not encoding it.
+            kept_f, kept_o = modality_dropout(has_f, has_o, self.modality_dropout)
+            stats["modality_dropped"] = float(
+                ((kept_f != has_f) | (kept_o != has_o)).float().mean()
+            )
+            has_f, has_o = kept_f, kept_o
+
+        f = encode_present(self.fundus_encoder, fundus, has_f)  # (B, d_f), zeros where absent
+        o = encode_present(self.oct_encoder, oct, has_o)  # (B, d_o)
+
+        aux = zero_loss(f)
+        if self.training and labels is not None:
+            aux = self._alignment(f, o, has_f, has_o, labels.reshape(-1), stats)
+
+        # Missing -> translation from the present modality. The "predicted" inputs are always
+        # translations; for an eye missing a modality they are the round trip through the other.
+        f_used = torch.where(has_f[:, None], f, self.g_of(o))
+        pred_o = self.g_fo(f_used)
+        o_used = torch.where(has_o[:, None], o, pred_o)
+        pred_f = self.g_of(o_used)
+
+        z_f = self.fundus_branch(f_used, self.oct_in_fundus_space(o_used), pred_f)
+        z_o = self.oct_branch(o_used, pred_o)
+        logits = self.head(torch.cat([z_f, z_o], dim=1))
+        return ModelOutput(logits=logits, aux_loss=aux, stats=stats)
+
+    # ---------------------------------------------------------------------------------------
+    # alignment (training only)
+
+    def _alignment(
+        self,
+        f: torch.Tensor,
+        o: torch.Tensor,
+        has_f: torch.Tensor,
+        has_o: torch.Tensor,
+        labels: torch.Tensor,
+        stats: dict[str, float],
+    ) -> torch.Tensor:
+        """Sample coupling -> translation losses (returned, weighted) and the ``T_v`` update."""
+        idx_f = has_f.nonzero().flatten()
+        idx_o = has_o.nonzero().flatten()
+        if idx_f.numel() == 0 or idx_o.numel() == 0:
+            stats["ot_skipped"] = 1.0
+            return zero_loss(f)
+        # The OT sees detached float32 features even under autocast: its kernels exponentiate
+        # costs over epsilon, which half precision cannot represent.
+        fd = f.detach().index_select(0, idx_f).float()
+        od = o.detach().index_select(0, idx_o).float()
+        device = f.device
+        start = time.perf_counter()
+        with torch.autocast(device_type=device.type, enabled=False):
+            if self.class_ot:
+                T, info = ot.labeled_gw(
+                    fd,
+                    labels.index_select(0, idx_f),
+                    od,
+                    labels.index_select(0, idx_o),
+                    epsilon=self.ocfg.gw_epsilon,
+                )
+                stats["gw_iterations"] = float(info["iterations"])
+                stats["gw_marginal_error"] = float(info["marginal_error"])
+                stats["gw_converged"] = float(info["converged"])
+            else:
+                T = self._pairing_coupling(has_f, has_o, fd.dtype)
+            has_mass = bool(T.sum() > 0)
+            if has_mass and self.feature_ot:
+                self._update_feature_coupling(od, fd, T)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        stats["ot_seconds"] = time.perf_counter() - start
+        if not has_mass:
+            # No class shared by the two sides (or no paired eye): nothing to align to.
+            stats["ot_skipped"] = 1.0
+            return zero_loss(f)
+
+        # Translator inputs are detached too: the alignment loss trains the translators only, so
+        # it cannot pull the encoders towards a collapsed, trivially-translatable embedding.
+        # (Cross-entropy still reaches the encoders through the translated features.)
+        loss_fo, rows_fo = self._translation_loss(self.g_fo, fd, od, T)
+        loss_of, rows_of = self._translation_loss(self.g_of, od, fd, T.T)
+        stats["translation_loss_fo"] = float(loss_fo.detach())
+        stats["translation_loss_of"] = float(loss_of.detach())
+        stats["ot_rows_aligned"] = (rows_fo + rows_of) / (fd.shape[0] + od.shape[0])
+        return self.ocfg.loss_weight * (loss_fo + loss_of)
+
+    @staticmethod
+    def _pairing_coupling(
+        has_f: torch.Tensor, has_o: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Mass 1/n_pairs between the fundus row and the OCT row of each eye that has both."""
+        pos_f = torch.cumsum(has_f.long(), 0) - 1  # row of eye i among the encoded fundus rows
+        pos_o = torch.cumsum(has_o.long(), 0) - 1
+        paired = has_f & has_o
+        T = torch.zeros(int(has_f.sum()), int(has_o.sum()), dtype=dtype, device=has_f.device)
+        n_pairs = int(paired.sum())
+        if n_pairs:
+            T[pos_f[paired], pos_o[paired]] = 1.0 / n_pairs
+        return T
+
+    def _translation_loss(
+        self, translator: nn.Module, src: torch.Tensor, tgt: torch.Tensor, T: torch.Tensor
+    ) -> tuple[torch.Tensor, int]:
+        """Cosine loss of ``translator(src)`` towards the OT target of each source row.
+
+        Target = barycentric projection ``T tgt / T1`` (``ot.target="barycentric"``) or one
+        target row drawn from ``T``'s row (``"sample"``). Rows without mass (their class is absent
+        on the other side) have no target and get no loss.
+        """
+        mass = T.sum(dim=1)
+        keep = (mass > 1e-6 * mass.max()).nonzero().flatten()
+        if keep.numel() == 0:
+            return zero_loss(src), 0
+        Tk, mk = T.index_select(0, keep), mass.index_select(0, keep)
+        if self.ocfg.target == "sample":
+            target = tgt.index_select(0, torch.multinomial(Tk / mk[:, None], 1).flatten())
+        else:
+            target = (Tk @ tgt) / mk[:, None]
+        pred = translator(src.index_select(0, keep))
+        loss = (1.0 - F.cosine_similarity(pred.float(), target, dim=1)).mean()
+        return loss, int(keep.numel())
+
+    @torch.no_grad()
+    def _update_feature_coupling(self, od: torch.Tensor, fd: torch.Tensor, T: torch.Tensor) -> None:
+        """Fold this batch's feature coupling into the running ``T_v``.
+
+        The first estimate replaces the uniform initialisation (a bias correction: otherwise the
+        uninformative start would dominate for ~1/(1-momentum) batches); later ones are averaged
+        with ``ot.feature_momentum``. A convex combination of couplings with the same uniform
+        marginals is again such a coupling.
+        """
+        tv = ot.feature_coupling(od, fd, T.T, epsilon=self.ocfg.feature_epsilon)
+        if not bool(torch.isfinite(tv).all()):
+            log.warning("feature-wise OT returned non-finite values; T_v not updated this batch")
+            return
+        m = self.ocfg.feature_momentum if int(self.T_v_updates) > 0 else 0.0
+        self.T_v.mul_(m).add_(tv.to(self.T_v.dtype), alpha=1.0 - m)
+        self.T_v_updates += 1

@@ -1,0 +1,615 @@
+"""Optimal transport for RIMA: label-constrained entropic Gromov-Wasserstein + the feature step.
+
+Why it is written directly in torch rather than calling OTT or POT: the OT step runs on every
+training batch, on the training device, on detached features. The authors' route (OTT-JAX called
+eagerly, numpy round trips, the feature Sinkhorn solved twice in float64) costs ~10 s per batch
+on a CPU; the same math here costs a fraction of a second, and never leaves the device except for
+a convergence test every few iterations (see ``benchmarks/speed.py``).
+
+Conventions (shared by both solvers)
+------------------------------------
+*Cost scaling.* Every cost matrix is divided by its maximum, so its entries lie in [0, 1].
+*Epsilon.* ``epsilon`` is relative to the maximum of the scaled cost, i.e. the Gibbs kernel is
+``exp(-C / (epsilon * max C_scaled)) = exp(-C / epsilon)`` on the max-scaled cost: a value of
+5e-3 means the same amount of blur whatever the scale of the features. For GW the kernel of each
+outer step is built from the linearised cost ``L(T) = C_x² p 1ᵀ + 1 qᵀ C_z² − 2 C_x T C_zᵀ``
+(the square-loss decomposition of Peyré et al. 2016); with max-scaled ``C_x, C_z`` and a coupling
+of mass 1, ``L(T)`` again lies in [0, 1]. This is OTT's convention. POT's entropic GW builds its
+kernel from the *gradient* ``2 L(T)``, so POT's ``epsilon`` equals ``2 * epsilon`` here (and, for
+``entropic_fused_gromov_wasserstein`` with weight ``alpha``, ``2 * alpha * epsilon``).
+
+Class masses (labeled GW)
+-------------------------
+Mass may only move between samples of the same label, and the problem is solved *jointly* over
+all classes with the 0/1 same-label mask in the kernel. (One GW problem per class is a different
+problem: it drops the cross-class terms of the GW energy.) The two sides generally have
+different class counts, so uniform marginals would be infeasible; instead each class ``c``
+present on both sides receives a total mass ``w_c`` on each side, spread uniformly over that
+class's samples. A class present on one side only gets zero mass (its rows or columns of ``T``
+are exactly zero). ``class_mass="share"`` (default) sets ``w_c`` to the mean of the class's
+share among the shared-class samples of ``x`` and of ``z`` — it reduces to uniform marginals when
+both sides have the same class proportions; ``class_mass="uniform"`` gives every shared class
+the same mass.
+
+Numerics
+--------
+Float32 is enough: before each single ``exp`` the log-kernel is shifted by its row maxima and
+then its column maxima (equivalently the cost by row minima, then column minima), so every
+kernel entry lies in (0, 1] with a 1 in every row and column, and the scaling form of Sinkhorn
+neither overflows nor loses a row. If the scalings still leave the safe range (tiny epsilon), the
+solve is repeated with log-domain updates (``logsumexp`` with ``-inf`` on masked entries), which
+cannot produce NaN. Masked entries of the kernel are exact zeros, so cross-label mass is exactly
+0.0.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+ArrayLike = torch.Tensor | np.ndarray
+
+CLASS_MASS_RULES = ("share", "uniform")
+
+
+class OTInputError(ValueError):
+    """Inputs that do not describe a valid transport problem (shapes, labels, NaN, epsilon)."""
+
+
+# --------------------------------------------------------------------------------------------
+# conversions
+
+
+@dataclass
+class _Origin:
+    """How to hand results back: numpy iff the caller gave numpy, in the caller's dtype."""
+
+    numpy: bool
+    dtype: torch.dtype
+    device: torch.device
+
+
+def _to_tensor(a: ArrayLike, name: str, device: torch.device | None = None) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        t = a.detach()
+    elif isinstance(a, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(a))
+    else:
+        raise OTInputError(f"{name}: expected a torch.Tensor or numpy array, got {type(a)!r}")
+    if device is not None and t.device != device:
+        t = t.to(device)
+    return t
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """Promote the inputs' float types; half precision is computed in float32."""
+    dtype = torch.float32
+    floats = [t.dtype for t in tensors if t.is_floating_point()]
+    if floats:
+        dtype = floats[0]
+        for d in floats[1:]:
+            dtype = torch.promote_types(dtype, d)
+    if dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    return dtype
+
+
+def _output_dtype(x: torch.Tensor, z: torch.Tensor, compute: torch.dtype) -> torch.dtype:
+    """The caller's float type (promoted across x and z); the compute type for int features."""
+    if x.is_floating_point() and z.is_floating_point():
+        return torch.promote_types(x.dtype, z.dtype)
+    return compute
+
+
+def _features(a: ArrayLike, name: str, device: torch.device | None) -> torch.Tensor:
+    t = _to_tensor(a, name, device)
+    if t.ndim != 2:
+        raise OTInputError(f"{name}: expected a 2-d (samples x features) array, got {t.shape}")
+    return t
+
+
+def _labels(a: ArrayLike, n: int, name: str, device: torch.device) -> torch.Tensor:
+    t = _to_tensor(a, name, device)
+    if t.ndim != 1 or t.shape[0] != n:
+        raise OTInputError(f"{name}: expected {n} labels (1-d), got shape {tuple(t.shape)}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise OTInputError(f"{name}: labels must be integers, got {t.dtype}")
+    return t.long()
+
+
+def _check_epsilon(epsilon: float, name: str = "epsilon") -> float:
+    epsilon = float(epsilon)
+    if not math.isfinite(epsilon) or epsilon <= 0:
+        raise OTInputError(f"{name} must be a positive finite number, got {epsilon!r}")
+    return epsilon
+
+
+def _check_finite(name: str, *tensors: torch.Tensor) -> None:
+    """One host sync before the solve: NaN/inf features would otherwise surface as NaN T."""
+    ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+    if not bool(ok):
+        raise OTInputError(f"{name}: input contains NaN or infinite values")
+
+
+def _back(t: torch.Tensor, origin: _Origin) -> ArrayLike:
+    t = t.to(origin.dtype)
+    if origin.numpy:
+        return t.cpu().numpy()
+    return t
+
+
+# --------------------------------------------------------------------------------------------
+# costs
+
+
+def _scaled_sqdist(x: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances divided by their max.
+
+    The points are centred first: the Gram trick ``|a|² + |b|² − 2ab`` loses digits to
+    cancellation in float32 when the features share a large common offset (post-ReLU
+    embeddings do).
+    """
+    xc = x - x.mean(dim=0, keepdim=True)
+    sq = (xc * xc).sum(dim=1)
+    c = sq[:, None] + sq[None, :] - 2.0 * (xc @ xc.T)
+    c = c.clamp_min_(0.0)
+    c.fill_diagonal_(0.0)
+    return c / c.max().clamp_min(torch.finfo(c.dtype).tiny)
+
+
+def class_marginals(
+    lx: torch.Tensor, lz: torch.Tensor, rule: str = "share", dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same-label mask and the per-class balanced marginals ``p, q`` (see module docstring).
+
+    Public so callers and benchmarks can hand other solvers exactly the marginals used here.
+    Computed from pairwise label comparisons rather than ``torch.unique`` so that nothing here
+    needs a host sync on a GPU.
+    """
+    mask = lx[:, None] == lz[None, :]
+    nx_c = (lx[:, None] == lx[None, :]).sum(1).to(dtype)  # size of x_i's class in x
+    nz_c = (lz[:, None] == lz[None, :]).sum(1).to(dtype)  # size of z_j's class in z
+    x_shared = mask.any(1)
+    z_shared = mask.any(0)
+    mz_of_x = mask.sum(1).to(dtype)  # size of x_i's class in z (0: absent there)
+    mx_of_z = mask.sum(0).to(dtype)
+    one = torch.ones((), dtype=dtype, device=lx.device)
+    if rule == "share":
+        n_x = x_shared.sum().to(dtype).clamp_min(one)
+        n_z = z_shared.sum().to(dtype).clamp_min(one)
+        # w_c = (n_x,c / N_x + n_z,c / N_z) / 2, spread over the class's samples on each side
+        p = 0.5 * (1.0 / n_x + mz_of_x / (nx_c * n_z))
+        q = 0.5 * (1.0 / n_z + mx_of_z / (nz_c * n_x))
+    elif rule == "uniform":
+        n_classes = (x_shared.to(dtype) / nx_c).sum().clamp_min(one)
+        p = 1.0 / (n_classes * nx_c)
+        q = 1.0 / (n_classes * nz_c)
+    else:
+        raise OTInputError(f"class_mass must be one of {CLASS_MASS_RULES}, got {rule!r}")
+    p = torch.where(x_shared, p, torch.zeros_like(p))
+    q = torch.where(z_shared, q, torch.zeros_like(q))
+    return mask, p, q
+
+
+def _gw_linear_cost(
+    cx: torch.Tensor, cz: torch.Tensor, t: torch.Tensor, const: torch.Tensor
+) -> torch.Tensor:
+    """``L(T) = C_x² p 1ᵀ + 1 qᵀ C_z² − 2 C_x T C_z`` (``const`` holds the first two terms)."""
+    return const - 2.0 * (cx @ t @ cz)
+
+
+def gw_energy(cx: torch.Tensor, cz: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``Σ_ijkl (C_x[i,k] − C_z[j,l])² T_ij T_kl`` using ``T``'s own marginals (exact)."""
+    a = t.sum(1)
+    b = t.sum(0)
+    return a @ (cx * cx) @ a + b @ (cz * cz) @ b - 2.0 * ((cx @ t @ cz) * t).sum()
+
+
+# --------------------------------------------------------------------------------------------
+# Sinkhorn on a shifted log-kernel
+
+
+@dataclass
+class _SinkhornResult:
+    t: torch.Tensor
+    f: torch.Tensor  # row potential (cost units), -inf on zero-mass rows
+    g: torch.Tensor
+    iterations: int
+    error: float  # L1 error of the row marginal (columns are exact after the last update)
+    converged: bool
+    log_domain: bool
+    absorptions: int
+
+
+def _shift(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Subtract row maxima, then column maxima, of a log-kernel in place.
+
+    Afterwards every finite entry is <= 0 and every row and column that has a finite entry
+    holds a 0, so ``exp(h)`` lies in (0, 1] with a 1 in every such row and column. Rows and
+    columns that are entirely ``-inf`` (masked) get a shift of 0.
+    """
+    rmax = h.amax(dim=1)
+    rmax = torch.where(torch.isfinite(rmax), rmax, torch.zeros_like(rmax))
+    h.sub_(rmax[:, None])
+    cmax = h.amax(dim=0)
+    cmax = torch.where(torch.isfinite(cmax), cmax, torch.zeros_like(cmax))
+    h.sub_(cmax[None, :])
+    return h, rmax, cmax
+
+
+def _scaling_limit(dtype: torch.dtype) -> float:
+    """Scalings beyond [1/limit, limit] are absorbed into the kernel (float32: ~4e9).
+
+    A quarter of the float range leaves room for the growth between two checks and for the
+    products ``u K v``.
+    """
+    return float(torch.finfo(dtype).max) ** 0.25
+
+
+def _sinkhorn_kernel(
+    h: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    b0: torch.Tensor,
+    max_iter: int,
+    tol: float,
+    check_every: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, float, bool, int] | None:
+    """Scaling Sinkhorn with absorption (Schmitzer 2019) on the log-kernel ``h <= 0``.
+
+    The kernel is ``exp(h + a_i + b_j)`` with absorbed log-scalings ``a, b``; the running
+    scalings ``u, v`` are folded into ``a, b`` and the kernel rebuilt (one ``exp``) whenever
+    they leave ``[1/limit, limit]`` — which a small epsilon needs, since the optimal duals then
+    lie many ``epsilon`` away from the row/column-minimum shift. Division by a clamped ``K v``
+    keeps zero-mass rows at scaling 0 rather than NaN.
+
+    Returns ``(T, a, b, iterations, error, converged, absorptions)`` with the final log-scalings
+    (relative to ``h``), or None when the iterates stopped being finite (the caller then
+    solves in the log domain).
+    """
+    tiny = torch.finfo(h.dtype).tiny
+    limit = _scaling_limit(h.dtype)
+    a = torch.zeros_like(p)
+    b = b0.clone()
+    k = (h + b[None, :]).exp_()
+    u = torch.ones_like(p)
+    v = torch.ones_like(q)
+    pos_p = p > 0
+    pos_q = q > 0
+    inf = torch.full((), math.inf, dtype=h.dtype, device=h.device)
+    err = math.inf
+    it = 0
+    absorptions = 0
+    converged = False
+    while it < max_iter:
+        u = p / (k @ v).clamp_min(tiny)
+        v = q / (k.T @ u).clamp_min(tiny)
+        it += 1
+        if it % check_every and it != max_iter:
+            continue
+        row = u * (k @ v)
+        stats = torch.stack(
+            [
+                (row - p).abs().sum(),
+                torch.maximum(u.max(), v.max()),
+                1.0
+                / torch.minimum(torch.where(pos_p, u, inf).min(), torch.where(pos_q, v, inf).min()),
+            ]
+        ).tolist()
+        err = stats[0]
+        if not all(math.isfinite(s) for s in stats):
+            return None
+        if err <= tol:
+            converged = True
+            break
+        if max(stats[1:]) > limit and it < max_iter:
+            # fold the scalings into the kernel; right after a column update every entry of
+            # u K v is at most q_j <= 1, so the rebuilt kernel cannot overflow
+            a = a + u.log()
+            b = b + v.log()
+            k = (h + a[:, None] + b[None, :]).exp_()
+            u = torch.ones_like(p)
+            v = torch.ones_like(q)
+            absorptions += 1
+    t = u[:, None] * k * v[None, :]
+    return t, a + u.log(), b + v.log(), it, err, converged, absorptions
+
+
+def _sinkhorn_log(
+    h: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    b0: torch.Tensor,
+    max_iter: int,
+    tol: float,
+    check_every: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, float, bool]:
+    """Log-domain Sinkhorn on log-kernel ``h`` (``-inf`` = forbidden): cannot overflow.
+
+    An all ``-inf`` row (zero-mass sample) has log-sum-exp ``-inf``; it is replaced by 0 so the
+    row's log-scaling is ``log 0 = -inf`` rather than NaN.
+    """
+    logp = p.log()
+    logq = q.log()
+    a = torch.zeros_like(p)
+    b = b0.clone()
+    err = math.inf
+    it = 0
+    converged = False
+
+    def _safe(lse: torch.Tensor) -> torch.Tensor:
+        return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+
+    while it < max_iter:
+        a = logp - _safe(torch.logsumexp(h + b[None, :], 1))
+        b = logq - _safe(torch.logsumexp(h + a[:, None], 0))
+        it += 1
+        if it % check_every == 0 or it == max_iter:
+            row = (a + torch.logsumexp(h + b[None, :], 1)).exp()
+            err = float((row - p).abs().sum())
+            if err <= tol:
+                converged = True
+                break
+    t = (h + a[:, None] + b[None, :]).exp_()
+    return t, a, b, it, err, converged
+
+
+def _solve_shifted(
+    h: torch.Tensor,
+    f: torch.Tensor,
+    g: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    eps: float,
+    max_iter: int,
+    tol: float,
+    check_every: int,
+    log_domain: bool | None,
+    warm: bool = False,
+) -> _SinkhornResult:
+    """Entropic OT for the log-kernel ``h = (f + g − C)/eps`` (``-inf`` where forbidden).
+
+    ``h`` is shifted in place (potentials ``f``, ``g`` absorb the shift); the stabilised
+    kernel route is tried first unless ``log_domain`` is True, and the log route is the
+    fallback. ``warm``: the incoming potentials are a previous solution (the GW outer loop), so
+    the column shift is handed back as the initial column scaling instead of being thrown away
+    — otherwise the shift would erase the warm start and every inner solve would restart.
+    """
+    h, rmax, cmax = _shift(h)
+    f = f - eps * rmax
+    g = g - eps * cmax
+    b0 = torch.zeros_like(q)
+    if warm:
+        # a column whose warm scaling would underflow starts from 1 (it is far off anyway)
+        b0 = cmax.clamp_min(0.5 * math.log(torch.finfo(h.dtype).tiny))
+    if not log_domain:
+        out = _sinkhorn_kernel(h, p, q, b0, max_iter, tol, check_every)
+        if out is not None:
+            t, a, b, it, err, conv, absorbed = out
+            return _SinkhornResult(t, f + eps * a, g + eps * b, it, err, conv, False, absorbed)
+        if log_domain is False:
+            raise FloatingPointError(
+                "Sinkhorn iterates stopped being finite and log_domain=False forbids the "
+                "log-domain fallback"
+            )
+        logger.debug("kernel-domain Sinkhorn stopped being finite; solving in the log domain")
+    t, a, b, it, err, conv = _sinkhorn_log(h, p, q, b0, max_iter, tol, check_every)
+    return _SinkhornResult(t, f + eps * a, g + eps * b, it, err, conv, True, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+
+
+def labeled_gw(
+    x: ArrayLike,
+    labels_x: ArrayLike,
+    z: ArrayLike,
+    labels_z: ArrayLike,
+    epsilon: float = 5e-3,
+    max_iter: int = 50,
+    tol: float = 1e-5,
+    inner_max_iter: int = 500,
+    inner_tol: float = 1e-6,
+    check_every: int = 5,
+    class_mass: str = "share",
+    log_domain: bool | None = None,
+) -> tuple[ArrayLike, dict[str, Any]]:
+    """Label-constrained entropic Gromov-Wasserstein coupling between ``x`` and ``z``.
+
+    ``x`` (n_x × d_x) and ``z`` (n_z × d_z) may live in spaces of different dimension: only
+    their intra-set squared-Euclidean distances (each divided by its max) are compared. Mass
+    moves only between equal labels; the class masses follow ``class_mass`` (module docstring).
+
+    Mirror descent (Peyré et al. 2016, the scheme of POT's and OTT's entropic GW): each outer
+    step linearises the GW energy at the current ``T`` and solves one entropic OT problem with
+    the masked Gibbs kernel, warm-started from the previous potentials. The outer loop stops
+    when the L1 change of ``T`` is <= ``tol``; each Sinkhorn solve stops when the L1 error of
+    its row marginal is <= ``inner_tol`` (tested every ``check_every`` iterations: the only
+    host syncs inside the loops). ``log_domain``: None = automatic fallback, True = always,
+    False = never (raise instead).
+
+    Returns ``(T, info)``: ``T`` (n_x × n_z) in the caller's type/device/dtype; ``info`` =
+    ``iterations`` (outer), ``sinkhorn_iterations`` (total inner), ``marginal_error`` (L1 of
+    both marginals), ``objective`` (GW energy of ``T`` with the scaled costs), ``converged``,
+    ``log_domain``, ``n_shared_classes``. When no class is shared (or a side is empty) ``T`` is
+    all zeros and ``n_shared_classes`` is 0: the caller should skip its OT loss.
+    """
+    origin_is_numpy = isinstance(x, np.ndarray)
+    xt = _features(x, "x", None)
+    device = xt.device
+    zt = _features(z, "z", device)
+    lx = _labels(labels_x, xt.shape[0], "labels_x", device)
+    lz = _labels(labels_z, zt.shape[0], "labels_z", device)
+    eps = _check_epsilon(epsilon)
+    if class_mass not in CLASS_MASS_RULES:
+        raise OTInputError(f"class_mass must be one of {CLASS_MASS_RULES}, got {class_mass!r}")
+    if max_iter < 1 or inner_max_iter < 1 or check_every < 1:
+        raise OTInputError("max_iter, inner_max_iter and check_every must be >= 1")
+    dtype = _compute_dtype(xt, zt)
+    origin = _Origin(origin_is_numpy, _output_dtype(xt, zt, dtype), device)
+    xt = xt.to(dtype)
+    zt = zt.to(dtype)
+    n_x, n_z = xt.shape[0], zt.shape[0]
+
+    info: dict[str, Any] = {
+        "iterations": 0,
+        "sinkhorn_iterations": 0,
+        "marginal_error": 0.0,
+        "objective": 0.0,
+        "converged": True,
+        "log_domain": False,
+        "n_shared_classes": 0,
+    }
+    if n_x == 0 or n_z == 0:
+        return _back(torch.zeros(n_x, n_z, dtype=dtype, device=device), origin), info
+    _check_finite("labeled_gw(x, z)", xt, zt)
+
+    with torch.no_grad():
+        mask, p, q = class_marginals(lx, lz, class_mass, dtype)
+        # one host sync before the solve: how many classes both sides share
+        n_shared = int(torch.unique(lx[mask.any(1)]).numel())
+        info["n_shared_classes"] = n_shared
+        if n_shared == 0:
+            return _back(torch.zeros(n_x, n_z, dtype=dtype, device=device), origin), info
+
+        cx = _scaled_sqdist(xt)
+        cz = _scaled_sqdist(zt)
+        const = ((cx * cx) @ p)[:, None] + ((cz * cz) @ q)[None, :]
+        # start from the product coupling inside each class block: feasible and label-respecting
+        w_of_x = (mask.to(dtype) @ q).clamp_min(torch.finfo(dtype).tiny)  # w_c for x_i's class
+        t = torch.where(
+            mask,
+            p[:, None] * q[None, :] / w_of_x[:, None],
+            torch.zeros((), dtype=dtype, device=device),
+        )
+        f = torch.zeros_like(p)
+        g = torch.zeros_like(q)
+        neg_inf = torch.full((), -math.inf, dtype=dtype, device=device)
+        use_log = bool(log_domain)
+        converged = False
+        sink_its = 0
+        outer = 0
+        while outer < max_iter:
+            outer += 1
+            cost = _gw_linear_cost(cx, cz, t, const)
+            f = torch.where(torch.isfinite(f), f, torch.zeros_like(f))
+            g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
+            h = torch.where(mask, (f[:, None] + g[None, :] - cost) / eps, neg_inf)
+            res = _solve_shifted(
+                h,
+                f,
+                g,
+                p,
+                q,
+                eps,
+                inner_max_iter,
+                inner_tol,
+                check_every,
+                True if use_log else log_domain,
+                warm=outer > 1,
+            )
+            use_log = use_log or res.log_domain
+            sink_its += res.iterations
+            change = float((res.t - t).abs().sum())
+            t, f, g = res.t, res.f, res.g
+            if change <= tol:
+                converged = res.converged
+                break
+        marg = float((t.sum(1) - p).abs().sum() + (t.sum(0) - q).abs().sum())
+        objective = float(gw_energy(cx, cz, t))
+    info.update(
+        iterations=outer,
+        sinkhorn_iterations=sink_its,
+        marginal_error=marg,
+        objective=objective,
+        converged=converged,
+        log_domain=use_log,
+    )
+    if not converged:
+        logger.debug("labeled_gw did not converge in %d outer iterations: %s", outer, info)
+    return _back(t, origin), info
+
+
+def feature_coupling(
+    x: ArrayLike,
+    z: ArrayLike,
+    t: ArrayLike,
+    epsilon: float = 5e-3,
+    max_iter: int = 200,
+    tol: float = 1e-3,
+    check_every: int = 10,
+    log_domain: bool | None = None,
+    return_info: bool = False,
+) -> ArrayLike | tuple[ArrayLike, dict[str, Any]]:
+    """Feature-wise coupling ``T_v`` (d_x × d_z) given the sample coupling ``t`` (n_x × n_z).
+
+    The co-optimal-transport feature step with square loss: the cost between feature ``i`` of
+    ``x`` and feature ``j`` of ``z`` is ``Σ_ab (x_ai − z_bj)² t_ab``, computed as
+    ``(x²)ᵀ t1 + (z²)ᵀ tᵀ1 − 2 xᵀ t z`` and divided by its max; feature marginals are uniform.
+    ``t`` is fixed, so one entropic solve is the whole answer. The solve stops when the L1 error
+    of the row marginal is <= ``tol`` (tested every ``check_every`` iterations).
+
+    Returns ``T_v`` in the caller's type/device/dtype (numpy iff ``x`` is numpy), plus an info
+    dict (``iterations``, ``marginal_error``, ``converged``, ``log_domain``) when
+    ``return_info``.
+    """
+    origin_is_numpy = isinstance(x, np.ndarray)
+    xt = _features(x, "x", None)
+    device = xt.device
+    zt = _features(z, "z", device)
+    tt = _to_tensor(t, "T", device)
+    if tt.shape != (xt.shape[0], zt.shape[0]):
+        raise OTInputError(
+            f"T: expected shape ({xt.shape[0]}, {zt.shape[0]}) to couple x and z, "
+            f"got {tuple(tt.shape)}"
+        )
+    eps = _check_epsilon(epsilon)
+    if max_iter < 1 or check_every < 1:
+        raise OTInputError("max_iter and check_every must be >= 1")
+    dtype = _compute_dtype(xt, zt)
+    origin = _Origin(origin_is_numpy, _output_dtype(xt, zt, dtype), device)
+    d_x, d_z = xt.shape[1], zt.shape[1]
+    if d_x == 0 or d_z == 0:
+        raise OTInputError(f"feature_coupling: empty feature dimension ({d_x}, {d_z})")
+    xt = xt.to(dtype)
+    zt = zt.to(dtype)
+    tt = tt.to(dtype)
+    _check_finite("feature_coupling(x, z, T)", xt, zt, tt)
+
+    with torch.no_grad():
+        a = tt.sum(1)
+        b = tt.sum(0)
+        m = (xt.T @ tt) @ zt  # d_x × d_z
+        m.mul_(-2.0)
+        m.add_(((xt * xt).T @ a)[:, None])
+        m.add_(((zt * zt).T @ b)[None, :])
+        m.clamp_min_(0.0)
+        m.div_(m.max().clamp_min(torch.finfo(dtype).tiny))
+        h = m.mul_(-1.0 / eps)  # log-kernel, in place: the 12.6M-entry case has no spare copy
+        del m
+        pu = torch.full((d_x,), 1.0 / d_x, dtype=dtype, device=device)
+        qu = torch.full((d_z,), 1.0 / d_z, dtype=dtype, device=device)
+        f = torch.zeros(d_x, dtype=dtype, device=device)
+        g = torch.zeros(d_z, dtype=dtype, device=device)
+        res = _solve_shifted(h, f, g, pu, qu, eps, max_iter, tol, check_every, log_domain)
+    if not res.converged:
+        logger.debug(
+            "feature_coupling: marginal error %.2e after %d its", res.error, res.iterations
+        )
+    out = _back(res.t, origin)
+    if return_info:
+        return out, {
+            "iterations": res.iterations,
+            "marginal_error": res.error,
+            "converged": res.converged,
+            "log_domain": res.log_domain,
+        }
+    return out

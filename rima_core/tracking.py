@@ -1,0 +1,232 @@
+"""MLflow tracking conventions, in one place so every step logs the same way.
+
+Conventions: one experiment per dataset/profile (``cfg.mlflow.experiment``); one run per pipeline
+step, named after the step and tagged ``step``; the flattened config as params (so a run can be
+reproduced from its params alone); the git commit and the data manifest's content hash as tags
+(so a metric can be traced back to code and data). Tune trials are nested runs.
+
+``import mlflow`` costs ~7 s cold, so this module never imports it at import time, and the logging
+helpers (:func:`log_metrics`, :func:`log_artifacts`) are free no-ops when mlflow was never
+imported: the training loop can call them unconditionally without dragging MLflow into a unit
+test or a quick CLI run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rima_core.config import Config, MlflowConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    import mlflow
+
+log = logging.getLogger(__name__)
+
+# Tag keys (read back by registry/promotion and by people browsing the UI).
+TAG_STEP = "step"
+TAG_GIT_COMMIT = "git_commit"
+TAG_GIT_DIRTY = "git_dirty"
+TAG_DATA_HASH = "data_hash"
+
+
+def tracking_uri(cfg: MlflowConfig) -> str:
+    """``MLFLOW_TRACKING_URI`` wins over params: a cluster points every step at its server."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+
+
+def default_artifact_location(cfg: MlflowConfig, uri: str) -> str | None:
+    """Where a new experiment keeps artifacts.
+
+    Explicit config wins (``s3://`` for direct S3). For a SQLite store, artifacts go beside the
+    database file rather than into MLflow's cwd-relative ``./mlruns``, so a run's database and its
+    artifacts move together and two working directories never share one artifact tree. For a
+    server URI the server decides (proxied ``mlflow-artifacts:`` or its own S3 destination).
+    """
+    if cfg.artifact_location:
+        return cfg.artifact_location
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        db = Path(uri[len(prefix) :])
+        return (db.resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
+def use_store(cfg: MlflowConfig) -> str:
+    """Point MLflow at the tracking/registry store only (no experiment is created): enough to
+    resolve ``models:/NAME@alias`` for prediction. Returns the tracking URI."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def configure(cfg: MlflowConfig) -> str:
+    """Point MLflow at the tracking store and the experiment; return the experiment id.
+
+    Under ``mlflow run`` (``MLFLOW_RUN_ID`` set) the project already chose the experiment and the
+    run; selecting another experiment would make MLflow refuse to resume that run.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = use_store(cfg)
+    if os.environ.get("MLFLOW_RUN_ID"):
+        run = mlflow.MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"])
+        return run.info.experiment_id
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        location = default_artifact_location(cfg, uri)
+        try:
+            exp_id = client.create_experiment(cfg.experiment, artifact_location=location)
+        except MlflowException as exc:  # another process created it first
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+                raise
+            exp_id = client.get_experiment_by_name(cfg.experiment).experiment_id
+        log.info("created MLflow experiment %r (artifacts: %s)", cfg.experiment, location)
+    else:
+        exp_id = exp.experiment_id
+        if cfg.artifact_location and exp.artifact_location != cfg.artifact_location:
+            log.warning(
+                "experiment %r keeps its artifacts at %s, not %s (an experiment's artifact "
+                "location is fixed when it is created; use a new experiment name to move it)",
+                cfg.experiment,
+                exp.artifact_location,
+                cfg.artifact_location,
+            )
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def _git(*args: str) -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=here, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def git_tags() -> dict[str, str]:
+    """Commit of the code that ran: from git when installed from a checkout, else from
+    ``RIMA_GIT_COMMIT`` (baked into the component image at build time). Empty when unknown."""
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        return {TAG_GIT_COMMIT: commit, TAG_GIT_DIRTY: str(bool(status)).lower()}
+    if os.environ.get("RIMA_GIT_COMMIT"):
+        return {TAG_GIT_COMMIT: os.environ["RIMA_GIT_COMMIT"]}
+    return {}
+
+
+def manifest_hash(store: str | Path) -> str | None:
+    """The store manifest's content hash (``rima`` Parquet metadata), or None if unreadable.
+
+    Reads only the Parquet footer, so tagging a run with its data costs milliseconds.
+    """
+    import pyarrow.parquet as pq
+
+    path = Path(store) / "manifest.parquet"
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        return json.loads(meta[b"rima"])["content_hash"]
+    except (OSError, KeyError, ValueError) as exc:
+        log.warning("no content hash in %s (%s); the run is not tagged with data", path, exc)
+        return None
+
+
+def _params(cfg: Config) -> dict[str, str]:
+    # JSON keeps lists/None readable and identical across runs (str() would write Python reprs).
+    return {
+        k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in cfg.flat().items()
+    }
+
+
+@contextlib.contextmanager
+def start_run(
+    cfg: Config,
+    step: str,
+    nested: bool = False,
+    tags: dict[str, Any] | None = None,
+    store: str | Path | None = None,
+    data_hash: str | None = None,
+    log_params: bool = True,
+) -> Iterator[mlflow.ActiveRun]:
+    """One MLflow run for one pipeline step, with the project's params and tags.
+
+    ``store`` (a store directory) or ``data_hash`` tags the run with the data it read. When a run
+    is already active (a step called from inside another step's run), the new run is nested under
+    it rather than failing. An exception inside the block marks the run FAILED.
+    """
+    import mlflow
+
+    configure(cfg.mlflow)
+    all_tags: dict[str, str] = {TAG_STEP: step, **git_tags()}
+    if data_hash is None and store is not None:
+        data_hash = manifest_hash(store)
+    if data_hash:
+        all_tags[TAG_DATA_HASH] = data_hash
+    all_tags.update({k: str(v) for k, v in (tags or {}).items()})
+    nested = nested or mlflow.active_run() is not None
+    with mlflow.start_run(run_name=step, nested=nested, tags=all_tags) as run:
+        if log_params:
+            mlflow.log_params(_params(cfg))
+        log.info("MLflow run %s (%s) in %s", run.info.run_id, step, mlflow.get_tracking_uri())
+        yield run
+
+
+def _active() -> Any:
+    """The mlflow module when a run is active, else None — without importing mlflow."""
+    if "mlflow" not in sys.modules:
+        return None
+    import mlflow
+
+    return mlflow if mlflow.active_run() is not None else None
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log numeric metrics to the active run; a no-op when there is none."""
+    mlflow = _active()
+    if mlflow is None:
+        return
+    clean = {}
+    for key, value in metrics.items():
+        try:
+            clean[key] = float(value)
+        except (TypeError, ValueError):
+            log.debug("metric %s=%r is not numeric; not logged", key, value)
+    mlflow.log_metrics(clean, step=step)
+
+
+def log_artifacts(path: str | Path, artifact_path: str | None = None) -> None:
+    """Log a file or a directory to the active run; a no-op when there is none."""
+    mlflow = _active()
+    if mlflow is None:
+        return
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: cannot log a missing artifact")
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+    else:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    """Tag the active run; a no-op when there is none."""
+    mlflow = _active()
+    if mlflow is None:
+        return
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})

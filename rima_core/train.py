@@ -1,0 +1,504 @@
+"""The training engine: one loop for RIMA, its ablations and the baselines.
+
+Choices that matter for the science, not just the plumbing:
+
+- Training eyes see only the modalities the masks give them (``cfg.missing.train_scenario``):
+  incomplete training data is a first-class setting, not an afterthought.
+- Model selection and early stopping look at the VALIDATION split under
+  ``cfg.train.selection_scenario`` — never at training data (a defect of the authors' code).
+- A run is reproducible bit for bit on CPU: seeded RNGs, a data order re-seeded from
+  ``(seed, epoch)`` every epoch, and a checkpoint holding every RNG stream, so a run killed after
+  epoch k and resumed ends with the same weights and history as one that was never interrupted.
+
+Timing columns (``*_seconds``, ``ot_share``) are the only part of ``history.csv`` that differs
+between two identical runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from rima_core.atomic import atomic_file, write_text
+from rima_core.config import Config
+from rima_core.engine import (
+    EngineError,
+    amp_dtype,
+    autocast,
+    predict,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    to_device,
+)
+from rima_core.metrics import classification_metrics, is_better
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+# train.* keys that may change between a killed run and its resume without changing the result.
+RESUMABLE_KEYS = frozenset({"out_dir", "num_workers", "patience"})
+
+
+class MetricsSink(Protocol):
+    """Where per-epoch metrics go; :mod:`rima_core.tracking` (MLflow) is the default."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def is_timing_column(name: str) -> bool:
+    return name.endswith("_seconds") or name == "ot_share"
+
+
+def load_masks(masks: str | Path | pd.DataFrame) -> pd.DataFrame:
+    """The mask table, read once so every dataset of a run shares it."""
+    from rima_core.data.masks import read_masks
+
+    return masks if isinstance(masks, pd.DataFrame) else read_masks(masks)
+
+
+def check_scenario(masks: pd.DataFrame, split: str, scenario: str, what: str) -> int:
+    """Number of mask rows for (split, scenario); a clear error when there are none."""
+    n = int(((masks["split"] == split) & (masks["scenario"] == scenario)).sum())
+    if n == 0:
+        known = sorted(masks.loc[masks["split"] == split, "scenario"].unique().tolist())
+        raise EngineError(
+            f"{what}: no eyes in split {split!r} under scenario {scenario!r}; "
+            f"scenarios in the masks for {split!r}: {known}"
+        )
+    return n
+
+
+def _masks_digest(masks: pd.DataFrame, pairs: list[tuple[str, str]]) -> str:
+    """Hash of the mask rows a run reads, so a resume against different masks is refused."""
+    h = hashlib.sha256()
+    for split, scenario in pairs:
+        rows = masks[(masks["split"] == split) & (masks["scenario"] == scenario)]
+        rows = rows.sort_values("case_id")[["case_id", "has_fundus", "has_oct"]]
+        h.update(f"{split}/{scenario}\n".encode())
+        h.update(rows.to_csv(index=False).encode())
+    return h.hexdigest()[:16]
+
+
+def model_spec(cfg: Config, store: Any) -> Any:
+    """The :class:`ModelSpec` for ``cfg`` on this store (class names and shapes from its meta)."""
+    from rima_core.models import ModelSpec
+
+    return ModelSpec(
+        name=cfg.model.name,
+        model=asdict(cfg.model),
+        ot=asdict(cfg.ot),
+        n_classes=int(store.n_classes),
+        class_names=list(store.class_names),
+        fundus_shape=list(store.meta["fundus_shape"]),
+        oct_shape=list(store.meta["oct_shape"]),
+    )
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up to the base lr, then cosine decay to 0 at ``total_steps`` (per step)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The data-order seed of one epoch: a resumed run re-creates exactly the same shuffles."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def _fingerprint(cfg: Config, data: dict[str, Any]) -> dict[str, Any]:
+    train = {k: v for k, v in asdict(cfg.train).items() if k not in RESUMABLE_KEYS}
+    return {
+        "model": asdict(cfg.model),
+        "ot": asdict(cfg.ot),
+        "train": train,
+        "train_scenario": cfg.missing.train_scenario,
+        **data,
+    }
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: {va!r} -> {vb!r}")
+    return out
+
+
+def _save_torch(obj: Any, path: Path) -> None:
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _write_history(history: list[dict[str, float]], path: Path) -> None:
+    with atomic_file(path) as tmp:
+        pd.DataFrame(history).to_csv(tmp, index=False)
+
+
+def _np_state_to_builtin(state: dict[str, Any]) -> dict[str, Any]:
+    """numpy's RNG state holds an ndarray; store it as a list so ``weights_only`` loading works."""
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    return {**state, "numpy": (name, keys.tolist(), pos, has_gauss, gauss)}
+
+
+def _np_state_from_builtin(state: dict[str, Any]) -> dict[str, Any]:
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    return {**state, "numpy": (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss)}
+
+
+class _EpochStats:
+    """Sample-weighted means of losses and model stats; ``*_seconds`` stats are summed.
+
+    A stat a model reports only for some batches (e.g. ``ot_skipped``) is averaged over the
+    samples of the batches that reported it.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, int] = {}
+
+    def add(self, batch_size: int, values: dict[str, float]) -> None:
+        self.n += batch_size
+        for key, value in values.items():
+            weight = 1 if key.endswith("_seconds") else batch_size
+            self.sums[key] = self.sums.get(key, 0.0) + float(value) * weight
+            self.weights[key] = self.weights.get(key, 0) + batch_size
+
+    def result(self) -> dict[str, float]:
+        return {
+            k: v if k.endswith("_seconds") else v / self.weights[k] for k, v in self.sums.items()
+        }
+
+
+def _train_one_epoch(
+    model: nn.Module,
+    loader: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    grad_clip: float,
+    desc: str,
+) -> dict[str, float]:
+    model.train()
+    acc = _EpochStats()
+    bar = tqdm(loader, desc=desc, leave=False)
+    for step, batch in enumerate(bar):
+        b = to_device(batch, device)
+        with autocast(device, dtype):
+            out = model(b["fundus"], b["oct"], b["has_fundus"], b["has_oct"], labels=b["label"])
+        ce = F.cross_entropy(out.logits.float(), b["label"])
+        aux = out.aux_loss.float()
+        loss = ce + aux
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{desc}, batch {step}: non-finite loss (ce={ce.item()}, aux={aux.item()}); "
+                "lower train.lr or the OT epsilons"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        values = {"loss": loss.item(), "ce": ce.item(), "aux": aux.item()}
+        values.update({k: float(v) for k, v in out.stats.items()})
+        acc.add(int(b["label"].shape[0]), values)
+        bar.set_postfix(loss=f"{values['loss']:.3f}")
+    if acc.n == 0:
+        raise ValueError(f"{desc}: the training loader yielded no batches")
+    return acc.result()
+
+
+def train(
+    store: str | Path,
+    masks: str | Path | pd.DataFrame,
+    out_dir: str | Path,
+    cfg: Config,
+    resume: bool = False,
+    epoch_callback: EpochCallback | None = None,
+    tracker: MetricsSink | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg.model.name`` on the train split; keep the best epoch on validation.
+
+    Writes ``model.pt`` (best epoch), ``checkpoint.pt`` (last epoch; ``resume=True`` continues
+    from it), ``history.csv`` and ``train_summary.json`` into ``out_dir``. ``epoch_callback(epoch,
+    val_metrics)`` runs after each epoch's checkpoint is on disk, so an exception from it (Optuna
+    pruning, a kill) leaves a resumable run. ``tracker`` receives per-epoch metrics (default:
+    :mod:`rima_core.tracking`, a no-op without an active MLflow run).
+    """
+    from rima_core.data import open_store
+    from rima_core.data.dataset import EyeDataset, make_loader
+    from rima_core.models import build_model, save_model
+
+    if tracker is None:
+        from rima_core import tracking as tracker  # type: ignore[no-redef]
+    tc = cfg.train
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / "checkpoint.pt"
+    model_path = out_dir / "model.pt"
+    hist_path = out_dir / "history.csv"
+    summary_path = out_dir / "train_summary.json"
+
+    st = open_store(store)
+    mask_df = load_masks(masks)
+    n_train = check_scenario(mask_df, "train", cfg.missing.train_scenario, "training")
+    n_val = check_scenario(mask_df, "val", tc.selection_scenario, "model selection")
+    train_ds = EyeDataset(store, mask_df, "train", cfg.missing.train_scenario)
+    val_ds = EyeDataset(store, mask_df, "val", tc.selection_scenario)
+
+    device = resolve_device(tc.device)
+    dtype = amp_dtype(device, tc.amp)
+    pin = device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+    spec = model_spec(cfg, st)
+    seed_everything(tc.seed)
+    model = build_model(spec).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    steps_per_epoch = math.ceil(len(train_ds) / tc.batch_size)
+    total_steps = steps_per_epoch * tc.epochs
+    warmup_steps = round(tc.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup_steps, total_steps)
+    )
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    fingerprint = _fingerprint(
+        cfg,
+        {
+            "data_hash": st.meta.get("content_hash"),
+            "masks_digest": _masks_digest(
+                mask_df,
+                [("train", cfg.missing.train_scenario), ("val", tc.selection_scenario)],
+            ),
+        },
+    )
+
+    history: list[dict[str, float]] = []
+    best: dict[str, Any] = {"epoch": None, "score": None, "metrics": {}, "state_dict": None}
+    start_epoch, stale, stopped_early = 1, 0, False
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise EngineError(f"{ckpt_path}: checkpoint format {ckpt.get('format')} is not mine")
+        changed = _diff(ckpt["fingerprint"], fingerprint)
+        if changed:
+            raise EngineError(
+                f"{ckpt_path}: cannot resume, the run's settings or data changed: "
+                + "; ".join(changed)
+                + " (train without --resume to start over)"
+            )
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler") is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(_np_state_from_builtin(ckpt["rng"]))
+        history = list(ckpt["history"])
+        best = dict(ckpt["best"])
+        stale = int(ckpt["stale_epochs"])
+        stopped_early = bool(ckpt["stopped_early"])
+        start_epoch = int(ckpt["epoch"]) + 1
+        log.info(
+            "resuming %s after epoch %d (best so far: epoch %s)",
+            out_dir,
+            ckpt["epoch"],
+            best["epoch"],
+        )
+    else:
+        if resume:
+            log.info("no checkpoint in %s: starting a fresh run", out_dir)
+        summary_path.unlink(missing_ok=True)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info(
+        "training %s (%d parameters) on %s%s: %d train eyes (%s), %d val eyes (%s), %d epochs",
+        spec.name,
+        n_params,
+        device,
+        f" with {dtype}" if dtype else "",
+        n_train,
+        cfg.missing.train_scenario,
+        n_val,
+        tc.selection_scenario,
+        tc.epochs,
+    )
+    val_loader = make_loader(
+        val_ds,
+        batch_size=cfg.evaluate.batch_size,
+        shuffle=False,
+        num_workers=tc.num_workers,
+        seed=tc.seed,
+        pin_memory=pin,
+    )
+    metric = tc.selection_metric
+    known = classification_metrics(np.arange(spec.n_classes), np.eye(spec.n_classes))
+    if metric not in known:
+        raise EngineError(
+            f"train.selection_metric={metric!r} is not a metric; known: {sorted(known)}"
+        )
+    t_run = time.perf_counter()
+    for epoch in range(start_epoch, tc.epochs + 1):
+        if stopped_early:
+            break
+        t0 = time.perf_counter()
+        loader = make_loader(
+            train_ds,
+            batch_size=tc.batch_size,
+            shuffle=True,
+            num_workers=tc.num_workers,
+            seed=epoch_seed(tc.seed, epoch),
+            pin_memory=pin,
+        )
+        train_stats = _train_one_epoch(
+            model,
+            loader,
+            optimizer,
+            scheduler,
+            scaler,
+            device,
+            dtype,
+            tc.grad_clip,
+            f"epoch {epoch}/{tc.epochs}",
+        )
+        t1 = time.perf_counter()
+        preds = predict(model, val_loader, device, dtype, desc="validate")
+        val_metrics = classification_metrics(preds.y_true, preds.proba, spec.class_names)
+        t2 = time.perf_counter()
+        score = val_metrics[metric]
+        improved = is_better(metric, score, best["score"] if best["epoch"] else None)
+        if improved:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best = {
+                "epoch": epoch,
+                "score": float(score),
+                "metrics": val_metrics,
+                "state_dict": state,
+            }
+            stale = 0
+            save_model(model, spec, model_path)
+        else:
+            stale += 1
+        stopped_early = tc.patience > 0 and stale >= tc.patience and epoch < tc.epochs
+
+        train_seconds = t1 - t0
+        ot_seconds = train_stats.get("ot_seconds", 0.0)
+        row: dict[str, float] = {"epoch": epoch, "lr": scheduler.get_last_lr()[0]}
+        row.update({f"train_{k}": v for k, v in train_stats.items() if k != "ot_seconds"})
+        row.update({f"val_{k}": v for k, v in val_metrics.items()})
+        row.update(
+            {
+                "best_epoch": best["epoch"],
+                "epoch_seconds": time.perf_counter() - t0,
+                "train_seconds": train_seconds,
+                "val_seconds": t2 - t1,
+                "ot_seconds": ot_seconds,
+                "ot_share": ot_seconds / train_seconds if train_seconds > 0 else 0.0,
+            }
+        )
+        history.append(row)
+        _save_torch(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": _np_state_to_builtin(rng_state()),
+                "history": history,
+                "best": best,
+                "stale_epochs": stale,
+                "stopped_early": stopped_early,
+                "fingerprint": fingerprint,
+                "spec": asdict(spec),
+            },
+            ckpt_path,
+        )
+        _write_history(history, hist_path)
+        tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        log.info(
+            "epoch %d/%d: loss %.4f, val %s %.4f%s (%.1f s, OT %.0f%%)",
+            epoch,
+            tc.epochs,
+            row["train_loss"],
+            metric,
+            score,
+            " *" if improved else "",
+            row["epoch_seconds"],
+            100 * row["ot_share"],
+        )
+        if stopped_early:
+            log.info("early stop: no %s improvement for %d epochs", metric, stale)
+        if epoch_callback is not None:
+            epoch_callback(epoch, val_metrics)
+
+    if best["state_dict"] is None:
+        raise RuntimeError(f"{out_dir}: no epoch was trained (train.epochs={tc.epochs})")
+    model.load_state_dict(best["state_dict"])
+    save_model(model, spec, model_path)
+    hist = pd.DataFrame(history)
+    timing = hist[[c for c in hist.columns if is_timing_column(c)]]
+    summary = {
+        "model": spec.name,
+        "n_parameters": int(n_params),
+        "device": str(device),
+        "amp_dtype": str(dtype).replace("torch.", "") if dtype else None,
+        "epochs_run": len(history),
+        "stopped_early": stopped_early,
+        "best_epoch": best["epoch"],
+        "selection_metric": metric,
+        "selection_split": "val",
+        "selection_scenario": tc.selection_scenario,
+        "train_scenario": cfg.missing.train_scenario,
+        "n_train": n_train,
+        "n_val": n_val,
+        "best_val_metrics": {k: _json_number(v) for k, v in best["metrics"].items()},
+        "mean_epoch_seconds": float(timing["epoch_seconds"].mean()),
+        "ot_share": float(timing["ot_seconds"].sum() / max(1e-12, timing["train_seconds"].sum())),
+        "run_seconds_this_session": time.perf_counter() - t_run,
+    }
+    write_text(summary_path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    return summary
+
+
+def _json_number(value: float) -> float | None:
+    """NaN/inf are not JSON numbers; write them as null."""
+    return float(value) if math.isfinite(value) else None

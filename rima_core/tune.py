@@ -1,0 +1,567 @@
+"""Hyperparameter search over the OT regularisation and the learning rate, with Optuna.
+
+What is searched, and why these choices:
+
+- The four values RIMA is sensitive to: the labeled-GW epsilon, the feature-OT epsilon, the
+  translation-loss weight and the learning rate (:data:`TUNED`), each on a log scale over the range
+  given in ``params.yaml`` (``tune.<name>: [low, high]``) — they span orders of magnitude.
+- A trial is a short training run (``tune.epochs``) scored on the VALIDATION split under the
+  missing-modality scenario ``tune.scenario``, with the same selection rule the final training
+  uses (best epoch of ``tune.metric``), so tuning optimises what model selection later picks on.
+  Each epoch's score is reported to a MedianPruner, which stops trials that trail the median.
+- The study lives in an RDB storage (SQLite file by default, any SQLAlchemy URL such as
+  PostgreSQL for several machines). Its name carries a fingerprint of everything that changes
+  what a trial measures (data, masks, model, fixed training settings, search space), so re-running
+  after an interruption continues the same study, while a changed input starts a fresh one
+  instead of mixing incomparable trials. The budget (``tune.n_trials``) counts the finished
+  trials already in the study, so a resumed study stops at the same total.
+- Trials whose process died are noticed by the storage heartbeat and re-queued once with the
+  same parameters; a trial whose loss diverged (``FloatingPointError``) is recorded as failed and
+  the search goes on.
+- Each trial is an MLflow run nested under the study's run (through :mod:`rima_core.tracking`,
+  not the deprecated optuna-integration callback), carrying the trial's own parameter values and
+  its per-epoch validation metrics.
+
+Outputs (``out_dir``): ``best_params.json`` (``{"ot.gw_epsilon": ..., "train.lr": ...}``; read
+by the train step through :func:`rima_core.steps.apply_best_params`; ``{}`` for a zero budget),
+``study.json`` (summary, a DVC metrics file), ``trials.csv`` and ``plots/*.png`` (optimisation
+history, intermediate values, parameter importances).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rima_core.atomic import atomic_dir
+from rima_core.config import Config, ConfigError, TuneConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    import optuna
+
+log = logging.getLogger(__name__)
+
+# Tuned parameter (``section.key`` in the config) -> its search range in TuneConfig.
+TUNED: dict[str, str] = {
+    "ot.gw_epsilon": "gw_epsilon",
+    "ot.feature_epsilon": "feature_epsilon",
+    "ot.loss_weight": "loss_weight",
+    "train.lr": "lr",
+}
+# tune.* keys that set the budget or the plumbing, not what a trial measures: changing them
+# keeps the study (a bigger n_trials continues it).
+_BUDGET_KEYS = frozenset({"out_dir", "storage", "study_name", "n_trials", "timeout_s", "workers"})
+# train.* keys a trial overrides or that do not change its result.
+_TRIAL_OVERRIDDEN = frozenset(
+    {"out_dir", "epochs", "lr", "selection_metric", "selection_scenario", "num_workers"}
+)
+# A dead worker's trial is failed (and retried once) after this long without a heartbeat.
+HEARTBEAT_S = 15
+GRACE_S = 60
+SQLITE_TIMEOUT_S = 60
+
+
+class TuneError(RuntimeError):
+    """The search ran but produced no usable result (e.g. no trial completed)."""
+
+
+# --- search space and configs ------------------------------------------------------------------
+
+
+def search_space(tc: TuneConfig) -> dict[str, tuple[float, float]]:
+    """``{"ot.gw_epsilon": (low, high), ...}``, checked: two positive numbers, low < high."""
+    space = {}
+    for name, key in TUNED.items():
+        bounds = getattr(tc, key)
+        if len(bounds) != 2:
+            raise ConfigError(f"tune.{key}: expected [low, high], got {bounds!r}")
+        low, high = (float(b) for b in bounds)
+        if not (0 < low < high and math.isfinite(high)):
+            raise ConfigError(
+                f"tune.{key}: need 0 < low < high for a log-scale range, got {bounds!r}"
+            )
+        space[name] = (low, high)
+    return space
+
+
+def apply_params(cfg: Config, params: Mapping[str, float]) -> Config:
+    """A copy of ``cfg`` with tuned values (``section.key`` names from :data:`TUNED`) set."""
+    out = copy.deepcopy(cfg)
+    for name, value in params.items():
+        if name not in TUNED:
+            raise ConfigError(f"{name!r} is not a tuned parameter; known: {sorted(TUNED)}")
+        section, key = name.split(".")
+        setattr(getattr(out, section), key, float(value))
+    return out
+
+
+def trial_config(cfg: Config, params: Mapping[str, float]) -> Config:
+    """The config one trial trains with: its sampled values, the short budget, tune's target."""
+    out = apply_params(cfg, params)
+    out.train.epochs = cfg.tune.epochs
+    out.train.selection_scenario = cfg.tune.scenario
+    out.train.selection_metric = cfg.tune.metric
+    return out
+
+
+def study_direction(metric: str) -> str:
+    from rima_core.metrics import LOWER_IS_BETTER
+
+    return "minimize" if metric in LOWER_IS_BETTER else "maximize"
+
+
+def study_fingerprint(cfg: Config, data_hash: str | None, masks: str | Path) -> str:
+    """A short hash of everything that changes what a trial measures (see the module doc)."""
+    tune = {k: v for k, v in dataclasses.asdict(cfg.tune).items() if k not in _BUDGET_KEYS}
+    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _TRIAL_OVERRIDDEN}
+    ot = {k: v for k, v in dataclasses.asdict(cfg.ot).items() if f"ot.{k}" not in TUNED}
+    masks_md5 = hashlib.md5(Path(masks).read_bytes()).hexdigest()
+    payload = {
+        "data_hash": data_hash,
+        "masks_md5": masks_md5,
+        "model": dataclasses.asdict(cfg.model),
+        "ot": ot,
+        "train": train,
+        "train_scenario": cfg.missing.train_scenario,
+        "val_batch_size": cfg.evaluate.batch_size,
+        "tune": tune,
+    }
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+# --- storage and study -------------------------------------------------------------------------
+
+
+def safe_url(url: str) -> str:
+    """The storage URL without its password, for logs, tags and reports."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def make_storage(url: str) -> optuna.storages.RDBStorage:
+    """An RDB storage with a heartbeat (dead workers' trials are retried) and, for SQLite, a
+    generous lock timeout so several local worker processes can share one file."""
+    import optuna
+    from sqlalchemy.engine import make_url
+
+    engine_kwargs: dict[str, Any] = {}
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(
+        url,
+        engine_kwargs=engine_kwargs,
+        heartbeat_interval=HEARTBEAT_S,
+        grace_period=GRACE_S,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+            max_retry=1
+        ),
+    )
+
+
+def _sampler(tc: TuneConfig, worker: int, n_existing: int) -> optuna.samplers.BaseSampler:
+    """Seeded TPE. The seed also moves with the worker index (workers must not propose the same
+    points) and with the trials already in the study (a resumed study must not replay the first
+    random proposals)."""
+    import optuna
+
+    n_startup = max(2, min(10, tc.n_trials // 3))
+    return optuna.samplers.TPESampler(
+        seed=tc.seed + 1000 * worker + n_existing, n_startup_trials=n_startup
+    )
+
+
+def _pruner(tc: TuneConfig) -> optuna.pruners.BasePruner:
+    import optuna
+
+    return optuna.pruners.MedianPruner(
+        n_startup_trials=tc.pruner_startup_trials, n_warmup_steps=tc.pruner_warmup_epochs
+    )
+
+
+def finished_trials(study: optuna.Study) -> int:
+    """Trials that count towards the budget: completed or pruned (not failed, not running)."""
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+# --- one worker --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Job:
+    """Everything a worker process needs (picklable, for the ``spawn`` start method)."""
+
+    store: str
+    masks: str
+    cfg: Config
+    storage: str
+    study_name: str
+    worker: int
+    deadline: float | None
+    parent_run_id: str | None
+    data_hash: str | None
+    track: bool
+    threads: int | None = None
+    log_level: int = logging.INFO
+
+
+def _objective(job: _Job) -> Any:
+    import optuna
+
+    from rima_core import tracking
+    from rima_core.train import train
+
+    space = search_space(job.cfg.tune)
+    metric = job.cfg.tune.metric
+
+    def objective(trial: optuna.Trial) -> float:
+        params = {
+            name: trial.suggest_float(name, low, high, log=True)
+            for name, (low, high) in space.items()
+        }
+        tcfg = trial_config(job.cfg, params)
+        trial.set_user_attr("worker", job.worker)
+
+        def report(epoch: int, val_metrics: dict[str, float]) -> None:
+            value = float(val_metrics[metric])
+            trial.report(value, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"epoch {epoch}: {metric} {value:.4f} below the median")
+
+        tags = {
+            "optuna_study": job.study_name,
+            "optuna_trial": trial.number,
+        }
+        if job.parent_run_id:
+            tags["mlflow.parentRunId"] = job.parent_run_id
+        run = (
+            tracking.start_run(
+                tcfg, f"trial-{trial.number}", nested=True, tags=tags, data_hash=job.data_hash
+            )
+            if job.track
+            else contextlib.nullcontext()
+        )
+        pruned: optuna.TrialPruned | None = None
+        with run, tempfile.TemporaryDirectory(prefix=f"rima-trial-{trial.number}-") as tmp:
+            try:
+                summary = train(job.store, job.masks, tmp, tcfg, epoch_callback=report)
+            except optuna.TrialPruned as exc:
+                pruned = exc
+                tracking.set_tags({"optuna_state": "PRUNED"})
+            else:
+                value = summary["best_val_metrics"].get(metric)
+                value = float("nan") if value is None else float(value)
+                trial.set_user_attr("best_epoch", summary["best_epoch"])
+                tracking.set_tags({"optuna_state": "COMPLETE"})
+                tracking.log_metrics({f"objective_{metric}": value})
+        if pruned is not None:
+            raise pruned
+        return value
+
+    return objective
+
+
+def run_worker(job: _Job) -> None:
+    """Join the study and run trials until the budget (finished trials) or the deadline is hit."""
+    import optuna
+
+    logging.basicConfig(
+        level=job.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if job.threads:
+        import torch
+
+        torch.set_num_threads(job.threads)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    tc = job.cfg.tune
+    storage = make_storage(job.storage)
+    probe = optuna.load_study(study_name=job.study_name, storage=storage)
+    study = optuna.load_study(
+        study_name=job.study_name,
+        storage=storage,
+        sampler=_sampler(tc, job.worker, len(probe.trials)),
+        pruner=_pruner(tc),
+    )
+    objective = _objective(job)
+    max_trials = optuna.study.MaxTrialsCallback(
+        tc.n_trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    )
+    # Failed trials (diverged) do not count towards the budget: go round again for the missing
+    # ones, but stop when a whole round finished nothing (every trial failing is a real problem).
+    while True:
+        finished = finished_trials(study)
+        remaining = tc.n_trials - finished
+        timeout = None if job.deadline is None else job.deadline - time.time()
+        if remaining <= 0 or (timeout is not None and timeout <= 0):
+            break
+        study.optimize(
+            objective,
+            n_trials=remaining,  # an upper bound per worker; the callback stops them all
+            timeout=timeout,
+            catch=(FloatingPointError,),
+            callbacks=[max_trials],
+            gc_after_trial=True,
+            show_progress_bar=job.worker == 0 and job.threads is None,
+        )
+        if finished_trials(study) == finished:
+            log.warning("worker %d: no trial finished in the last round; stopping", job.worker)
+            break
+
+
+# --- the step ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _study_run(cfg: Config, track: bool, store: str, tags: dict[str, Any]) -> Iterator[str | None]:
+    if not track:
+        yield None
+        return
+    from rima_core import tracking
+
+    with tracking.start_run(cfg, "tune", store=store, tags=tags) as run:
+        yield run.info.run_id
+
+
+def tune(
+    store: str | Path,
+    masks: str | Path,
+    out_dir: str | Path,
+    cfg: Config,
+    *,
+    workers: int | None = None,
+    n_trials: int | None = None,
+    timeout_s: float | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
+    track: bool = True,
+) -> dict[str, Any]:
+    """Run (or continue) the study and write the reports; returns the ``study.json`` summary.
+
+    Arguments left ``None`` come from ``cfg.tune``. ``study_name`` given explicitly is used as is
+    (several machines sharing one study); otherwise it is ``<tune.study_name>-<fingerprint>``.
+    ``workers`` > 1 runs that many processes on the one study (each with a share of the cores).
+    """
+    import optuna
+
+    from rima_core import tracking
+    from rima_core.train import check_scenario, load_masks
+
+    cfg = copy.deepcopy(cfg)
+    tc = cfg.tune
+    if workers is not None:
+        tc.workers = workers
+    if n_trials is not None:
+        tc.n_trials = n_trials
+    if timeout_s is not None:
+        tc.timeout_s = timeout_s
+    if storage is not None:
+        tc.storage = storage
+    if tc.workers < 1:
+        raise ConfigError(f"tune.workers must be >= 1, got {tc.workers}")
+    if tc.n_trials < 0:
+        raise ConfigError(f"tune.n_trials must be >= 0, got {tc.n_trials}")
+    if tc.epochs < 1:
+        raise ConfigError(f"tune.epochs must be >= 1, got {tc.epochs}")
+    search_space(tc)
+    store, masks, out_dir = str(store), str(masks), Path(out_dir)
+    mask_df = load_masks(masks)
+    check_scenario(mask_df, "val", tc.scenario, "tuning (tune.scenario)")
+    check_scenario(mask_df, "train", cfg.missing.train_scenario, "tuning (missing.train_scenario)")
+    data_hash = tracking.manifest_hash(store)
+    name = study_name or f"{tc.study_name}-{study_fingerprint(cfg, data_hash, masks)}"
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    study = optuna.create_study(
+        study_name=name,
+        storage=make_storage(tc.storage),
+        direction=study_direction(tc.metric),
+        load_if_exists=True,
+    )
+    before = finished_trials(study)
+    log.info(
+        "study %r in %s: %d finished trial(s), budget %d%s, %d worker(s)",
+        name,
+        safe_url(tc.storage),
+        before,
+        tc.n_trials,
+        f", timeout {tc.timeout_s:g} s" if tc.timeout_s else "",
+        tc.workers,
+    )
+    tags = {"optuna_study": name, "optuna_storage": safe_url(tc.storage)}
+    with _study_run(cfg, track, store, tags) as parent_run_id:
+        deadline = time.time() + tc.timeout_s if tc.timeout_s else None
+        if tc.n_trials > before:
+            _run_workers(cfg, store, masks, name, deadline, parent_run_id, data_hash, track)
+        study = optuna.load_study(study_name=name, storage=make_storage(tc.storage))
+        summary = write_reports(study, out_dir, cfg)
+        if track:
+            tracking.log_metrics(
+                {k: v for k, v in summary.items() if k.startswith(("n_", "best_value"))}
+            )
+            tracking.set_tags({f"best.{k}": v for k, v in summary["best_params"].items()})
+            tracking.log_artifacts(out_dir, "tune")
+    return summary
+
+
+def _run_workers(
+    cfg: Config,
+    store: str,
+    masks: str,
+    name: str,
+    deadline: float | None,
+    parent_run_id: str | None,
+    data_hash: str | None,
+    track: bool,
+) -> None:
+    tc = cfg.tune
+    level = logging.getLogger().getEffectiveLevel()
+    jobs = [
+        _Job(
+            store,
+            masks,
+            cfg,
+            tc.storage,
+            name,
+            i,
+            deadline,
+            parent_run_id,
+            data_hash,
+            track,
+            log_level=level,
+        )
+        for i in range(tc.workers)
+    ]
+    if tc.workers == 1:
+        run_worker(jobs[0])
+        return
+    threads = max(1, (os.cpu_count() or 1) // tc.workers)
+    ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix
+    procs = []
+    for job in jobs:
+        job.threads = threads
+        proc = ctx.Process(target=run_worker, args=(job,), name=f"tune-worker-{job.worker}")
+        proc.start()
+        procs.append(proc)
+    for proc in procs:
+        proc.join()
+    failed = [p.name for p in procs if p.exitcode != 0]
+    if failed:
+        raise TuneError(f"tuning worker(s) {failed} exited with an error (see the log above)")
+
+
+# --- reports -----------------------------------------------------------------------------------
+
+
+def write_reports(study: optuna.Study, out_dir: Path, cfg: Config) -> dict[str, Any]:
+    """``best_params.json``, ``study.json``, ``trials.csv`` and ``plots/`` into ``out_dir``."""
+    from optuna.trial import TrialState
+
+    tc = cfg.tune
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    counts = {s: states.count(s) for s in TrialState}
+    complete = counts[TrialState.COMPLETE]
+    if tc.n_trials > 0 and complete == 0:
+        raise TuneError(
+            f"study {study.study_name!r}: no trial completed ({counts[TrialState.PRUNED]} pruned, "
+            f"{counts[TrialState.FAIL]} failed); raise tune.timeout_s or tune.n_trials, or check "
+            "the failures in the log"
+        )
+    best = study.best_trial if complete else None
+    best_params = dict(sorted(best.params.items())) if best else {}
+    summary = {
+        "study_name": study.study_name,
+        "storage": safe_url(tc.storage),
+        "direction": study.direction.name.lower(),
+        "metric": tc.metric,
+        "scenario": tc.scenario,
+        "epochs_per_trial": tc.epochs,
+        "budget_trials": tc.n_trials,
+        "n_trials": len(states),
+        "n_complete": complete,
+        "n_pruned": counts[TrialState.PRUNED],
+        "n_failed": counts[TrialState.FAIL],
+        "best_value": best.value if best else None,
+        "best_trial": best.number if best else None,
+        "best_params": best_params,
+    }
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "best_params.json").write_text(json.dumps(best_params, indent=2) + "\n")
+        (tmp / "study.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _trials_table(study).to_csv(tmp / "trials.csv", index=False)
+        plots = tmp / "plots"
+        plots.mkdir()
+        if complete:
+            _plots(study, plots, tc)
+    if best:
+        log.info("best trial %d: %s %.4f with %s", best.number, tc.metric, best.value, best_params)
+    return summary
+
+
+def _trials_table(study: optuna.Study) -> Any:
+    import pandas as pd
+
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row: dict[str, Any] = {
+            "number": t.number,
+            "state": t.state.name,
+            "value": t.value,
+            "epochs_run": len(t.intermediate_values),
+            "duration_s": t.duration.total_seconds() if t.duration else None,
+            "worker": t.user_attrs.get("worker"),
+        }
+        row.update({f"param:{k}": v for k, v in sorted(t.params.items())})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _plots(study: optuna.Study, out: Path, tc: TuneConfig) -> None:
+    """Optuna's matplotlib plots (plotly is not a dependency). Parameter importances need a few
+    completed trials with varied values; when they cannot be computed the plot is left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.importance import FanovaImportanceEvaluator
+    from optuna.visualization import matplotlib as ovm
+
+    def save(fname: str, draw: Any) -> None:
+        try:
+            ax = draw()
+        except (ValueError, RuntimeError) as exc:
+            log.warning("plot %s not drawn: %s", fname, exc)
+            plt.close("all")
+            return
+        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        fig.set_size_inches(8, 5)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=100)
+        plt.close("all")
+
+    save("optimization_history.png", lambda: ovm.plot_optimization_history(study))
+    save("intermediate_values.png", lambda: ovm.plot_intermediate_values(study))
+    save(
+        "param_importances.png",
+        lambda: ovm.plot_param_importances(
+            study, evaluator=FanovaImportanceEvaluator(seed=tc.seed)
+        ),
+    )

@@ -1,0 +1,253 @@
+"""Evaluation under every scenario, and the real data flow through the ``rima`` CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from rima_core.cli import main
+from rima_core.data import open_store
+from rima_core.data.masks import scenario_names
+from rima_core.engine import EngineError
+from rima_core.evaluate import evaluate, mlflow_key, parse_sweep, rate_curve
+from rima_core.models import load_model
+from rima_core.train import train
+from tests.conftest import TinyData
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data: TinyData, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg = copy.deepcopy(tiny_data.cfg)
+    cfg.train.epochs = 1
+    out = tmp_path_factory.mktemp("trained")
+    train(tiny_data.store, tiny_data.masks, out, cfg)
+    return out / "model.pt"
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained: Path, tiny_data: TinyData, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("eval") / "eval"
+    result = evaluate(trained, tiny_data.store, tiny_data.masks, out, tiny_data.cfg)
+    return out, result
+
+
+def test_every_scenario_is_scored(evaluated, tiny_data: TinyData) -> None:
+    out, result = evaluated
+    expected = scenario_names(tiny_data.cfg.missing)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == expected
+    assert list(result["metrics"]) == expected
+    for scenario, m in metrics.items():
+        for key, value in m.items():
+            assert value is None or isinstance(value, int | float), (scenario, key)
+        assert m["n_samples"] == 18
+        assert 0.0 <= m["accuracy"] <= 1.0
+    # the scenarios really remove modalities from the scored eyes
+    assert metrics["fundus_missing@1"]["fundus_missing_rate"] > 0.8
+    assert metrics["oct_missing@1"]["oct_missing_rate"] > 0.8
+    assert metrics["complete"]["fundus_missing_rate"] < 0.2
+
+
+def test_predictions_match_metrics(evaluated, tiny_data: TinyData) -> None:
+    out, _ = evaluated
+    metrics = json.loads((out / "metrics.json").read_text())
+    for scenario in metrics:
+        frame = pd.read_parquet(out / "predictions" / f"{scenario}.parquet")
+        assert len(frame) == 18 and frame["case_id"].is_unique
+        proba = frame[[c for c in frame.columns if c.startswith("proba_")]].to_numpy()
+        assert np.allclose(proba.sum(axis=1), 1.0)
+        assert (proba.argmax(axis=1) == frame["pred"]).all()
+        accuracy = float((frame["pred"] == frame["label"]).mean())
+        assert metrics[scenario]["accuracy"] == pytest.approx(accuracy)
+        assert not (~frame["has_fundus"] & ~frame["has_oct"]).any()
+    frame = pd.read_parquet(out / "predictions" / "fundus_missing@1.parquet")
+    assert frame["has_fundus"].sum() <= 3  # only eyes whose source lacks the OCT keep a fundus
+
+
+def test_dvc_files(evaluated, tiny_data: TinyData) -> None:
+    out, _ = evaluated
+    curve = pd.read_csv(out / "rate_curve.csv")
+    assert list(curve.columns[:2]) == ["scenario_kind", "missing_rate"]
+    sweep = tiny_data.cfg.missing.sweep
+    assert sorted(curve.loc[curve["scenario_kind"] == "fundus_missing", "missing_rate"]) == sweep
+    assert sorted(curve.loc[curve["scenario_kind"] == "oct_missing", "missing_rate"]) == sweep
+    assert curve.loc[curve["scenario_kind"] == "complete", "missing_rate"].tolist() == [0.0]
+    metrics = json.loads((out / "metrics.json").read_text())
+    row = curve[(curve["scenario_kind"] == "oct_missing") & (curve["missing_rate"] == 0.5)]
+    assert row["accuracy"].iloc[0] == pytest.approx(metrics["oct_missing@0.5"]["accuracy"])
+
+    confusion = pd.read_csv(out / "confusion.csv")
+    assert list(confusion.columns) == ["actual", "predicted"]
+    mixed = pd.read_parquet(out / "predictions" / "mixed.parquet")
+    names = open_store(tiny_data.store).class_names
+    assert len(confusion) == len(mixed)
+    assert confusion["actual"].tolist() == [names[i] for i in mixed["label"]]
+    assert confusion["predicted"].tolist() == [names[i] for i in mixed["pred"]]
+    for png in ("rate_curve.png", "confusion.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_model_and_wrong_split(trained: Path, tiny_data: TinyData, tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="rima train"):
+        evaluate(
+            tmp_path / "none.pt", tiny_data.store, tiny_data.masks, tmp_path / "e", tiny_data.cfg
+        )
+    masks = pd.read_parquet(tiny_data.masks)
+    masks = masks[masks["split"] != "test"]
+    with pytest.raises(EngineError, match="'test'"):
+        evaluate(trained, tiny_data.store, masks, tmp_path / "e", tiny_data.cfg)
+    assert not (tmp_path / "e").exists()
+
+
+def test_rate_curve_and_names() -> None:
+    assert parse_sweep("oct_missing@0.25") == ("oct_missing", 0.25)
+    assert parse_sweep("mixed") is None
+    assert mlflow_key("test/fundus_missing@0.5/sensitivity/early") == (
+        "test/fundus_missing_at_0.5/sensitivity/early"
+    )
+    curve = rate_curve(
+        {
+            "complete": {"qwk": 0.9},
+            "mixed": {"qwk": 0.5},
+            "oct_missing@1": {"qwk": 0.6},
+            "oct_missing@0": {"qwk": 0.85},
+        }
+    )
+    assert curve[["scenario_kind", "missing_rate"]].values.tolist() == [
+        ["complete", 0.0],
+        ["oct_missing", 0.0],
+        ["oct_missing", 1.0],
+    ]
+    assert curve["qwk"].tolist() == [0.9, 0.85, 0.6]
+    assert math.isnan(curve["auc"].iloc[0])
+
+
+def _write_params(tiny_data: TinyData, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(tiny_data.cfg.to_dict()))
+    return path
+
+
+def test_cli_train_then_evaluate(tiny_data: TinyData, tmp_path: Path, capsys) -> None:
+    """The real flow through ``rima``: tuned params on top, a named model, then evaluation."""
+    params = _write_params(tiny_data, tmp_path / "params.yaml")
+    best = tmp_path / "best_params.json"
+    best.write_text(json.dumps({"ot.gw_epsilon": 0.01, "train.lr": 0.002}))
+    common = [
+        "--params",
+        str(params),
+        "--store",
+        str(tiny_data.store),
+        "--masks",
+        str(tiny_data.masks),
+        "--no-mlflow",
+    ]
+    model_dir = tmp_path / "model"
+    rc = main(
+        [
+            "train",
+            *common,
+            "--out",
+            str(model_dir),
+            "--best-params",
+            str(best),
+            "--set",
+            "train.epochs=1",
+        ]
+    )
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["epochs_run"] == 1
+    _, spec = load_model(model_dir / "model.pt")
+    assert spec.name == "rima" and spec.ot["gw_epsilon"] == 0.01
+
+    rc = main(
+        [
+            "evaluate",
+            *common,
+            "--model",
+            str(model_dir / "model.pt"),
+            "--out",
+            str(tmp_path / "eval"),
+        ]
+    )
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["metrics"]) == set(scenario_names(tiny_data.cfg.missing))
+    assert (tmp_path / "eval" / "metrics.json").is_file()
+
+    # a baseline by name; a bad scenario is one clear error, not a traceback
+    rc = main(
+        [
+            "train",
+            *common,
+            "--model-name",
+            "late_fusion_zero",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            f"train.out_dir={tmp_path / 'models' / 'rima'}",
+        ]
+    )
+    assert rc == 0
+    # without --out a named model goes beside the main one, never over it
+    lf = tmp_path / "models" / "late_fusion_zero" / "model.pt"
+    assert load_model(lf)[1].name == "late_fusion_zero"
+    assert not (tmp_path / "models" / "rima").exists()
+    rc = main(
+        ["train", *common, "--out", str(tmp_path / "bad"), "--set", "missing.train_scenario=nope"]
+    )
+    assert rc == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"ot.no_such_key": 1}))
+    rc = main(["train", *common, "--out", str(tmp_path / "bad"), "--best-params", str(bad)])
+    assert rc == 2
+
+
+@pytest.mark.slow
+def test_cli_logs_to_mlflow(tiny_data: TinyData, tmp_path: Path, capsys) -> None:
+    params = _write_params(tiny_data, tmp_path / "params.yaml")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = [
+        "--params",
+        str(params),
+        "--store",
+        str(tiny_data.store),
+        "--masks",
+        str(tiny_data.masks),
+        "--set",
+        f"mlflow.tracking_uri={uri}",
+    ]
+    assert main(["train", *common, "--out", str(tmp_path / "m"), "--set", "train.epochs=2"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (
+        main(
+            [
+                "evaluate",
+                *common,
+                "--model",
+                str(tmp_path / "m" / "model.pt"),
+                "--out",
+                str(tmp_path / "e"),
+            ]
+        )
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    history = client.get_metric_history(summary["mlflow_run_id"], "val_qwk")
+    assert [m.step for m in history] == [1, 2]
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.data.tags["train_run_id"] == summary["mlflow_run_id"]
+    assert "test/fundus_missing_at_1/qwk" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(result["mlflow_run_id"], "eval")}
+    assert "eval/metrics.json" in artifacts

@@ -1,0 +1,330 @@
+"""The compiled Kubeflow pipeline (the IR YAML the cluster reads), and `rima pipeline submit`'s
+argument handling. kfp.local ignores images, accelerators and every kfp-kubernetes setting, so
+this is where they are checked."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from components import STEP_FUNCTIONS, build_components, rima_image
+from components.image import DEFAULT_IMAGE, IMAGE_ENV
+from pipelines.compile import compile_pipeline, pipeline_arguments
+from pipelines.rima_pipeline import (
+    CACHED_TASKS,
+    GPU_TASKS,
+    RETRIED_TASKS,
+    SECRET_ENV_KEYS,
+    ClusterOptions,
+    Toleration,
+)
+from pipelines.submit import build_submission, package_parameters, parse_arguments
+from rima_core.cli import main
+from rima_core.config import Config
+
+IMAGE = "registry.example.org/rima/rima:9.9.9"
+SECRET = "rima-test-credentials"
+STEPS = [name.replace("_", "-") for name in STEP_FUNCTIONS]
+
+
+def _params(tmp: Path) -> tuple[Path, Path]:
+    values = Config().to_dict()
+    values["tune"]["n_trials"] = 17
+    values["tune"]["workers"] = 3
+    values["mlflow"]["tracking_uri"] = "http://mlflow.mlflow.svc:5000"
+    params = tmp / "params.yaml"
+    params.write_text("# a comment and\n# several lines\n" + yaml.safe_dump(values))
+    profile = tmp / "profile.yaml"
+    profile.write_text("train:\n  epochs: 2\npromote:\n  margin: 0.01\n")
+    return params, profile
+
+
+def _load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    docs = list(yaml.safe_load_all(path.read_text()))
+    assert len(docs) == 2, "pipeline spec + kubernetes platform spec"
+    return docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("kfp")
+    params, profile = _params(tmp)
+    options = ClusterOptions(
+        image=IMAGE,
+        secret_name=SECRET,
+        gpu_type="nvidia.com/gpu",
+        gpu_count=2,
+        gpu_tolerations=(Toleration.parse("nvidia.com/gpu:NoSchedule"),),
+        gpu_node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+        gpu_memory_request="32Gi",
+        tune_parallelism=2,
+    )
+    out = compile_pipeline(
+        tmp / "rima_pipeline.yaml", params, profile, ["train.lr=0.002"], options=options
+    )
+    spec, platform = _load(out)
+    return {"path": out, "spec": spec, "platform": platform, "params": params}
+
+
+def _tasks(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every task of every DAG (root, loop, conditions), by task name."""
+    out = dict(spec["root"]["dag"]["tasks"])
+    for comp in spec["components"].values():
+        out.update(comp.get("dag", {}).get("tasks", {}))
+    return out
+
+
+def _executor(spec: dict[str, Any], task: dict[str, Any]) -> str:
+    return spec["components"][task["componentRef"]["name"]]["executorLabel"]
+
+
+def test_every_step_is_a_task_on_the_project_image(compiled: dict[str, Any]) -> None:
+    spec = compiled["spec"]
+    tasks = _tasks(spec)
+    assert set(STEPS) <= set(tasks)
+    executors = spec["deploymentSpec"]["executors"]
+    assert {f"exec-{s}" for s in STEPS} == set(executors)
+    for name, ex in executors.items():
+        container = ex["container"]
+        assert container["image"] == IMAGE, name
+        script = " ".join(container["command"] + container.get("args", []))
+        assert "pip install" not in script, f"{name} installs packages at run time"
+
+
+def test_dag_edges(compiled: dict[str, Any]) -> None:
+    tasks = _tasks(compiled["spec"])
+
+    def deps(name: str) -> set[str]:
+        return set(tasks[name].get("dependentTasks", []))
+
+    assert deps("resolve-config") == set()  # the DAG's root
+    assert deps("fetch-raw") == {"resolve-config"}
+    assert "fetch-raw" in deps("prepare")
+    assert "prepare" in deps("validate")
+    assert {"prepare", "validate"} <= deps("simulate-missing")  # no masks for a bad store
+    loop = next(t for t in tasks.values() if t["taskInfo"]["name"] == "tune-workers")
+    loop_name = next(k for k, t in tasks.items() if t is loop)
+    assert loop["parameterIterator"]["items"]["inputParameter"].startswith(
+        "pipelinechannel--resolve-config-Output"
+    )
+    assert (
+        "tune-worker"
+        in compiled["spec"]["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    )
+    assert loop_name in deps("tune-best")
+    assert {"tune-best", "simulate-missing", "prepare"} <= deps("train")
+    assert "train" in deps("evaluate")
+    gate = next(t for t in tasks.values() if t["taskInfo"]["name"] == "good-enough")
+    assert "evaluate" in gate["dependentTasks"]
+    condition = gate["triggerPolicy"]["condition"]
+    assert "pipelinechannel--evaluate-Output" in condition and ">=" in condition
+    assert "register_min_metric" in condition
+    gate_dag = compiled["spec"]["components"][gate["componentRef"]["name"]]["dag"]["tasks"]
+    assert "register" in gate_dag  # registration only behind the gate
+    promote_gate = next(t for t in gate_dag.values() if t["taskInfo"]["name"] == "auto-promote")
+    assert "auto_promote" in promote_gate["triggerPolicy"]["condition"]
+    assert "register" in promote_gate["dependentTasks"]  # promote waits for its version
+    version = tasks["promote"]["inputs"]["parameters"]["version"]
+    assert version["componentInputParameter"] == "pipelinechannel--register-Output"
+
+
+def test_gpu_requests_tolerations_and_node_selectors(compiled: dict[str, Any]) -> None:
+    executors = compiled["spec"]["deploymentSpec"]["executors"]
+    platform = compiled["platform"]
+    gpu = {f"exec-{t.replace('_', '-')}" for t in GPU_TASKS}
+    assert gpu == {"exec-train", "exec-tune-worker"}
+    for name, ex in executors.items():
+        resources = ex["container"].get("resources", {})
+        if name in gpu:
+            acc = resources["accelerator"]
+            assert acc["resourceType"] == "nvidia.com/gpu" and int(acc["resourceCount"]) == 2
+            assert resources["memoryRequest"] == pytest.approx(34.359738368)  # 32Gi in GB
+            tol = platform[name]["tolerations"]
+            assert tol == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+            selector = platform[name]["nodeSelector"]["labels"]
+            assert selector == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+        else:
+            assert "accelerator" not in resources, name
+            assert "tolerations" not in platform.get(name, {}), name
+            assert "nodeSelector" not in platform.get(name, {}), name
+
+
+def test_credentials_come_from_the_secret_never_from_parameters(compiled: dict[str, Any]) -> None:
+    spec, platform = compiled["spec"], compiled["platform"]
+    for name in spec["deploymentSpec"]["executors"]:
+        if name == "exec-resolve-config":
+            assert "secretAsEnv" not in platform.get(name, {})
+            continue
+        (entry,) = platform[name]["secretAsEnv"]
+        assert entry["secretName"] == SECRET and entry["optional"] is True
+        mapped = {m["envVar"]: m["secretKey"] for m in entry["keyToEnv"]}
+        assert mapped == {k: k for k in SECRET_ENV_KEYS}
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD"} <= set(
+            mapped
+        )
+    words = ("secret", "password", "token", "access_key", "credential")
+    for param in spec["root"]["inputDefinitions"]["parameters"]:
+        assert not any(w in param.lower() for w in words), param
+
+
+def test_retries_and_caching(compiled: dict[str, Any]) -> None:
+    tasks = _tasks(compiled["spec"])
+    for step in STEP_FUNCTIONS:
+        task = tasks[step.replace("_", "-")]
+        retry = task.get("retryPolicy")
+        if step in RETRIED_TASKS:
+            assert retry["maxRetryCount"] == 3 and retry["backoffDuration"] == "30s", step
+        else:
+            assert retry is None, step
+        cached = task.get("cachingOptions", {}).get("enableCache", False)
+        assert cached == (step in CACHED_TASKS), step
+    assert {"prepare", "validate", "simulate_missing"} <= set(CACHED_TASKS)
+    assert not {"register", "promote", "train", "tune_worker"} & set(CACHED_TASKS)
+    assert {"register", "promote", "tune_worker"} <= set(RETRIED_TASKS)
+    loop = next(t for t in tasks.values() if t["taskInfo"]["name"] == "tune-workers")
+    assert loop["iteratorPolicy"]["parallelismLimit"] == 2
+
+
+def test_parameters_mirror_params_yaml(compiled: dict[str, Any]) -> None:
+    params = compiled["spec"]["root"]["inputDefinitions"]["parameters"]
+    assert params["tune_trials"]["defaultValue"] == 17
+    assert params["tune_workers"]["defaultValue"] == 3
+    assert params["mlflow_tracking_uri"]["defaultValue"] == "http://mlflow.mlflow.svc:5000"
+    assert params["promote_margin"]["defaultValue"] == 0.01  # from the profile
+    carried = yaml.safe_load(params["params_yaml"]["defaultValue"])
+    assert carried == yaml.safe_load(compiled["params"].read_text())
+    profile = yaml.safe_load(params["profile_yaml"]["defaultValue"])
+    assert profile == {"train": {"epochs": 2, "lr": 0.002}, "promote": {"margin": 0.01}}
+    assert "\n" not in params["params_yaml"]["defaultValue"]  # kfp's header needs one line
+    for name in ("data_source_uri", "missing_sweep", "missing_mixed", "missing_rate"):
+        assert name in params
+
+
+def test_pipeline_arguments_reject_typos(tmp_path: Path) -> None:
+    from rima_core.config import ConfigError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match="unknown key"):
+        pipeline_arguments(None, bad)
+    assert pipeline_arguments(None)["params_yaml"] == "{}"
+
+
+def test_cpu_only_compile_has_no_accelerators(tmp_path: Path) -> None:
+    out = tmp_path / "cpu.yaml"
+    # an explicitly named params file must exist: exit 2 with a message, no package
+    assert main(["pipeline", "compile", "--params", "none.yaml", "--out", str(out)]) == 2
+    assert not out.exists()
+    assert main(["pipeline", "compile", "--out", str(out), "--no-gpu", "--image", IMAGE]) == 0
+    spec, platform = _load(out)
+    for name, ex in spec["deploymentSpec"]["executors"].items():
+        assert "accelerator" not in ex["container"].get("resources", {}), name
+        assert "tolerations" not in platform.get(name, {}), name
+
+
+def test_cli_compile_options(tmp_path: Path) -> None:
+    out = tmp_path / "p.yaml"
+    argv = ["pipeline", "compile", "--out", str(out), "--image", IMAGE, "--gpus", "4"]
+    argv += ["--gpu-toleration", "pool=gpu:NoExecute", "--gpu-node-selector", "pool=a100"]
+    assert main(argv) == 0
+    spec, platform = _load(out)
+    acc = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+    assert int(acc["accelerator"]["resourceCount"]) == 4
+    assert platform["exec-train"]["tolerations"] == [
+        {"key": "pool", "operator": "Equal", "value": "gpu", "effect": "NoExecute"}
+    ]
+    assert main(["pipeline", "compile", "--out", str(out), "--gpu-toleration", ":x"]) == 2
+    assert main(["pipeline", "compile", "--out", str(out), "--gpu-node-selector", "nokey"]) == 2
+    assert main(["pipeline", "compile", "--out", str(tmp_path / "p.txt")]) == 2
+
+
+def test_toleration_parsing() -> None:
+    assert Toleration.parse("nvidia.com/gpu") == Toleration("nvidia.com/gpu", effect=None)
+    assert Toleration.parse("a=b") == Toleration("a", "Equal", "b", None)
+    with pytest.raises(ValueError, match="effect must be"):
+        Toleration.parse("a:Sometimes")
+
+
+def test_image_is_chosen_in_one_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(IMAGE_ENV, raising=False)
+    assert rima_image() == DEFAULT_IMAGE
+    monkeypatch.setenv(IMAGE_ENV, IMAGE)
+    assert rima_image() == IMAGE and build_components().prepare.component_spec
+    assert build_components().image == IMAGE
+    assert rima_image("x.io/a/b@sha256:" + "0" * 64).endswith("0" * 64)
+    with pytest.raises(ValueError, match="no tag"):
+        rima_image("x.io/rima")
+    assert DEFAULT_IMAGE.rsplit(":", 1)[1] != "latest"
+
+
+def test_components_are_thin_wrappers_over_steps() -> None:
+    for name, func in STEP_FUNCTIONS.items():
+        source = inspect.getsource(func)
+        if name != "resolve_config":
+            assert "steps." in source, f"{name} must delegate to rima_core.steps"
+        # everything a component uses is imported inside it: only its source reaches the pod
+        assert "from rima_core" in source, name
+
+
+# --- submit: argument handling (no server) ----------------------------------------------------
+
+
+def test_submit_arguments_are_typed_from_the_package(compiled: dict[str, Any]) -> None:
+    types = package_parameters(compiled["path"])
+    assert types["tune_workers"] == "NUMBER_INTEGER" and types["missing_sweep"] == "LIST"
+    args = parse_arguments(
+        [
+            "data_source_uri=s3://bucket/fairvision/v1",
+            "tune_workers=4",
+            "missing_sweep=[0, 0.5, 1]",
+            "auto_promote=false",
+            "register_min_metric=0.3",
+            "mlflow_experiment=2025",  # a STRING stays verbatim, never a number
+        ],
+        types,
+    )
+    assert args == {
+        "data_source_uri": "s3://bucket/fairvision/v1",
+        "tune_workers": 4,
+        "missing_sweep": [0, 0.5, 1],
+        "auto_promote": False,
+        "register_min_metric": 0.3,
+        "mlflow_experiment": "2025",
+    }
+    for bad, match in [
+        ("tune_workers=four", "expected an integer"),
+        ("auto_promote=maybe", "expected true/false"),
+        ("missing_sweep=0.5", "expected a list"),
+        ("tune_wrokers=4", "no such parameter"),
+        ("tune_workers", "name=value"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            parse_arguments([bad], types)
+
+
+def test_submission_takes_token_and_host_from_env(compiled: dict[str, Any]) -> None:
+    env = {"KF_PIPELINES_TOKEN": "tok", "KF_PIPELINES_ENDPOINT": "https://kfp.example.org"}
+    sub = build_submission(compiled["path"], "rima", argument_pairs=["tune_workers=2"], env=env)
+    assert sub.token == "tok" and sub.host == "https://kfp.example.org"
+    assert sub.arguments == {"tune_workers": 2}
+    assert "tok" not in repr(sub)  # never logged
+    explicit = build_submission(compiled["path"], "rima", host="http://127.0.0.1:8888", env={})
+    assert explicit.host == "http://127.0.0.1:8888" and explicit.token is None
+    with pytest.raises(ValueError, match="experiment"):
+        build_submission(compiled["path"], "", env={})
+    with pytest.raises(ValueError, match="--wait"):
+        build_submission(compiled["path"], "rima", wait_s=-1, env={})
+
+
+def test_submit_cli_fails_clearly_before_any_network_call(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    assert main(["pipeline", "submit", "--package", str(missing), "--experiment", "e"]) == 2
+    not_a_package = tmp_path / "x.yaml"
+    not_a_package.write_text("a: 1\n")
+    assert main(["pipeline", "submit", "--package", str(not_a_package), "--experiment", "e"]) == 2
+    with pytest.raises(SystemExit):  # argparse: --experiment is required
+        main(["pipeline", "submit", "--package", str(not_a_package)])

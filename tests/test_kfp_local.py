@@ -1,0 +1,189 @@
+"""The Kubeflow pipeline executed on this machine with kfp.local (SubprocessRunner, no venv).
+
+Every component runs as a subprocess of this interpreter exactly as it runs in its pod (same
+source from the compiled component, same executor), minus the image and Kubernetes settings.
+No ``from __future__ import annotations``: KFP reads the test pipeline's annotations as types.
+"""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from components import build_components
+
+# kfp.local warns that the project's image is not used: intended (the venv has what it holds)
+pytestmark = pytest.mark.filterwarnings("ignore:You may be attemping:RuntimeWarning")
+
+TINY = [
+    "synth.n_eyes=60",
+    "synth.fundus_size=32",
+    "synth.oct_shape=[16, 16, 16]",
+    "prepare.fundus_size=32",
+    "prepare.oct_shape=[16, 16, 16]",
+    "prepare.workers=1",
+    "missing.sweep=[0.5, 1.0]",
+    "model.fundus_dim=32",
+    "model.oct_dim=48",
+    "model.hidden_dim=32",
+    "model.heads=2",
+    "train.epochs=2",
+    "train.batch_size=16",
+    "train.patience=2",
+    "train.device=cpu",
+    "tune.epochs=1",
+    "tune.n_trials=2",
+    "tune.workers=2",
+    "tune.pruner_startup_trials=1",
+    "evaluate.batch_size=32",
+]
+
+
+@pytest.fixture
+def local_runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    from kfp import local
+
+    for var in ("MLFLOW_TRACKING_URI", "RIMA_OPTUNA_STORAGE", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("GX_ANALYTICS_ENABLED", "false")
+    monkeypatch.chdir(tmp_path)  # relative SQLite URLs land here, never in the checkout
+    root = tmp_path / "kfp"
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True
+    )
+    return root
+
+
+def test_resolve_config_component_runs_locally(local_runner: Path) -> None:
+    c = build_components()
+    params = yaml.safe_dump({"train": {"epochs": 9}, "tune": {"workers": 3}})
+    common = dict(
+        profile_yaml="train:\n  lr: 0.005\n",
+        data_source="auto",
+        disease="auto",
+        missing_rate=0.8,
+        missing_mixed=[0.2, 0.4],
+        missing_sweep=[0.5],
+        tune_trials=6,
+        tune_workers=2,
+        promote_metric="qwk",
+        promote_scenario="mixed",
+        promote_margin=0.0,
+        promote_tolerance=0.05,
+        mlflow_tracking_uri="sqlite:///m.db",
+        mlflow_experiment="exp",
+        model_name="rima-x",
+    )
+    task = c.resolve_config(params_yaml=params, **common)
+    assert task.outputs["Output"] == [0, 1]  # the tune fan-out: the typed parameter wins
+    cfg = yaml.safe_load(Path(task.outputs["config"].path).read_text())
+    assert cfg["train"]["epochs"] == 9 and cfg["train"]["lr"] == 0.005
+    assert cfg["missing"]["mixed"] == [0.2, 0.4] and cfg["tune"]["n_trials"] == 6
+    assert cfg["mlflow"]["model_name"] == "rima-x"
+    with pytest.raises(RuntimeError, match="resolve-config"):
+        c.resolve_config(params_yaml="train:\n  epoch: 9\n", **common)
+
+
+def test_fetch_raw_component_copies_a_mounted_path(local_runner: Path, tmp_path: Path) -> None:
+    from kfp import dsl
+    from kfp.dsl import Dataset
+
+    c = build_components()
+
+    @dsl.pipeline(name="fetch")
+    def fetch(uri: str) -> Dataset:
+        config = c.resolve_config(
+            params_yaml="",
+            profile_yaml="",
+            data_source="auto",
+            disease="auto",
+            missing_rate=1.0,
+            missing_mixed=[0.3, 0.3],
+            missing_sweep=[0.5],
+            tune_trials=1,
+            tune_workers=1,
+            promote_metric="qwk",
+            promote_scenario="mixed",
+            promote_margin=0.0,
+            promote_tolerance=0.02,
+            mlflow_tracking_uri="sqlite:///m.db",
+            mlflow_experiment="e",
+            model_name="m",
+        )
+        return c.fetch_raw(config=config.outputs["config"], data_source_uri=uri).outputs["raw"]
+
+    src = tmp_path / "fairvision"
+    (src / "Glaucoma").mkdir(parents=True)
+    (src / "Glaucoma" / "data_0001.npz").write_bytes(b"npz")
+    raw = fetch(uri=str(src)).output
+    assert (Path(raw.path) / "Glaucoma" / "data_0001.npz").read_bytes() == b"npz"
+    assert raw.metadata["files"] == "1"
+
+
+@pytest.mark.slow
+def test_whole_pipeline_runs_locally_and_registers_a_model(local_runner: Path) -> None:
+    import mlflow
+    import optuna
+
+    from pipelines.local import run_local
+    from rima_core.config import load_config
+    from rima_core.data.masks import scenario_names
+
+    work = local_runner.parent
+    mlflow_uri = f"sqlite:///{work / 'mlflow.db'}"
+    storage = f"sqlite:///{work / 'optuna.db'}"
+    overrides = [
+        *TINY,
+        f"mlflow.tracking_uri={mlflow_uri}",
+        f"tune.storage={storage}",
+        "mlflow.experiment=kfp-local",
+        "mlflow.model_name=rima-kfp",
+    ]
+    result = run_local(
+        None,
+        None,
+        overrides,
+        root=local_runner,
+        argument_pairs=["register_min_metric=-1"],  # the gate opens for any real kappa
+    )
+    cfg = load_config(None, overrides=overrides)
+    run_dir = Path(result["model"]).parents[1]
+
+    # data-side artifacts
+    manifest = pd.read_parquet(run_dir / "prepare" / "store" / "manifest.parquet")
+    assert len(manifest) == 60
+    masks = pd.read_parquet(run_dir / "simulate-missing" / "masks")
+    assert set(masks["scenario"]) == set(scenario_names(cfg.missing))
+    assert json.loads((run_dir / "validate" / "report").read_text())["success"] is True
+
+    # tuning: two workers, one shared study, the budget counted once
+    best = json.loads((run_dir / "tune-best" / "best_params").read_text())
+    assert set(best) == {"ot.gw_epsilon", "ot.feature_epsilon", "ot.loss_weight", "train.lr"}
+    workers = sorted(run_dir.glob("for-loop-*-iteration-*/tune-worker"))
+    assert len(workers) == 2
+    (study_summary,) = optuna.get_all_study_summaries(storage)
+    trials = optuna.load_study(study_name=study_summary.study_name, storage=storage).trials
+    # the shared budget (2) stops both workers; a trial already started when it was reached
+    # still finishes, so the total may exceed it by at most workers - 1
+    assert 2 <= len(trials) <= 3
+    assert all(t.state.is_finished() for t in trials)
+    assert trials[0].params != trials[1].params  # the workers' samplers are seeded apart
+    study = json.loads((run_dir / "tune-best" / "study" / "study.json").read_text())
+    assert study["n_trials"] == len(trials) and study["study_name"] == study_summary.study_name
+
+    # model and evaluation
+    assert (Path(result["model"]) / "model.pt").is_file()
+    metrics = json.loads((Path(result["evaluation"]) / "metrics.json").read_text())
+    assert set(metrics) == set(scenario_names(cfg.missing))
+    assert (run_dir / "evaluate" / "report").read_text().startswith("<!doctype html>")
+
+    # registry: version 1 registered and, as the first one, promoted to champion
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
+    champion = client.get_model_version_by_alias("rima-kfp", "champion")
+    assert champion.version == "1"
+    assert "metric.mixed.qwk" in champion.tags
+    decision = (run_dir / "promote" / "decision").read_text()
+    assert "no champion yet" in decision

@@ -1,0 +1,512 @@
+"""Models: interface, availability handling, per-sample order, T_v buffer, persistence, weights.
+
+Tiny shapes throughout (16² fundus, 8³ OCT, feature sizes 32/24) so the whole file runs in
+seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rima_core.config import ModelConfig, OTConfig
+from rima_core.models import (
+    MODEL_NAMES,
+    MissingModalityError,
+    ModelSpec,
+    build_model,
+    load_model,
+    save_model,
+)
+from rima_core.models.common import modality_dropout
+from rima_core.models.encoders import PretrainedWeightsError, build_encoder
+
+K = 3
+MCFG = ModelConfig(
+    fundus_dim=32, oct_dim=24, hidden_dim=16, heads=4, dropout=0.0, modality_dropout=0.0
+)
+
+
+def make_spec(name: str = "rima", ot: OTConfig | None = None, **model_kw) -> ModelSpec:
+    return ModelSpec(
+        name=name,
+        model=asdict(replace(MCFG, **model_kw)),
+        ot=asdict(ot or OTConfig()),
+        n_classes=K,
+        class_names=["a", "b", "c"],
+        fundus_shape=[16, 16, 3],
+        oct_shape=[8, 8, 8],
+    )
+
+
+def make_model(name: str = "rima", seed: int = 0, **kw) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(make_spec(name, **kw))
+
+
+def make_batch(has_f: list[int], has_o: list[int], seed: int = 1) -> dict[str, torch.Tensor]:
+    """Random images with a class-dependent brightness; absent modalities are zeros."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(has_f)
+    labels = torch.arange(n) % K
+    level = (labels.float() + 1) / (K + 1)
+    fundus = (0.5 * torch.rand(n, 3, 16, 16, generator=g) + level.view(n, 1, 1, 1) * 0.5).clamp(
+        0, 1
+    )
+    oct = (0.5 * torch.rand(n, 1, 8, 8, 8, generator=g) + level.view(n, 1, 1, 1, 1) * 0.5).clamp(
+        0, 1
+    )
+    hf = torch.tensor(has_f, dtype=torch.bool)
+    ho = torch.tensor(has_o, dtype=torch.bool)
+    fundus[~hf] = 0
+    oct[~ho] = 0
+    return {"fundus": fundus, "oct": oct, "has_fundus": hf, "has_oct": ho, "label": labels}
+
+
+MIXED = ([1, 1, 0, 1, 1, 0, 1, 1, 0], [1, 0, 1, 1, 0, 1, 1, 1, 1])
+PATTERNS = {
+    "mixed": MIXED,
+    "complete": ([1] * 6, [1] * 6),
+    "fundus_only": ([1] * 6, [0] * 6),
+    "oct_only": ([0] * 6, [1] * 6),
+}
+
+
+def run(model: nn.Module, b: dict[str, torch.Tensor], labels: bool = True):
+    return model(
+        b["fundus"], b["oct"], b["has_fundus"], b["has_oct"], labels=b["label"] if labels else None
+    )
+
+
+# -------------------------------------------------------------------------------------------
+# interface
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+def test_every_model_runs_every_availability_pattern(name: str, pattern: str) -> None:
+    model = make_model(name, modality_dropout=0.5)
+    b = make_batch(*PATTERNS[pattern])
+    model.train()
+    out = run(model, b)
+    assert out.logits.shape == (len(b["label"]), K)
+    assert out.aux_loss.dim() == 0 and torch.isfinite(out.aux_loss)
+    assert all(isinstance(v, float) for v in out.stats.values())
+    (F.cross_entropy(out.logits, b["label"]) + out.aux_loss).backward()
+    model.eval()
+    with torch.no_grad():
+        out = run(model, b, labels=False)
+    assert out.logits.shape == (len(b["label"]), K) and torch.isfinite(out.logits).all()
+    assert float(out.aux_loss.detach()) == 0.0
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_eye_with_neither_modality_is_an_error(name: str) -> None:
+    model = make_model(name).eval()
+    b = make_batch([1, 0, 1, 0], [1, 0, 0, 0])
+    with pytest.raises(MissingModalityError, match=r"\[1, 3\]") as err:
+        run(model, b, labels=False)
+    assert err.value.positions == [1, 3]
+    assert isinstance(err.value, ValueError)
+
+
+def test_spec_rejects_unknown_model_and_bad_heads() -> None:
+    with pytest.raises(ValueError, match="unknown model"):
+        make_spec("rima_v2")
+    with pytest.raises(ValueError, match="divisible"):
+        build_model(make_spec("rima", heads=5))
+    with pytest.raises(ValueError, match="unknown model key"):
+        build_model(replace(make_spec(), model={**asdict(MCFG), "depth": 3}))
+    assert build_model(make_spec("rima_no_dropout", modality_dropout=0.5)).modality_dropout == 0
+    assert build_model(make_spec("rima", modality_dropout=0.5)).modality_dropout == 0.5
+    assert build_model(make_spec("late_fusion_zero", modality_dropout=0.5)).modality_dropout == 0
+    assert (
+        build_model(make_spec("late_fusion_dropout", modality_dropout=0.5)).modality_dropout == 0.5
+    )
+
+
+# -------------------------------------------------------------------------------------------
+# per-sample order
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_permuting_the_batch_permutes_the_logits_in_eval(name: str) -> None:
+    model = make_model(name).eval()
+    b = make_batch(*MIXED)
+    perm = torch.randperm(len(b["label"]), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = run(model, b, labels=False).logits
+        out = run(model, {k: v[perm] for k, v in b.items()}, labels=False).logits
+    torch.testing.assert_close(out, ref[perm], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["rima", "rima_no_class_ot", "rima_no_feature_ot"])
+def test_training_step_is_permutation_equivariant(name: str) -> None:
+    """With dropout off, a training step with OT must not depend on the batch order: per-eye
+    logits follow the permutation, and the batch-level quantities (aux loss, the updated T_v,
+    the gradients) are the same. This is what the authors' label-grouping bug broke."""
+    model_a = make_model(name)
+    model_b = copy.deepcopy(model_a)
+    model_a.train()
+    model_b.train()
+    b = make_batch(*MIXED)
+    perm = torch.randperm(len(b["label"]), generator=torch.Generator().manual_seed(4))
+    out_a = run(model_a, b)
+    out_b = run(model_b, {k: v[perm] for k, v in b.items()})
+    assert float(out_a.aux_loss.detach()) > 0
+    torch.testing.assert_close(out_b.logits, out_a.logits[perm], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out_b.aux_loss, out_a.aux_loss, atol=1e-5, rtol=1e-4)
+    if hasattr(model_a, "T_v"):
+        torch.testing.assert_close(model_b.T_v, model_a.T_v, atol=1e-7, rtol=1e-3)
+    for out, y in ((out_a, b["label"]), (out_b, b["label"][perm])):
+        (F.cross_entropy(out.logits, y) + out.aux_loss).backward()
+    for (pname, pa), (_, pb) in zip(
+        model_a.named_parameters(), model_b.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(pb.grad, pa.grad, atol=1e-5, rtol=1e-3, msg=pname)
+
+
+# -------------------------------------------------------------------------------------------
+# the missing-modality path
+
+
+class _Oracle(nn.Module):
+    """A "perfect translator": maps each known source feature to the true target feature."""
+
+    def __init__(self, src: torch.Tensor, tgt: torch.Tensor) -> None:
+        super().__init__()
+        self.src, self.tgt = src, tgt
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tgt[torch.cdist(x, self.src).argmin(dim=1)]
+
+
+@pytest.mark.parametrize("missing", ["oct", "fundus"])
+def test_a_perfect_translation_makes_a_missing_modality_invisible(missing: str) -> None:
+    """RIMA replaces a missing feature by its translation on every path, so with translators
+    that reproduce the true features an eye's prediction must not change when a modality is
+    removed. (A model that ignored the translation, or fused the wrong eye's, would fail this.)"""
+    model = make_model("rima").eval()
+    b = make_batch([1] * 6, [1] * 6)
+    with torch.no_grad():
+        f = model.fundus_encoder(b["fundus"])
+        o = model.oct_encoder(b["oct"])
+        model.g_fo, model.g_of = _Oracle(f, o), _Oracle(o, f)
+        complete = run(model, b, labels=False).logits
+        partial = dict(b)
+        drop = torch.tensor([1, 0, 1, 0, 1, 0], dtype=torch.bool)
+        key = "has_oct" if missing == "oct" else "has_fundus"
+        partial[key] = b[key] & ~drop
+        logits = run(model, partial, labels=False).logits
+    torch.testing.assert_close(logits, complete, atol=1e-5, rtol=1e-5)
+
+
+def test_missing_modality_content_is_never_read() -> None:
+    """Whatever sits in the tensor of an absent modality must not reach the prediction, and the
+    encoder must only see the rows that have the modality."""
+    b = make_batch(*MIXED)
+    noisy = dict(b)
+    noisy["oct"] = torch.where(
+        b["has_oct"].view(-1, 1, 1, 1, 1), b["oct"], torch.rand_like(b["oct"])
+    )
+    noisy["fundus"] = torch.where(
+        b["has_fundus"].view(-1, 1, 1, 1), b["fundus"], torch.rand_like(b["fundus"])
+    )
+    for name in MODEL_NAMES:
+        model = make_model(name).eval()
+        seen: list[int] = []
+
+        def record(_m: nn.Module, args: tuple, _out: torch.Tensor, seen: list[int] = seen) -> None:
+            seen.append(args[0].shape[0])
+
+        for enc in (m for n, m in model.named_children() if "encoder" in n):
+            enc.register_forward_hook(record)
+        with torch.no_grad():
+            ref = run(model, b, labels=False).logits
+            out = run(model, noisy, labels=False).logits
+        torch.testing.assert_close(out, ref, msg=name)
+        expected = {int(b["has_fundus"].sum()), int(b["has_oct"].sum())}
+        assert set(seen) <= expected, (name, seen)
+
+
+def test_translator_feeds_the_missing_oct_in_rima() -> None:
+    model = make_model("rima").eval()
+    b = make_batch([1, 1], [1, 0])
+    with torch.no_grad():
+        before = run(model, b, labels=False).logits
+        model.g_fo.net[-1].bias.add_(1.0)
+        after = run(model, b, labels=False).logits
+    # both eyes use g_fo (the "predicted OCT" input); the OCT-less eye also uses it as its OCT
+    assert not torch.allclose(before[1], after[1])
+    assert (after[1] - before[1]).abs().sum() > (after[0] - before[0]).abs().sum()
+
+
+def test_baselines_missing_handling() -> None:
+    b = make_batch([1, 0, 0, 1], [1, 1, 1, 0])
+    model = make_model("fundus_only").eval()
+    with torch.no_grad():
+        logits = run(model, b, labels=False).logits
+        # eyes 1 and 2 have no fundus: both get the learned "missing" prior, identical
+        torch.testing.assert_close(logits[1], logits[2])
+        model.missing.add_(torch.randn_like(model.missing))
+        moved = run(model, b, labels=False).logits
+    assert not torch.allclose(moved[1], logits[1])
+    torch.testing.assert_close(moved[[0, 3]], logits[[0, 3]])
+
+    model = make_model("late_fusion_zero").eval()
+    with torch.no_grad():
+        f = model.fundus_encoder(b["fundus"][3:4])
+        expected = model.head(torch.cat([f, torch.zeros(1, MCFG.oct_dim)], dim=1))
+        torch.testing.assert_close(run(model, b, labels=False).logits[3:4], expected)
+
+
+def test_modality_dropout_never_drops_both_nor_a_lone_modality() -> None:
+    torch.manual_seed(0)
+    has_f = torch.rand(2000) < 0.8
+    has_o = ~has_f | (torch.rand(2000) < 0.7)
+    kf, ko = modality_dropout(has_f, has_o, 0.5)
+    assert bool((kf | ko).all())
+    assert bool((kf <= has_f).all() and (ko <= has_o).all())  # never restores a modality
+    lone = has_f ^ has_o
+    assert torch.equal(kf[lone], has_f[lone]) and torch.equal(ko[lone], has_o[lone])
+    both = has_f & has_o
+    rate = float((~(kf & ko))[both].float().mean())
+    assert 0.4 < rate < 0.6
+    assert modality_dropout(has_f, has_o, 0.0) == (has_f, has_o)
+
+
+def test_modality_dropout_only_in_training() -> None:
+    model = make_model("late_fusion_dropout", modality_dropout=0.9).eval()
+    b = make_batch([1] * 8, [1] * 8)
+    with torch.no_grad():
+        assert torch.equal(run(model, b).logits, run(model, b).logits)
+    model.train()
+    out = run(model, b)
+    assert out.stats["modality_dropped"] > 0
+
+
+# -------------------------------------------------------------------------------------------
+# OT, translation losses and the T_v buffer
+
+
+def test_feature_coupling_buffer_is_saved_updated_in_training_only() -> None:
+    model = make_model("rima")
+    state = model.state_dict()
+    assert "T_v" in state and state["T_v"].shape == (MCFG.oct_dim, MCFG.fundus_dim)
+    uniform = torch.full((MCFG.oct_dim, MCFG.fundus_dim), 1.0 / (MCFG.oct_dim * MCFG.fundus_dim))
+    torch.testing.assert_close(model.T_v, uniform)
+    b = make_batch(*MIXED)
+
+    model.eval()
+    with torch.no_grad():
+        run(model, b)  # labels given, but eval: no OT
+    torch.testing.assert_close(model.T_v, uniform)
+    model.train()
+    run(model, b, labels=False)  # training without labels: no OT either
+    torch.testing.assert_close(model.T_v, uniform)
+
+    out = run(model, b)
+    assert int(model.T_v_updates) == 1
+    assert not torch.allclose(model.T_v, uniform)
+    # still a coupling with uniform feature marginals
+    torch.testing.assert_close(model.T_v.sum(), torch.tensor(1.0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        model.T_v.sum(1), torch.full((MCFG.oct_dim,), 1 / MCFG.oct_dim), atol=1e-3, rtol=0.05
+    )
+    assert out.stats["ot_seconds"] > 0 and out.stats["gw_iterations"] >= 1
+    first = model.T_v.clone()
+    run(model, make_batch(*MIXED, seed=7))
+    assert int(model.T_v_updates) == 2 and not torch.allclose(model.T_v, first)
+    assert "T_v" not in make_model("rima_no_feature_ot").state_dict()
+
+
+def test_unpaired_batch_is_aligned_by_class_ot_but_not_by_pairing() -> None:
+    """No eye has both modalities: labeled OT still aligns the two sets by class (the point of
+    RIMA), whereas the paired-only ablation has nothing to learn from."""
+    b = make_batch([1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1])
+    out = run(make_model("rima").train(), b)
+    assert float(out.aux_loss.detach()) > 0 and out.stats["ot_rows_aligned"] == 1.0
+    out = run(make_model("rima_no_class_ot").train(), b)
+    assert float(out.aux_loss.detach()) == 0.0 and out.stats["ot_skipped"] == 1.0
+
+
+def test_rows_whose_class_is_absent_on_the_other_side_get_no_loss() -> None:
+    # labels 0,1,2,0,1,2: class 2 only has fundus (eyes 2 and 5) -> those rows have no target
+    b = make_batch([1, 1, 1, 1, 1, 1], [1, 1, 0, 1, 1, 0])
+    for target in ("barycentric", "sample"):
+        model = make_model("rima", ot=OTConfig(target=target)).train()
+        out = run(model, b)
+        assert out.stats["ot_rows_aligned"] == pytest.approx((4 + 4) / (6 + 4))
+        assert float(out.aux_loss.detach()) > 0
+
+
+def test_aux_loss_is_weighted_translation_loss() -> None:
+    b = make_batch(*MIXED)
+    outs = {}
+    for w in (0.5, 2.0):
+        outs[w] = run(make_model("rima", ot=OTConfig(loss_weight=w)).train(), b)
+    ratio = float(outs[2.0].aux_loss.detach()) / float(outs[0.5].aux_loss.detach())
+    assert ratio == pytest.approx(4.0, rel=1e-4)
+    s = outs[0.5].stats
+    assert float(outs[0.5].aux_loss.detach()) == pytest.approx(
+        0.5 * (s["translation_loss_fo"] + s["translation_loss_of"]), rel=1e-5
+    )
+
+
+def test_ot_runs_in_float32_under_autocast() -> None:
+    model = make_model("rima").train()
+    b = make_batch(*MIXED)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run(model, b)
+    assert torch.isfinite(out.aux_loss.detach()) and float(out.aux_loss.detach()) > 0
+    assert model.T_v.dtype == torch.float32 and torch.isfinite(model.T_v).all()
+
+
+# -------------------------------------------------------------------------------------------
+# persistence and training
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_save_load_round_trip_gives_identical_logits(name: str, tmp_path) -> None:
+    model = make_model(name).train()
+    b = make_batch(*MIXED)
+    run(model, b)  # one training forward: moves T_v away from its initial value
+    spec = make_spec(name)
+    path = tmp_path / "sub" / "model.pt"
+    save_model(model, spec, path)
+    loaded, spec2 = load_model(path)
+    assert spec2 == spec and not loaded.training
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(run(loaded, b).logits, run(model, b).logits)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert [p.name for p in path.parent.iterdir()] == ["model.pt"]  # no temp file left
+
+
+def test_load_model_errors(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="no such model file"):
+        load_model(tmp_path / "nope.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable model file"):
+        load_model(bad)
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"spec": asdict(make_spec("late_fusion_zero")), "state_dict": {}}, wrong)
+    with pytest.raises(ValueError, match="do not fit"):
+        load_model(wrong)
+
+
+def test_tiny_overfit_reduces_the_loss() -> None:
+    model = make_model("rima", modality_dropout=0.2).train()
+    b = make_batch(*MIXED)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        out = run(model, b)
+        ce = F.cross_entropy(out.logits, b["label"])
+        loss = ce + out.aux_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append((float(ce.detach()), float(out.aux_loss.detach())))
+    ce0, aux0 = losses[0]
+    ce_end = sum(c for c, _ in losses[-5:]) / 5
+    aux_end = sum(a for _, a in losses[-5:]) / 5
+    assert ce_end < 0.5 * ce0
+    assert aux_end < aux0  # the translators learn their OT targets
+
+
+# -------------------------------------------------------------------------------------------
+# paper backbones and pretrained weights
+
+
+@pytest.mark.slow  # ~9 s: MONAI import + a 24M-parameter Res2Net-50
+def test_paper_backbones_build_and_run() -> None:
+    torch.manual_seed(0)
+    model = build_model(
+        make_spec("rima", fundus_encoder="res2net50", oct_encoder="resnet10_3d", fundus_dim=64)
+    )
+    assert model.fundus_encoder.backbone.out_dim == 2048
+    assert model.oct_encoder.backbone.out_dim == 512
+    # MedicalNet layout: type-B shortcuts without bias
+    keys = model.oct_encoder.backbone.net.state_dict()
+    assert "layer2.0.downsample.0.weight" in keys and "layer2.0.downsample.0.bias" not in keys
+    n = 4
+    b = {
+        "fundus": torch.rand(n, 3, 32, 32),
+        "oct": torch.rand(n, 1, 16, 16, 16),
+        "has_fundus": torch.tensor([1, 1, 1, 0], dtype=torch.bool),
+        "has_oct": torch.tensor([1, 0, 1, 1], dtype=torch.bool),
+        "label": torch.tensor([0, 1, 0, 1]),
+    }
+    out = run(model.train(), b)
+    (F.cross_entropy(out.logits, b["label"]) + out.aux_loss).backward()
+    with torch.no_grad():
+        assert run(model.eval(), b, labels=False).logits.shape == (n, K)
+
+
+def test_pretrained_weights_load_from_a_local_file(tmp_path) -> None:
+    torch.manual_seed(1)
+    source = build_encoder("small_cnn2d", 32)
+    state = {f"module.{k}": v for k, v in source.backbone.state_dict().items()}
+    state["module.fc.weight"] = torch.zeros(10, 128)  # a classifier head is ignored
+    path = tmp_path / "fundus.pth"
+    torch.save({"state_dict": state}, path)
+
+    torch.manual_seed(2)
+    model = build_model(make_spec("rima", fundus_weights=str(path)))
+    for key, value in source.backbone.state_dict().items():
+        assert torch.equal(model.fundus_encoder.backbone.state_dict()[key], value), key
+    # load_model does not need the weights file any more
+    save_model(model, make_spec("rima", fundus_weights=str(path)), tmp_path / "m.pt")
+    path.unlink()
+    loaded, _ = load_model(tmp_path / "m.pt")
+    assert torch.equal(
+        loaded.fundus_encoder.backbone.blocks[0][0].weight, source.backbone.blocks[0][0].weight
+    )
+
+
+def test_medicalnet_style_checkpoint_loads_into_resnet10_3d(tmp_path) -> None:
+    from monai.networks.nets import resnet10
+
+    torch.manual_seed(3)
+    net = resnet10(
+        spatial_dims=3,
+        n_input_channels=1,
+        shortcut_type="B",
+        feed_forward=False,
+        conv1_t_stride=2,
+        bias_downsample=False,
+    )
+    path = tmp_path / "resnet_10.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, path)
+    enc = build_encoder("resnet10_3d", 24, weights=path)
+    assert torch.equal(enc.backbone.net.conv1.weight, net.conv1.weight)
+
+
+def test_bad_pretrained_weights_give_clear_errors(tmp_path) -> None:
+    with pytest.raises(PretrainedWeightsError, match="does not exist"):
+        build_encoder("small_cnn2d", 32, weights=tmp_path / "missing.pth")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_text("hello")
+    with pytest.raises(PretrainedWeightsError, match="cannot read"):
+        build_encoder("small_cnn2d", 32, weights=garbage)
+    state = build_encoder("small_cnn2d", 32).backbone.state_dict()
+    partial = tmp_path / "partial.pth"
+    torch.save({k: v for k, v in state.items() if not k.startswith("blocks.3")}, partial)
+    with pytest.raises(PretrainedWeightsError, match=r"missing keys \['blocks.3"):
+        build_encoder("small_cnn2d", 32, weights=partial)
+    extra = tmp_path / "extra.pth"
+    torch.save({**state, "blocks.9.weight": torch.zeros(1)}, extra)
+    with pytest.raises(PretrainedWeightsError, match=r"unexpected keys \['blocks.9.weight'\]"):
+        build_encoder("small_cnn2d", 32, weights=extra)
+    wrong_shape = tmp_path / "shape.pth"
+    torch.save(build_encoder("small_cnn3d", 32).backbone.state_dict(), wrong_shape)
+    with pytest.raises(PretrainedWeightsError, match="do not fit"):
+        build_encoder("small_cnn2d", 32, weights=wrong_shape)

@@ -1,0 +1,314 @@
+"""Tests for rima_core.ot: labeled entropic GW and the feature-wise coupling.
+
+The reference solves use POT (float64 numpy) on the same inputs: labeled GW is POT's entropic
+*fused* GW with ``alpha = 0.5`` and a label-mismatch cost ``M = 1e3 * [y_i != y_j]``. POT's
+kernel is ``exp(-(2 alpha L(T) + (1 - alpha) M) / eps_pot)`` (its GW gradient carries a factor
+2), so ``eps_pot = 2 * alpha * epsilon = epsilon`` gives ``exp(-L(T)/epsilon - 500 M'/epsilon)``:
+our masked kernel, with the mismatched entries underflowing to exactly 0 in float64.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import ot as pot
+import pytest
+import torch
+
+from rima_core.ot import OTInputError, feature_coupling, gw_energy, labeled_gw
+
+
+def _clusters(
+    seed: int, n_x: int = 14, n_z: int = 11, d_x: int = 6, d_z: int = 4, k: int = 3
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Class-clustered point clouds of different dimension with every class on both sides."""
+    rng = np.random.default_rng(seed)
+    lx = np.concatenate([np.arange(k), rng.integers(0, k, n_x - k)])
+    lz = np.concatenate([np.arange(k), rng.integers(0, k, n_z - k)])
+    x = (rng.normal(size=(k, d_x)) * 2.0)[lx] + rng.normal(size=(n_x, d_x))
+    z = (rng.normal(size=(k, d_z)) * 2.0)[lz] + rng.normal(size=(n_z, d_z))
+    return x, lx, z, lz
+
+
+def _scaled_cost(x: np.ndarray) -> np.ndarray:
+    c = pot.dist(x, x, metric="sqeuclidean")
+    return c / c.max()
+
+
+def _share_marginals(lx: np.ndarray, lz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The documented "share" rule, written out per class: w_c = mean of the two class shares."""
+    shared = np.intersect1d(lx, lz)
+    in_x = np.isin(lx, shared)
+    in_z = np.isin(lz, shared)
+    p = np.zeros(len(lx))
+    q = np.zeros(len(lz))
+    for c in shared:
+        nxc, nzc = (lx == c).sum(), (lz == c).sum()
+        w = 0.5 * (nxc / in_x.sum() + nzc / in_z.sum())
+        p[lx == c] = w / nxc
+        q[lz == c] = w / nzc
+    return p, q
+
+
+def _pot_labeled_gw(x, lx, z, lz, epsilon: float) -> np.ndarray:
+    cx, cz = _scaled_cost(x), _scaled_cost(z)
+    p, q = _share_marginals(lx, lz)
+    same = lx[:, None] == lz[None, :]
+    m = 1e3 * (~same).astype(np.float64)
+    # same start as ours (product coupling inside each class block): GW is non-convex, and a
+    # common start makes both runs follow the same mirror-descent path
+    w = same @ q
+    g0 = np.where(same, p[:, None] * q[None, :] / np.where(w > 0, w, 1.0)[:, None], 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pot.gromov.entropic_fused_gromov_wasserstein(
+            m,
+            cx,
+            cz,
+            p,
+            q,
+            epsilon=epsilon,
+            alpha=0.5,
+            G0=g0,
+            max_iter=2000,
+            tol=1e-10,
+            numItermax=20000,
+            stopThr=1e-12,
+        )
+
+
+def _energy(x: np.ndarray, z: np.ndarray, t: np.ndarray) -> float:
+    """GW energy written as the quadruple sum (float64, independent of the solver's algebra)."""
+    cx, cz = _scaled_cost(x), _scaled_cost(z)
+    diff = (cx[:, None, :, None] - cz[None, :, None, :]) ** 2  # [i, j, k, l]
+    return float(np.einsum("ijkl,ij,kl->", diff, t, t))
+
+
+# ---------------------------------------------------------------------------------------------
+# labeled GW
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("epsilon", [5e-3, 2e-2, 1e-1])
+def test_objective_matches_pot_reference(seed: int, epsilon: float) -> None:
+    x, lx, z, lz = _clusters(seed)
+    t, info = labeled_gw(
+        torch.tensor(x, dtype=torch.float32), torch.tensor(lx),
+        torch.tensor(z, dtype=torch.float32), torch.tensor(lz),
+        epsilon=epsilon,
+    )  # fmt: skip
+    ref = _pot_labeled_gw(x, lx, z, lz, epsilon)
+    ours = _energy(x, z, t.double().numpy())
+    theirs = _energy(x, z, ref)
+    assert abs(ours - theirs) <= 0.01 * theirs, (ours, theirs)
+    assert abs(info["objective"] - ours) <= 1e-3 * ours  # info reports the same energy
+    assert np.abs(t.double().numpy() - ref).sum() < 1e-2  # and the same coupling
+    assert info["converged"]
+
+
+def test_marginals_within_tolerance_and_zero_cross_label_mass() -> None:
+    x, lx, z, lz = _clusters(3, n_x=20, n_z=16)
+    t, info = labeled_gw(x.astype(np.float32), lx, z.astype(np.float32), lz)
+    p, q = _share_marginals(lx, lz)
+    assert np.abs(t.sum(1) - p).sum() < 1e-5
+    assert np.abs(t.sum(0) - q).sum() < 1e-5
+    assert info["marginal_error"] < 1e-5
+    cross = t[lx[:, None] != lz[None, :]]
+    assert cross.size > 0 and np.all(cross == 0.0)
+    assert info["n_shared_classes"] == 3
+
+
+def test_uniform_class_mass_rule() -> None:
+    x, lx, z, lz = _clusters(4, n_x=18, n_z=9)
+    t, _ = labeled_gw(x, lx, z, lz, class_mass="uniform")
+    for c in range(3):
+        assert abs(t[lx == c].sum() - 1 / 3) < 1e-6
+        assert abs(t[:, lz == c].sum() - 1 / 3) < 1e-6
+        # uniform within the class on each side
+        np.testing.assert_allclose(t[lx == c].sum(1), 1 / 3 / (lx == c).sum(), rtol=1e-4)
+
+
+def test_class_absent_on_one_side_gets_zero_mass() -> None:
+    x, lx, z, lz = _clusters(5, n_x=16, n_z=12)
+    lx = lx.copy()
+    lx[:4] = 7  # class 7 exists only in x
+    lz = np.where(lz == 2, 1, lz)  # class 2 now exists only in x as well
+    t, info = labeled_gw(x, lx, z, lz)
+    absent = ~np.isin(lx, lz)
+    assert absent.sum() >= 4
+    assert np.all(t[absent] == 0.0)
+    assert abs(t.sum() - 1.0) < 1e-6  # still a feasible coupling of the shared classes
+    p, q = _share_marginals(lx, lz)
+    assert np.abs(t.sum(1) - p).sum() + np.abs(t.sum(0) - q).sum() < 1e-5
+    assert np.all(t[lx[:, None] != lz[None, :]] == 0.0)
+    assert info["n_shared_classes"] == 2 and info["converged"]
+
+
+def test_no_shared_class_gives_zero_coupling() -> None:
+    x, lx, z, lz = _clusters(6)
+    t, info = labeled_gw(x, lx, z, lz + 10)
+    assert t.shape == (len(lx), len(lz)) and np.all(t == 0.0)
+    assert info["n_shared_classes"] == 0
+    t, info = labeled_gw(x[:0], lx[:0], z, lz)
+    assert t.shape == (0, len(lz))
+
+
+def test_recovers_planted_isometry_across_dimensions() -> None:
+    """z is x embedded isometrically in a bigger space and shuffled: GW finds the shuffle."""
+    rng = np.random.default_rng(7)
+    x, lx, _, _ = _clusters(7, n_x=15, d_x=5)
+    basis, _ = np.linalg.qr(rng.normal(size=(9, 5)))  # 9x5, orthonormal columns
+    perm = rng.permutation(len(lx))
+    z = (x @ basis.T)[perm]
+    t, _ = labeled_gw(x.astype(np.float32), lx, z.astype(np.float32), lx[perm], epsilon=1e-3)
+    np.testing.assert_array_equal(t.argmax(1), np.argsort(perm))
+
+
+@pytest.mark.parametrize("epsilon", [1e-5, 1e-7])
+def test_tiny_epsilon_has_no_nan(epsilon: float) -> None:
+    x, lx, z, lz = _clusters(8, n_x=24, n_z=20)
+    t, info = labeled_gw(torch.tensor(x, dtype=torch.float32), lx, torch.tensor(z).float(), lz,
+                         epsilon=epsilon)  # fmt: skip
+    assert torch.isfinite(t).all()
+    # columns are exact after the last Sinkhorn update; rows converge slowly as epsilon -> 0
+    _, q = _share_marginals(lx, lz)
+    assert np.abs(t.sum(0).double().numpy() - q).sum() < 1e-4
+    if epsilon >= 1e-5:
+        assert info["marginal_error"] < 1e-3
+    assert torch.all(t[torch.tensor(lx[:, None] != lz[None, :])] == 0.0)
+
+
+def test_log_domain_path_agrees_with_kernel_path() -> None:
+    x, lx, z, lz = _clusters(9)
+    t_kernel, i_kernel = labeled_gw(x, lx, z, lz, epsilon=1e-2, log_domain=False)
+    t_log, i_log = labeled_gw(x, lx, z, lz, epsilon=1e-2, log_domain=True)
+    assert i_log["log_domain"] and not i_kernel["log_domain"]
+    assert np.abs(t_kernel - t_log).sum() < 1e-5
+    assert np.all(t_log[lx[:, None] != lz[None, :]] == 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_torch_dtype_and_device_preserved(dtype: torch.dtype) -> None:
+    x, lx, z, lz = _clusters(10)
+    xt, zt = torch.tensor(x, dtype=dtype), torch.tensor(z, dtype=dtype)
+    t, info = labeled_gw(xt, torch.tensor(lx, dtype=torch.int32), zt, torch.tensor(lz))
+    assert isinstance(t, torch.Tensor) and t.dtype == dtype and t.device == xt.device
+    assert t.shape == (len(lx), len(lz))
+    tv = feature_coupling(xt, zt, t)
+    assert isinstance(tv, torch.Tensor) and tv.dtype == dtype and tv.shape == (6, 4)
+    assert isinstance(info["objective"], float) and isinstance(info["iterations"], int)
+
+
+def test_numpy_in_numpy_out() -> None:
+    x, lx, z, lz = _clusters(11)
+    t, _ = labeled_gw(x, lx, z, lz)
+    assert isinstance(t, np.ndarray) and t.dtype == np.float64
+    t32, _ = labeled_gw(x.astype(np.float32), lx, z.astype(np.float32), lz)
+    assert t32.dtype == np.float32
+    tv = feature_coupling(x, z, t)
+    assert isinstance(tv, np.ndarray) and tv.dtype == np.float64
+
+
+def test_deterministic() -> None:
+    x, lx, z, lz = _clusters(12, n_x=30, n_z=25, d_x=40, d_z=30)
+    xt, zt = torch.tensor(x, dtype=torch.float32), torch.tensor(z, dtype=torch.float32)
+    t1, i1 = labeled_gw(xt, lx, zt, lz)
+    t2, i2 = labeled_gw(xt, lx, zt, lz)
+    assert torch.equal(t1, t2) and i1 == i2
+    assert torch.equal(feature_coupling(xt, zt, t1), feature_coupling(xt, zt, t2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_stays_on_device() -> None:
+    x, lx, z, lz = _clusters(13)
+    xt = torch.tensor(x, dtype=torch.float32, device="cuda")
+    zt = torch.tensor(z, dtype=torch.float32, device="cuda")
+    t, info = labeled_gw(xt, torch.tensor(lx, device="cuda"), zt, torch.tensor(lz))
+    assert info["converged"]
+    assert t.is_cuda and t.dtype == torch.float32
+    t_cpu, _ = labeled_gw(xt.cpu(), lx, zt.cpu(), lz)
+    assert (t.cpu() - t_cpu).abs().sum() < 1e-4
+    assert torch.all(t[torch.tensor(lx[:, None] != lz[None, :], device="cuda")] == 0.0)
+    tv = feature_coupling(xt, zt, t)
+    assert tv.is_cuda and tv.shape == (6, 4)
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    x, lx, z, lz = _clusters(14)
+    with pytest.raises(OTInputError, match="labels_x"):
+        labeled_gw(x, lx[:-1], z, lz)
+    with pytest.raises(OTInputError, match="integers"):
+        labeled_gw(x, lx.astype(float), z, lz)
+    with pytest.raises(OTInputError, match="epsilon"):
+        labeled_gw(x, lx, z, lz, epsilon=0.0)
+    bad = x.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(OTInputError, match="NaN"):
+        labeled_gw(bad, lx, z, lz)
+    with pytest.raises(OTInputError, match="2-d"):
+        labeled_gw(x[0], lx, z, lz)
+    with pytest.raises(OTInputError, match="shape"):
+        feature_coupling(x, z, np.ones((3, 3)))
+
+
+# ---------------------------------------------------------------------------------------------
+# feature coupling
+
+
+def test_feature_coupling_matches_pot_on_the_coot_cost() -> None:
+    """Cost = sum_ab (x_ai - z_bj)^2 T_ab (written as an explicit sum), then ot.sinkhorn."""
+    x, lx, z, lz = _clusters(15, d_x=7, d_z=5)
+    t, _ = labeled_gw(x, lx, z, lz)
+    cost = np.einsum("aibj,ab->ij", (x[:, :, None, None] - z[None, None, :, :]) ** 2, t)
+    cost /= cost.max()
+    eps = 2e-2
+    ref = pot.sinkhorn(np.full(7, 1 / 7), np.full(5, 1 / 5), cost, eps, stopThr=1e-12,
+                       numItermax=100000)  # fmt: skip
+    tv = feature_coupling(x, z, t, epsilon=eps, tol=1e-10, max_iter=100000)
+    assert np.abs(tv - ref).sum() < 1e-6
+
+
+def test_feature_coupling_marginals_and_shape() -> None:
+    rng = np.random.default_rng(16)
+    x = rng.normal(size=(20, 48)).astype(np.float32)
+    z = rng.normal(size=(20, 32)).astype(np.float32)
+    t = np.full((20, 20), 1 / 400, dtype=np.float32)
+    tv, info = feature_coupling(x, z, t, return_info=True)
+    assert tv.shape == (48, 32)
+    assert np.abs(tv.sum(1) - 1 / 48).sum() <= 1e-3
+    assert np.abs(tv.sum(0) - 1 / 32).sum() <= 1e-5  # exact after the last column update
+    assert info["converged"] and info["marginal_error"] <= 1e-3
+
+
+def test_feature_coupling_recovers_planted_permutation() -> None:
+    rng = np.random.default_rng(17)
+    n, d = 40, 16
+    x = rng.normal(size=(n, d)) * rng.uniform(0.5, 3.0, size=d) + rng.normal(size=d)
+    perm = rng.permutation(d)
+    z = x[:, perm] + 0.01 * rng.normal(size=(n, d))
+    t = np.eye(n) / n
+    tv = feature_coupling(torch.tensor(x, dtype=torch.float32), torch.tensor(z).float(),
+                          torch.tensor(t).float())  # fmt: skip
+    # feature j of z is feature perm[j] of x
+    np.testing.assert_array_equal(tv.argmax(0).numpy(), perm)
+    assert tv.max(0).values.sum() > 0.9  # nearly all mass on the planted matches
+
+
+@pytest.mark.parametrize("epsilon", [1e-5, 1e-7])
+def test_feature_coupling_tiny_epsilon_has_no_nan(epsilon: float) -> None:
+    rng = np.random.default_rng(18)
+    x = rng.normal(size=(12, 30)).astype(np.float32)
+    z = rng.normal(size=(12, 20)).astype(np.float32)
+    t = np.eye(12, dtype=np.float32) / 12
+    tv, info = feature_coupling(x, z, t, epsilon=epsilon, return_info=True)
+    assert np.all(np.isfinite(tv)) and abs(tv.sum() - 1.0) < 1e-4
+    assert np.isfinite(info["marginal_error"])
+    assert np.abs(tv.sum(0) - 1 / 20).sum() < 1e-4
+
+
+def test_energy_helper_matches_quadruple_sum() -> None:
+    x, lx, z, lz = _clusters(19)
+    t, _ = labeled_gw(x, lx, z, lz)
+    cx, cz = torch.tensor(_scaled_cost(x)), torch.tensor(_scaled_cost(z))
+    assert abs(float(gw_energy(cx, cz, torch.tensor(t))) - _energy(x, z, t)) < 1e-12

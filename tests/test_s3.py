@@ -1,0 +1,159 @@
+"""Artifacts and data on S3, against moto's S3 server on loopback (real HTTP through boto3).
+
+Three setups the mission uses at scale: MLflow writing artifacts straight to ``s3://`` (client
+has ``MLFLOW_S3_ENDPOINT_URL`` and credentials), an ``mlflow server`` proxying artifacts to S3
+(the client has neither), and a DVC remote on S3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from rima_core import registry, serving
+from rima_core.config import Config
+from tests.servers import S3_ENV, Server, mlflow_server, moto_server, sqlite_uri
+from tests.test_serving import tiny_model
+
+BUCKET = "rima-artifacts"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, object]]:
+    import boto3
+
+    with moto_server(tmp_path_factory.mktemp("moto")) as server:
+        client = boto3.client(
+            "s3",
+            endpoint_url=server.url,
+            aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+            region_name=S3_ENV["AWS_DEFAULT_REGION"],
+        )
+        client.create_bucket(Bucket=BUCKET)
+        yield server, client
+
+
+def _keys(client: object, prefix: str) -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def _cfg(tracking_uri: str, name: str) -> Config:
+    c = Config()
+    c.mlflow.tracking_uri = tracking_uri
+    c.mlflow.experiment = name
+    c.mlflow.model_name = name
+    return c
+
+
+def _model_and_metrics(tmp_path: Path) -> tuple[Path, Path]:
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    tiny_model(model_dir / "model.pt")
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"mixed": {"qwk": 0.5}, "complete": {"qwk": 0.6}}))
+    return model_dir, metrics
+
+
+def _register_load_predict(cfg: Config, tmp_path: Path) -> dict:
+    """register -> promote -> load models:/NAME@champion -> same numbers as the local file."""
+    import mlflow
+
+    model_dir, metrics = _model_and_metrics(tmp_path)
+    reg = registry.register(model_dir, metrics, cfg)
+    assert registry.promote(cfg)["promoted"]
+    model = mlflow.pyfunc.load_model(f"models:/{cfg.mlflow.model_name}@champion")
+    example = serving.input_example()
+    want = serving.Predictor.from_file(model_dir / "model.pt").predict(example)
+    pd.testing.assert_frame_equal(
+        model.predict(example).reset_index(drop=True), want.reset_index(drop=True)
+    )
+    return reg
+
+
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_S3_ENDPOINT_URL", *S3_ENV):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@pytest.mark.slow
+def test_direct_s3_artifact_location(
+    s3: tuple[Server, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, client = s3
+    _clean_env(monkeypatch)
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", server.url)
+    cfg = _cfg(sqlite_uri(tmp_path), "rima-s3-direct")
+    cfg.mlflow.artifact_location = f"s3://{BUCKET}/direct"
+    reg = _register_load_predict(cfg, tmp_path)
+    keys = _keys(client, "direct/")
+    assert any(k.endswith("artifacts/model.pt") for k in keys), keys
+    assert any(k.endswith("/MLmodel") for k in keys)
+    assert any(reg["run_id"] in k and k.endswith("evaluation/metrics.json") for k in keys)
+    assert not (tmp_path / "mlartifacts").exists()  # nothing went to local disk
+
+
+@pytest.mark.slow
+def test_server_proxies_artifacts_to_s3(
+    s3: tuple[Server, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, client = s3
+    _clean_env(monkeypatch)  # the client gets no S3 endpoint and no credentials at all
+    env = {**S3_ENV, "MLFLOW_S3_ENDPOINT_URL": server.url}
+    with mlflow_server(tmp_path, artifacts_destination=f"s3://{BUCKET}/proxied", env=env) as mls:
+        cfg = _cfg(mls.url, "rima-s3-proxied")
+        _register_load_predict(cfg, tmp_path)
+    keys = _keys(client, "proxied/")
+    assert any(k.endswith("artifacts/model.pt") for k in keys), keys
+    assert any(k.endswith("/MLmodel") for k in keys)
+
+
+def _dvc(repo: Path, *args: str, env: dict[str, str]) -> str:
+    dvc = str(Path(sys.executable).parent / "dvc")
+    proc = subprocess.run([dvc, *args], cwd=repo, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_dvc_remote_on_s3_push_pull(s3: tuple[Server, object], tmp_path: Path) -> None:
+    server, client = s3
+    repo = tmp_path / "repo"
+    (repo / "data" / "raw").mkdir(parents=True)
+    files = {
+        "data/raw/a.bin": bytes(range(256)) * 8,
+        "data/raw/b.txt": b"fundus + oct\n",
+        "data/raw/sub/c.npy": os.urandom(1000),
+    }
+    for rel, content in files.items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_bytes(content)
+    env = {**os.environ, **S3_ENV, "DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0"}
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True, env=env)
+    _dvc(repo, "init", "-q", env=env)
+    _dvc(repo, "add", "data", env=env)
+    assert (repo / "data.dvc").is_file()
+    _dvc(repo, "remote", "add", "-d", "s3store", f"s3://{BUCKET}/dvc", env=env)
+    _dvc(repo, "remote", "modify", "s3store", "endpointurl", server.url, env=env)
+    _dvc(repo, "push", env=env)
+    pushed = _keys(client, "dvc/")
+    assert len(pushed) >= len(files), pushed  # one object per file (+ the directory listing)
+
+    shutil.rmtree(repo / "data")
+    shutil.rmtree(repo / ".dvc" / "cache")
+    _dvc(repo, "pull", env=env)
+    for rel, content in files.items():
+        assert (repo / rel).read_bytes() == content, rel

@@ -1,0 +1,150 @@
+"""Tracking conventions against a real MLflow store (SQLite file in tmp_path)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rima_core import tracking
+from rima_core.config import Config
+from tests.servers import sqlite_uri
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    c = Config()
+    c.mlflow.tracking_uri = sqlite_uri(tmp_path)
+    c.mlflow.experiment = "rima-test"
+    return c
+
+
+def _store(tmp_path: Path, content_hash: str) -> Path:
+    store = tmp_path / "store"
+    store.mkdir()
+    table = pa.table({"case_id": ["a"]})
+    meta = {"rima": json.dumps({"content_hash": content_hash})}
+    pq.write_table(table.replace_schema_metadata(meta), store / "manifest.parquet")
+    return store
+
+
+def test_import_does_not_import_mlflow() -> None:
+    # A fresh interpreter: importing tracking (and calling the no-op helpers) must not load mlflow.
+    code = (
+        "import sys; from rima_core import tracking; "
+        "tracking.log_metrics({'a': 1.0}, step=0); tracking.set_tags({'x': 1}); "
+        "assert 'mlflow' not in sys.modules, 'mlflow imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_run_params_tags_metrics_artifacts(cfg: Config, tmp_path: Path) -> None:
+    import mlflow
+
+    store = _store(tmp_path, "abc123")
+    report = tmp_path / "report.json"
+    report.write_text('{"ok": true}')
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    (plots / "curve.csv").write_text("x,y\n0,1\n")
+
+    with tracking.start_run(cfg, "train", store=store, tags={"extra": 7}) as run:
+        for epoch in range(3):
+            tracking.log_metrics({"val_qwk": 0.1 * epoch, "note": "n/a"}, step=epoch)
+        tracking.log_artifacts(report)
+        tracking.log_artifacts(plots, artifact_path="plots")
+    assert mlflow.active_run() is None
+
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    got = client.get_run(run.info.run_id)
+    exp = client.get_experiment(got.info.experiment_id)
+    assert exp.name == "rima-test"
+    # artifacts live beside the SQLite file, not in a cwd-relative ./mlruns
+    assert exp.artifact_location == (tmp_path / "mlartifacts").as_uri()
+    assert got.info.run_name == "train"
+    assert got.data.tags["step"] == "train"
+    assert got.data.tags["data_hash"] == "abc123"
+    assert got.data.tags["extra"] == "7"
+    assert len(got.data.tags["git_commit"]) == 40  # the tests run from the project checkout
+    assert got.data.params["train.lr"] == str(cfg.train.lr)
+    assert got.data.params["prepare.oct_shape"] == "[32, 32, 32]"
+    assert got.data.params["model.fundus_weights"] == "null"
+    assert set(got.data.params) == set(cfg.flat())
+    history = client.get_metric_history(run.info.run_id, "val_qwk")
+    assert [m.step for m in history] == [0, 1, 2]
+    assert history[-1].value == pytest.approx(0.2)
+    assert "note" not in got.data.metrics
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert names == {"report.json", "plots"}
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/curve.csv"]
+
+
+def test_nested_runs_and_failed_status(cfg: Config) -> None:
+    import mlflow
+
+    with tracking.start_run(cfg, "tune") as parent:
+        with tracking.start_run(cfg, "trial-0", nested=True, log_params=False) as child:
+            tracking.log_metrics({"qwk": 0.5})
+        # a step started inside another step's run nests instead of failing
+        with tracking.start_run(cfg, "evaluate", log_params=False) as auto:
+            pass
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    for r in (child, auto):
+        assert client.get_run(r.info.run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
+
+    with pytest.raises(RuntimeError, match="boom"), tracking.start_run(cfg, "train") as failed:
+        raise RuntimeError("boom")
+    assert client.get_run(failed.info.run_id).info.status == "FAILED"
+
+
+def test_env_tracking_uri_wins(
+    cfg: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    (tmp_path / "other").mkdir()
+    other = sqlite_uri(tmp_path / "other")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    with tracking.start_run(cfg, "prepare", log_params=False) as run:
+        pass
+    assert mlflow.MlflowClient(other).get_run(run.info.run_id).info.run_name == "prepare"
+    assert (
+        mlflow.MlflowClient(cfg.mlflow.tracking_uri).search_experiments(
+            filter_string="name = 'rima-test'"
+        )
+        == []
+    )
+
+
+def test_no_run_is_a_noop_and_missing_artifact_is_an_error(cfg: Config, tmp_path: Path) -> None:
+    import mlflow  # imported, but no run is active: still a no-op
+
+    assert mlflow.active_run() is None
+    tracking.log_metrics({"a": 1.0})
+    tracking.log_artifacts(tmp_path / "does-not-exist")  # no run: nothing to check against
+    with (
+        tracking.start_run(cfg, "evaluate", log_params=False),
+        pytest.raises(FileNotFoundError, match="does-not-exist"),
+    ):
+        tracking.log_artifacts(tmp_path / "does-not-exist")
+
+
+def test_explicit_artifact_location_and_missing_hash(cfg: Config, tmp_path: Path) -> None:
+    import mlflow
+
+    cfg.mlflow.artifact_location = (tmp_path / "elsewhere").as_uri()
+    cfg.mlflow.experiment = "rima-elsewhere"
+    with tracking.start_run(cfg, "train", store=tmp_path / "no-store", log_params=False) as run:
+        tracking.log_artifacts(Path(__file__))
+    got = mlflow.MlflowClient(cfg.mlflow.tracking_uri).get_run(run.info.run_id)
+    assert "data_hash" not in got.data.tags
+    assert got.info.artifact_uri.startswith((tmp_path / "elsewhere").as_uri())
+    assert (tmp_path / "elsewhere" / run.info.run_id / "artifacts" / Path(__file__).name).exists()

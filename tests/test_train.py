@@ -1,0 +1,268 @@
+"""The training engine on the tiny real-data fixture: determinism, exact resume, model selection."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rima_core.config import Config
+from rima_core.engine import EngineError, predict
+from rima_core.metrics import classification_metrics
+from rima_core.train import epoch_seed, is_timing_column, lr_factor, train
+from tests.conftest import TinyData
+
+
+class _Stop(RuntimeError):
+    pass
+
+
+def _stop_after(last_epoch: int):
+    def callback(epoch: int, val_metrics: dict[str, float]) -> None:
+        assert "qwk" in val_metrics
+        if epoch == last_epoch:
+            raise _Stop(f"stopped after epoch {epoch}")
+
+    return callback
+
+
+def _history(out: Path) -> pd.DataFrame:
+    hist = pd.read_csv(out / "history.csv")
+    return hist[[c for c in hist.columns if not is_timing_column(c)]]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), f"{key} differs"
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_data: TinyData, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 epochs of RIMA without interruption: the reference for determinism and resume."""
+    out = tmp_path_factory.mktemp("straight")
+    train(tiny_data.store, tiny_data.masks, out, copy.deepcopy(tiny_data.cfg))
+    return out
+
+
+def test_outputs_and_summary(straight_run: Path, tiny_data: TinyData) -> None:
+    for name in ("model.pt", "checkpoint.pt", "history.csv", "train_summary.json"):
+        assert (straight_run / name).is_file(), name
+    summary = json.loads((straight_run / "train_summary.json").read_text())
+    hist = pd.read_csv(straight_run / "history.csv")
+    assert list(hist["epoch"]) == [1, 2]
+    assert summary["epochs_run"] == 2
+    assert summary["selection_split"] == "val"
+    # RIMA's OT step runs every training batch and reports its time
+    assert (hist["ot_seconds"] > 0).all()
+    assert ((hist["ot_share"] > 0) & (hist["ot_share"] < 1)).all()
+    assert np.allclose(hist["train_loss"], hist["train_ce"] + hist["train_aux"])
+    assert (hist["train_aux"] > 0).all()
+    # the best epoch is the one with the highest validation qwk (first one on ties)
+    assert summary["best_epoch"] == int(hist["epoch"][hist["val_qwk"].idxmax()])
+
+
+def test_same_seed_gives_identical_history_and_weights(
+    straight_run: Path, tiny_data: TinyData, tmp_path: Path
+) -> None:
+    train(tiny_data.store, tiny_data.masks, tmp_path, copy.deepcopy(tiny_data.cfg))
+    pd.testing.assert_frame_equal(_history(straight_run), _history(tmp_path))
+    _assert_same_weights(straight_run / "model.pt", tmp_path / "model.pt")
+
+
+def test_resume_after_interruption_is_exact(
+    straight_run: Path, tiny_data: TinyData, tmp_path: Path
+) -> None:
+    cfg = copy.deepcopy(tiny_data.cfg)
+    with pytest.raises(_Stop):
+        train(tiny_data.store, tiny_data.masks, tmp_path, cfg, epoch_callback=_stop_after(1))
+    assert not (tmp_path / "train_summary.json").exists()
+    assert len(pd.read_csv(tmp_path / "history.csv")) == 1
+    summary = train(tiny_data.store, tiny_data.masks, tmp_path, cfg, resume=True)
+    assert summary["epochs_run"] == 2
+    pd.testing.assert_frame_equal(_history(straight_run), _history(tmp_path))
+    _assert_same_weights(straight_run / "model.pt", tmp_path / "model.pt")
+    last_a = torch.load(straight_run / "checkpoint.pt", weights_only=True)["model"]
+    last_b = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(last_a[k], last_b[k]) for k in last_a)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_exact(
+    straight_run: Path, tiny_data: TinyData, tmp_path: Path
+) -> None:
+    """A real kill (no Python cleanup) in a subprocess right after epoch 1's checkpoint."""
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(tiny_data.cfg.to_dict()))
+    out = tmp_path / "run"
+    script = textwrap.dedent(
+        f"""
+        import json, os, signal
+        from rima_core.config import config_from_dict
+        from rima_core.train import train
+        cfg = config_from_dict(json.load(open({str(cfg_path)!r})))
+        def kill(epoch, metrics):
+            if epoch == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+        train({str(tiny_data.store)!r}, {str(tiny_data.masks)!r}, {str(out)!r}, cfg,
+              epoch_callback=kill)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert len(pd.read_csv(out / "history.csv")) == 1
+    train(tiny_data.store, tiny_data.masks, out, copy.deepcopy(tiny_data.cfg), resume=True)
+    pd.testing.assert_frame_equal(_history(straight_run), _history(out))
+    _assert_same_weights(straight_run / "model.pt", out / "model.pt")
+
+
+def test_resume_refuses_changed_settings(straight_run: Path, tiny_data: TinyData) -> None:
+    cfg = copy.deepcopy(tiny_data.cfg)
+    cfg.train.lr = cfg.train.lr * 2
+    with pytest.raises(EngineError, match=r"train\.lr"):
+        train(tiny_data.store, tiny_data.masks, straight_run, cfg, resume=True)
+
+
+def test_selection_uses_the_validation_split(
+    straight_run: Path, tiny_data: TinyData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation metrics in the history are those of the val split under the selection
+    scenario, and model.pt is the best epoch by that metric."""
+    from rima_core.data.dataset import EyeDataset, make_loader
+    from rima_core.models import build_model, load_model
+    from rima_core.train import model_spec
+
+    cfg = tiny_data.cfg
+    ds = EyeDataset(tiny_data.store, tiny_data.masks, "val", cfg.train.selection_scenario)
+    loader = make_loader(ds, batch_size=32, shuffle=False, seed=0, pin_memory=False)
+    hist = pd.read_csv(straight_run / "history.csv")
+    summary = json.loads((straight_run / "train_summary.json").read_text())
+
+    # last epoch: the checkpoint's weights reproduce the last history row
+    from rima_core.data import open_store
+
+    model = build_model(model_spec(cfg, open_store(tiny_data.store)), pretrained=False)
+    model.load_state_dict(torch.load(straight_run / "checkpoint.pt", weights_only=True)["model"])
+    preds = predict(model, loader, torch.device("cpu"), progress=False)
+    last = classification_metrics(preds.y_true, preds.proba)
+    assert preds.y_true.shape[0] == summary["n_val"] == len(ds)
+    for key in ("accuracy", "qwk", "auc", "nll"):
+        assert last[key] == pytest.approx(hist[f"val_{key}"].iloc[-1], rel=1e-6, nan_ok=True)
+
+    # model.pt: the best epoch's metrics
+    best, _ = load_model(straight_run / "model.pt")
+    preds = predict(best, loader, torch.device("cpu"), progress=False)
+    m = classification_metrics(preds.y_true, preds.proba)
+    row = hist[hist["epoch"] == summary["best_epoch"]].iloc[0]
+    assert m["qwk"] == pytest.approx(row["val_qwk"], rel=1e-6)
+    assert m["nll"] == pytest.approx(row["val_nll"], rel=1e-6)
+
+
+def test_datasets_train_on_train_scenario_and_select_on_val(
+    tiny_data: TinyData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rima_core.data.dataset as dataset_module
+
+    seen: list[tuple[str, str, int, int, int]] = []
+    real = dataset_module.EyeDataset
+
+    class Recording(real):  # type: ignore[misc, valid-type]
+        def __init__(self, store, masks, split, scenario="complete"):  # type: ignore[no-untyped-def]
+            super().__init__(store, masks, split, scenario)
+            both = int((self.has_fundus & self.has_oct).sum())
+            seen.append(
+                (split, scenario, int(self.has_fundus.sum()), int(self.has_oct.sum()), both)
+            )
+
+    monkeypatch.setattr(dataset_module, "EyeDataset", Recording)
+    cfg = copy.deepcopy(tiny_data.cfg)
+    cfg.train.epochs = 1
+    cfg.missing.train_scenario = "fundus_missing"  # rate 1.0: no training eye keeps a fundus
+    cfg.train.selection_scenario = "oct_missing"
+    cfg.model.name = "late_fusion_zero"
+    train(tiny_data.store, tiny_data.masks, tmp_path, cfg)
+    assert [(s, sc) for s, sc, *_ in seen] == [("train", "fundus_missing"), ("val", "oct_missing")]
+    # the masks decide: no training eye keeps both modalities; only an eye whose source lacks the
+    # OCT keeps its fundus (never both missing). Likewise on validation with the roles swapped.
+    from rima_core.data import open_store
+
+    man = open_store(tiny_data.store).manifest
+    tr, va = man[man["split"] == "train"], man[man["split"] == "val"]
+    assert seen[0][2:] == ((~tr["has_oct"]).sum(), tr["has_oct"].sum(), 0)
+    assert seen[1][2:] == (va["has_fundus"].sum(), (~va["has_fundus"]).sum(), 0)
+
+
+def test_early_stopping_when_validation_does_not_improve(
+    tiny_cfg: Config, tiny_data: TinyData, tmp_path: Path
+) -> None:
+    # lr 0 and a model without running buffers: validation is identical every epoch
+    tiny_cfg.model.name = "late_fusion_zero"
+    tiny_cfg.train.lr = 0.0
+    tiny_cfg.train.epochs = 6
+    tiny_cfg.train.patience = 2
+    summary = train(tiny_data.store, tiny_data.masks, tmp_path, tiny_cfg)
+    assert summary["stopped_early"] is True
+    assert summary["epochs_run"] == 3
+    assert summary["best_epoch"] == 1
+
+
+def test_bad_requests_fail_before_training(
+    tiny_cfg: Config, tiny_data: TinyData, tmp_path: Path
+) -> None:
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.train.selection_metric = "qwkk"
+    with pytest.raises(EngineError, match="qwkk"):
+        train(tiny_data.store, tiny_data.masks, tmp_path, cfg)
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.missing.train_scenario = "no_such_scenario"
+    with pytest.raises(EngineError, match="no_such_scenario"):
+        train(tiny_data.store, tiny_data.masks, tmp_path, cfg)
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_lr_schedule_warmup_then_cosine() -> None:
+    assert lr_factor(0, 4, 20) == pytest.approx(0.25)
+    assert lr_factor(3, 4, 20) == pytest.approx(1.0)
+    assert lr_factor(4, 4, 20) == pytest.approx(1.0)
+    assert lr_factor(12, 4, 20) == pytest.approx(0.5)  # half-way through the cosine
+    assert lr_factor(19, 4, 20) == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 16)))
+    assert lr_factor(0, 0, 10) == pytest.approx(1.0)
+
+
+def test_epoch_seeds_differ_and_repeat() -> None:
+    seeds = [epoch_seed(0, e) for e in range(1, 6)]
+    assert len(set(seeds)) == 5
+    assert seeds == [epoch_seed(0, e) for e in range(1, 6)]
+    assert epoch_seed(1, 1) != epoch_seed(0, 1)
+
+
+def test_tracker_receives_every_epoch(tiny_cfg: Config, tiny_data: TinyData, tmp_path: Path):
+    logged: list[tuple[int | None, dict[str, float]]] = []
+
+    class Sink:
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            logged.append((step, metrics))
+
+    tiny_cfg.train.epochs = 2
+    tiny_cfg.model.name = "late_fusion_zero"
+    train(tiny_data.store, tiny_data.masks, tmp_path, tiny_cfg, tracker=Sink())
+    assert [s for s, _ in logged] == [1, 2]
+    for _, metrics in logged:
+        for key in ("train_loss", "train_ce", "train_aux", "val_qwk", "epoch_seconds", "ot_share"):
+            assert key in metrics
+    assert os.path.exists(tmp_path / "model.pt")
