@@ -17,22 +17,22 @@ def fetch_raw(config: Input[Artifact], data_source_uri: str, raw: Output[Dataset
     resolve an artifact ``OneOf``, and the pipeline must run locally unchanged.
     """
     from rima_core import steps
-    from rima_core.kfp_support import fetch_tree, load_task_config
+    from rima_core.kfp_support import artifact_metadata, fetch_tree, load_task_config
 
     if data_source_uri:
         summary = fetch_tree(data_source_uri, raw.path)
     else:
         summary = {"uri": "synthetic", **steps.synth(raw.path, load_task_config(config.path))}
-    raw.metadata.update({k: str(v) for k, v in summary.items()})
+    raw.metadata.update(artifact_metadata(summary))
 
 
 def prepare(config: Input[Artifact], raw: Input[Dataset], store: Output[Dataset]):
     """Raw source tree -> Arrow store + Parquet manifest."""
     from rima_core import steps
-    from rima_core.kfp_support import load_task_config
+    from rima_core.kfp_support import artifact_metadata, load_task_config
 
     summary = steps.prepare(raw.path, store.path, load_task_config(config.path))
-    store.metadata.update({k: str(v) for k, v in summary.items()})
+    store.metadata.update(artifact_metadata(summary))
 
 
 def validate(

@@ -123,9 +123,9 @@ class TuneConfig:
     out_dir: str = "reports/tune"
     storage: str = "sqlite:///optuna.db"
     study_name: str = "rima"
-    n_trials: int = 12
+    n_trials: int = 8
     timeout_s: float | None = None
-    epochs: int = 4
+    epochs: int = 3
     workers: int = 1
     seed: int = 0
     scenario: str = "mixed"

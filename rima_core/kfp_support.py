@@ -168,6 +168,12 @@ def worker_config(cfg: Config, worker: int) -> Config:
     return cfg
 
 
+def artifact_metadata(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """A step's summary as artifact metadata: JSON values (lists and mappings stay structured in
+    the KFP UI); anything else (paths) as its string."""
+    return json.loads(json.dumps(dict(summary), default=str))
+
+
 def flat_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """``{scenario: {metric: v}}`` -> ``{"scenario/metric": v}``, numeric finite values only.
 

@@ -245,7 +245,7 @@ def _objective(job: _Job) -> Any:
             value = float(val_metrics[metric])
             trial.report(value, epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"epoch {epoch}: {metric} {value:.4f} below the median")
+                raise optuna.TrialPruned(f"epoch {epoch}: {metric} {value:.4f} trails the median")
 
         tags = {
             "optuna_study": job.study_name,

@@ -120,7 +120,7 @@ def test_fetch_raw_component_copies_a_mounted_path(local_runner: Path, tmp_path:
     (src / "Glaucoma" / "data_0001.npz").write_bytes(b"npz")
     raw = fetch(uri=str(src)).output
     assert (Path(raw.path) / "Glaucoma" / "data_0001.npz").read_bytes() == b"npz"
-    assert raw.metadata["files"] == "1"
+    assert raw.metadata["files"] == 1 and raw.metadata["uri"] == str(src)
 
 
 @pytest.mark.slow
@@ -183,7 +183,7 @@ def test_whole_pipeline_runs_locally_and_registers_a_model(local_runner: Path) -
     # registry: version 1 registered and, as the first one, promoted to champion
     client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
     champion = client.get_model_version_by_alias("rima-kfp", "champion")
-    assert champion.version == "1"
+    assert str(champion.version) == "1"
     assert "metric.mixed.qwk" in champion.tags
     decision = (run_dir / "promote" / "decision").read_text()
     assert "no champion yet" in decision

@@ -63,6 +63,11 @@ def test_study_name_and_worker_seeds() -> None:
         ks.worker_config(Config(), -1)
 
 
+def test_artifact_metadata_is_json(tmp_path: Path) -> None:
+    meta = ks.artifact_metadata({"store": tmp_path, "classes": ["a", "b"], "n": 3})
+    assert meta == {"store": str(tmp_path), "classes": ["a", "b"], "n": 3}
+
+
 def test_flat_metrics_drops_non_finite_and_flattens() -> None:
     flat = ks.flat_metrics(
         {"mixed": {"qwk": 0.5, "auc": float("nan"), "per_class": {"a": 1}, "note": "x"}, "n": 3}

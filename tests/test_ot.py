@@ -16,7 +16,7 @@ import ot as pot
 import pytest
 import torch
 
-from rima_core.ot import OTInputError, feature_coupling, gw_energy, labeled_gw
+from rima_core.ot import OTInputError, clear_workspace, feature_coupling, gw_energy, labeled_gw
 
 
 def _clusters(
@@ -312,3 +312,44 @@ def test_energy_helper_matches_quadruple_sum() -> None:
     t, _ = labeled_gw(x, lx, z, lz)
     cx, cz = torch.tensor(_scaled_cost(x)), torch.tensor(_scaled_cost(z))
     assert abs(float(gw_energy(cx, cz, torch.tensor(t))) - _energy(x, z, t)) < 1e-12
+
+
+def test_over_relaxed_and_plain_sinkhorn_agree() -> None:
+    rng = np.random.default_rng(20)
+    x = rng.normal(size=(16, 40)).astype(np.float32)
+    z = (x[:, :25] @ rng.normal(size=(25, 25))).astype(np.float32)
+    t = np.eye(16, dtype=np.float32) / 16
+    plain, i_plain = feature_coupling(x, z, t, relax=1.0, tol=1e-6, return_info=True)
+    fast, i_fast = feature_coupling(x, z, t, relax=1.5, tol=1e-6, return_info=True)
+    assert i_plain["converged"] and i_fast["converged"]
+    assert np.abs(plain - fast).sum() < 1e-4
+    assert i_fast["iterations"] <= i_plain["iterations"]
+    with pytest.raises(OTInputError, match="relax"):
+        feature_coupling(x, z, t, relax=2.0)
+
+
+def test_feature_coupling_output_does_not_alias_the_reused_workspace() -> None:
+    rng = np.random.default_rng(21)
+    x = torch.tensor(rng.normal(size=(10, 24)), dtype=torch.float32)
+    z = torch.tensor(rng.normal(size=(10, 12)), dtype=torch.float32)
+    t = torch.eye(10) / 10
+    first = feature_coupling(x, z, t)
+    kept = first.clone()
+    second = feature_coupling(2.0 * x + 1.0, z, t)  # same shapes: the scratch buffers are reused
+    assert torch.equal(first, kept)
+    assert not torch.equal(first, second)
+    clear_workspace()
+    assert torch.equal(feature_coupling(x, z, t), kept)
+
+
+def test_feature_coupling_log_domain_path_agrees() -> None:
+    rng = np.random.default_rng(22)
+    x = rng.normal(size=(12, 18))
+    z = rng.normal(size=(12, 9))
+    t = np.eye(12) / 12
+    kw = {"epsilon": 5e-2, "tol": 1e-10, "max_iter": 20000, "relax": 1.0, "return_info": True}
+    kernel, i_kernel = feature_coupling(x, z, t, log_domain=False, **kw)
+    logd, i_log = feature_coupling(x, z, t, log_domain=True, **kw)
+    assert i_kernel["converged"] and i_log["converged"]
+    assert i_log["log_domain"] and not i_kernel["log_domain"]
+    assert np.abs(kernel - logd).sum() < 1e-8

@@ -86,7 +86,6 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
-@pytest.mark.slow
 def test_direct_s3_artifact_location(
     s3: tuple[Server, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -128,7 +127,6 @@ def _dvc(repo: Path, *args: str, env: dict[str, str]) -> str:
     return proc.stdout
 
 
-@pytest.mark.slow
 def test_dvc_remote_on_s3_push_pull(s3: tuple[Server, object], tmp_path: Path) -> None:
     server, client = s3
     repo = tmp_path / "repo"

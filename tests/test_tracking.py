@@ -148,3 +148,21 @@ def test_explicit_artifact_location_and_missing_hash(cfg: Config, tmp_path: Path
     assert "data_hash" not in got.data.tags
     assert got.info.artifact_uri.startswith((tmp_path / "elsewhere").as_uri())
     assert (tmp_path / "elsewhere" / run.info.run_id / "artifacts" / Path(__file__).name).exists()
+
+
+def test_resumes_the_mlflow_project_run(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ``mlflow run`` the step logs into the run the project created, in its experiment."""
+    import mlflow
+
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    exp = client.create_experiment("project-experiment")
+    project_run = client.create_run(exp)
+    client.log_param(project_run.info.run_id, "params", "params.yaml")  # as `mlflow run` does
+    monkeypatch.setenv("MLFLOW_RUN_ID", project_run.info.run_id)
+    with tracking.start_run(cfg, "train") as run:
+        tracking.log_metrics({"loss": 1.0}, step=0)
+    assert run.info.run_id == project_run.info.run_id
+    got = client.get_run(run.info.run_id)
+    assert got.data.tags["step"] == "train" and got.data.params["train.epochs"] == "15"
+    assert got.data.metrics["loss"] == 1.0
+    assert client.get_experiment_by_name("rima-test") is None  # no stray experiment created
