@@ -11,7 +11,8 @@ every `dvc repro` stage. Stage times are the gaps between DVC's "Running stage" 
     python benchmarks/pipeline_e2e.py [--keep DIR] [--venv PATH]
 
 ``--venv`` reuses an existing virtualenv (skips the install; it gets the copy installed into it in
-editable mode, so do not point it at a venv others use). Results: benchmarks/results/pipeline_e2e.json.
+editable mode, so do not point it at a venv others use).
+Results: benchmarks/results/pipeline_e2e.json.
 """
 
 from __future__ import annotations

@@ -315,9 +315,15 @@ def train(
     best: dict[str, Any] = {"epoch": None, "score": None, "metrics": {}, "state_dict": None}
     start_epoch, stale, stopped_early = 1, 0, False
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise EngineError(f"{ckpt_path}: checkpoint format {ckpt.get('format')} is not mine")
+        # loaded to the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several types for a truncated/foreign file
+            raise EngineError(
+                f"{ckpt_path}: unreadable checkpoint ({exc}); train without --resume"
+            ) from exc
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise EngineError(f"{ckpt_path}: not a checkpoint of this trainer (format)")
         changed = _diff(ckpt["fingerprint"], fingerprint)
         if changed:
             raise EngineError(

@@ -386,6 +386,9 @@ def tune(
     mask_df = load_masks(masks)
     check_scenario(mask_df, "val", tc.scenario, "tuning (tune.scenario)")
     check_scenario(mask_df, "train", cfg.missing.train_scenario, "tuning (missing.train_scenario)")
+    if tc.n_trials == 0:
+        log.info("tune.n_trials is 0: no tuning; train uses the values in params.yaml")
+        return write_reports(None, out_dir, cfg)
     data_hash = tracking.manifest_hash(store)
     name = study_name or f"{tc.study_name}-{study_fingerprint(cfg, data_hash, masks)}"
 
@@ -471,26 +474,31 @@ def _run_workers(
 # --- reports -----------------------------------------------------------------------------------
 
 
-def write_reports(study: optuna.Study, out_dir: Path, cfg: Config) -> dict[str, Any]:
-    """``best_params.json``, ``study.json``, ``trials.csv`` and ``plots/`` into ``out_dir``."""
+def write_reports(study: optuna.Study | None, out_dir: Path, cfg: Config) -> dict[str, Any]:
+    """``best_params.json``, ``study.json``, ``trials.csv`` and ``plots/`` into ``out_dir``.
+
+    ``study`` is None when tuning is off (``tune.n_trials`` = 0): the reports are then empty, and
+    so is ``best_params.json``, whatever an earlier study holds.
+    """
     from optuna.trial import TrialState
 
     tc = cfg.tune
-    states = [t.state for t in study.get_trials(deepcopy=False)]
+    trials = study.get_trials(deepcopy=False) if study is not None else []
+    states = [t.state for t in trials]
     counts = {s: states.count(s) for s in TrialState}
     complete = counts[TrialState.COMPLETE]
-    if tc.n_trials > 0 and complete == 0:
+    if study is not None and complete == 0:
         raise TuneError(
             f"study {study.study_name!r}: no trial completed ({counts[TrialState.PRUNED]} pruned, "
             f"{counts[TrialState.FAIL]} failed); raise tune.timeout_s or tune.n_trials, or check "
             "the failures in the log"
         )
-    best = study.best_trial if complete else None
+    best = study.best_trial if study is not None else None
     best_params = dict(sorted(best.params.items())) if best else {}
     summary = {
-        "study_name": study.study_name,
+        "study_name": study.study_name if study is not None else None,
         "storage": safe_url(tc.storage),
-        "direction": study.direction.name.lower(),
+        "direction": study_direction(tc.metric),
         "metric": tc.metric,
         "scenario": tc.scenario,
         "epochs_per_trial": tc.epochs,
@@ -506,21 +514,24 @@ def write_reports(study: optuna.Study, out_dir: Path, cfg: Config) -> dict[str, 
     with atomic_dir(out_dir) as tmp:
         (tmp / "best_params.json").write_text(json.dumps(best_params, indent=2) + "\n")
         (tmp / "study.json").write_text(json.dumps(summary, indent=2) + "\n")
-        _trials_table(study).to_csv(tmp / "trials.csv", index=False)
+        _trials_table(trials).to_csv(tmp / "trials.csv", index=False)
         plots = tmp / "plots"
         plots.mkdir()
-        if complete:
+        if study is not None:
             _plots(study, plots, tc)
     if best:
         log.info("best trial %d: %s %.4f with %s", best.number, tc.metric, best.value, best_params)
     return summary
 
 
-def _trials_table(study: optuna.Study) -> Any:
+TRIAL_COLUMNS = ["number", "state", "value", "epochs_run", "duration_s", "worker"]
+
+
+def _trials_table(trials: list[optuna.trial.FrozenTrial]) -> Any:
     import pandas as pd
 
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    for t in trials:
         row: dict[str, Any] = {
             "number": t.number,
             "state": t.state.name,
@@ -531,7 +542,7 @@ def _trials_table(study: optuna.Study) -> Any:
         }
         row.update({f"param:{k}": v for k, v in sorted(t.params.items())})
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=None if rows else TRIAL_COLUMNS)
 
 
 def _plots(study: optuna.Study, out: Path, tc: TuneConfig) -> None:

@@ -266,3 +266,26 @@ def test_tracker_receives_every_epoch(tiny_cfg: Config, tiny_data: TinyData, tmp
         for key in ("train_loss", "train_ce", "train_aux", "val_qwk", "epoch_seconds", "ot_share"):
             assert key in metrics
     assert os.path.exists(tmp_path / "model.pt")
+
+
+def test_resume_from_a_corrupt_checkpoint_is_a_clear_error(
+    tiny_cfg: Config, tiny_data: TinyData, tmp_path: Path
+) -> None:
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(EngineError, match="unreadable checkpoint"):
+        train(tiny_data.store, tiny_data.masks, tmp_path, tiny_cfg, resume=True)
+
+
+def test_resume_without_checkpoint_starts_fresh(
+    tiny_cfg: Config, tiny_data: TinyData, tmp_path: Path
+) -> None:
+    tiny_cfg.train.epochs = 1
+    tiny_cfg.model.name = "late_fusion_zero"
+    summary = train(tiny_data.store, tiny_data.masks, tmp_path, tiny_cfg, resume=True)
+    assert summary["epochs_run"] == 1
+    # resuming a finished run trains nothing more and gives the same model
+    before = _weights(tmp_path / "model.pt")
+    again = train(tiny_data.store, tiny_data.masks, tmp_path, tiny_cfg, resume=True)
+    assert again["epochs_run"] == 1 and again["best_epoch"] == summary["best_epoch"]
+    after = _weights(tmp_path / "model.pt")
+    assert all(torch.equal(before[k], after[k]) for k in before)

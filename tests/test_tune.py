@@ -164,14 +164,22 @@ def test_unknown_scenario_fails_before_any_trial(
     assert not (tmp_path / "tune").exists()
 
 
-def test_zero_budget_means_no_tuning(tiny_cfg: Config, tiny_data: TinyData, tmp_path: Path):
-    """tune.n_trials = 0 writes an empty best_params.json: train then uses params.yaml values."""
-    cfg = _cfg(tiny_cfg, tmp_path, n_trials=0)
+def test_zero_budget_means_no_tuning(
+    tiny_cfg: Config, tiny_data: TinyData, tmp_path: Path, scripted: ScriptedTraining
+) -> None:
+    """tune.n_trials = 0 writes an empty best_params.json, even when the study already holds
+    trials: train then uses the params.yaml values (how to train with hand-set values)."""
+    cfg = _cfg(tiny_cfg, tmp_path)
     out = tmp_path / "tune"
-    summary = tune(tiny_data.store, tiny_data.masks, out, cfg, track=False)
+    tune(tiny_data.store, tiny_data.masks, out, cfg, n_trials=2, track=False)
+    assert json.loads((out / "best_params.json").read_text()) != {}
+    cfg.tune.n_trials = 0
+    summary = tune(tiny_data.store, tiny_data.masks, out, cfg)
     assert summary["n_trials"] == 0 and summary["best_params"] == {}
     assert json.loads((out / "best_params.json").read_text()) == {}
+    assert list(pd.read_csv(out / "trials.csv").columns)[:2] == ["number", "state"]
     assert steps.apply_best_params(cfg, out / "best_params.json") == cfg
+    assert len(scripted.calls) == 2
 
 
 def test_diverging_trial_is_failed_and_the_search_goes_on(
@@ -199,7 +207,6 @@ def test_every_trial_failing_is_an_error(
         tune(tiny_data.store, tiny_data.masks, tmp_path / "tune", cfg, track=False)
 
 
-@pytest.mark.slow
 def test_real_trials_prune_and_nest_in_mlflow(
     tiny_cfg: Config, tiny_data: TinyData, tmp_path: Path
 ) -> None:
@@ -245,7 +252,6 @@ def test_real_trials_prune_and_nest_in_mlflow(
     assert parent.data.metrics["n_pruned"] == summary["n_pruned"]
 
 
-@pytest.mark.slow
 def test_workers_share_one_study(tiny_cfg: Config, tiny_data: TinyData, tmp_path: Path) -> None:
     cfg = _cfg(tiny_cfg, tmp_path, n_trials=4, epochs=1)
     summary = tune(tiny_data.store, tiny_data.masks, tmp_path / "tune", cfg, workers=2, track=False)
