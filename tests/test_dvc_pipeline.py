@@ -27,9 +27,10 @@ def _env() -> dict[str, str]:
     """The venv's `rima` and `dvc` first on PATH; MLflow/Optuna destinations from params only."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", GX_ANALYTICS_ENABLED="false")
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
-        env.pop(key, None)
+    env.update(DVC_NO_ANALYTICS="1", GX_ANALYTICS_ENABLED="false")
+    for key in [k for k in env if k.startswith("MLFLOW_")]:  # e.g. an experiment id set by
+        env.pop(key)  # an earlier test's MLflow run would point at another store
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
     return env
 
 

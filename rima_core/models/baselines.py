@@ -17,7 +17,7 @@ from torch import nn
 
 from rima_core.config import ModelConfig
 
-from .common import MLP, ModelOutput, check_inputs, encode_present, modality_dropout, zero_loss
+from .common import MLP, ModelOutput, check_inputs, encode_present, training_dropout, zero_loss
 from .encoders import build_encoder
 
 
@@ -90,12 +90,7 @@ class LateFusion(nn.Module):
     ) -> ModelOutput:
         has_f, has_o = check_inputs(fundus, oct, has_fundus, has_oct)
         stats: dict[str, float] = {}
-        if self.training and self.modality_dropout > 0:
-            kept_f, kept_o = modality_dropout(has_f, has_o, self.modality_dropout)
-            stats["modality_dropped"] = float(
-                ((kept_f != has_f) | (kept_o != has_o)).float().mean()
-            )
-            has_f, has_o = kept_f, kept_o
+        has_f, has_o = training_dropout(self.training, self.modality_dropout, has_f, has_o, stats)
         f = encode_present(self.fundus_encoder, fundus, has_f)  # zeros where absent
         o = encode_present(self.oct_encoder, oct, has_o)
         logits = self.head(torch.cat([f, o.to(f.dtype)], dim=1))

@@ -79,6 +79,20 @@ def modality_dropout(
     return has_f & ~drop_fundus, has_o & ~drop_oct
 
 
+def training_dropout(
+    training: bool, p: float, has_f: torch.Tensor, has_o: torch.Tensor, stats: dict[str, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`modality_dropout` in training mode only, recording the dropped fraction in ``stats``.
+
+    A dropped modality is then treated exactly like a missing one, including not encoding it.
+    """
+    if not training or p <= 0:
+        return has_f, has_o
+    kept_f, kept_o = modality_dropout(has_f, has_o, p)
+    stats["modality_dropped"] = float(((kept_f != has_f) | (kept_o != has_o)).float().mean())
+    return kept_f, kept_o
+
+
 def encode_present(encoder: nn.Module, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """Encode only the rows that have the modality and scatter them back to their batch rows.
 

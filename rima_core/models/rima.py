@@ -35,7 +35,7 @@ from .common import (
     ModelOutput,
     check_inputs,
     encode_present,
-    modality_dropout,
+    training_dropout,
     zero_loss,
 )
 from .encoders import build_encoder
@@ -183,13 +183,7 @@ class RIMA(nn.Module):
     ) -> ModelOutput:
         has_f, has_o = check_inputs(fundus, oct, has_fundus, has_oct)
         stats: dict[str, float] = {}
-        if self.training and self.modality_dropout > 0:
-            # A dropped modality is treated exactly like a missing one, including not encoding it.
-            kept_f, kept_o = modality_dropout(has_f, has_o, self.modality_dropout)
-            stats["modality_dropped"] = float(
-                ((kept_f != has_f) | (kept_o != has_o)).float().mean()
-            )
-            has_f, has_o = kept_f, kept_o
+        has_f, has_o = training_dropout(self.training, self.modality_dropout, has_f, has_o, stats)
 
         f = encode_present(self.fundus_encoder, fundus, has_f)  # (B, d_f), zeros where absent
         o = encode_present(self.oct_encoder, oct, has_o)  # (B, d_o)
