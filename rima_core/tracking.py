@@ -37,9 +37,19 @@ TAG_GIT_DIRTY = "git_dirty"
 TAG_DATA_HASH = "data_hash"
 
 
+# The URI this process last handed to ``mlflow.set_tracking_uri``. MLflow copies it into
+# ``MLFLOW_TRACKING_URI``, so without this a second configuration in one process (a test suite, a
+# notebook, a pipeline running several steps in-process) would keep writing to the first store.
+_uri_we_set: str | None = None
+
+
 def tracking_uri(cfg: MlflowConfig) -> str:
-    """``MLFLOW_TRACKING_URI`` wins over params: a cluster points every step at its server."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+    """``MLFLOW_TRACKING_URI`` set by the user wins over params (a cluster points every step at its
+    server); the copy MLflow itself leaves there after :func:`use_store` does not."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env and env != _uri_we_set:
+        return env
+    return cfg.tracking_uri
 
 
 def default_artifact_location(cfg: MlflowConfig, uri: str) -> str | None:
@@ -65,8 +75,10 @@ def use_store(cfg: MlflowConfig) -> str:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
+    global _uri_we_set
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
+    _uri_we_set = uri
     return uri
 
 

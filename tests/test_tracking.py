@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rima_core import tracking
-from rima_core.config import Config
+from rima_core.config import Config, MlflowConfig
 from tests.servers import sqlite_uri
 
 
@@ -166,3 +166,19 @@ def test_resumes_the_mlflow_project_run(cfg: Config, monkeypatch: pytest.MonkeyP
     assert got.data.tags["step"] == "train" and got.data.params["train.epochs"] == "15"
     assert got.data.metrics["loss"] == 1.0
     assert client.get_experiment_by_name("rima-test") is None  # no stray experiment created
+
+
+def test_a_second_store_in_one_process_is_used(tmp_path, monkeypatch):
+    """MLflow copies the URI it is given into MLFLOW_TRACKING_URI; that copy must not pin every
+    later configuration of the same process to the first store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    import mlflow
+
+    first = MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'a.db'}", experiment="e")
+    second = MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'b.db'}", experiment="e")
+    tracking.use_store(first)
+    assert tracking.tracking_uri(second) == second.tracking_uri
+    tracking.use_store(second)
+    assert mlflow.get_tracking_uri() == second.tracking_uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", first.tracking_uri + "-user")  # a user's own choice
+    assert tracking.tracking_uri(second) == first.tracking_uri + "-user"
