@@ -37,19 +37,33 @@ TAG_GIT_DIRTY = "git_dirty"
 TAG_DATA_HASH = "data_hash"
 
 
-# The URI this process last handed to ``mlflow.set_tracking_uri``. MLflow copies it into
-# ``MLFLOW_TRACKING_URI``, so without this a second configuration in one process (a test suite, a
-# notebook, a pipeline running several steps in-process) would keep writing to the first store.
-_uri_we_set: str | None = None
+# Variables MLflow writes into ``os.environ`` on its own (``set_tracking_uri`` copies the URI into
+# the first, ``set_experiment`` the id into the second) so that child processes inherit them.
+# Left there, MLflow's copy is indistinguishable from a user's setting: a second configuration in
+# one process (a notebook, kfp.local, a test suite) would keep writing to the first store, or a
+# user's own URI would be mistaken for MLflow's copy and dropped. So these variables only ever hold
+# what the user put there; our own processes (tune workers) get the config, not the environment.
+_MLFLOW_OWN_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")
+
+
+@contextlib.contextmanager
+def _environment_kept() -> Iterator[None]:
+    """Undo whatever the block writes to the :data:`_MLFLOW_OWN_ENV` variables."""
+    before = {name: os.environ.get(name) for name in _MLFLOW_OWN_ENV}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def tracking_uri(cfg: MlflowConfig) -> str:
     """``MLFLOW_TRACKING_URI`` set by the user wins over params (a cluster points every step at its
-    server); the copy MLflow itself leaves there after :func:`use_store` does not."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env and env != _uri_we_set:
-        return env
-    return cfg.tracking_uri
+    server); MLflow's own copy never stays there (see :data:`_MLFLOW_OWN_ENV`)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
 
 
 def default_artifact_location(cfg: MlflowConfig, uri: str) -> str | None:
@@ -75,10 +89,9 @@ def use_store(cfg: MlflowConfig) -> str:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
-    global _uri_we_set
     uri = tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
-    _uri_we_set = uri
+    with _environment_kept():
+        mlflow.set_tracking_uri(uri)
     return uri
 
 
@@ -116,7 +129,8 @@ def configure(cfg: MlflowConfig) -> str:
                 exp.artifact_location,
                 cfg.artifact_location,
             )
-    mlflow.set_experiment(experiment_id=exp_id)
+    with _environment_kept():
+        mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
 

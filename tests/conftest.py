@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,24 @@ TINY_OVERRIDES = [
     "train.device=cpu",
     "evaluate.batch_size=32",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_isolation() -> Iterator[None]:
+    """Each test starts from the MLflow environment the session started with and leaves no run
+    open: a run left active would swallow the next test's runs as nested ones in the wrong store,
+    and ``MLFLOW_*`` variables set by a test (or by MLflow) would steer every later one."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    yield
+    if "mlflow" in sys.modules:  # never import mlflow (~7 s) just to check
+        import mlflow
+
+        while mlflow.active_run() is not None:
+            mlflow.end_run("KILLED")
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        if key not in before:
+            del os.environ[key]
+    os.environ.update(before)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -182,3 +183,53 @@ def test_a_second_store_in_one_process_is_used(tmp_path, monkeypatch):
     assert mlflow.get_tracking_uri() == second.tracking_uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", first.tracking_uri + "-user")  # a user's own choice
     assert tracking.tracking_uri(second) == first.tracking_uri + "-user"
+
+
+def test_mlflow_own_env_copies_do_not_outlive_configure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: MLflow's copies of the URI and experiment id in ``os.environ`` leaked; when an
+    earlier copy came back (a saved environment restored, as pytest's monkeypatch does), it was
+    taken for the user's choice and a later step logged into an old store."""
+    import mlflow
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    cfgs = []
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        cfgs.append(MlflowConfig(tracking_uri=sqlite_uri(tmp_path / name), experiment="e"))
+
+    tracking.configure(cfgs[0])
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert "MLFLOW_EXPERIMENT_ID" not in os.environ
+    saved = os.environ.get("MLFLOW_TRACKING_URI")  # an environment snapshot taken here ...
+    tracking.configure(cfgs[1])
+    if saved is not None:  # ... and restored later
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", saved)
+    c = Config()
+    c.mlflow = cfgs[2]
+    with tracking.start_run(c, "train", log_params=False) as run:
+        pass
+    assert mlflow.MlflowClient(cfgs[2].tracking_uri).get_run(run.info.run_id).info.run_name == (
+        "train"
+    )
+
+
+def test_user_tracking_uri_wins_on_every_configuration(
+    cfg: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the user's MLFLOW_TRACKING_URI was honoured once, then mistaken for MLflow's
+    own copy, so a second step in the process (a tune trial, the register step) used params."""
+    import mlflow
+
+    (tmp_path / "user").mkdir()
+    user = sqlite_uri(tmp_path / "user")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", user)
+    ids = []
+    for step in ("tune", "trial-0"):
+        with tracking.start_run(cfg, step, log_params=False) as run:
+            ids.append(run.info.run_id)
+        assert os.environ["MLFLOW_TRACKING_URI"] == user
+    client = mlflow.MlflowClient(user)
+    assert [client.get_run(i).info.run_name for i in ids] == ["tune", "trial-0"]
