@@ -740,7 +740,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--train-models", nargs="+", default=["rima", "late_fusion_zero"])
     ap.add_argument("--train-steps", type=int, default=20)
     ap.add_argument("--train-rounds", type=int, default=2)
-    ap.add_argument("--train-eyes", type=int, default=200, help="phantom size (60% train)")
+    ap.add_argument("--train-eyes", type=int, default=200, help="phantom size (60%% train)")
     return ap.parse_args(argv)
 
 
