@@ -320,7 +320,8 @@ def render(
         f"Command: `{args.command}`",
         "",
         f"Seeds {seeds} (each seed = its own generated dataset *and* training seed); "
-        f"{args.n_eyes} eyes per dataset (60/20/20 split), 64² fundus, 32³ OCT; every method "
+        f"{args.n_eyes} eyes per dataset (60/20/20 split), 64² fundus, 32³ OCT, CPU, "
+        f"{args.threads} torch thread(s); every method "
         f"trained for at most {args.epochs} epochs (same budget for all; early stopping patience "
         f"{args.patience}), model selection on the **validation** split under `mixed` by QWK; "
         "scores on the **test** split. Cells: mean ± sample std over seeds. "
@@ -388,7 +389,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help="data, models, evaluations")
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads (1: on a shared 2-core machine threaded ops stall; see speed_train)",
+    )  # fmt: skip
     ap.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
     args = ap.parse_args(argv)
     args.command = "python benchmarks/missing_modality.py" + "".join(
