@@ -202,3 +202,18 @@ def model_server(
     log = workdir / f"model-server-{port}.log"
     with _serve(cmd, port, log, env, "/ping", timeout) as server:
         yield server
+
+
+def mlflow_test_config(tmp_path: Path, monkeypatch, experiment: str, model_name: str | None = None):  # type: ignore[no-untyped-def]
+    """A Config on a fresh SQLite MLflow store in tmp_path, with no MLflow env left from outside."""
+    from rima_core.config import Config
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    c = Config()
+    c.mlflow.tracking_uri = sqlite_uri(tmp_path)
+    c.mlflow.experiment = experiment
+    if model_name is not None:
+        c.mlflow.model_name = model_name
+    return c

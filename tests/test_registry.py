@@ -15,20 +15,14 @@ import pytest
 
 from rima_core import registry
 from rima_core.config import Config
-from tests.servers import sqlite_uri
+from tests.servers import mlflow_test_config
 
 NAME = "rima-test"
 
 
 @pytest.fixture
 def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    c = Config()
-    c.mlflow.tracking_uri = sqlite_uri(tmp_path)
-    c.mlflow.experiment = "rima-test"
-    c.mlflow.model_name = NAME
+    c = mlflow_test_config(tmp_path, monkeypatch, "rima-test", NAME)
     c.promote.metric = "qwk"
     c.promote.scenario = "mixed"
     c.promote.margin = 0.01

@@ -22,7 +22,7 @@ import yaml
 from rima_core import serving
 from rima_core.config import Config, ModelConfig, OTConfig
 from rima_core.models import ModelSpec, build_model, save_model
-from tests.servers import sqlite_uri
+from tests.servers import mlflow_test_config, sqlite_uri
 
 CLASSES = ["normal", "early", "late"]
 
@@ -192,14 +192,7 @@ def test_pip_requirements_are_pinned_and_cover_the_serving_imports(model_pt: Pat
 
 @pytest.fixture
 def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    c = Config()
-    c.mlflow.tracking_uri = sqlite_uri(tmp_path)
-    c.mlflow.experiment = "rima-serving-test"
-    c.mlflow.model_name = "rima-serving-test"
-    return c
+    return mlflow_test_config(tmp_path, monkeypatch, "rima-serving-test", "rima-serving-test")
 
 
 def test_log_load_predict_pyfunc(cfg: Config, model_pt: Path, tmp_path: Path) -> None:

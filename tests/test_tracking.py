@@ -14,18 +14,12 @@ import pytest
 
 from rima_core import tracking
 from rima_core.config import Config, MlflowConfig
-from tests.servers import sqlite_uri
+from tests.servers import mlflow_test_config, sqlite_uri
 
 
 @pytest.fixture
 def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    c = Config()
-    c.mlflow.tracking_uri = sqlite_uri(tmp_path)
-    c.mlflow.experiment = "rima-test"
-    return c
+    return mlflow_test_config(tmp_path, monkeypatch, "rima-test")
 
 
 def _store(tmp_path: Path, content_hash: str) -> Path:
