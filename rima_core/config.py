@@ -40,6 +40,11 @@ class SynthConfig:
     missing_fundus_fraction: float = 0.05
     missing_oct_fraction: float = 0.05
     split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
+    # Signal strength of each modality's view of the severity: its independent noise std is
+    # MODALITY_NOISE / signal (synthetic.py). 1.0 = the default phantom (where the OCT is the
+    # easier modality to read); fundus_signal > oct_signal makes the fundus the stronger one.
+    fundus_signal: float = 1.0
+    oct_signal: float = 1.0
 
 
 @dataclass

@@ -510,3 +510,133 @@ def test_bad_pretrained_weights_give_clear_errors(tmp_path) -> None:
     torch.save(build_encoder("small_cnn3d", 32).backbone.state_dict(), wrong_shape)
     with pytest.raises(PretrainedWeightsError, match="do not fit"):
         build_encoder("small_cnn2d", 32, weights=wrong_shape)
+
+
+# -------------------------------------------------------------------------------------------
+# imputation and distillation baselines
+
+
+def _grads(module: nn.Module) -> float:
+    return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("name", ["imputation", "distillation"])
+def test_new_baselines_train_and_grade_an_eye_missing_either_modality(name: str) -> None:
+    model = make_model(name, modality_dropout=0.3).train()
+    b = make_batch(*MIXED)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        out = run(model, b)
+        assert float(out.aux_loss.detach()) > 0, name  # complete eyes in every batch
+        ce = F.cross_entropy(out.logits, b["label"])
+        opt.zero_grad()
+        (ce + out.aux_loss).backward()
+        opt.step()
+        losses.append((float(ce.detach()), float(out.aux_loss.detach())))
+    assert sum(c for c, _ in losses[-5:]) / 5 < 0.6 * losses[0][0], losses
+    assert sum(a for _, a in losses[-5:]) / 5 < losses[0][1], losses  # the aux objective learns
+    model.eval()
+    grade = make_batch([1, 0, 1], [0, 1, 1])  # OCT missing, fundus missing, both
+    with torch.no_grad():
+        out = run(model, grade, labels=False)
+    assert out.logits.shape == (3, K) and torch.isfinite(out.logits).all()
+    assert float(out.aux_loss) == 0.0
+
+
+def test_imputation_regressors_learn_from_regression_only_and_fill_the_gap() -> None:
+    model = make_model("imputation").train()
+    b = make_batch([1] * 6, [1] * 6)
+    out = run(model, b)
+    s = out.stats
+    assert float(out.aux_loss.detach()) == pytest.approx(
+        s["imputation_loss_fo"] + s["imputation_loss_of"], rel=1e-5
+    )
+    F.cross_entropy(out.logits, b["label"]).backward()
+    # complete eyes: the head reads real features, the regressors get nothing from CE
+    assert _grads(model.imp_fo) == 0 and _grads(model.imp_of) == 0
+    assert _grads(model.head) > 0 and _grads(model.fundus_encoder) > 0
+    model.zero_grad()
+    run(model, b).aux_loss.backward()
+    assert _grads(model.imp_fo) > 0 and _grads(model.imp_of) > 0
+    # inputs and targets are detached: the regression never moves the encoders
+    assert _grads(model.fundus_encoder) == 0 and _grads(model.oct_encoder) == 0
+
+    model.zero_grad()
+    partial = make_batch([1, 1, 0, 0], [1, 0, 1, 1])  # eye 0 has both: a regression pair
+    out = run(model, partial)
+    F.cross_entropy(out.logits, partial["label"]).backward()
+    # the head reads imputed features detached: still no CE gradient into the regressors
+    assert _grads(model.imp_fo) == 0 and _grads(model.imp_of) == 0
+    unpaired = make_batch([1, 1, 0], [0, 0, 1])
+    assert float(run(model, unpaired).aux_loss.detach()) == 0.0  # no eye with both
+
+    model.eval()
+    with torch.no_grad():
+        out = run(model, partial, labels=False).logits
+        f = model.fundus_encoder(partial["fundus"][1:2])
+        expected = model.head(torch.cat([f, model.imp_fo(f)], dim=1))
+        torch.testing.assert_close(out[1:2], expected)
+        o = model.oct_encoder(partial["oct"][2:3])
+        expected = model.head(torch.cat([model.imp_of(o), o], dim=1))
+        torch.testing.assert_close(out[2:3], expected)
+
+
+def test_imputation_trains_with_modality_dropout() -> None:
+    assert make_model("imputation", modality_dropout=0.4).modality_dropout == 0.4
+    model = make_model("imputation", modality_dropout=0.9).train()
+    out = run(model, make_batch([1] * 8, [1] * 8))
+    assert out.stats["modality_dropped"] > 0 and out.stats["imputed_fraction"] > 0
+
+
+def test_distillation_routes_teacher_or_student_and_distils() -> None:
+    model = make_model("distillation").eval()
+    b = make_batch([1, 1, 0], [1, 0, 1])
+    with torch.no_grad():
+        out = run(model, b, labels=False).logits
+        f = model.fundus_encoder(b["fundus"])
+        o = model.oct_encoder(b["oct"])
+        torch.testing.assert_close(out[0], model.teacher(torch.cat([f[:1], o[:1]], 1))[0])
+        torch.testing.assert_close(out[1], model.student_f(f[1:2])[0])
+        torch.testing.assert_close(out[2], model.student_o(o[2:3])[0])
+        model.student_f.net[-1].bias.add_(1.0)
+        moved = run(model, b, labels=False).logits
+    assert not torch.allclose(moved[1], out[1])
+    torch.testing.assert_close(moved[[0, 2]], out[[0, 2]])
+
+    model.train()
+    complete = make_batch([1] * 6, [1] * 6)
+    out = run(model, complete)
+    assert out.stats["distill_kl"] > 0 and out.stats["student_ce"] > 0
+    F.cross_entropy(out.logits, complete["label"]).backward()
+    # complete eyes: the routed logits are the teacher's; the students learn from aux only
+    assert _grads(model.teacher) > 0
+    assert _grads(model.student_f) == 0 and _grads(model.student_o) == 0
+    model.zero_grad()
+    run(model, complete).aux_loss.backward()
+    assert _grads(model.student_f) > 0 and _grads(model.student_o) > 0
+    assert _grads(model.teacher) == 0  # the teacher's softened prediction is a detached target
+    model.zero_grad()
+    lone = make_batch([1, 1, 0, 0], [0, 0, 1, 1])
+    out = run(model, lone)
+    assert float(out.aux_loss.detach()) == 0.0  # nothing to distil without a complete eye
+    F.cross_entropy(out.logits, lone["label"]).backward()
+    assert _grads(model.student_f) > 0 and _grads(model.student_o) > 0
+
+
+def test_distillation_kl_term_pulls_students_towards_the_teacher() -> None:
+    """Without labels only the KL term remains: a few steps of it bring each student's softened
+    prediction closer to the (fixed) teacher's."""
+    model = make_model("distillation").train()
+    b = make_batch([1] * 6, [1] * 6)
+    params = [*model.student_f.parameters(), *model.student_o.parameters()]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    first = None
+    for _ in range(25):
+        out = run(model, b, labels=False)
+        first = first if first is not None else out.stats["distill_kl"]
+        opt.zero_grad()
+        out.aux_loss.backward()
+        opt.step()
+    assert out.stats["student_ce"] == 0.0
+    assert out.stats["distill_kl"] < 0.3 * first

@@ -118,6 +118,8 @@ def test_replaces_an_existing_output(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "bad",
     [
+        {"fundus_signal": 0.0},
+        {"oct_signal": -1.0},
         {"n_classes": 1},
         {"class_weights": [1.0, 2.0]},
         {"split_fractions": [0.5, 0.5, 0.5]},
@@ -191,3 +193,65 @@ def test_each_modality_informative_and_both_better(tmp_path: Path) -> None:
     assert acc_f > chance + 0.25, (acc_f, acc_o, acc_both)
     assert acc_o > chance + 0.25, (acc_f, acc_o, acc_both)
     assert acc_both > max(acc_f, acc_o) + 0.03, (acc_f, acc_o, acc_both)
+
+
+# --- per-modality signal strength ----------------------------------------------------------------
+
+# Digest of the tree written by generator 1.0 *before* the signal keys existed (computed once from
+# that commit's synthetic.py with _tiny(missing_fundus_fraction=0.1, missing_oct_fraction=0.1)).
+# The default signals must reproduce it byte for byte: data.dvc records the default phantom.
+_UNCHANGED_DIGEST = "9b555b008f1dc99c741a6037fab0d88c5c54e166c9bbcee8e0ba7daa7d0b0bcd"
+
+
+def _tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for name, digest in _hashes(root).items():
+        h.update(f"{Path(name).as_posix()} {digest}\n".encode())
+    return h.hexdigest()
+
+
+def test_default_signals_leave_the_output_unchanged(tmp_path: Path) -> None:
+    cfg = _tiny(missing_fundus_fraction=0.1, missing_oct_fraction=0.1)
+    assert (cfg.fundus_signal, cfg.oct_signal) == (1.0, 1.0)
+    generate(tmp_path, cfg)
+    assert _tree_digest(tmp_path) == _UNCHANGED_DIGEST
+    meta = json.loads((tmp_path / "SYNTHETIC.json").read_text())
+    assert "fundus_signal" not in meta["config"] and "oct_signal" not in meta["config"]
+
+
+def test_signal_scales_only_that_modalitys_noise() -> None:
+    from rima_core.data.synthetic import MODALITY_NOISE, _plan, modality_noise
+
+    base_cfg = SynthConfig(n_eyes=4000, seed=5)
+    strong = SynthConfig(n_eyes=4000, seed=5, fundus_signal=2.0, oct_signal=0.5)
+    assert modality_noise(strong, "fundus") == MODALITY_NOISE / 2.0
+    assert modality_noise(strong, "oct") == MODALITY_NOISE * 2.0
+    base, plan = _plan(base_cfg), _plan(strong)
+    np.testing.assert_array_equal(plan.severity, base.severity)  # same eyes, same grades
+    np.testing.assert_array_equal(plan.grade, base.grade)
+    noise_f, noise_o = plan.sev_fundus - plan.severity, plan.sev_oct - plan.severity
+    # the same standard-normal draws, scaled by 1/signal
+    np.testing.assert_allclose(noise_f, 0.5 * (base.sev_fundus - base.severity), atol=1e-12)
+    np.testing.assert_allclose(noise_o, 2.0 * (base.sev_oct - base.severity), atol=1e-12)
+    assert abs(noise_f.std() - 0.06) < 0.004 and abs(noise_o.std() - 0.24) < 0.015
+    # a stronger fundus signal: its view of the severity predicts the grade better than OCT's
+    k = strong.n_classes
+    acc_f = np.mean(np.clip(np.floor(plan.sev_fundus * k), 0, k - 1) == plan.grade)
+    acc_o = np.mean(np.clip(np.floor(plan.sev_oct * k), 0, k - 1) == plan.grade)
+    assert acc_f > acc_o + 0.2, (acc_f, acc_o)
+
+
+def test_signal_changes_only_that_modalitys_images(tmp_path: Path) -> None:
+    generate(tmp_path / "a", _tiny(n_eyes=12))
+    generate(tmp_path / "b", _tiny(n_eyes=12, fundus_signal=3.0))
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.npz"))
+    changed = 0
+    for rel in files:
+        with np.load(tmp_path / "a" / rel) as za, np.load(tmp_path / "b" / rel) as zb:
+            if "oct_bscans" in za.files:
+                np.testing.assert_array_equal(za["oct_bscans"], zb["oct_bscans"])
+            if "slo_fundus" in za.files:
+                changed += not np.array_equal(za["slo_fundus"], zb["slo_fundus"])
+    assert changed >= 6
+    meta = json.loads((tmp_path / "b" / "SYNTHETIC.json").read_text())
+    assert meta["config"]["fundus_signal"] == 3.0 and "oct_signal" not in meta["config"]

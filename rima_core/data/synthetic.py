@@ -6,6 +6,9 @@ data that has those properties by construction. Each eye has a latent disease se
 ``s`` in [0, 1); its grade is ``floor(s * K)``. Each modality renders its OWN noisy view of the
 severity (``s + N(0, MODALITY_NOISE)``, independently drawn), so either modality alone predicts
 the grade, and the two together predict it better because their noises average out.
+``synth.fundus_signal`` / ``synth.oct_signal`` set each modality's signal strength: its noise
+std is ``MODALITY_NOISE / signal``, so a phantom where the fundus is the stronger modality (the
+default one lets the OCT dominate) is one setting away.
 
 * Fundus (H×W×3): optic disc whose cup-to-disc ratio grows with severity, lesion spots
   (exudates, haemorrhages) whose count and size grow with severity, fixed-pattern vessels,
@@ -49,6 +52,7 @@ SPLIT_USE = {"train": "training", "val": "validation", "test": "test"}
 # spans 1/K). Chosen so that on the default 3-grade phantom each modality alone is clearly
 # informative yet clearly worse than both (see tests/test_synthetic.py).
 MODALITY_NOISE = 0.12
+SIGNAL_KEYS = ("fundus_signal", "oct_signal")  # SynthConfig keys scaling MODALITY_NOISE
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 # Acquisition "sites": colour cast (RGB gain), illumination gradient strength, blur sigma in
@@ -146,12 +150,38 @@ def _check(cfg: SynthConfig) -> None:
         raise ConfigError(
             f"synth.split_fractions must be 3 non-negative numbers summing to 1, got {fr}"
         )
+    for key in SIGNAL_KEYS:
+        value = getattr(cfg, key)
+        if not (np.isfinite(value) and value > 0):
+            raise ConfigError(f"synth.{key} must be a positive number, got {value}")
     mf, mo = cfg.missing_fundus_fraction, cfg.missing_oct_fraction
     if not (0 <= mf <= 1 and 0 <= mo <= 1 and mf + mo <= 1):
         raise ConfigError(
             f"synth.missing_fundus_fraction + missing_oct_fraction must lie in [0, 1] "
             f"(an eye never lacks both), got {mf} + {mo}"
         )
+
+
+def modality_noise(cfg: SynthConfig, modality: str) -> float:
+    """Std of ``modality``'s independent view of the severity: ``MODALITY_NOISE / signal``.
+
+    With signal 1.0 this is exactly ``MODALITY_NOISE`` (x / 1.0 == x in floating point), and
+    ``rng.normal(0, s)`` draws ``s * standard_normal``, so the default phantom is unchanged.
+    """
+    if modality not in ("fundus", "oct"):
+        raise ValueError(f"modality must be 'fundus' or 'oct', got {modality!r}")
+    return MODALITY_NOISE / float(getattr(cfg, f"{modality}_signal"))
+
+
+def _meta_config(cfg: SynthConfig) -> dict[str, Any]:
+    """The config recorded in SYNTHETIC.json. Signal keys at their 1.0 default are left out,
+    so the default phantom's bytes (and data.dvc's hash) are those of generator 1.0, written
+    before the keys existed; any other value is recorded."""
+    values = dataclasses.asdict(cfg)
+    for key in SIGNAL_KEYS:
+        if values[key] == 1.0:
+            del values[key]
+    return values
 
 
 def _apportion(total: int, weights: np.ndarray) -> np.ndarray:
@@ -191,8 +221,8 @@ def _plan(cfg: SynthConfig) -> _Plan:
     weights = np.ones(k) if cfg.class_weights is None else np.asarray(cfg.class_weights, float)
     grade = rng.permutation(np.repeat(np.arange(k), _apportion(n, weights)))
     severity = (grade + rng.uniform(0.0, 1.0, n)) / k
-    sev_fundus = severity + rng.normal(0.0, MODALITY_NOISE, n)
-    sev_oct = severity + rng.normal(0.0, MODALITY_NOISE, n)
+    sev_fundus = severity + rng.normal(0.0, modality_noise(cfg, "fundus"), n)
+    sev_oct = severity + rng.normal(0.0, modality_noise(cfg, "oct"), n)
 
     split = np.empty(n, dtype=object)
     counts = _stratified_counts(np.bincount(grade, minlength=k), np.asarray(cfg.split_fractions))
@@ -481,7 +511,7 @@ def generate(out: Path, cfg: SynthConfig) -> dict[str, Any]:
         meta = {
             "generator": "rima_core.data.synthetic",
             "version": GENERATOR_VERSION,
-            "config": dataclasses.asdict(cfg),
+            "config": _meta_config(cfg),
         }
         (tmp / "SYNTHETIC.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     summary = {

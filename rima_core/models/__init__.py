@@ -29,6 +29,8 @@ MODEL_NAMES = (
     "oct_only",
     "late_fusion_zero",
     "late_fusion_dropout",
+    "imputation",
+    "distillation",
 )
 
 __all__ = [
@@ -105,13 +107,19 @@ def build_model(spec: ModelSpec, pretrained: bool = True) -> nn.Module:
     """Build the model ``spec.name``. ``pretrained=False`` skips loading the local backbone
     weights named in the spec (``load_model`` overwrites every parameter anyway, and a serving
     machine does not have those files)."""
-    from .baselines import LateFusion, SingleModality
+    from .baselines import Distillation, Imputation, LateFusion, SingleModality
     from .rima import RIMA
 
     mcfg, ocfg = spec.model_config(), spec.ot_config()
     name, k = spec.name, spec.n_classes
-    if name.startswith("rima"):
-        model: nn.Module = RIMA(
+    if name == "imputation":
+        model: nn.Module = Imputation(
+            mcfg, k, modality_dropout=mcfg.modality_dropout, pretrained=pretrained
+        )
+    elif name == "distillation":
+        model = Distillation(mcfg, k, pretrained=pretrained)
+    elif name.startswith("rima"):
+        model = RIMA(
             mcfg,
             ocfg,
             k,

@@ -8,11 +8,16 @@
 - ``late_fusion_zero``: both encoders, features concatenated, zeros for a missing modality.
 - ``late_fusion_dropout``: the same, trained with modality dropout so it sees zeros in training
   even when the training set is complete.
+- ``imputation``: a missing modality's features regressed from the present one's, then late
+  fusion (the imputation family the paper argues against).
+- ``distillation``: a complete-data teacher and single-modality students trained jointly by
+  online distillation (the knowledge-distillation family the paper argues against).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rima_core.config import ModelConfig
@@ -95,3 +100,147 @@ class LateFusion(nn.Module):
         o = encode_present(self.oct_encoder, oct, has_o)
         logits = self.head(torch.cat([f, o.to(f.dtype)], dim=1))
         return ModelOutput(logits, zero_loss(logits), stats)
+
+
+def _unexplained_variance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE divided by the target's variance (about 1 for a regressor that predicts the mean).
+
+    Scale-free, so the regression term stays O(1) whatever the encoders' feature scale, and a
+    global gradient clip is not dominated by it."""
+    target = target.float()
+    mse = F.mse_loss(pred.float(), target)
+    return mse / target.var(dim=0, unbiased=False).mean().clamp_min(1e-6)
+
+
+class Imputation(nn.Module):
+    """Fill in the missing modality's *features* with a learned regressor, then late fusion.
+
+    The imputation family the paper argues against: ``imp_fo`` (fundus -> OCT features) and
+    ``imp_of`` (OCT -> fundus) are MLPs regressed (MSE relative to the target variance) on the
+    eyes that have both modalities (all of them: modality dropout only hides a feature from the
+    head, so in training both features of such an eye are encoded). Inputs and targets are
+    detached, so the regression never shapes the encoders, and the head reads the imputed
+    feature detached as well, so cross-entropy never turns the regressors into classifiers. The
+    head (concat + MLP) is trained with modality dropout (``model.modality_dropout``) so it
+    sees imputed features in training even when the training data are complete.
+    """
+
+    def __init__(
+        self,
+        mcfg: ModelConfig,
+        n_classes: int,
+        *,
+        modality_dropout: float = 0.0,
+        pretrained: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= modality_dropout < 1.0:
+            raise ValueError(f"model.modality_dropout must be in [0, 1), got {modality_dropout}")
+        d_f, d_o, hidden = mcfg.fundus_dim, mcfg.oct_dim, mcfg.hidden_dim
+        self.modality_dropout = modality_dropout
+        self.fundus_encoder = build_encoder(
+            mcfg.fundus_encoder, d_f, mcfg.fundus_weights if pretrained else None
+        )
+        self.oct_encoder = build_encoder(
+            mcfg.oct_encoder, d_o, mcfg.oct_weights if pretrained else None
+        )
+        self.imp_fo = MLP(d_f, hidden, d_o)  # fundus features -> OCT features
+        self.imp_of = MLP(d_o, hidden, d_f)  # OCT features -> fundus features
+        self.head = MLP(d_f + d_o, hidden, n_classes, mcfg.dropout)
+
+    def forward(
+        self,
+        fundus: torch.Tensor,
+        oct: torch.Tensor,
+        has_fundus: torch.Tensor,
+        has_oct: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        has_f, has_o = check_inputs(fundus, oct, has_fundus, has_oct)
+        f = encode_present(self.fundus_encoder, fundus, has_f)
+        o = encode_present(self.oct_encoder, oct, has_o).to(f.dtype)
+        pred_o = self.imp_fo(f.detach())
+        pred_f = self.imp_of(o.detach())
+        aux = zero_loss(f)
+        stats: dict[str, float] = {}
+        both = has_f & has_o
+        # The regressors learn from every real pair, before modality dropout hides one side
+        # from the head (the dropped feature is only a detached regression target).
+        if self.training and int(both.sum()) >= 2:
+            loss_fo = _unexplained_variance(pred_o[both], o[both].detach())
+            loss_of = _unexplained_variance(pred_f[both], f[both].detach())
+            aux = loss_fo + loss_of
+            stats["imputation_loss_fo"] = float(loss_fo.detach())
+            stats["imputation_loss_of"] = float(loss_of.detach())
+        has_f, has_o = training_dropout(self.training, self.modality_dropout, has_f, has_o, stats)
+        f_in = torch.where(has_f[:, None], f, pred_f.detach().to(f.dtype))
+        o_in = torch.where(has_o[:, None], o, pred_o.detach().to(o.dtype))
+        logits = self.head(torch.cat([f_in, o_in], dim=1))
+        stats["imputed_fraction"] = float((~(has_f & has_o)).float().mean())
+        return ModelOutput(logits, aux, stats)
+
+
+class Distillation(nn.Module):
+    """A complete-data teacher and two single-modality students on shared encoders.
+
+    The distillation family the paper argues against: the teacher (an MLP on both features)
+    answers when an eye has both modalities; otherwise the student of the present modality (an
+    MLP on that modality's features) answers. Training is *online* distillation, in one run of
+    the ordinary engine (a two-stage teacher-then-student schedule would need the engine to
+    run twice): the returned logits are the routed ones, so the engine's cross-entropy trains
+    the teacher on complete eyes and each student on the eyes that only have its modality; on
+    complete eyes the students additionally get, in ``aux_loss``, ``(1 - alpha)`` times
+    cross-entropy plus ``alpha * T^2`` times KL towards the teacher's detached, temperature-
+    softened prediction (Hinton et al.'s weighting; ``T = 2``, ``alpha = 0.5``).
+    """
+
+    temperature = 2.0
+    alpha = 0.5
+
+    def __init__(self, mcfg: ModelConfig, n_classes: int, *, pretrained: bool = True) -> None:
+        super().__init__()
+        d_f, d_o, hidden = mcfg.fundus_dim, mcfg.oct_dim, mcfg.hidden_dim
+        self.fundus_encoder = build_encoder(
+            mcfg.fundus_encoder, d_f, mcfg.fundus_weights if pretrained else None
+        )
+        self.oct_encoder = build_encoder(
+            mcfg.oct_encoder, d_o, mcfg.oct_weights if pretrained else None
+        )
+        self.teacher = MLP(d_f + d_o, hidden, n_classes, mcfg.dropout)
+        self.student_f = MLP(d_f, hidden, n_classes, mcfg.dropout)
+        self.student_o = MLP(d_o, hidden, n_classes, mcfg.dropout)
+
+    def forward(
+        self,
+        fundus: torch.Tensor,
+        oct: torch.Tensor,
+        has_fundus: torch.Tensor,
+        has_oct: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        has_f, has_o = check_inputs(fundus, oct, has_fundus, has_oct)
+        f = encode_present(self.fundus_encoder, fundus, has_f)
+        o = encode_present(self.oct_encoder, oct, has_o).to(f.dtype)
+        both = has_f & has_o
+        teacher = self.teacher(torch.cat([f, o], dim=1))
+        stud_f = self.student_f(f)
+        stud_o = self.student_o(o)
+        logits = torch.where(both[:, None], teacher, torch.where(has_f[:, None], stud_f, stud_o))
+        stats = {"teacher_fraction": float(both.float().mean())}
+        aux = zero_loss(logits)
+        if self.training and bool(both.any()):
+            t = self.temperature
+            target = F.log_softmax(teacher[both].detach().float() / t, dim=1)
+            kd = zero_loss(logits).float()
+            ce = zero_loss(logits).float()
+            for student in (stud_f[both].float(), stud_o[both].float()):
+                log_p = F.log_softmax(student / t, dim=1)
+                kd = kd + F.kl_div(log_p, target, log_target=True, reduction="batchmean")
+                if labels is not None:
+                    ce = ce + F.cross_entropy(student, labels[both])
+            # per-batch mean over all eyes, like the engine's CE, so the weights are comparable
+            share = both.float().mean()
+            aux = share * (self.alpha * t * t * kd + (1.0 - self.alpha) * ce)
+            stats["distill_kl"] = float(kd.detach())
+            stats["student_ce"] = float(ce.detach())
+        return ModelOutput(logits, aux, stats)
