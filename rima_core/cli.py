@@ -65,14 +65,20 @@ def _cmd_prepare(args: argparse.Namespace) -> Any:
     from rima_core import steps
 
     cfg = _config(args)
-    return steps.prepare(
-        input_dir=args.input or cfg.data.raw_dir,
-        out=args.out or cfg.prepare.store_dir,
-        cfg=cfg,
-        source=args.source,
-        disease=args.disease,
-        skip_bad=True if args.skip_bad else None,
-    )
+    try:
+        return steps.prepare(
+            input_dir=args.input or cfg.data.raw_dir,
+            out=args.out or cfg.prepare.store_dir,
+            cfg=cfg,
+            source=args.source,
+            disease=args.disease,
+            skip_bad=True if args.skip_bad else None,
+        )
+    except (PermissionError, IsADirectoryError, NotADirectoryError, UnicodeError) as exc:
+        # a source tree we may not read (or name) is the user's problem: one line, exit 2
+        from rima_core.data.types import printable
+
+        raise StepFailed(f"prepare: {printable(exc)}") from exc
 
 
 def _cmd_validate(args: argparse.Namespace) -> Any:

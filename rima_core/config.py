@@ -56,6 +56,14 @@ class PrepareConfig:
     seed: int = 0
     workers: int = 2
     skip_bad: bool = False
+    # Limits on untrusted source files (rima_core.data.types.ReadLimits has the same names and
+    # defaults; tests/test_security_data.py fails if they disagree). Sizes are refused, not
+    # truncated: the case is reported (or quarantined with --skip-bad).
+    max_file_bytes: int = 1 << 30  # decompressed bytes of one npz / NIfTI file
+    max_image_pixels: int = 1 << 26  # one 2-D image (fundus, B-scan)
+    max_volume_voxels: int = 1 << 28  # one OCT volume
+    min_fundus_size: int = 8  # smallest fundus side, pixels
+    min_oct_size: int = 2  # smallest OCT axis (a 1×1×1 volume is not an eye)
 
 
 @dataclass

@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from rima_core.config import PrepareConfig
+from rima_core.data.prepare import prepare_store
 from rima_core.data.sources import detect_source, fairvision, gamma, get_source, rima_folders
 from rima_core.data.types import CaseError, SourceError
 from tests.fixtures_sources import (
@@ -19,6 +21,10 @@ from tests.fixtures_sources import (
     write_gamma,
     write_rima,
 )
+
+
+def _tiny_prepare_cfg() -> PrepareConfig:
+    return PrepareConfig(fundus_size=8, oct_shape=[4, 4, 4], workers=1)
 
 
 def _load_all(module, root: Path, disease: str = "auto"):
@@ -190,9 +196,13 @@ def test_fairvision_bad_case_names_case_and_reason(
 def test_fairvision_duplicate_ids_across_splits(tmp_path: Path) -> None:
     expected = write_fairvision(tmp_path, "amd", n_per_split=1, summary_csv=False)
     shutil.copy(expected["data_00001"].path, tmp_path / "AMD" / "Test" / "data_00001.npz")
-    with pytest.raises(CaseError, match="duplicate id") as err:
-        fairvision.scan(tmp_path)
+    # scan lists both copies (so prepare --skip-bad can quarantine them and keep the rest)
+    dup = [r for r in fairvision.scan(tmp_path).cases if r.case_id == "data_00001"]
+    assert sorted(r.split for r in dup) == ["test", "train"]
+    with pytest.raises(CaseError, match="duplicate case id") as err:
+        prepare_store("fairvision", tmp_path, tmp_path / "store", _tiny_prepare_cfg())
     assert err.value.case_id == "data_00001"
+    assert not (tmp_path / "store").exists()
 
 
 # --- GAMMA ---------------------------------------------------------------------------------------
@@ -263,15 +273,18 @@ def test_gamma_sheet_errors(tmp_path: Path) -> None:
     sheet = tmp_path / "training" / "glaucoma_grading_training_GT.xlsx"
     df = pd.read_excel(sheet)
     pd.concat([df, df.iloc[[0]]]).to_excel(sheet, index=False)
-    with pytest.raises(CaseError, match="duplicate id") as err:
-        gamma.scan(tmp_path)
-    assert err.value.case_id == "0001"
+    # a bad row is a bad eye (ref.problem), not a bad tree: prepare reports or quarantines it
+    problems = {r.case_id: r.problem for r in gamma.scan(tmp_path).cases}
+    assert "duplicate id" in problems["0001"] and problems["0004"] is None
     df.drop(columns=["early"]).to_excel(sheet, index=False)
     with pytest.raises(SourceError, match="missing one-hot column"):
         gamma.scan(tmp_path)
     df.assign(non=0, early=0, mid_advanced=0).to_excel(sheet, index=False)
-    with pytest.raises(CaseError, match="no unique maximum"):
-        gamma.scan(tmp_path)
+    problems = {r.case_id: r.problem for r in gamma.scan(tmp_path).cases}
+    assert all("no unique maximum" in p for p in problems.values()) and len(problems) == 2
+    with pytest.raises(CaseError, match="no unique maximum") as err:
+        prepare_store("gamma", tmp_path, tmp_path / "store", _tiny_prepare_cfg())
+    assert err.value.case_id == "0001"
 
 
 # --- RIMA-style folders -------------------------------------------------------------------------
@@ -322,9 +335,25 @@ def test_rima_duplicate_id_across_sheets(tmp_path: Path) -> None:
     pd.DataFrame([{"data": 100, "normal": 1, "early": 0, "late": 0}]).to_excel(
         tmp_path / "test.xlsx", index=False
     )
+    refs = {r.case_id: r for r in rima_folders.scan(tmp_path).cases}
+    assert "duplicate id: in test and train sheets" in refs["100"].problem
+    assert refs["101"].problem is None and refs["101"].label is not None
     with pytest.raises(CaseError, match="duplicate id") as err:
-        rima_folders.scan(tmp_path)
+        prepare_store("rima", tmp_path, tmp_path / "store", _tiny_prepare_cfg())
     assert err.value.case_id == "100"
+    summary = prepare_store(
+        "rima", tmp_path, tmp_path / "store", _tiny_prepare_cfg(), skip_bad=True
+    )
+    assert summary["n_cases"] == 2 and summary["n_quarantined"] == 1
+
+
+def test_rima_unicode_digit_folder_is_not_a_case(tmp_path: Path) -> None:
+    # "²".isdigit() is True and int("²") raises: such a folder must be skipped, not crash
+    write_rima(tmp_path, n=3)
+    (tmp_path / "Image" / "²").mkdir()
+    (tmp_path / "Image" / "١٢").mkdir()  # Arabic-Indic digits: int() accepts them, we don't
+    result = rima_folders.scan(tmp_path)
+    assert sorted(r.case_id for r in result.cases) == ["100", "101", "102"]
 
 
 # --- dispatch ------------------------------------------------------------------------------------

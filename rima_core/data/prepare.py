@@ -7,18 +7,30 @@ store (or nothing), never a partial one.
 Reproducibility: cases are written in case-id order, results are consumed in submission order,
 resizing is per-output-element arithmetic (no thread-count-dependent reductions), and the split is
 drawn from ``cfg.seed`` — the store is byte-identical whatever ``cfg.workers`` is.
+
+Hostile input: loaders read through :mod:`rima_core.data.safe_read` under the ``prepare.max_*``
+limits (:class:`~rima_core.data.types.ReadLimits`, installed in every worker); any exception while
+decoding one case is that case's failure (reported, or quarantined with ``--skip-bad``), never a
+traceback. Workers die with the parent (``PR_SET_PDEATHSIG`` plus a parent-pid watchdog), and
+the temporary store of a killed run is removed by the next run (:mod:`rima_core.atomic`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import logging
 import multiprocessing
-import zipfile
+import os
+import signal
+import sys
+import threading
+import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -31,13 +43,24 @@ from tqdm import tqdm
 from rima_core.atomic import atomic_dir
 from rima_core.config import ConfigError, PrepareConfig
 from rima_core.data.store import StoreWriter, rows_per_batch, split_counts, write_manifest
-from rima_core.data.types import SPLITS, CaseError, CaseRef, RawCase, SourceError
+from rima_core.data.types import (
+    SPLITS,
+    CaseError,
+    CaseRef,
+    RawCase,
+    ReadLimits,
+    SourceError,
+    is_utf8,
+    printable,
+    set_read_limits,
+    using_read_limits,
+)
 
 log = logging.getLogger(__name__)
 
 QUARANTINE_FILE = "quarantine.json"
-# What a damaged file raises inside a loader that did not translate it into a CaseError itself.
-_READ_ERRORS = (OSError, ValueError, KeyError, EOFError, IndexError, zipfile.BadZipFile)
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_WATCHDOG_PERIOD_S = 1.0
 
 
 # --- resizing ------------------------------------------------------------------------------------
@@ -97,6 +120,7 @@ class _Task:
     n_classes: int
     fundus_size: int
     oct_shape: tuple[int, int, int]
+    limits: ReadLimits = field(default_factory=ReadLimits)
 
 
 @dataclass
@@ -160,8 +184,37 @@ def _first_path(ref: CaseRef) -> str | None:
     return next(iter(ref.paths.values()), None) if ref.paths else None
 
 
-def check_raw_case(raw: RawCase, ref: CaseRef, n_classes: int) -> None:
-    """Reject a decoded case the store cannot hold, naming the reason (raises CaseError)."""
+def limits_of(cfg: PrepareConfig) -> ReadLimits:
+    """The ``prepare.max_*`` / ``prepare.min_*`` settings as loader limits (validated)."""
+    values = {
+        name: getattr(cfg, name, getattr(ReadLimits, name))
+        for name in ReadLimits.__dataclass_fields__
+    }
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"prepare.{name} must be a positive integer, got {value!r}")
+    return ReadLimits(**values)
+
+
+def _ref_problem(ref: CaseRef) -> str | None:
+    """Why a scanned case is bad before any pixel is read (None when it is not)."""
+    if ref.problem:
+        return ref.problem
+    names = [ref.case_id, *ref.paths.values()]
+    if not all(is_utf8(n) for n in names):
+        return "file or folder name is not valid UTF-8; rename it"
+    return None
+
+
+def check_raw_case(
+    raw: RawCase, ref: CaseRef, n_classes: int, limits: ReadLimits | None = None
+) -> None:
+    """Reject a decoded case the store cannot hold, naming the reason (raises CaseError).
+
+    ``limits`` adds the size rules: a fundus side below ``min_fundus_size``, an OCT axis below
+    ``min_oct_size`` (a 1×1×1 "volume") or above ``max_volume_voxels`` voxels is refused.
+    """
+    limits = limits or ReadLimits()
     path = _first_path(ref)
     if raw.case_id != ref.case_id:
         raise CaseError(ref.case_id, f"loader returned case id {raw.case_id!r}", path)
@@ -183,6 +236,27 @@ def check_raw_case(raw: RawCase, ref: CaseRef, n_classes: int) -> None:
             raise CaseError(ref.case_id, f"{name} has dtype {arr.dtype}, expected uint8", path)
         if min(arr.shape) == 0:
             raise CaseError(ref.case_id, f"{name} has an empty axis (shape {arr.shape})", path)
+    if raw.fundus is not None:
+        side = min(raw.fundus.shape[:2])
+        if side < limits.min_fundus_size:
+            raise CaseError(
+                ref.case_id,
+                f"fundus of shape {raw.fundus.shape} is below the minimum side of "
+                f"{limits.min_fundus_size} (prepare.min_fundus_size)",
+                path,
+            )
+        if raw.fundus.shape[0] * raw.fundus.shape[1] > limits.max_image_pixels:
+            raise CaseError(ref.case_id, "fundus is over prepare.max_image_pixels", path)
+    if raw.oct is not None:
+        if raw.oct.ndim == 3 and min(raw.oct.shape) < limits.min_oct_size:
+            raise CaseError(
+                ref.case_id,
+                f"OCT volume of shape {raw.oct.shape} is below the minimum axis of "
+                f"{limits.min_oct_size} (prepare.min_oct_size)",
+                path,
+            )
+        if raw.oct.size > limits.max_volume_voxels:
+            raise CaseError(ref.case_id, "OCT volume is over prepare.max_volume_voxels", path)
     if raw.fundus is not None and raw.fundus.ndim == 3 and raw.fundus.shape[2] not in (1, 3):
         raise CaseError(
             ref.case_id, f"fundus has {raw.fundus.shape[2]} channels, expected 1 or 3", path
@@ -192,20 +266,57 @@ def check_raw_case(raw: RawCase, ref: CaseRef, n_classes: int) -> None:
 def _decode(task: _Task) -> _Decoded | _Failed:
     """Load, check and resize one case; errors come back as values so the parent decides."""
     ref = task.ref
+    problem = _ref_problem(ref)
+    if problem is not None:
+        return _Failed(printable(ref.case_id), _printable_path(_first_path(ref)), problem)
     try:
-        raw = resolve_source(task.source).load(ref, task.disease)
-        check_raw_case(raw, ref, task.n_classes)
+        with using_read_limits(task.limits):
+            raw = resolve_source(task.source).load(ref, task.disease)
+        check_raw_case(raw, ref, task.n_classes, task.limits)
         fundus = None if raw.fundus is None else resize_fundus(raw.fundus, task.fundus_size)
         oct = None if raw.oct is None else resize_oct(raw.oct, task.oct_shape)
     except CaseError as exc:
-        return _Failed(exc.case_id, exc.path or _first_path(ref), exc.reason)
-    except _READ_ERRORS as exc:
-        return _Failed(ref.case_id, _first_path(ref), f"unreadable: {type(exc).__name__}: {exc}")
+        return _Failed(exc.case_id, exc.path or _printable_path(_first_path(ref)), exc.reason)
+    except Exception as exc:  # untrusted bytes: any failure is this case's, never a traceback
+        log.debug("case %s failed", printable(ref.case_id), exc_info=True)
+        reason = printable(f"unreadable: {type(exc).__name__}: {exc}")
+        return _Failed(printable(ref.case_id), _printable_path(_first_path(ref)), reason)
     split = raw.split if raw.split is not None else ref.split
     return _Decoded(ref.case_id, int(raw.label), split, fundus, oct, dict(raw.attributes))
 
 
-def _worker_init() -> None:
+def _printable_path(path: str | None) -> str | None:
+    return None if path is None else printable(path)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this worker exit when ``parent_pid`` does, even if the parent is SIGKILLed.
+
+    Linux: the kernel sends SIGKILL on the parent's death (``PR_SET_PDEATHSIG``). Everywhere
+    (and in case the parent died before prctl ran, or the signal is lost because the creating
+    thread exited first): a daemon thread polls the parent pid and exits the process.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no libc with prctl: the watchdog still works
+            log.debug("prctl(PR_SET_PDEATHSIG) unavailable", exc_info=True)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(_WATCHDOG_PERIOD_S)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _worker_init(parent_pid: int, limits: ReadLimits) -> None:
+    _die_with_parent(parent_pid)
+    set_read_limits(limits)
     # One intra-op thread per worker: the pool already uses every core it was given.
     import torch
 
@@ -225,20 +336,31 @@ def _decode_all(tasks: Sequence[_Task], workers: int) -> Iterator[_Decoded | _Fa
     # in a locked state.
     ctx = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(
-        max_workers=min(workers, len(tasks)), mp_context=ctx, initializer=_worker_init
+        max_workers=min(workers, len(tasks)),
+        mp_context=ctx,
+        initializer=_worker_init,
+        initargs=(os.getpid(), task0.limits),
     )
-    pending: deque[Future] = deque()
+    pending: deque[tuple[_Task, Future]] = deque()
     it: Iterable[_Task] = iter(tasks)
     try:
         for task in it:
-            pending.append(pool.submit(_decode, task))
+            pending.append((task, pool.submit(_decode, task)))
             if len(pending) >= in_flight:
                 break
         while pending:
-            result = pending.popleft().result()
+            task, future = pending.popleft()
+            try:
+                result = future.result()
+            except BrokenProcessPool as exc:
+                raise SourceError(
+                    "a prepare worker process died (killed, or out of memory) while decoding "
+                    f"case {printable(task.ref.case_id)} or one near it; lower prepare.workers "
+                    "or prepare.max_file_bytes"
+                ) from exc
             nxt = next(it, None)  # type: ignore[call-overload]
             if nxt is not None:
-                pending.append(pool.submit(_decode, nxt))
+                pending.append((nxt, pool.submit(_decode, nxt)))
             yield result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -285,6 +407,46 @@ def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: in
         for name, part in zip(SPLITS, np.split(rows, bounds), strict=True):
             out[part] = name
     return out.tolist()
+
+
+# Source attribute names (case-insensitive) that identify the patient an eye belongs to. When a
+# source has one, prepare splits by patient, so both eyes of a patient land in the same split (an
+# eye's fellow eye in the test split would leak the patient's disease into selection/testing).
+PATIENT_ID_ATTRIBUTES = frozenset(
+    {"patient_id", "patientid", "patient", "pid", "subject_id", "subjectid", "subject"}
+)
+
+
+def patient_ids(attributes: Sequence[dict[str, Any]]) -> list[str | None] | None:
+    """Per case, the value of its patient-id attribute (:data:`PATIENT_ID_ATTRIBUTES`); None for
+    a case without one, and None overall when no case has any."""
+    out: list[str | None] = []
+    for attrs in attributes:
+        key = next((k for k in attrs if str(k).lower() in PATIENT_ID_ATTRIBUTES), None)
+        value = None if key is None else attrs[key]
+        missing = value is None or (isinstance(value, float) and np.isnan(value))
+        out.append(None if missing or str(value).strip() == "" else str(value))
+    return out if any(v is not None for v in out) else None
+
+
+def grouped_stratified_split(
+    labels: Sequence[int], groups: Sequence[str | None], fractions: Sequence[float], seed: int
+) -> list[str]:
+    """Seeded split of whole patients: every eye of a group gets its group's split.
+
+    Patients are stratified by their most severe label (the highest class index of their eyes);
+    an eye with no group is a patient of its own. Eye counts per split then follow the fractions
+    up to the size of one patient.
+    """
+    labels = np.asarray(labels)
+    keys = [g if g is not None else f"\0eye{i}" for i, g in enumerate(groups)]
+    order = list(dict.fromkeys(keys))  # first appearance: stable across runs
+    index = {k: i for i, k in enumerate(order)}
+    member = np.array([index[k] for k in keys])
+    group_label = np.full(len(order), -1)
+    np.maximum.at(group_label, member, labels)
+    group_split = np.asarray(stratified_split(group_label.tolist(), fractions, seed), dtype=object)
+    return group_split[member].tolist()
 
 
 # --- manifest ------------------------------------------------------------------------------------
@@ -343,7 +505,7 @@ def prepare_store(
     """
     input_dir, out = Path(input_dir), Path(out)
     if not input_dir.exists():
-        raise FileNotFoundError(f"{input_dir}: input directory does not exist")
+        raise FileNotFoundError(f"{printable(input_dir)}: input directory does not exist")
     fundus_size = int(cfg.fundus_size)
     oct_shape = tuple(int(s) for s in cfg.oct_shape)
     if fundus_size < 1 or len(oct_shape) != 3 or min(oct_shape) < 1:
@@ -351,11 +513,13 @@ def prepare_store(
             f"prepare: fundus_size {cfg.fundus_size} / oct_shape {cfg.oct_shape} are not sizes"
         )
     _check_fractions(cfg.split_fractions)
-    if source == "auto":
-        from rima_core.data.sources import detect_source
+    limits = limits_of(cfg)
+    with using_read_limits(limits):
+        if source == "auto":
+            from rima_core.data.sources import detect_source
 
-        source = detect_source(input_dir)
-    scan = resolve_source(source).scan(input_dir, disease)
+            source = detect_source(input_dir)
+        scan = resolve_source(source).scan(input_dir, disease)
     class_names = list(scan.class_names)
     if not scan.cases:
         raise SourceError(f"{input_dir}: the {scan.source} source holds no cases")
@@ -368,21 +532,26 @@ def prepare_store(
         if not skip_bad:
             raise CaseError(cid, f"duplicate case id ({len(refs)} cases: {paths})")
         for cid, refs in dups.items():
+            log.warning("quarantined %d cases with the duplicate id %s", len(refs), printable(cid))
             for r in refs:
                 quarantine.append(
-                    {"case_id": cid, "path": _first_path(r), "reason": "duplicate case id"}
+                    {
+                        "case_id": printable(cid),
+                        "path": _printable_path(_first_path(r)),
+                        "reason": "duplicate case id",
+                    }
                 )
         cases = [c for c in cases if c.case_id not in dups]
     resolved_disease = scan.disease if scan.disease is not None else disease
     # Workers resolve the loader by the name given here (registered name or module path).
     tasks = [
-        _Task(source, ref, resolved_disease, len(class_names), fundus_size, oct_shape)
+        _Task(source, ref, resolved_disease, len(class_names), fundus_size, oct_shape, limits)
         for ref in cases
     ]
     log.info(
         "prepare: %d cases from %s (%s), %d worker(s) -> %s",
         len(cases),
-        input_dir,
+        printable(input_dir),
         scan.source,
         cfg.workers,
         out,
@@ -450,9 +619,13 @@ def prepare_store(
 
 
 def _assign_splits(rows: list[_Row], cfg: PrepareConfig) -> list[str]:
-    """The source's own split when every case has one, else a seeded stratified split."""
+    """The source's own split when every case has one, else a seeded stratified split — by
+    patient when the source has patient ids (:data:`PATIENT_ID_ATTRIBUTES`)."""
     given = [r.split for r in rows]
+    patients = patient_ids([r.attributes for r in rows])
     if all(s is not None for s in given):
+        if patients is not None:
+            _warn_patients_across_splits(patients, [str(s) for s in given])
         return [str(s) for s in given]
     if any(s is not None for s in given):
         lacking = [r.case_id for r in rows if r.split is None]
@@ -460,4 +633,24 @@ def _assign_splits(rows: list[_Row], cfg: PrepareConfig) -> list[str]:
             f"{len(lacking)} of {len(rows)} cases have no split while the others do "
             f"(e.g. {lacking[:3]}); fix the tree or drop the source split for all"
         )
+    if patients is not None:
+        return grouped_stratified_split(
+            [r.label for r in rows], patients, cfg.split_fractions, cfg.seed
+        )
     return stratified_split([r.label for r in rows], cfg.split_fractions, cfg.seed)
+
+
+def _warn_patients_across_splits(patients: list[str | None], splits: list[str]) -> None:
+    """The source's own split is kept as published, but a patient in two splits is reported."""
+    seen: dict[str, set[str]] = {}
+    for p, s in zip(patients, splits, strict=True):
+        if p is not None:
+            seen.setdefault(p, set()).add(s)
+    spanning = sorted(p for p, s in seen.items() if len(s) > 1)
+    if spanning:
+        log.warning(
+            "the source's own split puts %d patient(s) in more than one split (e.g. %s); kept as "
+            "published, but metrics on those splits are not patient-independent",
+            len(spanning),
+            spanning[:3],
+        )

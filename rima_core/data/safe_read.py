@@ -171,7 +171,9 @@ def _read_exact(fp: IO[bytes], out: np.ndarray, path: str | Path, what: str) -> 
     while pos < total:
         data = fp.read(min(_CHUNK, total - pos))
         if not data:
-            raise UnsafeInputError(path, f"{what} is truncated ({pos} of {total} data bytes)")
+            raise UnsafeInputError(
+                path, f"{what} is unreadable or truncated ({pos} of {total} data bytes)"
+            )
         buf[pos : pos + len(data)] = np.frombuffer(data, np.uint8)
         pos += len(data)
 
@@ -206,14 +208,18 @@ def _read_header(fp: IO[bytes], path: str | Path, what: str) -> tuple[tuple[int,
     except (ValueError, TypeError, OSError, EOFError, SyntaxError, struct.error) as exc:
         raise UnsafeInputError(path, f"{what}: not a valid .npy header ({exc})") from exc
     except (zipfile.BadZipFile, zlib.error) as exc:
-        raise UnsafeInputError(path, f"{what}: damaged compressed data ({exc})") from exc
+        raise UnsafeInputError(path, f"{what}: unreadable or truncated data ({exc})") from exc
     if any(int(s) < 0 for s in shape):
         raise UnsafeInputError(path, f"{what}: negative dimension in shape {shape}")
     return tuple(int(s) for s in shape), bool(fortran), dtype
 
 
 def _read_array(
-    fp: IO[bytes], budget: _Budget, what: str, compressed_size: int | None = None
+    fp: IO[bytes],
+    budget: _Budget,
+    what: str,
+    compressed_size: int | None = None,
+    max_elements: int | None = None,
 ) -> np.ndarray:
     """One .npy stream -> array, applying the dtype rules and the byte budget.
 
@@ -221,6 +227,12 @@ def _read_array(
     """
     path = budget.path
     shape, fortran, dtype = _read_header(fp, path, what)
+    if max_elements is not None and math.prod(shape) > max_elements:
+        raise UnsafeInputError(
+            path,
+            f"{what} of shape {shape} has {math.prod(shape)} elements, over the limit of "
+            f"{max_elements} (prepare.max_volume_voxels)",
+        )
     if dtype == np.dtype(object):
         reader = io.BufferedReader(_BoundedReader(fp, budget, what))
         try:
@@ -241,7 +253,7 @@ def _read_array(
         ) as exc:
             raise UnsafeInputError(path, f"{what}: refused object array ({exc})") from exc
         except (zipfile.BadZipFile, zlib.error, OSError) as exc:
-            raise UnsafeInputError(path, f"{what}: damaged compressed data ({exc})") from exc
+            raise UnsafeInputError(path, f"{what}: unreadable or truncated data ({exc})") from exc
         arr = _plain_array(obj, path)
         if arr.shape != shape:
             raise UnsafeInputError(path, f"{what}: payload shape {arr.shape} != header {shape}")
@@ -258,7 +270,7 @@ def _read_array(
     try:
         _read_exact(fp, out.T if fortran else out, path, what)
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
-        raise UnsafeInputError(path, f"{what}: damaged compressed data ({exc})") from exc
+        raise UnsafeInputError(path, f"{what}: unreadable or truncated data ({exc})") from exc
     return out
 
 
@@ -281,7 +293,9 @@ def _open_zip(path: str | Path) -> zipfile.ZipFile:
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, struct.error) as exc:
-        raise UnsafeInputError(path, f"not a readable npz (zip) file: {exc}") from exc
+        raise UnsafeInputError(
+            path, f"unreadable or truncated npz (not a valid zip file): {exc}"
+        ) from exc
     except OSError as exc:
         raise UnsafeInputError(path, f"cannot read: {exc.strerror or exc}") from exc
     if len(zf.infolist()) > MAX_NPZ_MEMBERS:
@@ -319,10 +333,12 @@ def read_npz(
     *,
     max_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
     keys: Collection[str] | None = None,
+    max_elements: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Read the arrays of an npz (all, or only ``keys`` that are present) under the rules above.
 
-    ``max_bytes`` caps the decompressed bytes of the members read, together. A member whose
+    ``max_bytes`` caps the decompressed bytes of the members read, together; ``max_elements``
+    (optional) caps the element count of each member, checked from its header. A member whose
     declared sizes disagree with its data, whose CRC fails or that inflates like a zip bomb is
     refused.
     """
@@ -338,7 +354,7 @@ def read_npz(
             compressed = info.compress_size if info.compress_type != zipfile.ZIP_STORED else None
             try:
                 with zf.open(info) as fp:
-                    out[key] = _read_array(fp, budget, what, compressed)
+                    out[key] = _read_array(fp, budget, what, compressed, max_elements)
                     _drain(fp, budget, what)
             except UnsafeInputError:
                 raise
@@ -352,7 +368,9 @@ def read_npz(
                 NotImplementedError,
                 RuntimeError,
             ) as exc:
-                raise UnsafeInputError(path, f"{what}: damaged npz member ({exc})") from exc
+                raise UnsafeInputError(
+                    path, f"{what}: unreadable or truncated npz member ({exc})"
+                ) from exc
             if compressed is not None:
                 _check_ratio(path, what, compressed, before - budget.left)
     return out

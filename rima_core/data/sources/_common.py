@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rima_core.data.types import CaseError, CaseRef, SourceError
+from rima_core.data import safe_read
+from rima_core.data.types import CaseError, CaseRef, SourceError, read_limits
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,8 @@ def to_uint8(arr: np.ndarray, case_id: str, path: str | Path, what: str) -> np.n
         raise CaseError(
             case_id, f"{what} has unusable dtype {arr.dtype} / size {arr.size}", str(path)
         )
-    if not np.issubdtype(arr.dtype, np.number):
-        raise CaseError(case_id, f"{what} is not numeric (dtype {arr.dtype})", str(path))
+    if arr.dtype.kind not in "iuf":  # complex would silently lose its imaginary part
+        raise CaseError(case_id, f"{what} is not real numeric (dtype {arr.dtype})", str(path))
     data = arr.astype(np.float64, copy=False)
     if not np.isfinite(data).all():
         raise CaseError(case_id, f"{what} contains NaN or infinite values", str(path))
@@ -129,19 +130,21 @@ def as_oct(arr: np.ndarray, case_id: str, path: str | Path) -> np.ndarray:
 
 
 def read_image(path: Path, case_id: str, mode: str | None = None) -> np.ndarray:
-    """Decode one image file fully (truncation is detected here, not later in a worker)."""
-    from PIL import Image, UnidentifiedImageError
+    """Decode one image file fully (truncation is detected here, not later in a worker).
 
+    Goes through :func:`rima_core.data.safe_read.read_image`, so the pixel cap
+    (``prepare.max_image_pixels``) is checked from the header before any pixel is decoded.
+    """
     try:
-        with Image.open(path) as img:
-            img.load()
-            if mode is not None and img.mode != mode:
-                img = img.convert(mode)
-            elif img.mode in ("P", "PA", "LA", "CMYK", "YCbCr", "RGBA", "1"):
-                img = img.convert("RGB" if img.mode != "1" else "L")
-            return np.asarray(img)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-        raise CaseError(case_id, f"unreadable or truncated image: {exc}", str(path)) from exc
+        return safe_read.read_image(path, max_pixels=read_limits().max_image_pixels, mode=mode)
+    except safe_read.UnsafeInputError as exc:
+        raise CaseError(case_id, exc.reason, str(path)) from exc
+
+
+def ascii_int(name: str) -> int | None:
+    """``"0042"`` -> 42; None for anything else. ``str.isdigit`` is not enough: ``"²"`` and
+    other Unicode digits pass it and then break ``int()``."""
+    return int(name) if name.isascii() and name.isdigit() else None
 
 
 _INT_RE = re.compile(r"^\s*(\d+)(?:\.0*)?\s*$")
@@ -163,6 +166,7 @@ def read_onehot_sheet(
     id_column: str = "data",
     class_columns: list[str] | None = None,
     case_name: Callable[[int], str] = str,
+    bad: dict[int, str] | None = None,
 ) -> tuple[list[str], dict[int, int]]:
     """Read a label sheet ``id_column`` + one-hot class columns -> (class names, id -> grade).
 
@@ -171,8 +175,17 @@ def read_onehot_sheet(
     the sheet's integer id into the case id used in error messages (GAMMA pads it to 4 digits).
     A row whose values have no unique maximum (all zero, blank, tie) has no defined argmax and
     is rejected.
+
+    With ``bad`` given, a row that is wrong on its own (no unique maximum, non-numeric values,
+    a repeated id) is recorded there (id -> reason) instead of raising, so ``prepare
+    --skip-bad`` can quarantine that eye and keep the others; a repeated id keeps no label.
     """
     import pandas as pd
+
+    def row_problem(case_int: int, reason: str) -> None:
+        if bad is None:
+            raise CaseError(case_name(case_int), reason, str(path))
+        bad.setdefault(case_int, reason)
 
     try:
         df = pd.read_excel(path, engine="openpyxl")
@@ -199,6 +212,7 @@ def read_onehot_sheet(
         if len(cols) < 2:
             raise SourceError(f"{path}: need at least two one-hot class columns after '{id_col}'")
     labels: dict[int, int] = {}
+    seen: set[int] = set()
     for row_no, (raw_id, values) in enumerate(
         zip(df[id_col].tolist(), df[cols].to_numpy(), strict=True), start=2
     ):
@@ -209,23 +223,20 @@ def read_onehot_sheet(
         case_int = _as_int_id(raw_id)
         if case_int is None:
             raise SourceError(f"{path}: row {row_no}: id {raw_id!r} is not an integer")
+        if case_int in labels or case_int in seen:
+            row_problem(case_int, f"duplicate id in the label sheet (row {row_no})")
+            labels.pop(case_int, None)
+            continue
+        seen.add(case_int)
         try:
             vec = np.asarray(values, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise CaseError(
-                case_name(case_int), f"non-numeric one-hot values {list(values)}", str(path)
-            ) from exc
+        except (TypeError, ValueError):
+            row_problem(case_int, f"non-numeric one-hot values {list(values)} (row {row_no})")
+            continue
         if np.isnan(vec).any() or vec.max() <= 0 or (vec == vec.max()).sum() != 1:
-            raise CaseError(
-                case_name(case_int),
-                f"label row {list(values)} has no unique maximum (row {row_no})",
-                str(path),
-            )
-        if case_int in labels:
-            raise CaseError(
-                case_name(case_int), f"duplicate id in the label sheet (row {row_no})", str(path)
-            )
+            row_problem(case_int, f"label row {list(values)} has no unique maximum (row {row_no})")
+            continue
         labels[case_int] = int(vec.argmax())
-    if not labels:
+    if not labels and not (bad or {}):
         raise SourceError(f"{path}: the label sheet has no rows")
     return names, labels

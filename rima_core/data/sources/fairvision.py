@@ -15,16 +15,15 @@ from __future__ import annotations
 import csv
 import functools
 import logging
-import pickle
-import zipfile
-import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from rima_core.data.safe_read import UnsafeInputError, npz_keys, read_npz
 from rima_core.data.sources._common import ScanResult, as_fundus, as_oct, split_of
-from rima_core.data.types import CaseError, CaseRef, RawCase, SourceError
+from rima_core.data.types import CaseError, CaseRef, RawCase, SourceError, read_limits
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +53,6 @@ _DR_MAP = {
     "pdr": 1,
 }
 _GLAUCOMA_WORDS = {"0": 0, "1": 1, "no": 0, "yes": 1, "normal": 0, "glaucoma": 1}
-
-# What a damaged npz raises, depending on where the damage sits (directory, member, pickle).
-_READ_ERRORS = (
-    OSError,
-    ValueError,
-    EOFError,
-    KeyError,
-    zipfile.BadZipFile,
-    zlib.error,
-    pickle.UnpicklingError,
-)
 
 FUNDUS_KEY = "slo_fundus"
 OCT_KEY = "oct_bscans"
@@ -116,28 +104,36 @@ def is_fairvision(root: Path) -> bool:
     return _has_npz(_split_dirs(root)) or bool(_disease_folders(root))
 
 
+def _disease_of(keys: set[str], dr_subtype: Any = None) -> str | None:
+    """The disease an npz's label keys point to (``dr_subtype``'s value settles DR vs AMD)."""
+    if "grade" in keys:
+        return "synthetic"
+    if "amd_condition" in keys:
+        return "amd"
+    if "glaucoma" in keys:
+        return "glaucoma"
+    if "dr_class" in keys:
+        return "dr"
+    if "dr_subtype" in keys:
+        value = _text(dr_subtype)
+        amd_only = value not in _DR_MAP and (
+            value in _AMD_MAP or value.startswith(_AMD_LATE_PREFIXES)
+        )
+        return "amd" if amd_only else "dr"  # AMD strings under a DR key: seen in docs
+    return None
+
+
 def _disease_from_keys(npz_path: Path) -> str | None:
     """Guess the disease from the label keys of one npz (used when folder names do not say)."""
+    limit = read_limits().max_file_bytes
     try:
-        with np.load(npz_path, allow_pickle=True) as z:
-            keys = set(z.files)
-            if "grade" in keys:
-                return "synthetic"
-            if "amd_condition" in keys:
-                return "amd"
-            if "glaucoma" in keys:
-                return "glaucoma"
-            if "dr_class" in keys:
-                return "dr"
-            if "dr_subtype" in keys:
-                value = _text(z["dr_subtype"])
-                amd_only = value not in _DR_MAP and (
-                    value in _AMD_MAP or value.startswith(_AMD_LATE_PREFIXES)
-                )
-                return "amd" if amd_only else "dr"  # AMD strings under a DR key: seen in docs
-    except _READ_ERRORS as exc:
-        raise SourceError(f"{npz_path}: cannot read npz to detect the disease: {exc}") from exc
-    return None
+        keys = set(npz_keys(npz_path))
+        sub = (
+            read_npz(npz_path, max_bytes=limit, keys={"dr_subtype"}) if "dr_subtype" in keys else {}
+        )
+    except UnsafeInputError as exc:
+        raise SourceError(f"cannot read npz to detect the disease: {exc}") from exc
+    return _disease_of(keys, sub.get("dr_subtype"))
 
 
 def _resolve(root: Path, disease: str) -> tuple[Path, str]:
@@ -206,14 +202,21 @@ def _summary_rows(path: str) -> dict[str, dict[str, str]]:
     return rows
 
 
-def _synthetic_class_names(npz_path: Path) -> list[str]:
-    try:
-        with np.load(npz_path, allow_pickle=True) as z:
-            if "class_names" in z.files:
-                return [str(x) for x in np.asarray(z["class_names"]).ravel().tolist()]
-    except _READ_ERRORS as exc:
-        raise SourceError(f"{npz_path}: cannot read class names: {exc}") from exc
-    raise SourceError(f"{npz_path}: synthetic npz without a 'class_names' key")
+def _synthetic_class_names(npz_paths: list[Path]) -> list[str]:
+    """Class names from the first readable npz (a damaged one is reported by ``load``)."""
+    errors = []
+    for npz_path in npz_paths:
+        try:
+            arrays = read_npz(
+                npz_path, max_bytes=read_limits().max_file_bytes, keys={"class_names"}
+            )
+        except UnsafeInputError as exc:
+            errors.append(str(exc))
+            continue
+        if "class_names" in arrays:
+            return [str(x) for x in np.asarray(arrays["class_names"]).ravel().tolist()]
+        errors.append(f"{npz_path}: synthetic npz without a 'class_names' key")
+    raise SourceError(f"no npz gives the class names; first problem: {errors[0]}")
 
 
 def scan(root: Path, disease: str = "auto") -> ScanResult:
@@ -222,23 +225,24 @@ def scan(root: Path, disease: str = "auto") -> ScanResult:
     folder, disease = _resolve(root, disease)
     summary = _find_summary(root, folder, disease)
     refs: dict[str, CaseRef] = {}
+    duplicates: list[CaseRef] = []  # same stem in two splits: prepare reports/quarantines both
     for split, split_dir in sorted(_split_dirs(folder).items()):
         for npz in sorted(split_dir.glob("*.npz")):
             case_id = npz.stem
-            if case_id in refs:
-                raise CaseError(
-                    case_id, f"duplicate id: also in {refs[case_id].paths['npz']}", str(npz)
-                )
             paths = {"npz": str(npz)}
             if summary is not None:
                 paths["summary"] = str(summary)
-            refs[case_id] = CaseRef(case_id=case_id, paths=paths, label=None, split=split)
+            ref = CaseRef(case_id=case_id, paths=paths, label=None, split=split)
+            if case_id in refs:
+                duplicates.append(ref)
+            else:
+                refs[case_id] = ref
     if not refs:
         raise SourceError(f"{folder}: split folders hold no npz files")
     notes = _cross_check_summary(summary, refs) if summary is not None else []
-    cases = sorted(refs.values(), key=lambda r: r.case_id)
+    cases = sorted([*refs.values(), *duplicates], key=lambda r: r.case_id)
     if disease == "synthetic":
-        class_names = _synthetic_class_names(Path(cases[0].paths["npz"]))
+        class_names = _synthetic_class_names([Path(c.paths["npz"]) for c in cases])
     else:
         class_names = list(CLASS_NAMES[disease])
     log.info("FairVision %s: %d eyes under %s", disease, len(cases), folder)
@@ -301,8 +305,8 @@ def _int_label(value: Any, n: int, what: str, case_id: str, path: str) -> int:
     raise CaseError(case_id, f"unknown {what} label {value!r}", path)
 
 
-def _label(z: Any, disease: str, case_id: str, path: str) -> int:
-    keys = set(z.files)
+def _label(z: Mapping[str, np.ndarray], disease: str, case_id: str, path: str) -> int:
+    keys = set(z)
     if disease == "synthetic":
         if "grade" not in keys:
             raise CaseError(case_id, "no 'grade' key in a synthetic npz", path)
@@ -372,9 +376,9 @@ def _race_code(value: Any) -> int:
         return -1
 
 
-def _attributes(z: Any, skip: set[str]) -> dict[str, Any]:
+def _attributes(z: Mapping[str, np.ndarray], skip: set[str]) -> dict[str, Any]:
     attrs: dict[str, Any] = {}
-    for key in sorted(z.files):
+    for key in sorted(z):
         if key in skip:
             continue
         arr = z[key]
@@ -392,21 +396,20 @@ def _attributes(z: Any, skip: set[str]) -> dict[str, Any]:
 def load(ref: CaseRef, disease: str | None = "auto") -> RawCase:
     """Decode one npz. ``disease`` is the one ``scan`` resolved (auto re-detects per file)."""
     path = ref.paths["npz"]
+    limits = read_limits()
     try:
-        with np.load(path, allow_pickle=True) as z:
-            disease_name = (disease or "auto").lower()
-            if disease_name == "auto":
-                disease_name = _disease_from_keys(Path(path)) or ""
-                if not disease_name:
-                    raise CaseError(ref.case_id, "no known label key to tell the disease", path)
-            label = _label(z, disease_name, ref.case_id, path)
-            fundus = as_fundus(z[FUNDUS_KEY], ref.case_id, path) if FUNDUS_KEY in z.files else None
-            oct_ = as_oct(z[OCT_KEY], ref.case_id, path) if OCT_KEY in z.files else None
-            attrs = _attributes(z, _LABEL_KEYS | {FUNDUS_KEY, OCT_KEY})
-    except CaseError:
-        raise
-    except (*_READ_ERRORS, SourceError) as exc:
-        raise CaseError(ref.case_id, f"unreadable or truncated npz: {exc}", path) from exc
+        z = read_npz(path, max_bytes=limits.max_file_bytes, max_elements=limits.max_volume_voxels)
+    except UnsafeInputError as exc:
+        raise CaseError(ref.case_id, exc.reason, path) from exc
+    disease_name = (disease or "auto").lower()
+    if disease_name == "auto":
+        disease_name = _disease_of(set(z), z.get("dr_subtype")) or ""
+        if not disease_name:
+            raise CaseError(ref.case_id, "no known label key to tell the disease", path)
+    label = _label(z, disease_name, ref.case_id, path)
+    fundus = as_fundus(z[FUNDUS_KEY], ref.case_id, path) if FUNDUS_KEY in z else None
+    oct_ = as_oct(z[OCT_KEY], ref.case_id, path) if OCT_KEY in z else None
+    attrs = _attributes(z, _LABEL_KEYS | {FUNDUS_KEY, OCT_KEY})
     if fundus is None and oct_ is None:
         raise CaseError(ref.case_id, f"neither '{FUNDUS_KEY}' nor '{OCT_KEY}' in the npz", path)
     summary = ref.paths.get("summary")

@@ -25,18 +25,19 @@ from rima_core.data.sources._common import (
     ScanResult,
     as_fundus,
     as_oct,
+    ascii_int,
     child_dir,
     read_image,
     read_onehot_sheet,
 )
-from rima_core.data.types import CaseError, CaseRef, RawCase, SourceError
+from rima_core.data.types import CaseError, CaseRef, RawCase, SourceError, read_limits
 
 log = logging.getLogger(__name__)
 
 SOURCE = "gamma"
 CLASS_NAMES = ["non", "early", "mid_advanced"]
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-_BSCAN_RE = re.compile(r"^(\d+)(?:_image)?$", re.IGNORECASE)
+_BSCAN_RE = re.compile(r"^(\d+)(?:_image)?$", re.IGNORECASE | re.ASCII)
 
 
 def _training_dir(root: Path) -> Path | None:
@@ -81,20 +82,21 @@ def scan(root: Path, disease: str = "auto") -> ScanResult:
     sheet = _sheet(train_dir)
     if sheet is None:
         raise SourceError(f"{train_dir}: no label sheet (glaucoma_grading_training_GT.xlsx)")
-    _, labels = read_onehot_sheet(sheet, "data", CLASS_NAMES, case_name=lambda k: f"{k:04d}")
+    problems: dict[int, str] = {}  # id -> why the eye is bad (reported/quarantined by prepare)
+    _, labels = read_onehot_sheet(
+        sheet, "data", CLASS_NAMES, case_name=lambda k: f"{k:04d}", bad=problems
+    )
 
     folders: dict[int, Path] = {}
     for child in sorted(images.iterdir()):
-        if child.is_dir() and child.name.isdigit():
-            key = int(child.name)
-            if key in folders:
-                raise CaseError(
-                    f"{key:04d}",
-                    f"duplicate id: folders {folders[key].name} and {child.name}",
-                    str(child),
-                )
-            folders[key] = child
-    unlabelled = sorted(set(folders) - set(labels))
+        key = ascii_int(child.name)
+        if key is None or not child.is_dir():
+            continue
+        if key in folders:
+            problems.setdefault(key, f"duplicate id: folders {folders[key].name} and {child.name}")
+            continue
+        folders[key] = child
+    unlabelled = sorted(set(folders) - set(labels) - set(problems))
     notes = []
     if unlabelled:
         notes.append(
@@ -103,10 +105,13 @@ def scan(root: Path, disease: str = "auto") -> ScanResult:
         log.warning(notes[-1])
 
     cases = []
-    for key in sorted(labels):
+    for key in sorted(set(labels) | set(problems)):
         case_id = f"{key:04d}"
         case_dir = folders.get(key, images / case_id)
         paths: dict[str, str] = {"case_dir": str(case_dir)}
+        if key in problems:
+            cases.append(CaseRef(case_id=case_id, paths=paths, problem=problems[key]))
+            continue
         if case_dir.is_dir():
             fundus = _fundus_file(case_dir, case_dir.name)
             if fundus is not None:
@@ -145,7 +150,17 @@ def _load_oct(oct_dir: Path, case_id: str) -> np.ndarray | None:
             oct_dir,
         )
         return None
-    scans = [read_image(f, case_id, mode="L") for f in files]
+    max_voxels = read_limits().max_volume_voxels
+    scans, voxels = [], 0
+    for f in files:  # the volume cap is checked as B-scans accumulate, not after stacking
+        scans.append(read_image(f, case_id, mode="L"))
+        voxels += scans[-1].size
+        if voxels > max_voxels:
+            raise CaseError(
+                case_id,
+                f"OCT B-scans exceed {max_voxels} voxels (prepare.max_volume_voxels)",
+                str(oct_dir),
+            )
     shapes = {s.shape for s in scans}
     if len(shapes) != 1:
         raise CaseError(case_id, f"B-scans differ in size: {sorted(shapes)}", str(oct_dir))

@@ -6,7 +6,8 @@ Layout (DATASETS.md §3)::
     <base>/Image/<id>/data_<id>_fundus.png         8-bit grey fundus
     <base>/Image/<id>/processed_data_<id>.nii      OCT volume (some copies: data_<id>.nii[.gz])
 
-Only all-digit folder names are cases. Class names are the one-hot column names. If
+Only folder names of ASCII digits are cases (``²`` is a Unicode digit, not a case). Class
+names are the one-hot column names. If
 ``val.xlsx`` / ``test.xlsx`` sit beside ``train.xlsx`` their rows carry that split; with
 ``train.xlsx`` alone the source has no split of its own (``split=None``) and ``prepare`` makes one.
 
@@ -26,15 +27,17 @@ from pathlib import Path
 
 import numpy as np
 
+from rima_core.data import safe_read
 from rima_core.data.sources._common import (
     ScanResult,
     as_fundus,
     as_oct,
+    ascii_int,
     child_dir,
     read_image,
     read_onehot_sheet,
 )
-from rima_core.data.types import CaseError, CaseRef, RawCase, SourceError
+from rima_core.data.types import CaseError, CaseRef, RawCase, SourceError, read_limits
 
 log = logging.getLogger(__name__)
 
@@ -103,45 +106,48 @@ def scan(root: Path, disease: str = "auto") -> ScanResult:
         )
     class_names: list[str] | None = None
     labels: dict[int, tuple[int, str]] = {}
+    problems: dict[int, str] = {}  # id -> why the eye is bad (reported/quarantined by prepare)
     for split, sheet in sheets.items():
-        names, sheet_labels = read_onehot_sheet(sheet, "data")
+        sheet_bad: dict[int, str] = {}
+        names, sheet_labels = read_onehot_sheet(sheet, "data", bad=sheet_bad)
         if class_names is None:
             class_names = names
         elif names != class_names:
             raise SourceError(
                 f"{sheet}: class columns {names} differ from {class_names} in the other sheet(s)"
             )
+        for key, reason in sheet_bad.items():
+            problems.setdefault(key, f"{sheet.name}: {reason}")
         for key, label in sheet_labels.items():
             if key in labels:
-                raise CaseError(
-                    str(key), f"duplicate id: in {labels[key][1]} and {split} sheets", str(sheet)
-                )
+                problems.setdefault(key, f"duplicate id: in {labels[key][1]} and {split} sheets")
             labels[key] = (label, split)
     assert class_names is not None
     single = len(sheets) == 1
 
     folders: dict[int, Path] = {}
     for child in sorted(images.iterdir()):
-        if child.is_dir() and child.name.isdigit():
-            key = int(child.name)
-            if key in folders:
-                raise CaseError(
-                    child.name,
-                    f"duplicate id: folders {folders[key].name} and {child.name}",
-                    str(child),
-                )
-            folders[key] = child
+        key = ascii_int(child.name)
+        if key is None or not child.is_dir():
+            continue
+        if key in folders:
+            problems.setdefault(key, f"duplicate id: folders {folders[key].name} and {child.name}")
+            continue
+        folders[key] = child
     notes = []
-    unlabelled = sorted(set(folders) - set(labels))
+    unlabelled = sorted(set(folders) - set(labels) - set(problems))
     if unlabelled:
         notes.append(f"{len(unlabelled)} image folder(s) in no sheet, skipped: {unlabelled[:5]}")
         log.warning(notes[-1])
 
     cases = []
-    for key in sorted(labels):
-        label, split = labels[key]
+    for key in sorted(set(labels) | set(problems)):
+        label, split = labels.get(key, (None, "train"))
         case_dir = folders.get(key, images / str(key))
         paths: dict[str, str] = {"case_dir": str(case_dir)}
+        if key in problems:
+            cases.append(CaseRef(case_id=case_dir.name, paths=paths, problem=problems[key]))
+            continue
         if case_dir.is_dir():
             fundus = _find_fundus(case_dir, case_dir.name)
             oct_path = _find_oct(case_dir, case_dir.name)
@@ -161,15 +167,13 @@ def scan(root: Path, disease: str = "auto") -> ScanResult:
 
 
 def _load_nifti(path: Path, case_id: str) -> np.ndarray:
-    import nibabel as nib
-
+    limits = read_limits()
     try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-    except (
-        Exception
-    ) as exc:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
-        raise CaseError(case_id, f"unreadable or truncated NIfTI: {exc}", str(path)) from exc
+        data = safe_read.read_nifti(
+            path, max_bytes=limits.max_file_bytes, max_voxels=limits.max_volume_voxels
+        )
+    except safe_read.UnsafeInputError as exc:
+        raise CaseError(case_id, exc.reason, str(path)) from exc
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
