@@ -23,7 +23,9 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +55,117 @@ SERVING_DISTRIBUTIONS = (
 _FUNDUS_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
+# --- what a request may ask for: limits and the file policy ----------------------------------
+
+# Environment variables, one name per limit; ``{prefix}`` is RIMA_SERVE_ (the HTTP server, i.e.
+# the pyfunc) or RIMA_PREDICT_ (``rima predict`` on local files). README's Security section lists
+# them (a test checks it names every one).
+ENV_FILE_ROOT = "RIMA_SERVE_FILE_ROOT"
+SERVE_PREFIX = "RIMA_SERVE_"
+PREDICT_PREFIX = "RIMA_PREDICT_"
+_LIMIT_ENV = {
+    "max_rows": "MAX_ROWS",
+    "max_fundus_elements": "MAX_FUNDUS_ELEMENTS",
+    "max_oct_elements": "MAX_OCT_ELEMENTS",
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request caps. ``max_rows`` None = no cap (the CLI grades a table batch by batch).
+
+    Elements are numbers in one image (H×W×C or D×H×W), counted before a nested JSON list is
+    turned into an array and, for files, checked from headers before pixels are decoded.
+    """
+
+    max_rows: int | None
+    max_fundus_elements: int
+    max_oct_elements: int
+
+    @classmethod
+    def from_env(cls, prefix: str, defaults: Limits) -> Limits:
+        """``defaults`` overridden by ``{prefix}MAX_ROWS`` etc.; a bad value names the variable."""
+        values: dict[str, int | None] = {}
+        for field_name, suffix in _LIMIT_ENV.items():
+            name = prefix + suffix
+            raw = os.environ.get(name, "").strip()
+            if not raw:
+                values[field_name] = getattr(defaults, field_name)
+                continue
+            try:
+                value = int(raw)
+            except ValueError:
+                value = 0
+            if value < 1:
+                raise ValueError(f"{name}={raw!r}: expected a positive integer")
+            values[field_name] = value
+        return cls(**values)  # type: ignore[arg-type]
+
+    def of(self, modality: str) -> int:
+        return self.max_fundus_elements if modality == "fundus" else self.max_oct_elements
+
+
+# The HTTP server takes nested JSON arrays, held as Python lists (~8 bytes per number) before
+# any check can run: the defaults allow a 1024×1024 RGB fundus and a 128³ OCT, well above the
+# model's input size (images are resized to fundus_size / oct_shape anyway).
+SERVE_LIMITS = Limits(max_rows=32, max_fundus_elements=1024 * 1024 * 3, max_oct_elements=128**3)
+# Local files of a trusted user: room for full-size scans (a GAMMA OCT is 256×512×992).
+PREDICT_LIMITS = Limits(max_rows=None, max_fundus_elements=1 << 27, max_oct_elements=1 << 28)
+
+
+@dataclass(frozen=True)
+class InputPolicy:
+    """Which file paths a request may name, and the limits.
+
+    ``file_root`` None and ``any_path`` False: file paths are refused (arrays only), the HTTP
+    default. With a root, a path (relative to the root, or absolute) is resolved — symlinks and
+    ``..`` included — and must lie inside it. ``any_path`` is the local CLI: the user's own
+    files, with detailed reasons; the server answers every file failure with one neutral
+    message, so a client learns nothing about files outside what it may read.
+    """
+
+    limits: Limits
+    file_root: Path | None = None
+    any_path: bool = False
+
+    @classmethod
+    def server(cls) -> InputPolicy:
+        """The pyfunc's policy, from ``RIMA_SERVE_FILE_ROOT`` and ``RIMA_SERVE_MAX_*``."""
+        limits = Limits.from_env(SERVE_PREFIX, SERVE_LIMITS)
+        raw = os.environ.get(ENV_FILE_ROOT, "").strip()
+        if not raw:
+            return cls(limits)
+        root = Path(raw).expanduser()
+        if not root.is_absolute() or not root.is_dir():
+            raise ValueError(f"{ENV_FILE_ROOT}={raw!r}: expected the absolute path of a folder")
+        return cls(limits, file_root=root.resolve(strict=True))
+
+    @classmethod
+    def local(cls) -> InputPolicy:
+        """Local use (``rima predict``, :class:`Predictor` from Python): any path, big limits."""
+        return cls(Limits.from_env(PREDICT_PREFIX, PREDICT_LIMITS), any_path=True)
+
+    @property
+    def files_allowed(self) -> bool:
+        return self.any_path or self.file_root is not None
+
+
 class InputError(ValueError):
     """A request row that cannot be graded; the message names the row and the reason."""
+
+
+class _FileRefused(Exception):
+    """A file a request named could not be used; ``detail`` is for the server log only."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+_NEUTRAL = (
+    "{row}: {modality} file cannot be read (it is missing, outside the server's allowed folder, "
+    "unreadable, too large or not a supported file)"
+)
 
 
 # --- decoding one cell -----------------------------------------------------------------------
@@ -69,88 +180,171 @@ def is_missing(value: Any) -> bool:
     return isinstance(value, str) and not value.strip()
 
 
-def _npz_array(path: Path, key: str, row: str) -> np.ndarray:
-    """The ``key`` array of a FairVision-style npz, or its only array."""
-    with np.load(path, allow_pickle=False) as z:
-        if key in z.files:
-            return z[key]
-        arrays = [k for k in z.files if z[k].ndim >= 2]
-        if len(arrays) == 1:
-            return z[arrays[0]]
-        raise InputError(f"{row}: {path} has no '{key}' array (arrays: {z.files})")
+def _inside(path: Path, policy: InputPolicy) -> Path:
+    """``path`` resolved (symlinks, ``..``) and, on the server, required to lie in the root."""
+    try:
+        if policy.any_path:
+            return path.resolve(strict=True)
+        root = policy.file_root
+        assert root is not None
+        real = (path if path.is_absolute() else root / path).resolve(strict=True)
+    except FileNotFoundError:
+        raise _FileRefused("does not exist") from None
+    except (OSError, RuntimeError, ValueError) as exc:  # loop, NUL byte, name too long
+        raise _FileRefused(f"cannot be resolved ({exc})") from None
+    if not policy.any_path and not real.is_relative_to(root):
+        raise _FileRefused(f"resolves to {real}, outside {root}")
+    return real
 
 
-def _read_fundus_file(path: Path, row: str) -> np.ndarray:
-    from rima_core.data.sources._common import read_image
-    from rima_core.data.sources.fairvision import FUNDUS_KEY
+def _npz_array(path: Path, key: str, max_bytes: int) -> np.ndarray:
+    """The ``key`` array of a FairVision-style npz, or its only image-like array."""
+    from rima_core.data.safe_read import npz_keys, read_npz
 
-    suffix = path.suffix.lower()
-    if suffix in _FUNDUS_IMAGE_SUFFIXES:
-        return read_image(path, row)
-    if suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    if suffix == ".npz":
-        return _npz_array(path, FUNDUS_KEY, row)
-    raise InputError(
-        f"{row}: fundus file {path} has an unsupported type (use "
-        f"{', '.join((*_FUNDUS_IMAGE_SUFFIXES, '.npy', '.npz'))})"
-    )
+    keys = npz_keys(path)
+    if key in keys:
+        return read_npz(path, max_bytes=max_bytes, keys=[key])[key]
+    arrays = {k: a for k, a in read_npz(path, max_bytes=max_bytes).items() if a.ndim >= 2}
+    if len(arrays) == 1:
+        return next(iter(arrays.values()))
+    raise _FileRefused(f"has no '{key}' array and not exactly one image array ({keys})")
 
 
-def _read_oct_file(path: Path, row: str) -> np.ndarray:
-    from rima_core.data.sources import gamma, rima_folders
-    from rima_core.data.sources.fairvision import OCT_KEY
+def _read_file(path: Path, modality: str, policy: InputPolicy) -> np.ndarray:
+    """One fundus/OCT file (or B-scan folder) through the restricted readers, within limits."""
+    from rima_core.data import safe_read
+    from rima_core.data.sources.fairvision import FUNDUS_KEY, OCT_KEY
 
-    name = path.name.lower()
-    if path.is_dir():  # GAMMA-style folder of numbered B-scan images
-        volume = gamma._load_oct(path, row)
-        if volume is None:
-            raise InputError(f"{row}: OCT folder {path} holds no <n>_image.jpg B-scans")
-        return volume
-    if name.endswith((".nii", ".nii.gz")):
-        return rima_folders._load_nifti(path, row)
+    limit = policy.limits.of(modality)
+    max_bytes = limit * 8  # float64 data of the largest allowed image
+    real = _inside(path, policy)
+    name = real.name.lower()
+    if modality == "fundus" and name.endswith(_FUNDUS_IMAGE_SUFFIXES):
+        return safe_read.read_image(real, max_pixels=limit)
     if name.endswith(".npy"):
-        return np.load(path, allow_pickle=False)
+        return safe_read.read_npy(real, max_bytes=max_bytes)
     if name.endswith(".npz"):
-        return _npz_array(path, OCT_KEY, row)
-    raise InputError(
-        f"{row}: OCT file {path} has an unsupported type (use .nii, .nii.gz, .npy, .npz or a "
-        "folder of B-scan images)"
+        return _npz_array(real, FUNDUS_KEY if modality == "fundus" else OCT_KEY, max_bytes)
+    if modality == "oct" and name.endswith((".nii", ".nii.gz")):
+        return _nifti_dhw(real, limit, max_bytes)
+    if modality == "oct" and real.is_dir():
+        return _bscan_folder(real, limit, policy)
+    raise _FileRefused(
+        f"has an unsupported type for {modality} (fundus: "
+        f"{', '.join(_FUNDUS_IMAGE_SUFFIXES)}, .npy, .npz; OCT: .nii, .nii.gz, .npy, .npz or a "
+        "folder of <n>_image B-scans)"
     )
 
 
-def decode(value: Any, modality: str, row: str) -> np.ndarray | None:
+def _nifti_dhw(path: Path, limit: int, max_bytes: int) -> np.ndarray:
+    """A NIfTI volume in the D×H×W order ``prepare`` uses for the RIMA folders."""
+    from rima_core.data.safe_read import read_nifti
+    from rima_core.data.sources.rima_folders import NIFTI_TO_DHW
+
+    data = read_nifti(path, max_bytes=max_bytes, max_voxels=limit)
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    return np.transpose(data, NIFTI_TO_DHW) if data.ndim == 3 else data
+
+
+def _bscan_folder(folder: Path, limit: int, policy: InputPolicy) -> np.ndarray:
+    """A GAMMA-style folder of ``<n>_image.jpg`` B-scans; each file must pass ``_inside`` too."""
+    from rima_core.data.safe_read import read_image
+    from rima_core.data.sources.gamma import bscan_files
+
+    scans, total = [], 0
+    for f in bscan_files(folder):
+        scan = read_image(_inside(f, policy), max_pixels=max(limit - total, 1), mode="L")
+        total += scan.size
+        if total > limit:
+            raise _FileRefused(f"B-scans hold more than {limit} pixels")
+        scans.append(scan)
+    if not scans:
+        raise _FileRefused("holds no <n>_image.jpg B-scans")
+    if len({s.shape for s in scans}) != 1:
+        raise _FileRefused("B-scans differ in size")
+    return np.stack(scans, axis=0)
+
+
+def _reason(exc: Exception) -> str:
+    """The reason of a file failure without the path (the caller names the file once)."""
+    if isinstance(exc, _FileRefused):
+        return exc.detail
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(getattr(exc, "reason", None) or exc)
+
+
+def _claimed_size(value: Any, depth: int = 5) -> int:
+    """Elements a nested list claims, following first items (no array built yet)."""
+    if isinstance(value, np.ndarray):
+        if value.dtype != object:
+            return int(value.size)
+        n = int(value.size)
+        return n * (_claimed_size(value.flat[0], depth - 1) if n and depth else 1)
+    if isinstance(value, list | tuple):
+        n = len(value)
+        return n * (_claimed_size(value[0], depth - 1) if n and depth else 1)
+    return 1
+
+
+def _env_name(policy: InputPolicy, modality: str) -> str:
+    prefix = PREDICT_PREFIX if policy.any_path else SERVE_PREFIX
+    return prefix + _LIMIT_ENV[f"max_{modality}_elements"]
+
+
+def _check_size(n: int, modality: str, row: str, policy: InputPolicy) -> None:
+    limit = policy.limits.of(modality)
+    if n > limit:
+        raise InputError(
+            f"{row}: {modality} has {n} elements, over the limit of {limit} per image "
+            f"({_env_name(policy, modality)}); send it resized to about the model's input size"
+        )
+
+
+def decode(
+    value: Any, modality: str, row: str, policy: InputPolicy | None = None
+) -> np.ndarray | None:
     """A cell -> uint8 pixels (fundus H×W[×3], OCT D×H×W), or None when the cell is empty.
 
     Arrays follow the source loaders' rules (uint8 kept, 0..1 floats scaled by 255, other ranges
     min-max scaled): the same ``as_fundus`` / ``as_oct`` checks reject a wrong rank here as in
-    ``prepare``.
+    ``prepare``. File paths are read only as ``policy`` allows (default: :meth:`InputPolicy.local`).
     """
+    from rima_core.data.safe_read import UnsafeInputError
     from rima_core.data.sources._common import as_fundus, as_oct
     from rima_core.data.types import CaseError
 
+    policy = policy or InputPolicy.local()
     if is_missing(value):
         return None
+    if isinstance(value, str | os.PathLike):
+        if not policy.files_allowed:
+            raise InputError(
+                f"{row}: {modality} is a file path, but this server takes arrays only (nested "
+                f"lists of pixel values); an operator may allow files under {ENV_FILE_ROOT}"
+            )
+        try:
+            arr = _read_file(Path(value), modality, policy)
+        except (_FileRefused, UnsafeInputError, CaseError, OSError, ValueError) as exc:
+            detail = _reason(exc)
+            if policy.any_path:
+                raise InputError(f"{row}: {modality} file {value}: {detail}") from None
+            log.warning("%s: %s file %r refused: %s", row, modality, str(value)[:300], detail)
+            raise InputError(_NEUTRAL.format(row=row, modality=modality)) from None
+    else:
+        _check_size(_claimed_size(value), modality, row, policy)
+        try:
+            arr = _dense(value)
+        except (ValueError, TypeError) as exc:  # ragged or non-numeric nested lists
+            raise InputError(f"{row}: {modality} is not a rectangular array: {exc}") from None
+    _check_size(int(arr.size), modality, row, policy)
     try:
-        if isinstance(value, str | os.PathLike):
-            path = Path(value)
-            if not path.exists():
-                raise InputError(f"{row}: {modality} file {path} does not exist")
-            reader = _read_fundus_file if modality == "fundus" else _read_oct_file
-            arr = reader(path, row)
-        else:
-            try:
-                arr = _dense(value)
-            except (ValueError, TypeError) as exc:  # ragged or non-numeric nested lists
-                raise InputError(f"{row}: {modality} is not a rectangular array: {exc}") from exc
         return as_fundus(arr, row, "input") if modality == "fundus" else as_oct(arr, row, "input")
     except CaseError as exc:
-        where = f" {exc.path}" if exc.path and exc.path != "input" else ""
-        raise InputError(f"{row}: {modality}{where}: {exc.reason}") from exc
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, InputError):
-            raise
-        raise InputError(f"{row}: {modality} could not be read: {exc}") from exc
+        raise InputError(f"{row}: {modality}: {exc.reason}") from None
+    except (ValueError, TypeError) as exc:  # e.g. a complex dtype
+        raise InputError(f"{row}: {modality} has unusable values ({exc})") from None
 
 
 def _dense(value: Any) -> np.ndarray:
@@ -164,7 +358,10 @@ def _dense(value: Any) -> np.ndarray:
 
 
 def _row_name(index: Any, case_id: Any) -> str:
-    return f"row {index}" + ("" if is_missing(case_id) else f" (case_id {case_id})")
+    if is_missing(case_id):
+        return f"row {index}"
+    text = str(case_id)
+    return f"row {index} (case_id {text[:64]}{'...' if len(text) > 64 else ''})"
 
 
 # --- the predictor (no MLflow needed) ----------------------------------------------------------
@@ -223,22 +420,42 @@ class Predictor:
             "index": torch.arange(n, dtype=torch.int64),
         }
 
-    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+    def predict(self, frame: pd.DataFrame, policy: InputPolicy | None = None) -> pd.DataFrame:
         """One output row per input row: ``p_<class>`` probabilities, ``grade``, ``grade_name``
-        (and ``case_id`` first when the input has one)."""
+        (and ``case_id`` first when the input has one).
+
+        ``policy`` says which file paths may be read and the size limits; the default is
+        :meth:`InputPolicy.local` (a trusted local caller). Columns other than
+        :data:`INPUT_COLUMNS` are refused, not ignored: a misspelt ``fundus`` would otherwise
+        silently grade the eye as OCT-only.
+        """
         from rima_core.engine import predict as run_model
 
+        policy = policy or InputPolicy.local()
         if not isinstance(frame, pd.DataFrame):
-            frame = pd.DataFrame(frame)
-        unknown = set(frame.columns) - set(INPUT_COLUMNS)
+            try:
+                frame = pd.DataFrame(frame)
+            except (ValueError, TypeError) as exc:
+                raise InputError(f"input is not a table of eyes: {exc}") from None
+        unknown = [str(c) for c in frame.columns if c not in INPUT_COLUMNS]
         if unknown:
+            shown = ", ".join(repr(c[:64]) for c in unknown[:10])
             raise InputError(
-                f"unexpected column(s) {sorted(map(str, unknown))}; expected {list(INPUT_COLUMNS)}"
+                f"unexpected column(s) [{shown}{', ...' if len(unknown) > 10 else ''}]; "
+                f"expected {list(INPUT_COLUMNS)}"
             )
+        if frame.columns.duplicated().any():
+            raise InputError("a column appears more than once")
         # MLflow drops optional columns absent from a request instead of adding them back
         frame = frame.reindex(columns=list(INPUT_COLUMNS))
         if frame.empty:
             raise InputError("no rows to predict")
+        max_rows = policy.limits.max_rows
+        if max_rows is not None and len(frame) > max_rows:
+            raise InputError(
+                f"{len(frame)} rows in one request; at most {max_rows} are accepted "
+                f"({SERVE_PREFIX}{_LIMIT_ENV['max_rows']}): split the request"
+            )
         names = [_row_name(i, c) for i, c in zip(frame.index, frame["case_id"], strict=True)]
         empty = [n for n, f, o in zip(names, frame["fundus"], frame["oct"], strict=True)
                  if is_missing(f) and is_missing(o)]  # fmt: skip
@@ -253,9 +470,12 @@ class Predictor:
             rows = zip(
                 frame["fundus"].iloc[part], frame["oct"].iloc[part], names[part], strict=True
             )
-            decoded = [(decode(f, "fundus", n), decode(o, "oct", n)) for f, o, n in rows]
+            decoded = [
+                (decode(f, "fundus", n, policy), decode(o, "oct", n, policy)) for f, o, n in rows
+            ]
             fundus, oct = [d[0] for d in decoded], [d[1] for d in decoded]
             batch = self._tensors(fundus, oct)
+            # logits become probabilities in engine.predict, the one place shared with evaluate
             preds = run_model(self.model, [batch], self.device, progress=False)
             probas.append(preds.proba)
         proba = np.concatenate(probas)
@@ -278,19 +498,39 @@ def pyfunc_class() -> type:
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
     class RimaPyfunc(mlflow.pyfunc.PythonModel):
-        """Loads ``model.pt`` once per process; bad rows become HTTP 400 with the row named."""
+        """Loads ``model.pt`` once per process; every failure becomes a short HTTP 400.
+
+        The request policy (:meth:`InputPolicy.server`: arrays only unless
+        ``RIMA_SERVE_FILE_ROOT`` is set, ``RIMA_SERVE_MAX_*`` limits) is read once at load, so
+        a bad setting stops the server at start instead of failing each request.
+        """
 
         def load_context(self, context: Any) -> None:
             device = os.environ.get("RIMA_DEVICE", "cpu")
+            self.policy = InputPolicy.server()
             self.predictor = Predictor.from_file(context.artifacts[ARTIFACT_MODEL], device=device)
+            log.info(
+                "serving %s: files %s; limits %s",
+                self.predictor.spec.name,
+                f"under {self.policy.file_root}" if self.policy.file_root else "refused",
+                self.policy.limits,
+            )
 
-        # No type hints here on purpose: MLflow 3 would derive a (wrong) schema from them; the
-        # explicit signature logged with the model describes the input instead.
+        # No type hints here on purpose: MLflow 3 would derive a (wrong) schema from them.
         def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+            # MLflow's scoring server puts the stack trace of any other exception into the
+            # response body; here a client gets one short message and the log gets the rest.
             try:
-                return self.predictor.predict(model_input)
-            except (InputError, ValueError) as exc:
-                raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
+                return self.predictor.predict(model_input, self.policy)
+            except InputError as exc:
+                raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+            except Exception:
+                ref = uuid.uuid4().hex[:12]
+                log.exception("request %s: unexpected error while grading", ref)
+                raise MlflowException(
+                    f"the request could not be graded (reference {ref} in the server log)",
+                    error_code=INVALID_PARAMETER_VALUE,
+                ) from None
 
     return RimaPyfunc
 
@@ -332,21 +572,18 @@ def _norm(name: str) -> str:
 
 
 def _signature(class_names: Sequence[str]) -> Any:
+    """Outputs only. An input schema would make MLflow drop unknown columns with nothing but a
+    server-side warning (a misspelt ``fundus`` graded as "no fundus"); without one the request
+    reaches :meth:`Predictor.predict`, which refuses them. The input columns are recorded in the
+    model's metadata (``rima_input_columns``) instead."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, ColSpec, Schema
+    from mlflow.types.schema import ColSpec, Schema
 
-    inputs = Schema(
-        [
-            ColSpec("string", "case_id", required=False),
-            ColSpec(AnyType(), "fundus", required=False),  # nested array or file path
-            ColSpec(AnyType(), "oct", required=False),
-        ]
-    )
     outputs = Schema(
         [ColSpec("double", f"p_{c}") for c in class_names]
         + [ColSpec("long", "grade"), ColSpec("string", "grade_name")]
     )
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    return ModelSignature(inputs=None, outputs=outputs)
 
 
 def input_example() -> pd.DataFrame:
@@ -397,7 +634,10 @@ def log_pyfunc(model_dir: str | Path, cfg: Any, name: str = "model") -> Any:
     with tempfile.TemporaryDirectory(prefix="rima-pyfunc-") as tmp:
         tmp_path = Path(tmp)
         (tmp_path / "class_names.json").write_text(json.dumps(class_names))
-        (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+        from rima_core.redact import redact_config  # the served config holds no credentials
+
+        config = redact_config(cfg.to_dict())
+        (tmp_path / "config.json").write_text(json.dumps(config, indent=2, default=str))
         entry = tmp_path / "rima_pyfunc.py"
         entry.write_text(_ENTRY)
         code = _copy_package(tmp_path / "code")
@@ -413,6 +653,7 @@ def log_pyfunc(model_dir: str | Path, cfg: Any, name: str = "model") -> Any:
             pip_requirements=pip_requirements(),
             signature=_signature(class_names),
             input_example=input_example(),
+            metadata={"rima_input_columns": list(INPUT_COLUMNS)},
         )
     log.info("logged pyfunc %s (%s, %d classes)", info.model_uri, spec.name, len(class_names))
     return info
@@ -429,13 +670,19 @@ def predict_files(model_uri: str, input_path: str | Path, out: str | Path) -> di
     """Batch prediction from a CSV/Parquet table of eyes (``fundus``/``oct`` file paths or empty).
 
     Relative paths are resolved against the table's folder, as in a manifest that travels with
-    its images. The output (CSV or Parquet by suffix) is written atomically.
+    its images. The caller is the local user, so any path is allowed, but files go through the
+    same restricted readers and per-image limits (``RIMA_PREDICT_MAX_*``) as on the server; rows
+    are not capped (they are graded batch by batch). The output (CSV or Parquet by suffix) is
+    written atomically.
     """
     from rima_core.atomic import atomic_file
 
     input_path, out = Path(input_path), Path(out)
     if not input_path.is_file():
         raise FileNotFoundError(f"{input_path}: no such input table")
+    out_suffix = out.suffix.lower()
+    if out_suffix not in (".csv", ".parquet", ".pq"):
+        raise InputError(f"{out}: output must be .csv or .parquet")
     suffix = input_path.suffix.lower()
     if suffix == ".csv":
         frame = pd.read_csv(input_path, dtype={"case_id": str, "fundus": str, "oct": str})
@@ -446,18 +693,15 @@ def predict_files(model_uri: str, input_path: str | Path, out: str | Path) -> di
     for col in ("fundus", "oct"):
         if col in frame.columns:
             frame[col] = [_resolve(v, input_path.parent) for v in frame[col]]
-    from mlflow.exceptions import MlflowException
-
     model = load(model_uri)
     try:
-        result = model.predict(frame)
-    except MlflowException as exc:  # the pyfunc's wrapping of a bad row: keep the message clean
-        if exc.error_code != "INVALID_PARAMETER_VALUE":
-            raise
-        raise InputError(f"{input_path}: {exc.message}") from exc
-    out_suffix = out.suffix.lower()
-    if out_suffix not in (".csv", ".parquet", ".pq"):
-        raise InputError(f"{out}: output must be .csv or .parquet")
+        predictor = model.unwrap_python_model().predictor
+    except (AttributeError, ValueError) as exc:
+        raise InputError(f"{model_uri} is not a RIMA pyfunc model") from exc
+    try:
+        result = predictor.predict(frame, InputPolicy.local())
+    except InputError as exc:
+        raise InputError(f"{input_path}: {exc}") from None
     with atomic_file(out) as tmp:
         if out_suffix == ".csv":
             result.to_csv(tmp, index=False)

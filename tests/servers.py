@@ -179,9 +179,18 @@ def mlflow_server(
 
 @contextlib.contextmanager
 def model_server(
-    model_uri: str, tracking_uri: str, workdir: Path, timeout: float = 120
+    model_uri: str,
+    tracking_uri: str,
+    workdir: Path,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Server]:
-    """``mlflow models serve`` for ``model_uri`` in the current environment (no venv build)."""
+    """``mlflow models serve`` for ``model_uri`` in the current environment (no venv build).
+
+    ``env`` adds variables for the server only (e.g. ``RIMA_SERVE_FILE_ROOT``); the test
+    process's own ``RIMA_SERVE_*`` settings are removed first, so a server runs on its defaults
+    unless the test says otherwise.
+    """
     port = free_port()
     cmd = [
         str(BIN / "mlflow"),
@@ -198,9 +207,14 @@ def model_server(
         "-w",
         "1",
     ]
-    env = {"MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    server_env = {
+        **{k: "" for k in os.environ if k.startswith("RIMA_SERVE_")},
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        **(env or {}),
+    }
     log = workdir / f"model-server-{port}.log"
-    with _serve(cmd, port, log, env, "/ping", timeout) as server:
+    with _serve(cmd, port, log, server_env, "/ping", timeout) as server:
         yield server
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -140,7 +141,7 @@ def test_bad_rows_are_named(predictor: serving.Predictor, tmp_path: Path) -> Non
     frame = pd.DataFrame({"case_id": ["ok", "empty"], "fundus": [arr, None], "oct": [None, ""]})
     with pytest.raises(serving.InputError, match=r"row 1 \(case_id empty\).*neither a fundus"):
         predictor.predict(frame)
-    with pytest.raises(serving.InputError, match=r"row 0: fundus file .*nope.png does not exist"):
+    with pytest.raises(serving.InputError, match=r"row 0: fundus file .*nope.png: does not exist"):
         predictor.predict(pd.DataFrame({"fundus": [str(tmp_path / "nope.png")]}))
     with pytest.raises(serving.InputError, match=r"row 0: oct is not a rectangular array"):
         predictor.predict(pd.DataFrame({"oct": [[[[1, 2]], [[3]]]]}))
@@ -211,7 +212,9 @@ def test_log_load_predict_pyfunc(cfg: Config, model_pt: Path, tmp_path: Path) ->
     assert json.loads((local / "artifacts" / "config.json").read_text())["mlflow"]["model_name"]
     assert (local / "serving_input_example.json").is_file()
     model = mlflow.pyfunc.load_model(info.model_uri)
-    assert [c.name for c in model.metadata.get_input_schema().inputs] == list(serving.INPUT_COLUMNS)
+    # no input schema (MLflow would drop unknown columns); the columns are in the metadata
+    assert model.metadata.get_input_schema() is None
+    assert model.metadata.metadata["rima_input_columns"] == list(serving.INPUT_COLUMNS)
     example = serving.input_example()
     got = model.predict(example)
     want = serving.Predictor.from_file(model_pt).predict(example)
@@ -221,6 +224,8 @@ def test_log_load_predict_pyfunc(cfg: Config, model_pt: Path, tmp_path: Path) ->
     assert len(only_oct) == 1
     with pytest.raises(mlflow.exceptions.MlflowException, match="neither a fundus"):
         model.predict(pd.DataFrame({"case_id": ["x"], "fundus": [None], "oct": [None]}))
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"unexpected column.*'fundas'"):
+        model.predict(example.rename(columns={"fundus": "fundas"}))
 
 
 def test_predict_files_csv_relative_paths(cfg: Config, model_pt: Path, tmp_path: Path) -> None:
@@ -247,6 +252,282 @@ def test_predict_files_csv_relative_paths(cfg: Config, model_pt: Path, tmp_path:
     with pytest.raises(serving.InputError, match=r"row 0 \(case_id A\).*neither"):
         (images / "bad.csv").write_text("case_id,fundus,oct\nA,,\n")
         serving.predict_files(info.model_uri, images / "bad.csv", tmp_path / "bad.csv")
+
+
+# --- what a request may read, and how much (issue 10, items 3 and 4) --------------------------
+
+
+def bomb_png(path: Path, side: int = 10000) -> Path:
+    """A real decompression bomb: a side×side grey PNG of zeros (100 Mpx in ~100 KB)."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(tag + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
+
+    z = zlib.compressobj(9)
+    row = b"\x00" * (side + 1)  # filter byte + pixels
+    rows = range(0, side, 256)
+    idat = b"".join(z.compress(row * min(256, side - r)) for r in rows) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def bomb_npz(path: Path, key: str = "oct_bscans", side: int = 320) -> Path:
+    """A zip-bombed npz: a side³ uint8 volume of zeros (33 MB) deflated to ~30 KB."""
+    import zipfile
+
+    from numpy.lib import format as npformat
+
+    zf = zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED)
+    with zf, zf.open(f"{key}.npy", "w", force_zip64=True) as fp:
+        header = {"descr": "|u1", "fortran_order": False, "shape": (side, side, side)}
+        npformat.write_array_header_1_0(fp, header)
+        plane = bytes(side * side)
+        for _ in range(side):
+            fp.write(plane)
+    return path
+
+
+@pytest.fixture(scope="module")
+def eye_files(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An allowed root with a readable eye, bombs, and escapes to a readable file outside it."""
+    tmp = tmp_path_factory.mktemp("files")
+    root, outside = tmp / "root", tmp / "outside"
+    (root / "eye").mkdir(parents=True)
+    outside.mkdir()
+    rng = _rng()
+    oct = rng.integers(0, 256, (8, 12, 12), dtype=np.uint8)
+    np.save(root / "eye" / "o.npy", oct)
+    np.save(outside / "secret.npy", oct)  # readable: a refusal is the policy, not a bad file
+    (root / "alias.npy").symlink_to(root / "eye" / "o.npy")  # a link that stays inside
+    (root / "link.npy").symlink_to(outside / "secret.npy")
+    (root / "linkdir").symlink_to(outside, target_is_directory=True)
+    bomb_png(root / "bomb.png")
+    bomb_npz(root / "bomb.npz")
+    escapes = {  # every one must get the same answer as a file that does not exist
+        "missing": "nope.npy",
+        "dotdot": "../outside/secret.npy",
+        "absolute dotdot": str(root / "eye" / ".." / ".." / "outside" / "secret.npy"),
+        "absolute outside": str(outside / "secret.npy"),
+        "symlink": "link.npy",
+        "symlinked folder": "linkdir/secret.npy",
+        "system file": "/etc/passwd",
+    }
+    return {"root": root, "oct": oct, "escapes": escapes}
+
+
+def _policy(root: Path | None = None, **limits: int) -> serving.InputPolicy:
+    values = {**asdict(serving.SERVE_LIMITS), **limits}
+    return serving.InputPolicy(serving.Limits(**values), file_root=root)
+
+
+def test_server_policy_refuses_paths_unless_a_root_is_set(
+    predictor: serving.Predictor, eye_files: dict
+) -> None:
+    root, oct = eye_files["root"], eye_files["oct"]
+    with pytest.raises(serving.InputError, match=r"row 0: oct is a file path.*arrays only"):
+        predictor.predict(pd.DataFrame({"oct": [str(root / "eye" / "o.npy")]}), _policy())
+    want = predictor.predict(pd.DataFrame({"oct": [oct]}), _policy())
+    inside = ["eye/o.npy", str(root / "eye" / "o.npy"), "alias.npy"]
+    got = predictor.predict(pd.DataFrame({"oct": inside}), _policy(root))
+    cols = ["p_normal", "p_early", "p_late"]
+    np.testing.assert_allclose(
+        got[cols].to_numpy(), np.repeat(want[cols].to_numpy(), 3, 0), rtol=1e-5
+    )
+    messages = set()
+    for case, path in eye_files["escapes"].items():
+        with pytest.raises(serving.InputError) as err:
+            predictor.predict(pd.DataFrame({"oct": [path]}), _policy(root))
+        messages.add(str(err.value))
+        assert "secret" not in str(err.value) and "exist" not in str(err.value), case
+    assert messages == {serving._NEUTRAL.format(row="row 0", modality="oct")}
+
+
+def test_bombs_are_refused_with_reasons_locally(
+    predictor: serving.Predictor, eye_files: dict
+) -> None:
+    root = eye_files["root"]
+    local = serving.InputPolicy.local()
+    with pytest.raises(serving.InputError, match=r"row 0: fundus file .*bomb.png: .*(bomb|limit)"):
+        predictor.predict(pd.DataFrame({"fundus": [str(root / "bomb.png")]}), local)
+    with pytest.raises(serving.InputError, match=r"row 0: oct file .*bomb.npz: .*zip bomb"):
+        predictor.predict(pd.DataFrame({"oct": [str(root / "bomb.npz")]}), local)
+    neutral = serving._NEUTRAL.format(row="row 0", modality="oct")
+    with pytest.raises(serving.InputError, match=re.escape(neutral)):
+        predictor.predict(pd.DataFrame({"oct": ["bomb.npz"]}), _policy(root))
+
+
+def test_size_limits(predictor: serving.Predictor, monkeypatch: pytest.MonkeyPatch) -> None:
+    small = np.zeros((4, 4, 4), np.uint8).tolist()
+    rows = pd.DataFrame({"oct": [small] * 5})
+    with pytest.raises(serving.InputError, match=r"5 rows in one request; at most 4 .*MAX_ROWS"):
+        predictor.predict(rows, _policy(max_rows=4))
+    assert len(predictor.predict(rows, _policy(max_rows=5))) == 5
+    big = np.zeros((5, 4, 4), np.uint8)
+    for value in (big, big.tolist()):  # an array, and nested JSON lists (checked before np)
+        with pytest.raises(
+            serving.InputError,
+            match=r"row 0: oct has 80 elements, over the limit of 64 per image "
+            r"\(RIMA_SERVE_MAX_OCT_ELEMENTS\)",
+        ):
+            predictor.predict(pd.DataFrame({"oct": [value]}), _policy(max_oct_elements=64))
+    fundus = np.zeros((8, 8, 3), np.uint8).tolist()
+    with pytest.raises(serving.InputError, match=r"fundus has 192 elements.*FUNDUS_ELEMENTS"):
+        predictor.predict(pd.DataFrame({"fundus": [fundus]}), _policy(max_fundus_elements=191))
+    # the default server limits refuse the issue's 160³ OCT
+    assert serving.SERVE_LIMITS.max_oct_elements < 160**3
+    monkeypatch.setenv("RIMA_SERVE_MAX_ROWS", "7")
+    monkeypatch.setenv("RIMA_SERVE_MAX_OCT_ELEMENTS", "1000")
+    policy = serving.InputPolicy.server()
+    assert policy.limits.max_rows == 7 and policy.limits.max_oct_elements == 1000
+    assert policy.file_root is None and not policy.files_allowed
+    monkeypatch.setenv("RIMA_SERVE_MAX_ROWS", "lots")
+    with pytest.raises(ValueError, match=r"RIMA_SERVE_MAX_ROWS='lots': expected a positive"):
+        serving.InputPolicy.server()
+    monkeypatch.delenv("RIMA_SERVE_MAX_ROWS")
+    monkeypatch.setenv("RIMA_SERVE_FILE_ROOT", "relative/dir")
+    with pytest.raises(ValueError, match="RIMA_SERVE_FILE_ROOT='relative/dir'"):
+        serving.InputPolicy.server()
+
+
+def test_readme_names_every_serving_setting() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    security = readme.split("## Security", 1)[1].split("\n## ", 1)[0]
+    names = [serving.ENV_FILE_ROOT] + [
+        prefix + suffix
+        for prefix in (serving.SERVE_PREFIX, serving.PREDICT_PREFIX)
+        for suffix in serving._LIMIT_ENV.values()
+    ]
+    assert [n for n in names if n not in security] == []
+    # the serving example sends arrays, not a server-side file path
+    example = readme.split("## Registry and serving", 1)[1].split("\n## ", 1)[0]
+    assert '"fundus": "/' not in example
+
+
+# --- the same, against a real `mlflow models serve` -------------------------------------------
+
+SERVER_LIMITS = {
+    "RIMA_SERVE_MAX_ROWS": "4",
+    "RIMA_SERVE_MAX_FUNDUS_ELEMENTS": str(40 * 40 * 3),
+    "RIMA_SERVE_MAX_OCT_ELEMENTS": str(16**3),
+}
+
+
+@pytest.fixture(scope="module")
+def logged_model(model_pt: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from rima_core import tracking
+
+    tmp = tmp_path_factory.mktemp("served")
+    with pytest.MonkeyPatch.context() as mp:
+        cfg = mlflow_test_config(tmp, mp, "rima-serving-http")
+        with tracking.start_run(cfg, "register", log_params=False):
+            info = serving.log_pyfunc(model_pt.parent, cfg)
+    return info.model_uri, cfg.mlflow.tracking_uri, tmp
+
+
+@pytest.fixture(scope="module")
+def default_server(logged_model):  # type: ignore[no-untyped-def]
+    from tests.servers import model_server
+
+    uri, tracking_uri, tmp = logged_model
+    with model_server(uri, tracking_uri, tmp) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def root_server(logged_model, eye_files: dict):  # type: ignore[no-untyped-def]
+    from tests.servers import model_server
+
+    uri, tracking_uri, tmp = logged_model
+    env = {"RIMA_SERVE_FILE_ROOT": str(eye_files["root"]), **SERVER_LIMITS}
+    with model_server(uri, tracking_uri, tmp, env=env) as server:
+        yield server
+
+
+def _invoke(server, records: list[dict]) -> tuple[int, dict, str]:  # type: ignore[no-untyped-def]
+    """POST dataframe_records; (status, JSON body, raw text). No reply may hold a stack trace."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(
+        server.url + "/invocations",
+        data=json.dumps({"dataframe_records": records}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            status, text = resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        status, text = exc.code, exc.read().decode()
+    assert "Traceback" not in text and "stack_trace" not in text, text[:2000]
+    return status, json.loads(text), text
+
+
+def _error(body: dict) -> str:
+    """The pyfunc's own message (MLflow prefixes it with a repr of the request)."""
+    return body["message"].split("Error: ", 1)[-1]
+
+
+@pytest.mark.slow
+def test_served_default_takes_arrays_only_within_limits(
+    default_server, predictor: serving.Predictor, eye_files: dict
+) -> None:
+    oct = eye_files["oct"]
+    status, body, _ = _invoke(default_server, [{"case_id": "a", "oct": oct.tolist()}])
+    assert status == 200, body
+    want = predictor.predict(pd.DataFrame({"oct": [oct]}))
+    assert body["predictions"][0]["grade"] == want["grade"][0]
+    np.testing.assert_allclose(body["predictions"][0]["p_late"], want["p_late"][0], rtol=1e-5)
+    # a path, even one inside what a root would be, is refused: arrays only
+    status, body, _ = _invoke(default_server, [{"oct": str(eye_files["root"] / "eye/o.npy")}])
+    assert status == 400 and "arrays only" in _error(body)
+    for path in ("/etc/passwd", "/nope/x.npy"):
+        status, other, _ = _invoke(default_server, [{"oct": path}])
+        assert status == 400 and _error(other) == _error(body)
+    # too many rows (default 32) and the issue's 160³ OCT in JSON
+    status, body, _ = _invoke(default_server, [{"oct": oct.tolist()}] * 33)
+    assert status == 400 and "33 rows in one request; at most 32" in _error(body)
+    status, body, _ = _invoke(default_server, [{"oct": np.zeros((160,) * 3, np.uint8).tolist()}])
+    assert status == 400
+    assert f"oct has {160**3} elements, over the limit of {128**3} per image" in _error(body)
+    # unknown columns are refused by name, not dropped
+    status, body, _ = _invoke(default_server, [{"oct": oct.tolist(), "fundas": [[1, 2]]}])
+    assert status == 400 and "unexpected column(s) ['fundas']" in _error(body)
+
+
+@pytest.mark.slow
+def test_served_files_under_the_allowed_root(
+    root_server, predictor: serving.Predictor, eye_files: dict
+) -> None:
+    want = predictor.predict(pd.DataFrame({"oct": [eye_files["oct"]]}))
+    rows = [{"case_id": p, "oct": p} for p in ("eye/o.npy", "alias.npy")]
+    status, body, _ = _invoke(root_server, rows)
+    assert status == 200, body
+    for pred in body["predictions"]:
+        np.testing.assert_allclose(pred["p_late"], want["p_late"][0], rtol=1e-5)
+    neutral = serving._NEUTRAL.format(row="row 0", modality="oct")
+    for case, path in eye_files["escapes"].items():
+        status, body, _ = _invoke(root_server, [{"oct": path}])
+        assert status == 400 and _error(body) == neutral, case
+    for row in ({"oct": "bomb.npz"}, {"fundus": "bomb.png"}):
+        status, body, _ = _invoke(root_server, [row])
+        assert status == 400, row
+        assert _error(body) == serving._NEUTRAL.format(row="row 0", modality=next(iter(row)))
+    # limits from the server's environment
+    status, body, _ = _invoke(root_server, [{"oct": "eye/o.npy"}] * 5)
+    assert status == 400 and "at most 4" in _error(body)
+    status, body, _ = _invoke(root_server, [{"oct": np.zeros((17, 16, 16), np.uint8).tolist()}])
+    assert status == 400 and "over the limit of 4096 per image" in _error(body)
+    assert "RIMA_SERVE_MAX_OCT_ELEMENTS" in _error(body)
+    status, body, _ = _invoke(root_server, [{"fundus": np.zeros((41, 40, 3)).tolist()}])
+    assert status == 400 and "RIMA_SERVE_MAX_FUNDUS_ELEMENTS" in _error(body)
+    log = root_server.tail(200_000)
+    assert "bomb" in log and "outside" in log  # the reasons go to the server log only
 
 
 # --- done means: train -> register -> promote -> worse model refused -> serve ------------------
