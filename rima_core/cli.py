@@ -516,7 +516,12 @@ def _add_registry_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model", default=None, help="model URI (default: models:/<mlflow.model_name>@champion)"
     )
-    p.add_argument("--input", required=True, help="table with fundus/oct paths (csv|parquet)")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="table with fundus/oct paths relative to it (csv|parquet); per-image limits: "
+        "RIMA_PREDICT_MAX_FUNDUS_ELEMENTS, RIMA_PREDICT_MAX_OCT_ELEMENTS",
+    )
     p.add_argument("--out", required=True, help="predictions (csv|parquet)")
     p.set_defaults(func=_cmd_predict)
 

@@ -678,6 +678,10 @@ def predict_files(model_uri: str, input_path: str | Path, out: str | Path) -> di
     from rima_core.atomic import atomic_file
 
     input_path, out = Path(input_path), Path(out)
+    try:
+        policy = InputPolicy.local()
+    except ValueError as exc:  # a bad RIMA_PREDICT_MAX_* value
+        raise InputError(str(exc)) from None
     if not input_path.is_file():
         raise FileNotFoundError(f"{input_path}: no such input table")
     out_suffix = out.suffix.lower()
@@ -699,7 +703,7 @@ def predict_files(model_uri: str, input_path: str | Path, out: str | Path) -> di
     except (AttributeError, ValueError) as exc:
         raise InputError(f"{model_uri} is not a RIMA pyfunc model") from exc
     try:
-        result = predictor.predict(frame, InputPolicy.local())
+        result = predictor.predict(frame, policy)
     except InputError as exc:
         raise InputError(f"{input_path}: {exc}") from None
     with atomic_file(out) as tmp:

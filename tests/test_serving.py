@@ -252,6 +252,12 @@ def test_predict_files_csv_relative_paths(cfg: Config, model_pt: Path, tmp_path:
     with pytest.raises(serving.InputError, match=r"row 0 \(case_id A\).*neither"):
         (images / "bad.csv").write_text("case_id,fundus,oct\nA,,\n")
         serving.predict_files(info.model_uri, images / "bad.csv", tmp_path / "bad.csv")
+    # local files go through the restricted readers too: a zip bomb is named, nothing written
+    bomb_npz(images / "bomb.npz")
+    (images / "bomb.csv").write_text("case_id,fundus,oct\nA,a.jpg,\nZ,,bomb.npz\n")
+    with pytest.raises(serving.InputError, match=r"bomb.csv: row 1 \(case_id Z\): oct file .*bomb"):
+        serving.predict_files(info.model_uri, images / "bomb.csv", tmp_path / "bomb.csv")
+    assert not (tmp_path / "bomb.csv").exists()
 
 
 # --- what a request may read, and how much (issue 10, items 3 and 4) --------------------------
@@ -498,6 +504,11 @@ def test_served_default_takes_arrays_only_within_limits(
     # unknown columns are refused by name, not dropped
     status, body, _ = _invoke(default_server, [{"oct": oct.tolist(), "fundas": [[1, 2]]}])
     assert status == 400 and "unexpected column(s) ['fundas']" in _error(body)
+    # the README's curl example works as written
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    payload = json.loads(re.search(r"-d '(\{.*?\})'", readme, re.S).group(1))
+    status, body, _ = _invoke(default_server, payload["dataframe_records"])
+    assert status == 200 and body["predictions"][0]["case_id"] == "eye1", body
 
 
 @pytest.mark.slow
