@@ -4,9 +4,12 @@ Why a hand-written pyfunc rather than ``mlflow.pytorch``: MLflow 3 exports torch
 ``torch.export`` from an input example, which freezes the batch size and cannot express "this eye
 has no OCT". Here the weights (``model.pt`` from :func:`rima_core.models.save_model`), class names
 and config are artifacts, and ``predict`` takes a DataFrame whose ``fundus`` / ``oct`` cells are
-nested arrays or file paths, either of which may be null — the missing-modality path the method
-exists for. Preprocessing reuses the ``prepare`` resizers and the source readers, so a served
-eye is seen exactly as a training eye was.
+nested arrays (or file paths, where an :class:`InputPolicy` allows them), either of which may be
+null — the missing-modality path the method exists for. A served model is reachable by anyone who
+can reach its port, so by default it reads no files, caps rows and image sizes, refuses unknown
+columns and answers every failure with one short line (never a stack trace). Preprocessing
+reuses the ``prepare`` resizers and the source checks, so a served eye is seen exactly as a
+training eye was.
 
 The package's own source travels with the model (``code_paths``) and the model is logged from
 code (no pickled object), so a registry version keeps working after the installed package moves on;
@@ -288,17 +291,18 @@ def _claimed_size(value: Any, depth: int = 5) -> int:
     return 1
 
 
-def _env_name(policy: InputPolicy, modality: str) -> str:
-    prefix = PREDICT_PREFIX if policy.any_path else SERVE_PREFIX
-    return prefix + _LIMIT_ENV[f"max_{modality}_elements"]
+def _env_name(policy: InputPolicy, field_name: str) -> str:
+    """The variable that sets ``field_name`` of ``policy.limits`` (for refusal messages)."""
+    return (PREDICT_PREFIX if policy.any_path else SERVE_PREFIX) + _LIMIT_ENV[field_name]
 
 
 def _check_size(n: int, modality: str, row: str, policy: InputPolicy) -> None:
     limit = policy.limits.of(modality)
     if n > limit:
+        setting = _env_name(policy, f"max_{modality}_elements")
         raise InputError(
             f"{row}: {modality} has {n} elements, over the limit of {limit} per image "
-            f"({_env_name(policy, modality)}); send it resized to about the model's input size"
+            f"({setting}); send it resized to about the model's input size"
         )
 
 
@@ -454,7 +458,7 @@ class Predictor:
         if max_rows is not None and len(frame) > max_rows:
             raise InputError(
                 f"{len(frame)} rows in one request; at most {max_rows} are accepted "
-                f"({SERVE_PREFIX}{_LIMIT_ENV['max_rows']}): split the request"
+                f"({_env_name(policy, 'max_rows')}): split the request"
             )
         names = [_row_name(i, c) for i, c in zip(frame.index, frame["case_id"], strict=True)]
         empty = [n for n, f, o in zip(names, frame["fundus"], frame["oct"], strict=True)
