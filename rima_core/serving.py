@@ -189,7 +189,8 @@ def _inside(path: Path, policy: InputPolicy) -> Path:
         if policy.any_path:
             return path.resolve(strict=True)
         root = policy.file_root
-        assert root is not None
+        if root is None:  # decode() refuses paths before this; kept for any other caller
+            raise _FileRefused("file paths are not allowed")
         real = (path if path.is_absolute() else root / path).resolve(strict=True)
     except FileNotFoundError:
         raise _FileRefused("does not exist") from None
