@@ -39,6 +39,8 @@ from typing import IO, Any
 import numpy as np
 from numpy.lib import format as npformat
 
+from rima_core.data.types import one_line, printable
+
 log = logging.getLogger(__name__)
 
 # Defaults; the prepare settings (``prepare.max_file_bytes`` etc.) override them per call.
@@ -59,13 +61,8 @@ class UnsafeInputError(ValueError):
 
     def __init__(self, path: str | Path, reason: str) -> None:
         self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{_printable(path)}: {reason}")
-
-
-def _printable(path: str | Path) -> str:
-    """A path that can always be logged/printed (non-UTF-8 names come in as surrogates)."""
-    return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+        self.reason = one_line(reason)  # library messages may span lines (nibabel's do)
+        super().__init__(f"{printable(path)}: {self.reason}")
 
 
 # --- restricted unpickling ----------------------------------------------------------------------
@@ -453,11 +450,39 @@ def read_nifti(
     """
     import nibabel as nib
 
+    # nibabel logs header fixes of damaged files at ERROR on its own logger; they would be a
+    # second error line beside ours, so they are held back and re-logged as warnings.
+    held = _HeldRecords()
+    nib_log = logging.getLogger("nibabel.global")
+    nib_log.addFilter(held)
+    try:
+        data = _read_nifti(nib, path, max_bytes, max_voxels)
+    finally:
+        nib_log.removeFilter(held)
+    for message in held.messages:
+        log.warning("%s: nibabel: %s", printable(path), one_line(message))
+    return data
+
+
+class _HeldRecords(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.messages.append(record.getMessage())
+        return False
+
+
+def _read_nifti(
+    nib: Any, path: str | Path, max_bytes: int | None, max_voxels: int | None
+) -> np.ndarray:
     try:
         img = nib.load(str(path))
         header = img.header
         shape = tuple(int(s) for s in header.get_data_shape())
         dtype = np.dtype(header.get_data_dtype())
+        slope, _inter = header.get_slope_inter()
     except Exception as exc:  # nibabel raises many types (ImageFileError, EOFError, ...)
         raise UnsafeInputError(path, f"unreadable NIfTI header: {exc}") from exc
     if dtype.kind not in _ALLOWED_KINDS - {"S", "U"} or dtype.fields is not None:
@@ -471,7 +496,6 @@ def read_nifti(
             f"NIfTI of shape {shape} has {voxels} voxels, over the limit of {max_voxels} "
             "(prepare.max_volume_voxels)",
         )
-    slope, _inter = header.get_slope_inter()
     itemsize = max(dtype.itemsize, 8) if slope is not None else dtype.itemsize
     _Budget(path, max_bytes).take(voxels * itemsize, f"NIfTI of shape {shape} and dtype {dtype}")
     try:

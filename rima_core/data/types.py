@@ -9,6 +9,7 @@ quarantined with ``--skip-bad``) instead of crashing half-way through a store.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,13 +19,22 @@ import numpy as np
 SPLITS = ("train", "val", "test")
 
 
+_CONTROL = {i: f"\\x{i:02x}" for i in (*range(32), 127)}
+
+
 def printable(text: object) -> str:
-    """``text`` safe to log, print or write as UTF-8.
+    """``text`` safe to log, print or write as UTF-8, on one line.
 
     A file name that is not valid UTF-8 reaches Python as lone surrogates (``\\udcff``), which
-    make logging, ``print`` and Arrow raise ``UnicodeEncodeError``; they are shown escaped.
+    make logging, ``print`` and Arrow raise ``UnicodeEncodeError``; they are shown escaped, and
+    so are control characters (a file name may hold a newline).
     """
-    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8").translate(_CONTROL)
+
+
+def one_line(text: object) -> str:
+    """A library's multi-line message as one printable line (line breaks become spaces)."""
+    return printable(re.sub(r"\s*[\r\n]+\s*", " ", str(text)).strip())
 
 
 def is_utf8(text: str) -> bool:
@@ -41,7 +51,7 @@ class CaseError(ValueError):
 
     def __init__(self, case_id: str, reason: str, path: str | None = None) -> None:
         self.case_id = printable(case_id)
-        self.reason = printable(reason)
+        self.reason = one_line(reason)
         self.path = None if path is None else printable(path)
         where = f" ({self.path})" if path else ""
         super().__init__(f"case {self.case_id}{where}: {self.reason}")
@@ -51,7 +61,7 @@ class SourceError(ValueError):
     """A source tree that cannot be read as a whole (wrong layout, missing label sheet, ...)."""
 
     def __init__(self, message: object = "") -> None:
-        super().__init__(printable(message))
+        super().__init__(one_line(message))
 
 
 @dataclass(frozen=True)
