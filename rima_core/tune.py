@@ -24,8 +24,10 @@ What is searched, and why these choices:
 
 Outputs (``out_dir``): ``best_params.json`` (``{"ot.gw_epsilon": ..., "train.lr": ...}``; read
 by the train step through :func:`rima_core.steps.apply_best_params`; ``{}`` for a zero budget),
-``study.json`` (summary, a DVC metrics file), ``trials.csv`` and ``plots/*.png`` (optimisation
-history, intermediate values, parameter importances).
+``study.json`` (summary), ``headline.json`` (its numbers only: the DVC metrics file),
+``trials.csv`` (one row per trial, identical for identical inputs: a committed DVC plot),
+``timings.csv`` (trial durations, not a DVC output) and ``plots/*.png`` (optimisation history,
+intermediate values, parameter importances).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ from typing import TYPE_CHECKING, Any
 
 from rima_core.atomic import atomic_dir
 from rima_core.config import Config, ConfigError, TuneConfig
+from rima_core.headline import HEADLINE_FILE, tune_headline, write_headline
+from rima_core.progress import mode as progress_mode
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
@@ -159,6 +163,7 @@ def make_storage(url: str) -> optuna.storages.RDBStorage:
     import optuna
     from sqlalchemy.engine import make_url
 
+    ignore_experimental_warnings()  # heartbeat retries
     engine_kwargs: dict[str, Any] = {}
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -201,6 +206,40 @@ def finished_trials(study: optuna.Study) -> int:
     from optuna.trial import TrialState
 
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def ignore_experimental_warnings() -> None:
+    """Heartbeat retries, metric names and the matplotlib plots are Optuna features marked
+    experimental that we use on purpose; their warning, once per use and per process, is noise
+    in every run's log. (A repeated filter replaces the earlier identical one.)"""
+    import optuna
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def objective_name(tc: TuneConfig) -> str:
+    """What a trial's value is, as Optuna's dashboard shows it (instead of "Objective 0")."""
+    return f"val_{tc.metric}_{tc.scenario}"
+
+
+def describe_study(study: optuna.Study, cfg: Config, data_hash: str | None) -> None:
+    """Name the objective and record what the study measures as study user attributes, so a
+    study found in the storage (or the dashboard) says what data and target it was run on."""
+    ignore_experimental_warnings()
+    tc = cfg.tune
+    study.set_metric_names([objective_name(tc)])
+    attrs = {
+        "data_hash": data_hash,
+        "metric": tc.metric,
+        "scenario": tc.scenario,
+        "split": "val",
+        "epochs_per_trial": tc.epochs,
+        "model": cfg.model.name,
+        "train_scenario": cfg.missing.train_scenario,
+    }
+    for key, value in attrs.items():
+        if study.user_attrs.get(key) != value:
+            study.set_user_attr(key, value)
 
 
 # --- one worker --------------------------------------------------------------------------------
@@ -291,7 +330,7 @@ def run_worker(job: _Job) -> None:
         import torch
 
         torch.set_num_threads(job.threads)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    ignore_experimental_warnings()
     tc = job.cfg.tune
     storage = make_storage(job.storage)
     probe = optuna.load_study(study_name=job.study_name, storage=storage)
@@ -320,7 +359,7 @@ def run_worker(job: _Job) -> None:
             catch=(FloatingPointError,),
             callbacks=[max_trials],
             gc_after_trial=True,
-            show_progress_bar=job.worker == 0 and job.threads is None,
+            show_progress_bar=job.worker == 0 and job.threads is None and progress_mode() == "on",
         )
         if finished_trials(study) == finished:
             log.warning("worker %d: no trial finished in the last round; stopping", job.worker)
@@ -363,7 +402,7 @@ def tune(
     import optuna
 
     from rima_core import tracking
-    from rima_core.train import check_scenario, load_masks
+    from rima_core.train import check_scenario, check_selection, load_masks
 
     cfg = copy.deepcopy(cfg)
     tc = cfg.tune
@@ -384,7 +423,7 @@ def tune(
     search_space(tc)
     store, masks, out_dir = str(store), str(masks), Path(out_dir)
     mask_df = load_masks(masks)
-    check_scenario(mask_df, "val", tc.scenario, "tuning (tune.scenario)")
+    check_selection(mask_df, tc.scenario, "tuning (tune.scenario)")
     check_scenario(mask_df, "train", cfg.missing.train_scenario, "tuning (missing.train_scenario)")
     if tc.n_trials == 0:
         log.info("tune.n_trials is 0: no tuning; train uses the values in params.yaml")
@@ -392,13 +431,14 @@ def tune(
     data_hash = tracking.manifest_hash(store)
     name = study_name or f"{tc.study_name}-{study_fingerprint(cfg, data_hash, masks)}"
 
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    ignore_experimental_warnings()
     study = optuna.create_study(
         study_name=name,
         storage=make_storage(tc.storage),
         direction=study_direction(tc.metric),
         load_if_exists=True,
     )
+    describe_study(study, cfg, data_hash)
     before = finished_trials(study)
     log.info(
         "study %r in %s: %d finished trial(s), budget %d%s, %d worker(s)",
@@ -514,7 +554,10 @@ def write_reports(study: optuna.Study | None, out_dir: Path, cfg: Config) -> dic
     with atomic_dir(out_dir) as tmp:
         (tmp / "best_params.json").write_text(json.dumps(best_params, indent=2) + "\n")
         (tmp / "study.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_headline(tmp / HEADLINE_FILE, tune_headline(summary))
         _trials_table(trials).to_csv(tmp / "trials.csv", index=False)
+        # wall-clock durations apart: trials.csv is a DVC output and must not change on a rerun
+        _durations_table(trials).to_csv(tmp / TIMINGS_FILE, index=False)
         plots = tmp / "plots"
         plots.mkdir()
         if study is not None:
@@ -524,7 +567,8 @@ def write_reports(study: optuna.Study | None, out_dir: Path, cfg: Config) -> dic
     return summary
 
 
-TRIAL_COLUMNS = ["number", "state", "value", "epochs_run", "duration_s", "worker"]
+TRIAL_COLUMNS = ["number", "state", "value", "epochs_run", "worker"]
+TIMINGS_FILE = "timings.csv"  # per trial: number, duration_s (not a DVC output)
 
 
 def _trials_table(trials: list[optuna.trial.FrozenTrial]) -> Any:
@@ -537,12 +581,21 @@ def _trials_table(trials: list[optuna.trial.FrozenTrial]) -> Any:
             "state": t.state.name,
             "value": t.value,
             "epochs_run": len(t.intermediate_values),
-            "duration_s": t.duration.total_seconds() if t.duration else None,
             "worker": t.user_attrs.get("worker"),
         }
         row.update({f"param:{k}": v for k, v in sorted(t.params.items())})
         rows.append(row)
     return pd.DataFrame(rows, columns=None if rows else TRIAL_COLUMNS)
+
+
+def _durations_table(trials: list[optuna.trial.FrozenTrial]) -> Any:
+    import pandas as pd
+
+    rows = [
+        {"number": t.number, "duration_s": t.duration.total_seconds() if t.duration else None}
+        for t in trials
+    ]
+    return pd.DataFrame(rows, columns=["number", "duration_s"])
 
 
 def _plots(study: optuna.Study, out: Path, tc: TuneConfig) -> None:
@@ -554,6 +607,8 @@ def _plots(study: optuna.Study, out: Path, tc: TuneConfig) -> None:
     import matplotlib.pyplot as plt
     from optuna.importance import FanovaImportanceEvaluator
     from optuna.visualization import matplotlib as ovm
+
+    ignore_experimental_warnings()  # the matplotlib backend is "experimental"
 
     def save(fname: str, draw: Any) -> None:
         try:

@@ -122,7 +122,8 @@ def test_spec_rejects_unknown_model_and_bad_heads() -> None:
         build_model(make_spec("rima", heads=5))
     with pytest.raises(ValueError, match="unknown model key"):
         build_model(replace(make_spec(), model={**asdict(MCFG), "depth": 3}))
-    assert build_model(make_spec("rima_no_dropout", modality_dropout=0.5)).modality_dropout == 0
+    no_paths = build_model(make_spec("rima_no_missing_paths", modality_dropout=0.5))
+    assert no_paths.modality_dropout == 0 and no_paths.path_weight == 0
     assert build_model(make_spec("rima", modality_dropout=0.5)).modality_dropout == 0.5
     assert build_model(make_spec("late_fusion_zero", modality_dropout=0.5)).modality_dropout == 0
     assert (
@@ -168,7 +169,10 @@ def test_training_step_is_permutation_equivariant(name: str) -> None:
     for (pname, pa), (_, pb) in zip(
         model_a.named_parameters(), model_b.named_parameters(), strict=True
     ):
-        torch.testing.assert_close(pb.grad, pa.grad, atol=1e-5, rtol=1e-3, msg=pname)
+        # float error scales with the gradient's magnitude (standardised features can make
+        # encoder gradients large): compare relative to the largest entry
+        scale = max(1.0, float(pa.grad.abs().max()))
+        torch.testing.assert_close(pb.grad, pa.grad, atol=1e-5 * scale, rtol=1e-3, msg=pname)
 
 
 # -------------------------------------------------------------------------------------------
@@ -194,8 +198,7 @@ def test_a_perfect_translation_makes_a_missing_modality_invisible(missing: str) 
     model = make_model("rima").eval()
     b = make_batch([1] * 6, [1] * 6)
     with torch.no_grad():
-        f = model.fundus_encoder(b["fundus"])
-        o = model.oct_encoder(b["oct"])
+        f, o = model.encode(b["fundus"], b["oct"], b["has_fundus"], b["has_oct"])
         model.g_fo, model.g_of = _Oracle(f, o), _Oracle(o, f)
         complete = run(model, b, labels=False).logits
         partial = dict(b)
@@ -348,8 +351,9 @@ def test_rows_whose_class_is_absent_on_the_other_side_get_no_loss() -> None:
 def test_aux_loss_is_weighted_translation_loss() -> None:
     b = make_batch(*MIXED)
     outs = {}
-    for w in (0.5, 2.0):
-        outs[w] = run(make_model("rima", ot=OTConfig(loss_weight=w)).train(), b)
+    for w in (0.5, 2.0):  # missing paths off: only the translation loss is auxiliary
+        model = make_model("rima", ot=OTConfig(loss_weight=w), missing_path_weight=0.0)
+        outs[w] = run(model.train(), b)
     ratio = float(outs[2.0].aux_loss.detach()) / float(outs[0.5].aux_loss.detach())
     assert ratio == pytest.approx(4.0, rel=1e-4)
     s = outs[0.5].stats

@@ -41,9 +41,20 @@ log = logging.getLogger(__name__)
 MASK_COLUMNS = ("case_id", "split", "scenario", "has_fundus", "has_oct")
 
 
+# The scenarios every split has; ``mean`` (model selection, tuning) averages a metric over them.
+MAIN_SCENARIOS = ("complete", "fundus_missing", "oct_missing", "mixed")
+MEAN_SCENARIO = "mean"
+
+
+def selection_scenarios(name: str) -> list[str]:
+    """The validation scenarios a selection rule named ``name`` looks at: ``mean`` = all of
+    :data:`MAIN_SCENARIOS` (their metrics averaged), any other name = that scenario alone."""
+    return list(MAIN_SCENARIOS) if name == MEAN_SCENARIO else [name]
+
+
 def scenario_names(cfg: MissingConfig) -> list[str]:
     """All scenarios in evaluation order (sweep duplicates dropped)."""
-    names = ["complete", "fundus_missing", "oct_missing", "mixed"]
+    names = list(MAIN_SCENARIOS)
     for family in ("fundus_missing", "oct_missing"):
         for rate in cfg.sweep:
             name = f"{family}@{rate:g}"

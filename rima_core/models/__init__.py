@@ -24,7 +24,7 @@ MODEL_NAMES = (
     "rima",
     "rima_no_feature_ot",
     "rima_no_class_ot",
-    "rima_no_dropout",
+    "rima_no_missing_paths",
     "fundus_only",
     "oct_only",
     "late_fusion_zero",
@@ -32,6 +32,14 @@ MODEL_NAMES = (
     "imputation",
     "distillation",
 )
+
+# RIMA and its ablations: the switches each name turns off (models/rima.py).
+RIMA_VARIANTS: dict[str, dict[str, bool]] = {
+    "rima": {},
+    "rima_no_feature_ot": {"feature_ot": False},
+    "rima_no_class_ot": {"class_ot": False},
+    "rima_no_missing_paths": {"missing_paths": False},
+}
 
 __all__ = [
     "MODEL_NAMES",
@@ -59,6 +67,9 @@ class ModelSpec:
     class_names: list[str] = field(default_factory=list)
     fundus_shape: list[int] = field(default_factory=list)
     oct_shape: list[int] = field(default_factory=list)
+    # softmax temperature fitted on the validation split after training (rima_core.calibration);
+    # engine.predict applies it. 1.0 = uncalibrated (and every model saved before it existed).
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.name not in MODEL_NAMES:
@@ -67,6 +78,8 @@ class ModelSpec:
             raise ValueError(f"n_classes must be >= 2, got {self.n_classes}")
         if self.class_names and len(self.class_names) != self.n_classes:
             raise ValueError(f"{len(self.class_names)} class names for n_classes={self.n_classes}")
+        if not (isinstance(self.temperature, int | float) and 0 < self.temperature < float("inf")):
+            raise ValueError(f"temperature must be a positive number, got {self.temperature!r}")
 
     @classmethod
     def from_config(
@@ -112,22 +125,15 @@ def build_model(spec: ModelSpec, pretrained: bool = True) -> nn.Module:
 
     mcfg, ocfg = spec.model_config(), spec.ot_config()
     name, k = spec.name, spec.n_classes
+    # Every name is matched exactly (a new name never falls into another model's branch).
     if name == "imputation":
         model: nn.Module = Imputation(
             mcfg, k, modality_dropout=mcfg.modality_dropout, pretrained=pretrained
         )
     elif name == "distillation":
         model = Distillation(mcfg, k, pretrained=pretrained)
-    elif name.startswith("rima"):
-        model = RIMA(
-            mcfg,
-            ocfg,
-            k,
-            class_ot=name != "rima_no_class_ot",
-            feature_ot=name != "rima_no_feature_ot",
-            modality_dropout=0.0 if name == "rima_no_dropout" else None,
-            pretrained=pretrained,
-        )
+    elif name in RIMA_VARIANTS:
+        model = RIMA(mcfg, ocfg, k, **RIMA_VARIANTS[name], pretrained=pretrained)
     elif name in ("fundus_only", "oct_only"):
         model = SingleModality(mcfg, k, name.removesuffix("_only"), pretrained=pretrained)
     elif name == "late_fusion_zero":
@@ -168,6 +174,9 @@ def load_model(
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as exc:
         raise ValueError(f"{path}: weights do not fit model {spec.name!r}: {exc}") from exc
+    from rima_core.engine import set_model_temperature
+
+    set_model_temperature(model, spec.temperature)
     model.to(map_location)
     model.eval()
     return model, spec

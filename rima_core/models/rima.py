@@ -3,19 +3,39 @@ modality with its translation from the present one, and fuse asymmetrically.
 
 One training step (DESIGN.md "The method"):
 
-1. encode the present modalities (only the rows that have them; batch order is kept),
+1. encode the present modalities (only the rows that have them; batch order is kept) and
+   standardise each modality's features with running statistics (model buffers),
 2. class-wise OT: a label-constrained entropic GW coupling ``T`` (n_f × n_o) between the
-   fundus features of eyes with a fundus photo and the OCT features of eyes with an OCT volume
-   (not necessarily the same eyes: the data may be unpaired), on detached float32 features,
-3. translators ``g_fo`` / ``g_of`` trained with a cosine loss towards OT targets,
+   standardised fundus features of eyes with a fundus photo and the standardised OCT features of
+   eyes with an OCT volume (not necessarily the same eyes: the data may be unpaired), on
+   detached float32 features,
+3. translators ``g_fo`` / ``g_of`` trained with a cosine loss towards OT targets (barycentric
+   projection of ``T``), in the standardised spaces,
 4. feature-wise OT: ``T_v`` (d_o × d_f) given ``T``, kept as a running estimate in a buffer,
 5. asymmetric fusion: OCT branch = MLP over [OCT, predicted OCT]; fundus branch = a transformer
-   block over [fundus, OCT mapped by ``T_v``, predicted fundus]; classifier on both.
+   block over [fundus, OCT mapped by ``T_v``, predicted fundus]; classifier on both,
+6. missing-modality paths trained on purpose: for every eye that has both modalities, the fusion
+   is also run with the fundus replaced by its translation from the OCT and with the OCT
+   replaced by its translation from the fundus; each such path gets cross-entropy and a
+   consistency term towards the (detached) full prediction.
 
-A missing modality (at inference, in training, or dropped by modality dropout) is replaced by
-its translation from the present one, and every downstream path stays the same. Nothing is
-ever grouped by label, so row i of every tensor is eye i throughout (the authors' release
-regrouped samples by label and fused translations with the wrong eye).
+Why standardise: encoder features are non-negative (ReLU/GELU outputs), so raw cosine similarity
+between any two of them is high and a cosine loss is satisfied by matching the mean direction
+alone; the squared-Euclidean costs of both OT problems are likewise dominated by the common
+mean. Centred, unit-variance features make the translation loss and the feature coupling respond
+to what differs between eyes.
+
+Why cross-entropy does not train the translators: their job is to predict the other modality's
+feature; if the classifier's gradient reached them they would become a second classifier and the
+alignment (and ``T_v``, which is estimated from the same features) would stop meaning anything.
+The encoders still receive cross-entropy through the translated features.
+
+Why the explicit missing paths: with modality dropout alone only a small share of training eyes
+(dropout rate × 1/2 per modality) ever takes a missing path, and the head learns to lean on the
+stronger modality; a fused model that has the fundus then grades worse than a fundus-only model.
+
+Nothing is ever grouped by label, so row i of every tensor is eye i throughout (the authors'
+release regrouped samples by label and fused translations with the wrong eye).
 """
 
 from __future__ import annotations
@@ -26,6 +46,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from rima_core import ot
 from rima_core.config import ModelConfig, OTConfig
@@ -45,12 +66,38 @@ log = logging.getLogger(__name__)
 OT_TARGETS = ("barycentric", "sample")
 
 
-class OctBranch(nn.Module):
-    """MLP over [OCT feature, OCT predicted from fundus].
+class RunningStandardizer(nn.Module):
+    """Per-dimension running mean and variance of a feature space (buffers, saved with the model).
 
-    Each half is layer-normed on its own: translators are trained with a cosine loss, which fixes
-    a direction but not a scale, so a prediction can sit at a different norm than the real feature.
+    Updated from each training batch's present rows with momentum ``momentum`` (the first update
+    replaces the initial zeros/ones, as BatchNorm's cumulative start would); applied the same way
+    in training and at inference, so a translation learned in training means the same at test.
     """
+
+    def __init__(self, dim: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.eps = eps
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("var", torch.ones(dim))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        if x.shape[0] < 2:
+            return
+        x = x.detach().float()
+        m = self.momentum if int(self.updates) > 0 else 1.0
+        self.mean.lerp_(x.mean(0), m)
+        self.var.lerp_(x.var(0, unbiased=True), m)
+        self.updates += 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) * torch.rsqrt(self.var + self.eps).to(x.dtype)
+
+
+class OctBranch(nn.Module):
+    """MLP over [OCT feature, OCT predicted from fundus] (both standardised)."""
 
     def __init__(self, d_o: int, hidden: int, dropout: float) -> None:
         super().__init__()
@@ -104,7 +151,9 @@ class RIMA(nn.Module):
     - ``feature_ot=False`` (``rima_no_feature_ot``): no ``T_v``. The OCT token of the fundus
       branch is a learned linear map d_o -> d_f instead, so the architecture (three tokens) and
       capacity stay comparable and only the OT estimate of the map is ablated.
-    - ``modality_dropout=0`` (``rima_no_dropout``).
+    - ``missing_paths=False`` (``rima_no_missing_paths``): neither the explicit missing-modality
+      paths nor modality dropout; the missing path is then trained only by the eyes that really
+      lack a modality.
     """
 
     def __init__(
@@ -115,19 +164,21 @@ class RIMA(nn.Module):
         *,
         class_ot: bool = True,
         feature_ot: bool = True,
-        modality_dropout: float | None = None,
+        missing_paths: bool = True,
         pretrained: bool = True,
     ) -> None:
         super().__init__()
         if ocfg.target not in OT_TARGETS:
             raise ValueError(f"ot.target must be one of {OT_TARGETS}, got {ocfg.target!r}")
         d_f, d_o, hidden = mcfg.fundus_dim, mcfg.oct_dim, mcfg.hidden_dim
-        self.class_ot = class_ot
-        self.feature_ot = feature_ot
-        p = mcfg.modality_dropout if modality_dropout is None else modality_dropout
+        p = mcfg.modality_dropout if missing_paths else 0.0
         if not 0.0 <= p < 1.0:
             raise ValueError(f"model.modality_dropout must be in [0, 1), got {p}")
+        self.class_ot = class_ot
+        self.feature_ot = feature_ot
         self.modality_dropout = p
+        self.path_weight = mcfg.missing_path_weight if missing_paths else 0.0
+        self.consistency_weight = mcfg.consistency_weight if missing_paths else 0.0
         self.ocfg = ocfg
 
         self.fundus_encoder = build_encoder(
@@ -136,13 +187,13 @@ class RIMA(nn.Module):
         self.oct_encoder = build_encoder(
             mcfg.oct_encoder, d_o, mcfg.oct_weights if pretrained else None
         )
-        self.g_fo = MLP(d_f, hidden, d_o)  # fundus -> OCT feature space
-        self.g_of = MLP(d_o, hidden, d_f)  # OCT -> fundus feature space
+        self.fundus_stats = RunningStandardizer(d_f)
+        self.oct_stats = RunningStandardizer(d_o)
+        self.g_fo = MLP(d_f, hidden, d_o)  # standardised fundus -> standardised OCT
+        self.g_of = MLP(d_o, hidden, d_f)  # standardised OCT -> standardised fundus
         if feature_ot:
-            # Initialised to the independent coupling 1/(d_o·d_f): the coupling of "no knowledge"
-            # (and the limit of the entropic solve as epsilon grows), valid for any d_o, d_f.
-            # The first OT estimate replaces it outright (see _update_feature_coupling), so it
-            # is only ever used by a model that has not trained a single batch.
+            # Initialised to the independent coupling 1/(d_o·d_f), the coupling of "no
+            # knowledge"; the first OT estimate replaces it outright (_update_feature_coupling).
             self.register_buffer("T_v", torch.full((d_o, d_f), 1.0 / (d_o * d_f)))
             self.register_buffer("T_v_updates", torch.zeros((), dtype=torch.long))
             self.oct_to_fundus = None
@@ -156,15 +207,38 @@ class RIMA(nn.Module):
         )
 
     # ---------------------------------------------------------------------------------------
-    # fusion
+    # features and fusion
+
+    def encode(
+        self, fundus: torch.Tensor, oct: torch.Tensor, has_f: torch.Tensor, has_o: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardised features of the present modalities (zeros where absent).
+
+        In training the running statistics are first updated with this batch's present rows.
+        """
+        f = encode_present(self.fundus_encoder, fundus, has_f)
+        o = encode_present(self.oct_encoder, oct, has_o)
+        if self.training:
+            self.fundus_stats.update(f[has_f])
+            self.oct_stats.update(o[has_o])
+        zf, zo = torch.zeros_like(f), torch.zeros_like(o)
+        f = torch.where(has_f[:, None], self.fundus_stats(f), zf)
+        o = torch.where(has_o[:, None], self.oct_stats(o), zo)
+        return f, o
+
+    def translate(self, translator: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``translator(x)`` with the translator's weights frozen for this call: the classifier's
+        gradient reaches ``x`` (the encoders) but not the translator (module docstring)."""
+        params = {k: v.detach() for k, v in translator.named_parameters()}
+        return functional_call(translator, params, (x,))
 
     def oct_in_fundus_space(self, o: torch.Tensor) -> torch.Tensor:
-        """Map OCT features to fundus space with the feature coupling.
+        """Map standardised OCT features to fundus space with the feature coupling.
 
         Column-normalised ``T_v`` makes each fundus dimension j the T_v-weighted average of the
-        OCT dimensions coupled to it (a barycentric projection in feature space). With exact
-        uniform marginals this equals ``d_f · oᵀ T_v``; normalising by the actual column sums
-        keeps it right when the Sinkhorn marginals are only approximately met.
+        OCT dimensions coupled to it (a barycentric projection in feature space); normalising by
+        the actual column sums keeps it right when the Sinkhorn marginals are only approximately
+        met.
         """
         if self.oct_to_fundus is not None:
             return self.oct_to_fundus(o)
@@ -172,6 +246,22 @@ class RIMA(nn.Module):
             torch.finfo(self.T_v.dtype).tiny
         )
         return o @ tv.to(o.dtype)
+
+    def fuse(
+        self, f: torch.Tensor, o: torch.Tensor, has_f: torch.Tensor, has_o: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits from standardised features; a missing modality is its translation.
+
+        The "predicted" inputs are always translations; for an eye missing a modality they are
+        the round trip through the other.
+        """
+        f_used = torch.where(has_f[:, None], f, self.translate(self.g_of, o))
+        pred_o = self.translate(self.g_fo, f_used)
+        o_used = torch.where(has_o[:, None], o, pred_o)
+        pred_f = self.translate(self.g_of, o_used)
+        z_f = self.fundus_branch(f_used, self.oct_in_fundus_space(o_used), pred_f)
+        z_o = self.oct_branch(o_used, pred_o)
+        return self.head(torch.cat([z_f, z_o], dim=1))
 
     def forward(
         self,
@@ -184,28 +274,47 @@ class RIMA(nn.Module):
         has_f, has_o = check_inputs(fundus, oct, has_fundus, has_oct)
         stats: dict[str, float] = {}
         has_f, has_o = training_dropout(self.training, self.modality_dropout, has_f, has_o, stats)
-
-        f = encode_present(self.fundus_encoder, fundus, has_f)  # (B, d_f), zeros where absent
-        o = encode_present(self.oct_encoder, oct, has_o)  # (B, d_o)
+        f, o = self.encode(fundus, oct, has_f, has_o)
+        logits = self.fuse(f, o, has_f, has_o)
 
         aux = zero_loss(f)
         if self.training and labels is not None:
-            aux = self._alignment(f, o, has_f, has_o, labels.reshape(-1), stats)
-
-        # Missing -> translation from the present modality. The "predicted" inputs are always
-        # translations; for an eye missing a modality they are the round trip through the other.
-        f_used = torch.where(has_f[:, None], f, self.g_of(o))
-        pred_o = self.g_fo(f_used)
-        o_used = torch.where(has_o[:, None], o, pred_o)
-        pred_f = self.g_of(o_used)
-
-        z_f = self.fundus_branch(f_used, self.oct_in_fundus_space(o_used), pred_f)
-        z_o = self.oct_branch(o_used, pred_o)
-        logits = self.head(torch.cat([z_f, z_o], dim=1))
+            labels = labels.reshape(-1)
+            aux = self._alignment(f, o, has_f, has_o, labels, stats)
+            aux = aux + self._missing_paths(f, o, has_f & has_o, labels, logits, stats)
         return ModelOutput(logits=logits, aux_loss=aux, stats=stats)
 
     # ---------------------------------------------------------------------------------------
-    # alignment (training only)
+    # training objectives
+
+    def _missing_paths(
+        self,
+        f: torch.Tensor,
+        o: torch.Tensor,
+        both: torch.Tensor,
+        labels: torch.Tensor,
+        full_logits: torch.Tensor,
+        stats: dict[str, float],
+    ) -> torch.Tensor:
+        """Cross-entropy + consistency of the fundus-only and OCT-only paths of complete eyes.
+
+        The consistency term (KL of each path's prediction from the detached full prediction)
+        teaches a path what the full model would say, not only the hard label.
+        """
+        idx = both.nonzero().flatten()
+        if self.path_weight <= 0 or idx.numel() == 0:
+            return zero_loss(f)
+        f, o, y = f.index_select(0, idx), o.index_select(0, idx), labels.index_select(0, idx)
+        target = F.log_softmax(full_logits.index_select(0, idx).detach().float(), dim=1)
+        ones = torch.ones_like(idx, dtype=torch.bool)
+        total = zero_loss(f)
+        for name, hf, ho in (("fundus", ones, ~ones), ("oct", ~ones, ones)):
+            logp = F.log_softmax(self.fuse(f, o, hf, ho).float(), dim=1)
+            ce = F.nll_loss(logp, y)
+            kl = F.kl_div(logp, target, log_target=True, reduction="batchmean")
+            stats[f"path_ce_{name}_only"] = float(ce.detach())
+            total = total + self.path_weight * ce + self.consistency_weight * kl
+        return total
 
     def _alignment(
         self,
@@ -253,9 +362,8 @@ class RIMA(nn.Module):
             stats["ot_skipped"] = 1.0
             return zero_loss(f)
 
-        # Translator inputs are detached too: the alignment loss trains the translators only, so
-        # it cannot pull the encoders towards a collapsed, trivially-translatable embedding.
-        # (Cross-entropy still reaches the encoders through the translated features.)
+        # Translator inputs are detached: the alignment loss trains the translators only, so it
+        # cannot pull the encoders towards a collapsed, trivially-translatable embedding.
         loss_fo, rows_fo = self._translation_loss(self.g_fo, fd, od, T)
         loss_of, rows_of = self._translation_loss(self.g_of, od, fd, T.T)
         stats["translation_loss_fo"] = float(loss_fo.detach())
@@ -277,24 +385,31 @@ class RIMA(nn.Module):
             T[pos_f[paired], pos_o[paired]] = 1.0 / n_pairs
         return T
 
-    def _translation_loss(
-        self, translator: nn.Module, src: torch.Tensor, tgt: torch.Tensor, T: torch.Tensor
-    ) -> tuple[torch.Tensor, int]:
-        """Cosine loss of ``translator(src)`` towards the OT target of each source row.
+    def translation_targets(
+        self, T: torch.Tensor, tgt: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """OT target of each source row with mass, and the indices of those rows.
 
         Target = barycentric projection ``T tgt / T1`` (``ot.target="barycentric"``) or one
-        target row drawn from ``T``'s row (``"sample"``). Rows without mass (their class is absent
-        on the other side) have no target and get no loss.
+        target row drawn from ``T``'s row (``"sample"``). Rows without mass (their class is
+        absent on the other side) have no target.
         """
         mass = T.sum(dim=1)
         keep = (mass > 1e-6 * mass.max()).nonzero().flatten()
-        if keep.numel() == 0:
-            return zero_loss(src), 0
         Tk, mk = T.index_select(0, keep), mass.index_select(0, keep)
         if self.ocfg.target == "sample":
             target = tgt.index_select(0, torch.multinomial(Tk / mk[:, None], 1).flatten())
         else:
             target = (Tk @ tgt) / mk[:, None]
+        return target, keep
+
+    def _translation_loss(
+        self, translator: nn.Module, src: torch.Tensor, tgt: torch.Tensor, T: torch.Tensor
+    ) -> tuple[torch.Tensor, int]:
+        """Cosine loss of ``translator(src)`` towards the OT target of each source row."""
+        if not bool((T.sum(dim=1) > 0).any()):
+            return zero_loss(src), 0
+        target, keep = self.translation_targets(T, tgt)
         pred = translator(src.index_select(0, keep))
         loss = (1.0 - F.cosine_similarity(pred.float(), target, dim=1)).mean()
         return loss, int(keep.numel())

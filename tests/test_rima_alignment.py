@@ -1,0 +1,184 @@
+"""RIMA's alignment and missing-modality training at the sizes where they must carry signal.
+
+- ``T_v`` recovers a planted feature correspondence from uncentred features at realistic sizes
+  (the running standardisation is what makes that possible),
+- the translation target is the barycentric projection of the coupling,
+- the missing-modality paths are trained (their cross-entropy is in the loss and reaches the
+  fusion), and cross-entropy never trains the translators.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rima_core.config import ModelConfig, OTConfig
+from rima_core.models import ModelSpec, build_model
+
+K = 3
+
+
+def make_rima(name: str = "rima", d_f: int = 32, d_o: int = 24, **kw) -> torch.nn.Module:
+    mcfg = ModelConfig(
+        fundus_dim=d_f, oct_dim=d_o, hidden_dim=16, heads=4, dropout=0.0, modality_dropout=0.0
+    )
+    spec = ModelSpec(
+        name=name,
+        model=asdict(replace(mcfg, **kw)),
+        ot=asdict(OTConfig()),
+        n_classes=K,
+        class_names=["a", "b", "c"],
+        fundus_shape=[16, 16, 3],
+        oct_shape=[8, 8, 8],
+    )
+    torch.manual_seed(0)
+    return build_model(spec)
+
+
+def complete_batch(n: int = 9, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % K
+    level = ((labels.float() + 1) / (K + 1)).view(n, 1, 1, 1)
+    fundus = (0.5 * torch.rand(n, 3, 16, 16, generator=g) + 0.5 * level).clamp(0, 1)
+    oct_ = (0.5 * torch.rand(n, 1, 8, 8, 8, generator=g) + 0.5 * level[..., None]).clamp(0, 1)
+    ones = torch.ones(n, dtype=torch.bool)
+    return {"fundus": fundus, "oct": oct_, "has_fundus": ones, "has_oct": ones, "label": labels}
+
+
+def test_feature_coupling_recovers_a_planted_correspondence_from_uncentred_features() -> None:
+    """256 eyes, d_f 128, d_o 192: fundus dimension j is a noisy, shifted and scaled copy of OCT
+    dimension perm[j]; all features are non-negative with a large common offset, as ReLU encoder
+    outputs are. Through the model's own standardisation and T_v update, the OCT dimension with
+    the most mass in each column of T_v must be the planted one."""
+    d_f, d_o, n = 128, 192, 256
+    model = make_rima(d_f=d_f, d_o=d_o).train()
+    rng = np.random.default_rng(0)
+    latent = rng.normal(size=(n, d_o))
+    o_raw = 3.0 + np.abs(latent) + 0.5 * latent  # uncentred, non-negative, skewed
+    perm = rng.permutation(d_o)[:d_f]
+    scale = rng.uniform(0.5, 2.0, size=d_f)
+    f_raw = 5.0 + scale * o_raw[:, perm] + 0.3 * rng.normal(size=(n, d_f))
+    f_raw = np.maximum(f_raw, 0.0)
+    f_t = torch.tensor(f_raw, dtype=torch.float32)
+    o_t = torch.tensor(o_raw, dtype=torch.float32)
+    model.fundus_stats.update(f_t)
+    model.oct_stats.update(o_t)
+    fd, od = model.fundus_stats(f_t), model.oct_stats(o_t)
+    ones = torch.ones(n, dtype=torch.bool)
+    T = model._pairing_coupling(ones, ones, torch.float32)
+    model._update_feature_coupling(od, fd, T)
+    recovered = model.T_v.argmax(dim=0).numpy()
+    assert (recovered == perm).mean() >= 0.95
+    cols = model.T_v / model.T_v.sum(0, keepdim=True)
+    # concentrated: far above the uniform share 1/d_o in every column on average
+    assert float(cols.max(0).values.mean()) > 20.0 / d_o
+
+
+def test_translation_target_is_the_barycentric_projection() -> None:
+    model = make_rima()
+    T = torch.tensor(
+        [[0.1, 0.1, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.05, 0.15, 0.0]], dtype=torch.float32
+    )
+    tgt = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [9.0, 9.0]])
+    target, keep = model.translation_targets(T, tgt)
+    assert keep.tolist() == [0, 2]  # row 1 has no mass: no target
+    expected = torch.tensor([[0.5, 0.5], [(0.05 * 0 + 0.15 * 2) / 0.2, (0.05 + 0.15 * 2) / 0.2]])
+    torch.testing.assert_close(target, expected)
+
+
+def _training_aux(model: torch.nn.Module, b: dict[str, torch.Tensor]):
+    return model(b["fundus"], b["oct"], b["has_fundus"], b["has_oct"], labels=b["label"])
+
+
+def test_missing_paths_are_in_the_loss_and_reach_the_head() -> None:
+    b = complete_batch()
+    off = OTConfig(loss_weight=0.0)
+    for name, expect_paths in (("rima", True), ("rima_no_missing_paths", False)):
+        model = make_rima(name).train()
+        model.ocfg = off  # alignment weight 0: only the path terms can be auxiliary
+        out = _training_aux(model, b)
+        aux = out.aux_loss
+        if not expect_paths:
+            assert float(aux.detach()) == 0.0
+            assert "path_ce_fundus_only" not in out.stats
+            continue
+        assert out.stats["path_ce_fundus_only"] > 0 and out.stats["path_ce_oct_only"] > 0
+        aux.backward()
+        assert model.head[-1].weight.grad.abs().sum() > 0
+        assert model.fundus_encoder.parameters().__next__().grad is not None
+
+
+def test_a_path_loss_equals_cross_entropy_of_the_fusion_with_one_modality_removed() -> None:
+    """The fundus-only path is exactly what the model computes at inference when the OCT is
+    missing: so training it trains the OCT-missing prediction."""
+    b = complete_batch()
+    model = make_rima(consistency_weight=0.0).train()
+    model.ocfg = OTConfig(loss_weight=0.0)
+    model.fundus_branch.block.dropout.p = 0.0
+    out = _training_aux(model, b)
+    model.eval()
+    with torch.no_grad():
+        no_oct = model(b["fundus"], b["oct"], b["has_fundus"], torch.zeros_like(b["has_oct"]))
+        no_fundus = model(b["fundus"], b["oct"], torch.zeros_like(b["has_fundus"]), b["has_oct"])
+    ce_f = F.cross_entropy(no_oct.logits, b["label"])
+    ce_o = F.cross_entropy(no_fundus.logits, b["label"])
+    # eval uses the running statistics the training call just set; same weights, no dropout
+    assert out.stats["path_ce_fundus_only"] == pytest.approx(float(ce_f), rel=1e-4)
+    assert out.stats["path_ce_oct_only"] == pytest.approx(float(ce_o), rel=1e-4)
+
+
+def test_cross_entropy_never_trains_the_translators() -> None:
+    b = complete_batch()
+    model = make_rima().train()
+    model.ocfg = OTConfig(loss_weight=0.0)
+    out = _training_aux(model, b)
+    (F.cross_entropy(out.logits, b["label"]) + out.aux_loss).backward()
+    for translator in (model.g_fo, model.g_of):
+        for p in translator.parameters():
+            assert p.grad is None or float(p.grad.abs().sum()) == 0.0
+    # ... while the alignment loss does train them
+    model.zero_grad(set_to_none=True)
+    model.ocfg = OTConfig(loss_weight=1.0)
+    _training_aux(model, b).aux_loss.backward()
+    assert float(model.g_fo.net[-1].weight.grad.abs().sum()) > 0
+
+
+def test_diagnostics_report_every_number(tiny_data) -> None:
+    """On a real (tiny) store, through a model trained for a few steps by the engine."""
+    from rima_core.diagnostics import alignment_diagnostics
+    from rima_core.train import train
+
+    cfg = tiny_data.cfg
+    out = tiny_data.root / "diag_model"
+    train(tiny_data.store, tiny_data.masks, out, cfg, tracker=_NoTracker())
+    from rima_core.models import load_model
+
+    model, _ = load_model(out / "model.pt")
+    diag = alignment_diagnostics(model, tiny_data.store, tiny_data.masks, split="test")
+    for key in (
+        "probe_qwk_fundus",
+        "probe_qwk_oct",
+        "probe_qwk_fundus_to_oct",
+        "probe_qwk_oct_to_fundus",
+        "cross_probe_qwk_fundus_to_oct",
+        "cross_probe_qwk_oct_to_fundus",
+        "centred_cosine_fundus_to_oct",
+        "centred_cosine_oct_to_fundus",
+        "tv_column_max",
+        "gw_row_max",
+        "gw_row_max_flat",
+    ):
+        assert key in diag and np.isfinite(diag[key]), key
+    assert -1.0 <= diag["centred_cosine_fundus_to_oct"] <= 1.0
+    assert diag["tv_column_max_uniform"] == pytest.approx(1 / cfg.model.oct_dim)
+    assert diag["tv_column_max_uniform"] <= diag["tv_column_max"] <= 1.0
+    assert alignment_diagnostics(make_rima("fundus_only"), tiny_data.store, tiny_data.masks) == {}
+
+
+class _NoTracker:
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
