@@ -20,6 +20,7 @@ absent, and silently scoring it would bias the comparison between models. In par
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -175,3 +176,207 @@ def is_better(metric: str, value: float, best: float | None) -> bool:
     if best is None or not np.isfinite(best):
         return True
     return value < best if metric in LOWER_IS_BETTER else value > best
+
+
+# --- equity and uncertainty --------------------------------------------------------------------
+
+# Metrics with a bootstrap interval in ``scores.csv``: each is computed for all resamples at once
+# from per-eye count weights (``resampled_metrics``), so 1000 resamples cost a few matrix products.
+BOOT_METRICS = ("qwk", "auc", "accuracy", "balanced_accuracy", "ece", "nll")
+
+# The range a valid value of a metric lies in (the promotion gate refuses anything else).
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "qwk": (-1.0, 1.0),
+    "kappa": (-1.0, 1.0),
+    "nll": (0.0, math.inf),
+}
+UNIT_RANGE = (0.0, 1.0)  # every other metric (auc, accuracy, f1, ece, sensitivity, ...)
+
+
+def metric_range(metric: str) -> tuple[float, float]:
+    """``(low, high)`` of a valid ``metric`` value: [-1, 1] for kappas, [0, inf) for NLL,
+    [0, 1] for the rest (``es_auc/<attribute>`` included)."""
+    return METRIC_RANGES.get(metric, UNIT_RANGE)
+
+
+def es_auc(auc_overall: float, group_aucs: Sequence[float]) -> float:
+    """Equity-scaled AUC as FairVision reports it: ``AUC / (1 + sum_g |AUC - AUC_g|)``.
+
+    Groups whose AUC is undefined (``nan``: too few eyes or one class only) carry no evidence of
+    a gap and are left out of the sum; the caller reports how many groups were scored. ``nan``
+    when the overall AUC is undefined.
+    """
+    if not math.isfinite(auc_overall):
+        return float("nan")
+    gaps = [abs(auc_overall - a) for a in group_aucs if math.isfinite(a)]
+    return float(auc_overall / (1.0 + sum(gaps)))
+
+
+def bootstrap_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """``(n_boot, n)`` multiplicities of each eye in each resample (rows sum to ``n``).
+
+    Drawn from ``numpy.random.default_rng(seed).integers(0, n, (n_boot, n))``: resample ``b`` is
+    the eyes ``idx[b]`` with replacement, so a loop over ``idx`` reproduces every number.
+    """
+    if n < 1 or n_boot < 1:
+        raise ValueError(f"bootstrap needs n >= 1 and n_boot >= 1, got n={n}, n_boot={n_boot}")
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    flat = (np.arange(n_boot)[:, None] * n + idx).ravel()
+    return np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
+
+
+def _pair_matrix(score: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """``G[i, j] = 1[s_i > s_j] + 0.5 * 1[s_i == s_j]`` for positives ``i`` and negatives ``j``."""
+    sp, sn = score[pos][:, None], score[~pos][None, :]
+    return (sp > sn).astype(np.float64) + 0.5 * (sp == sn)
+
+
+def _weighted_auc(w: np.ndarray, positive: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Mann-Whitney AUC of each weighted resample (row of ``w``); nan where a side is empty."""
+    wp, wn = w[:, positive], w[:, ~positive]
+    n_pos, n_neg = wp.sum(axis=1), wn.sum(axis=1)
+    if positive.all() or not positive.any():
+        return np.full(w.shape[0], np.nan)
+    num = ((wp @ _pair_matrix(score, positive)) * wn).sum(axis=1)
+    denom = n_pos * n_neg
+    return np.divide(num, denom, out=np.full_like(num, np.nan), where=denom > 0)
+
+
+def _nanmean_rows(a: np.ndarray) -> np.ndarray:
+    """Row means over the finite entries; nan (no warning) for a row with none."""
+    finite = np.isfinite(a)
+    total = np.where(finite, a, 0.0).sum(axis=1)
+    count = finite.sum(axis=1)
+    return np.divide(total, count, out=np.full(a.shape[0], np.nan), where=count > 0)
+
+
+def resampled_metrics(
+    y_true: np.ndarray, proba: np.ndarray, counts: np.ndarray, n_bins: int = ECE_BINS
+) -> dict[str, np.ndarray]:
+    """:data:`BOOT_METRICS` of every resample given as a row of eye multiplicities ``counts``.
+
+    A row of ones gives exactly :func:`classification_metrics` (tested), so the point estimate
+    and its resamples are one computation with the same undefined-value rules.
+    """
+    y, p = _validate(np.asarray(y_true), np.asarray(proba))
+    w = np.atleast_2d(np.asarray(counts, dtype=np.float64))
+    if w.shape[1] != y.shape[0]:
+        raise ValueError(f"counts have {w.shape[1]} columns for {y.shape[0]} eyes")
+    n, k = p.shape
+    total = w.sum(axis=1)
+    pred = p.argmax(axis=1)
+    correct = (pred == y).astype(np.float64)
+    onehot_y = np.eye(k)[y]  # (n, k)
+
+    cells = np.zeros((n, k * k))
+    cells[np.arange(n), y * k + pred] = 1.0
+    conf = (w @ cells).reshape(-1, k, k)
+    rows, cols = conf.sum(axis=2), conf.sum(axis=1)
+    expected = rows[:, :, None] * cols[:, None, :] / total[:, None, None] ** 2
+    i, j = np.indices((k, k))
+    wq = (i - j) ** 2 / (k - 1) ** 2
+    denom = (wq * expected).sum(axis=(1, 2))
+    num = (wq * conf).sum(axis=(1, 2)) / total
+    qwk = np.where(denom > 1e-15, 1.0 - num / np.where(denom > 1e-15, denom, 1.0), np.nan)
+
+    support = w @ onehot_y  # (B, k)
+    hits = w @ (onehot_y * correct[:, None])
+    present = support > 0
+    recall = np.divide(hits, support, out=np.full_like(hits, np.nan), where=present)
+    balanced = _nanmean_rows(np.where(present, recall, np.nan))
+
+    if k == 2:
+        auc = _weighted_auc(w, y == 1, p[:, 1])
+    else:
+        per_class = np.stack([_weighted_auc(w, y == c, p[:, c]) for c in range(k)], axis=1)
+        per_class = np.where(present, per_class, np.nan)
+        auc = np.where(present.sum(axis=1) >= 2, _nanmean_rows(per_class), np.nan)
+
+    top = p.max(axis=1)
+    bins = np.clip(np.ceil(top * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    gap = np.zeros((n, n_bins))
+    gap[np.arange(n), bins] = correct - top
+    ece = np.abs(w @ gap).sum(axis=1) / total
+    nll = w @ -np.log(np.clip(p[np.arange(n), y], 1e-12, None)) / total
+    return {
+        "qwk": qwk,
+        "auc": auc,
+        "accuracy": w @ correct / total,
+        "balanced_accuracy": balanced,
+        "ece": ece,
+        "nll": nll,
+    }
+
+
+def percentile_interval(values: np.ndarray, level: float) -> tuple[float, float, int]:
+    """Percentile interval of the defined (finite) resample values: ``(low, high, n_defined)``.
+
+    Resamples where the metric is undefined (e.g. one class only) are left out and counted, not
+    scored; ``(nan, nan, 0)`` when none is defined.
+    """
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return float("nan"), float("nan"), 0
+    alpha = (1.0 - level) / 2.0
+    low, high = np.percentile(finite, [100 * alpha, 100 * (1 - alpha)])
+    return float(low), float(high), int(finite.size)
+
+
+def bootstrap_scores(
+    y_true: np.ndarray,
+    proba: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> list[dict[str, float]]:
+    """One row per :data:`BOOT_METRICS` metric: ``metric, value, ci_low, ci_high, n_boot``.
+
+    ``value`` is the metric on all eyes; the interval is the seeded percentile bootstrap over
+    eyes. A percentile interval need not contain the point estimate for a skewed statistic, so
+    the row says which it is rather than bending the interval.
+    """
+    y = np.asarray(y_true)
+    point = resampled_metrics(y, proba, np.ones((1, y.shape[0])))
+    boot = resampled_metrics(y, proba, bootstrap_counts(y.shape[0], n_boot, seed))
+    rows = []
+    for metric in BOOT_METRICS:
+        low, high, defined = percentile_interval(boot[metric], level)
+        rows.append(
+            {
+                "metric": metric,
+                "value": float(point[metric][0]),
+                "ci_low": low,
+                "ci_high": high,
+                "n_boot": defined,
+            }
+        )
+    return rows
+
+
+def paired_bootstrap_difference(
+    y_true: np.ndarray,
+    proba_new: np.ndarray,
+    proba_old: np.ndarray,
+    metric: str,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, float]:
+    """``metric(new) - metric(old)`` on the same eyes, with a paired percentile interval.
+
+    Both models are scored on the *same* resample each time, so the interval reflects the
+    difference between the models, not the luck of the split both were scored on.
+    """
+    if metric not in BOOT_METRICS:
+        raise ValueError(f"no bootstrap for metric {metric!r}; choose one of {list(BOOT_METRICS)}")
+    y = np.asarray(y_true)
+    ones = np.ones((1, y.shape[0]))
+    counts = bootstrap_counts(y.shape[0], n_boot, seed)
+    new, old = resampled_metrics(y, proba_new, ones), resampled_metrics(y, proba_old, ones)
+    diff_point = new[metric] - old[metric]
+    diff = (
+        resampled_metrics(y, proba_new, counts)[metric]
+        - resampled_metrics(y, proba_old, counts)[metric]
+    )
+    low, high, defined = percentile_interval(diff, level)
+    return {"value": float(diff_point[0]), "ci_low": low, "ci_high": high, "n_boot": defined}

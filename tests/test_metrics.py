@@ -123,3 +123,134 @@ def test_is_better_direction_and_nan() -> None:
     assert is_better("qwk", float("nan"), None)
     assert not is_better("qwk", float("nan"), 0.1)
     assert is_better("qwk", 0.0, float("nan"))
+
+
+# --- ES-AUC and the bootstrap -------------------------------------------------------------------
+
+
+def test_es_auc_hand_computed() -> None:
+    from rima_core.evaluate import subgroup_tables
+    from rima_core.metrics import es_auc
+
+    assert es_auc(0.8, [0.7, 0.9]) == pytest.approx(0.8 / 1.2)
+    assert es_auc(0.8, [0.8, 0.8]) == pytest.approx(0.8)  # no gap: ES-AUC = AUC
+    assert es_auc(0.8, [0.7, float("nan")]) == pytest.approx(0.8 / 1.1)  # undefined group skipped
+    assert math.isnan(es_auc(float("nan"), [0.7]))
+
+    # group A: positives {.9, .8} above negatives {.1, .2}: AUC 1.0
+    # group B: positives {.4, .7} vs negatives {.6, .3}: 3 of 4 pairs -> 0.75
+    # overall: 15 of 16 pairs -> 0.9375; ES-AUC = 0.9375 / (1 + 0.0625 + 0.1875) = 0.75
+    y = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    p1 = np.array([0.1, 0.9, 0.2, 0.8, 0.6, 0.4, 0.3, 0.7])
+    proba = np.stack([1 - p1, p1], axis=1)
+    groups = {"site": np.array(["A"] * 4 + ["B"] * 4), "one": np.array(["x"] * 7 + ["y"])}
+    overall = classification_metrics(y, proba)["auc"]
+    assert overall == pytest.approx(0.9375)
+    sub, eq = subgroup_tables("complete", y, proba, groups, overall, ["neg", "pos"])
+    aucs = {(r["attribute"], r["group"]): r["auc"] for r in sub}
+    assert aucs[("site", "A")] == pytest.approx(1.0)
+    assert aucs[("site", "B")] == pytest.approx(0.75)
+    site = next(r for r in eq if r["attribute"] == "site")
+    assert site["es_auc"] == pytest.approx(0.75)
+    assert site["n_groups"] == site["n_groups_scored"] == 2
+    # a one-eye group is reported with its n and an undefined AUC, never dropped
+    tiny = next(r for r in sub if r["attribute"] == "one" and r["group"] == "y")
+    assert tiny["n"] == 1 and math.isnan(tiny["auc"])
+    one = next(r for r in eq if r["attribute"] == "one")
+    assert one["n_groups"] == 2 and one["n_groups_scored"] == 1
+
+
+def test_resampled_metrics_hand_computed() -> None:
+    from rima_core.metrics import resampled_metrics
+
+    # eye 0: class 0, p1=.2 (right); eye 1: class 1, p1=.6 (right); eye 2: class 1, p1=.4 (wrong)
+    y = np.array([0, 1, 1])
+    p1 = np.array([0.2, 0.6, 0.4])
+    proba = np.stack([1 - p1, p1], axis=1)
+    counts = np.array([[1, 1, 1], [3, 0, 0], [0, 2, 1], [1, 0, 2]])
+    r = resampled_metrics(y, proba, counts)
+    assert r["accuracy"] == pytest.approx([2 / 3, 1.0, 2 / 3, 1 / 3])
+    # AUC needs both classes: undefined for rows 2 and 3; row 4: 0.4 > 0.2 for both copies
+    assert r["auc"][0] == pytest.approx(1.0)
+    assert np.isnan(r["auc"][1]) and np.isnan(r["auc"][2])
+    assert r["auc"][3] == pytest.approx(1.0)
+    # row 4: recall class 0 = 1, class 1 = 0 (eye 2 twice, predicted 0)
+    assert r["balanced_accuracy"][3] == pytest.approx(0.5)
+    assert r["nll"][3] == pytest.approx(-(math.log(0.8) + 2 * math.log(0.4)) / 3)
+    # row 2: one class only, everything predicted right -> kappa undefined
+    assert np.isnan(r["qwk"][1])
+
+
+def test_percentile_interval_hand_computed() -> None:
+    from rima_core.metrics import percentile_interval
+
+    values = np.concatenate([np.arange(101) / 100, [np.nan, np.nan]])
+    low, high, n = percentile_interval(values, 0.95)
+    assert (low, high, n) == (pytest.approx(0.025), pytest.approx(0.975), 101)
+    low, high, n = percentile_interval(np.array([np.nan]), 0.95)
+    assert math.isnan(low) and math.isnan(high) and n == 0
+
+
+def test_bootstrap_equals_a_loop_over_resamples() -> None:
+    """The vectorised bootstrap is exactly classification_metrics on each resample."""
+    from rima_core.metrics import BOOT_METRICS, bootstrap_counts, bootstrap_scores
+
+    rng = np.random.default_rng(7)
+    n, k, n_boot, seed = 25, 3, 200, 11
+    y = rng.integers(0, k, n)
+    proba = rng.dirichlet(np.ones(k), n)
+    proba[:4] = proba[0]  # ties in every score column
+    idx = np.random.default_rng(seed).integers(0, n, (n_boot, n))
+    counts = bootstrap_counts(n, n_boot, seed)
+    assert (counts.sum(axis=1) == n).all()
+    loop = {m: [] for m in BOOT_METRICS}
+    for b in range(n_boot):
+        assert np.array_equal(np.bincount(idx[b], minlength=n), counts[b])
+        m = classification_metrics(y[idx[b]], proba[idx[b]])
+        for key in BOOT_METRICS:
+            loop[key].append(m[key])
+    full = classification_metrics(y, proba)
+    rows = {r["metric"]: r for r in bootstrap_scores(y, proba, n_boot, seed, 0.9)}
+    for key in BOOT_METRICS:
+        values = np.array(loop[key])
+        finite = values[np.isfinite(values)]
+        low, high = np.percentile(finite, [5, 95])
+        assert rows[key]["value"] == pytest.approx(full[key]), key
+        assert rows[key]["ci_low"] == pytest.approx(low), key
+        assert rows[key]["ci_high"] == pytest.approx(high), key
+        assert rows[key]["n_boot"] == finite.size
+    # seeded: the same call gives the same interval, another seed another one
+    again = {r["metric"]: r for r in bootstrap_scores(y, proba, n_boot, seed, 0.9)}
+    other = {r["metric"]: r for r in bootstrap_scores(y, proba, n_boot, seed + 1, 0.9)}
+    assert again["qwk"]["ci_low"] == rows["qwk"]["ci_low"]
+    assert other["qwk"]["ci_low"] != rows["qwk"]["ci_low"]
+
+
+def test_paired_bootstrap_difference() -> None:
+    from rima_core.metrics import bootstrap_counts, paired_bootstrap_difference
+
+    rng = np.random.default_rng(3)
+    n = 40
+    y = rng.integers(0, 3, n)
+    old = rng.dirichlet(np.ones(3), n)
+    same = paired_bootstrap_difference(y, old, old, "accuracy", 300, 0)
+    assert same == {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n_boot": 300}
+    new = np.eye(3)[y] * 0.7 + 0.1  # right on every eye
+    diff = paired_bootstrap_difference(y, new, old, "accuracy", 300, 0)
+    acc_old = (old.argmax(axis=1) == y).astype(float)
+    counts = bootstrap_counts(n, 300, 0)
+    expected = 1.0 - counts @ acc_old / n  # per resample: 1 - old accuracy on the same eyes
+    assert diff["value"] == pytest.approx(1.0 - acc_old.mean())
+    assert diff["ci_low"] == pytest.approx(np.percentile(expected, 2.5))
+    assert diff["ci_high"] == pytest.approx(np.percentile(expected, 97.5))
+    with pytest.raises(ValueError, match="no bootstrap for metric"):
+        paired_bootstrap_difference(y, new, old, "f1_macro")
+
+
+def test_metric_ranges() -> None:
+    from rima_core.metrics import metric_range
+
+    assert metric_range("qwk") == (-1.0, 1.0)
+    assert metric_range("auc") == (0.0, 1.0)
+    assert metric_range("accuracy") == (0.0, 1.0)
+    assert metric_range("nll")[0] == 0.0 and math.isinf(metric_range("nll")[1])

@@ -1,0 +1,156 @@
+"""Temperature scaling: calibrated probabilities without changing a single prediction.
+
+A network trained with cross-entropy is usually over-confident; a clinician reading "p = 0.95"
+needs that to mean 95 %. Temperature scaling divides the logits by one scalar ``T`` fitted on the
+validation split (minimum NLL) after training. ``argmax`` is unchanged, so accuracy, QWK and the
+chosen weights are exactly what model selection picked; only the probabilities move.
+
+``T`` is saved in the model's spec (``ModelSpec.temperature``, default 1.0 for older models) and
+applied by :func:`rima_core.engine.predict`, so evaluation and serving use it without knowing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rima_core.metrics import ECE_BINS, expected_calibration_error
+
+log = logging.getLogger(__name__)
+
+# log T is searched in [log T_MIN, log T_MAX]: wide enough for any sane network, and bounded so a
+# degenerate validation split (one class, perfectly separated) cannot push T to 0 or infinity.
+T_MIN, T_MAX = 0.05, 20.0
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row softmax of ``logits / temperature`` in float64 (stable: max subtracted)."""
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def nll(logits: np.ndarray, y_true: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of the labels under ``softmax(logits / T)``."""
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    z = z - z.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    y = np.asarray(y_true, dtype=np.int64)
+    return float(-log_p[np.arange(len(y)), y].mean())
+
+
+def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
+    """The ``T`` in ``[T_MIN, T_MAX]`` minimising validation NLL (bounded 1-d search on log T)."""
+    from scipy.optimize import minimize_scalar
+
+    logits = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y_true, dtype=np.int64)
+    if logits.ndim != 2 or logits.shape[0] != y.shape[0] or y.shape[0] == 0:
+        raise ValueError(f"need (n, K) logits and n labels, got {logits.shape} and {y.shape}")
+    if not np.all(np.isfinite(logits)):
+        raise ValueError("logits contain NaN or infinite values: cannot fit a temperature")
+    res = minimize_scalar(
+        lambda log_t: nll(logits, y, math.exp(log_t)),
+        bounds=(math.log(T_MIN), math.log(T_MAX)),
+        method="bounded",
+        options={"xatol": 1e-4},
+    )
+    t = float(math.exp(res.x))
+    # never worse than no scaling: the bounded search can stop on a flat plateau
+    return t if nll(logits, y, t) <= nll(logits, y, 1.0) else 1.0
+
+
+def calibration_report(logits: np.ndarray, y_true: np.ndarray, temperature: float) -> dict:
+    """ECE and NLL before (T = 1) and after (the fitted ``temperature``) on the same eyes."""
+    y = np.asarray(y_true, dtype=np.int64)
+    before, after = softmax(logits), softmax(logits, temperature)
+    return {
+        "temperature": float(temperature),
+        "ece_before": expected_calibration_error(y, before),
+        "ece_after": expected_calibration_error(y, after),
+        "nll_before": nll(logits, y),
+        "nll_after": nll(logits, y, temperature),
+    }
+
+
+def calibrate_model(
+    model: Any, loaders: Any | dict[str, Any], device: Any, dtype: Any = None
+) -> dict:
+    """Fit ``T`` on one pass of ``model`` over the validation loader(s); the report holds it.
+
+    ``loaders`` is one loader or ``{scenario: loader}`` (the selection scenarios): the eyes of
+    all scenarios are pooled, so one ``T`` serves complete and incomplete eyes alike. Called where
+    training ends, with the selected weights loaded; the caller stores ``report["temperature"]``
+    in the spec before saving the model.
+    """
+    from rima_core.engine import predict
+
+    parts = loaders.values() if isinstance(loaders, dict) else [loaders]
+    preds = [predict(model, ld, device, dtype, desc="calibrate", temperature=1.0) for ld in parts]
+    logits = np.concatenate([p.logits for p in preds])
+    y = np.concatenate([p.y_true for p in preds])
+    t = fit_temperature(logits, y)
+    report = calibration_report(logits, y, t)
+    log.info(
+        "temperature scaling on %d validation eyes: T=%.3f, NLL %.4f -> %.4f, ECE %.4f -> %.4f",
+        len(y),
+        t,
+        report["nll_before"],
+        report["nll_after"],
+        report["ece_before"],
+        report["ece_after"],
+    )
+    return report
+
+
+def reliability_bins(
+    y_true: np.ndarray, proba: np.ndarray, n_bins: int = ECE_BINS
+) -> dict[str, np.ndarray]:
+    """Per confidence bin (the ECE's bins): mean confidence, accuracy and eye count."""
+    y = np.asarray(y_true, dtype=np.int64)
+    conf = proba.max(axis=1)
+    correct = (proba.argmax(axis=1) == y).astype(np.float64)
+    bins = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    count = np.bincount(bins, minlength=n_bins).astype(np.float64)
+    safe = np.maximum(count, 1.0)
+    return {
+        "confidence": np.bincount(bins, conf, minlength=n_bins) / safe,
+        "accuracy": np.bincount(bins, correct, minlength=n_bins) / safe,
+        "count": count,
+    }
+
+
+def plot_reliability(
+    y_true: np.ndarray, logits: np.ndarray, temperature: float, title: str, path: Path
+) -> None:
+    """Reliability diagram: accuracy vs confidence per bin, before and after scaling."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="perfect")
+    for t, label in ((1.0, "before"), (temperature, f"after (T={temperature:.2f})")):
+        proba = softmax(logits, t)
+        b = reliability_bins(y_true, proba)
+        used = b["count"] > 0
+        ece = expected_calibration_error(np.asarray(y_true, dtype=np.int64), proba)
+        ax.plot(
+            b["confidence"][used], b["accuracy"][used], marker="o", label=f"{label}, ECE {ece:.3f}"
+        )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

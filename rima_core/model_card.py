@@ -1,0 +1,189 @@
+"""A short Markdown model card for a registered version, built from evaluate's outputs.
+
+A registry version is what a clinical team is asked to trust, so its page says, in one screen:
+which data (and its content hash), which classes, how it was trained and selected, the headline
+metrics per missing-modality scenario with bootstrap intervals, how it does per demographic
+group (ES-AUC), how well calibrated it is, what it is for and what it does when a modality is
+missing. Everything is read from files the pipeline wrote (``model.pt``, ``train_summary.json``,
+the evaluation folder); nothing is typed in by hand, so the card cannot drift from the numbers.
+
+MLflow keeps 5000 characters of a description: the card stays compact (the full tables are the
+evaluation's CSV artifacts; the whole card is also logged as ``model_card.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from rima_core.config import Config
+
+log = logging.getLogger(__name__)
+
+MAX_CHARS = 4500  # room for the promotion decision appended to the description (5000 in all)
+CARD_FILES = ("scores.csv", "subgroups.csv", "equity.csv", "calibration.csv", "eval_summary.json")
+HEADLINE = ("qwk", "auc", "accuracy")
+
+INTENDED_USE = (
+    "Research use: grading disease severity from a fundus photograph and/or an OCT volume of one "
+    "eye, to study robustness to a missing modality. Not a medical device and not validated for "
+    "clinical decisions; outputs are class probabilities for review by a clinician."
+)
+MISSING_MODALITY = (
+    "An eye needs at least one modality. With only a fundus or only an OCT the model still "
+    "grades the eye (missing modalities are part of training); the `fundus_missing` / "
+    "`oct_missing` rows above show what that costs. A request with neither is refused."
+)
+
+
+def has_card_inputs(eval_dir: str | Path) -> bool:
+    """Whether ``eval_dir`` holds every table the card is built from."""
+    return all((Path(eval_dir) / f).is_file() for f in CARD_FILES)
+
+
+def _num(v: Any, digits: int = 3) -> str:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return "–"
+    return f"{f:.{digits}f}" if math.isfinite(f) else "–"
+
+
+def _with_ci(scores: pd.DataFrame, split: str, scenario: str, metric: str) -> str:
+    row = scores[
+        (scores["split"] == split) & (scores["scenario"] == scenario) & (scores["metric"] == metric)
+    ]
+    if row.empty:
+        return "–"
+    r = row.iloc[0]
+    return f"{_num(r['value'])} [{_num(r['ci_low'])}, {_num(r['ci_high'])}]"
+
+
+def _spec(model_dir: Path) -> dict[str, Any]:
+    import torch
+
+    from rima_core.serving import model_file
+
+    blob = torch.load(model_file(model_dir), map_location="cpu", weights_only=True)
+    return dict(blob.get("spec", {})) if isinstance(blob, dict) else {}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def build_model_card(
+    model_dir: str | Path,
+    eval_dir: str | Path,
+    cfg: Config,
+    data_hash: str | None = None,
+    model_uri: str | None = None,
+) -> str:
+    """The Markdown card of the model in ``model_dir`` evaluated in ``eval_dir``."""
+    model_dir, eval_dir = Path(model_dir), Path(eval_dir)
+    spec = _spec(model_dir)
+    train = _read_json(model_dir / "train_summary.json")
+    summary = _read_json(eval_dir / "eval_summary.json")
+    scores = pd.read_csv(eval_dir / "scores.csv")
+    subgroups = pd.read_csv(eval_dir / "subgroups.csv", keep_default_na=False, na_values=[""])
+    equity = pd.read_csv(eval_dir / "equity.csv")
+    calib = pd.read_csv(eval_dir / "calibration.csv")
+    test, val = summary.get("split", "test"), summary.get("selection_split", "val")
+    scenarios = list(summary.get("scenarios", pd.unique(scores["scenario"])))
+    headline = summary.get("equity_headline_scenario", cfg.promote.scenario)
+    boot = summary.get("bootstrap", {})
+    level = float(boot.get("level", cfg.evaluate.ci_level))
+
+    name = cfg.mlflow.model_name
+    lines = [f"# Model card: {name} ({spec.get('name', '?')})", ""]
+    if model_uri:
+        lines += [f"Logged model `{model_uri}`.", ""]
+    lines += [
+        "## Data",
+        f"- Source `{cfg.data.source}` / disease `{cfg.data.disease}`; store content hash "
+        f"`{data_hash or 'unknown'}`.",
+        f"- Classes (grade order): {', '.join(spec.get('class_names') or []) or '?'}.",
+        f"- Inputs: fundus {spec.get('fundus_shape')} (H, W, C), OCT {spec.get('oct_shape')} "
+        "(D, H, W).",
+        "",
+        "## Training and selection",
+        f"- {train.get('epochs_run', '?')} epochs (best {train.get('best_epoch', '?')}), trained "
+        f"under `{train.get('train_scenario', cfg.missing.train_scenario)}` masks; weights "
+        f"selected on {train.get('selection_split', 'val')} "
+        f"{train.get('selection_metric', cfg.train.selection_metric)} "
+        f"(`{train.get('selection_scenario', cfg.train.selection_scenario)}`).",
+        f"- Promotion decides on the {val} split ({cfg.promote.metric}, `{cfg.promote.scenario}`);"
+        f" the {test} split below is reported, never selected on.",
+        "",
+        f"## Metrics ({test} split, {level:.0%} bootstrap interval over eyes, "
+        f"{boot.get('resamples', cfg.evaluate.bootstrap)} resamples)",
+        f"| scenario | n | QWK | AUC | accuracy | {val} QWK |",
+        "|---|---|---|---|---|---|",
+    ]
+    n_eyes = summary.get("n_eyes", {})
+    for s in scenarios:
+        cells = [_with_ci(scores, test, s, m) for m in HEADLINE]
+        val_qwk = scores[
+            (scores["split"] == val) & (scores["scenario"] == s) & (scores["metric"] == "qwk")
+        ]["value"]
+        lines.append(
+            f"| {s} | {n_eyes.get(s, '?')} | {' | '.join(cells)} | "
+            f"{_num(val_qwk.iloc[0]) if len(val_qwk) else '–'} |"
+        )
+
+    eq = equity[equity["scenario"] == headline]
+    lines += ["", f"## Subgroups ({test}, `{headline}`)"]
+    if eq.empty:
+        lines.append("The store has no demographic attributes: no subgroup analysis.")
+    else:
+        es = ", ".join(f"{r.attribute} {_num(r.es_auc)}" for r in eq.itertuples())
+        lines += [
+            f"ES-AUC = AUC / (1 + Σ|AUC − AUC_group|): {es}.",
+            "",
+            "| attribute | group | n | AUC | QWK | accuracy |",
+            "|---|---|---|---|---|---|",
+        ]
+        wanted = [a for a in cfg.evaluate.equity_attributes if a in set(eq["attribute"])]
+        table = subgroups[
+            (subgroups["scenario"] == headline)
+            & subgroups["attribute"].isin(wanted or eq["attribute"])
+        ]
+        for r in table.itertuples():
+            lines.append(
+                f"| {r.attribute} | {r.group} | {r.n} | {_num(r.auc)} | {_num(r.qwk)} | "
+                f"{_num(r.accuracy)} |"
+            )
+        lines.append("Groups with n < 30 are shown with their n: read their numbers with care.")
+
+    c = calib[(calib["split"] == test) & (calib["scenario"] == headline)]
+    lines += ["", "## Calibration"]
+    if c.empty:
+        lines.append("No calibration report.")
+    else:
+        r = c.iloc[0]
+        lines.append(
+            f"Temperature T = {_num(r['temperature'])} fitted on the {val} split after training "
+            f"(applied to every prediction). {test}, `{headline}`: ECE {_num(r['ece_before'])} → "
+            f"{_num(r['ece_after'])}, NLL {_num(r['nll_before'])} → {_num(r['nll_after'])}."
+        )
+    lines += [
+        "",
+        "## Intended use",
+        INTENDED_USE,
+        "",
+        "## Missing modalities",
+        MISSING_MODALITY,
+    ]
+    card = "\n".join(lines) + "\n"
+    if len(card) > MAX_CHARS:
+        log.info("model card: %d characters; the description keeps the first 5000", len(card))
+    return card

@@ -1,0 +1,134 @@
+"""Temperature scaling: fitting, saving with the model, applying in predict (evaluate/serving)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rima_core.calibration import (
+    calibration_report,
+    fit_temperature,
+    nll,
+    reliability_bins,
+    softmax,
+)
+from rima_core.config import ModelConfig, OTConfig
+from rima_core.engine import model_temperature, predict, set_model_temperature
+from rima_core.models import ModelOutput, ModelSpec, build_model, load_model, save_model
+
+
+def _sampled(n: int, k: int, true_t: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Logits whose labels are drawn from softmax(logits / true_t): the right T is true_t."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0.0, 3.0, (n, k))
+    p = softmax(logits, true_t)
+    y = (p.cumsum(axis=1) > rng.uniform(size=(n, 1))).argmax(axis=1)
+    return logits, y
+
+
+def test_softmax_and_nll_hand_computed() -> None:
+    z = np.array([[0.0, math.log(3.0)]])
+    assert softmax(z) == pytest.approx(np.array([[0.25, 0.75]]))
+    assert softmax(z, 2.0) == pytest.approx(np.array([[1 / (1 + 3**0.5), 3**0.5 / (1 + 3**0.5)]]))
+    assert nll(z, np.array([1])) == pytest.approx(-math.log(0.75))
+
+
+def test_fit_recovers_the_temperature_and_keeps_every_prediction() -> None:
+    for true_t in (0.5, 2.0):
+        logits, y = _sampled(20000, 3, true_t)
+        t = fit_temperature(logits, y)
+        assert t == pytest.approx(true_t, rel=0.08)
+        assert (softmax(logits, t).argmax(axis=1) == logits.argmax(axis=1)).all()
+        report = calibration_report(logits, y, t)
+        assert report["nll_after"] <= report["nll_before"]
+        assert report["ece_after"] < report["ece_before"]
+    # already calibrated: T stays near 1 and never makes NLL worse
+    logits, y = _sampled(20000, 3, 1.0, seed=1)
+    t = fit_temperature(logits, y)
+    assert t == pytest.approx(1.0, rel=0.08)
+    assert nll(logits, y, t) <= nll(logits, y)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        fit_temperature(np.array([[0.0, np.nan]]), np.array([0]))
+
+
+def test_reliability_bins() -> None:
+    proba = np.array([[0.95, 0.05], [0.95, 0.05], [0.55, 0.45], [0.45, 0.55]])
+    y = np.array([0, 1, 0, 1])
+    b = reliability_bins(y, proba, n_bins=10)
+    assert b["count"].sum() == 4 and b["count"][9] == 2 and b["count"][5] == 2
+    assert b["accuracy"][9] == pytest.approx(0.5) and b["confidence"][9] == pytest.approx(0.95)
+    assert b["accuracy"][5] == pytest.approx(1.0)
+
+
+class _Fixed(nn.Module):
+    """Returns the logits it was given for each row index: predict's softmax under test."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, fundus, oct, has_fundus, has_oct):  # type: ignore[no-untyped-def]
+        return ModelOutput(logits=self.logits[fundus[:, 0].long()], aux_loss=None, stats={})
+
+
+def test_predict_applies_the_model_temperature() -> None:
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 3.0, 1.0]])
+    model = _Fixed(logits)
+    batch = {
+        "fundus": torch.tensor([[0.0], [1.0]]),
+        "oct": torch.zeros(2, 1),
+        "has_fundus": torch.tensor([True, True]),
+        "has_oct": torch.tensor([True, True]),
+        "label": torch.tensor([0, 1]),
+        "index": torch.tensor([0, 1]),
+    }
+    cpu = torch.device("cpu")
+    assert model_temperature(model) == 1.0
+    plain = predict(model, [batch], cpu, progress=False)
+    set_model_temperature(model, 2.5)
+    scaled = predict(model, [batch], cpu, progress=False)
+    assert plain.proba == pytest.approx(softmax(logits.numpy()))
+    assert scaled.proba == pytest.approx(softmax(logits.numpy(), 2.5))
+    assert scaled.logits == pytest.approx(logits.numpy())  # raw logits, before scaling
+    assert (scaled.y_pred == plain.y_pred).all()
+    # an explicit temperature wins over the model's
+    assert predict(model, [batch], cpu, progress=False, temperature=1.0).proba == pytest.approx(
+        plain.proba
+    )
+
+
+def _spec(temperature: float = 1.0) -> ModelSpec:
+    mcfg = ModelConfig(fundus_dim=16, oct_dim=16, hidden_dim=16, heads=2, dropout=0.0)
+    return ModelSpec(
+        name="late_fusion_zero",
+        model=asdict(mcfg),
+        ot=asdict(OTConfig()),
+        n_classes=3,
+        class_names=["a", "b", "c"],
+        fundus_shape=[16, 16, 3],
+        oct_shape=[8, 8, 8],
+        temperature=temperature,
+    )
+
+
+def test_temperature_is_saved_with_the_model(tmp_path: Path) -> None:
+    spec = _spec(1.7)
+    save_model(build_model(spec, pretrained=False), spec, tmp_path / "model.pt")
+    model, loaded = load_model(tmp_path / "model.pt")
+    assert loaded.temperature == pytest.approx(1.7)
+    assert model_temperature(model) == pytest.approx(1.7)
+    # a model saved before the field existed loads as uncalibrated
+    blob = torch.load(tmp_path / "model.pt", weights_only=True)
+    del blob["spec"]["temperature"]
+    torch.save(blob, tmp_path / "old.pt")
+    model, loaded = load_model(tmp_path / "old.pt")
+    assert loaded.temperature == 1.0 and model_temperature(model) == 1.0
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be a positive number"):
+            _spec(bad)
