@@ -8,6 +8,7 @@ computed during model selection and the same metric in ``evaluate`` then mean th
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -95,10 +96,26 @@ class Predictions:
     proba: np.ndarray  # (n, K) float64 softmax
     has_fundus: np.ndarray
     has_oct: np.ndarray
+    logits: np.ndarray | None = None  # (n, K) float64, before temperature scaling
 
     @property
     def y_pred(self) -> np.ndarray:
         return self.proba.argmax(axis=1)
+
+
+# The attribute ``load_model`` sets on a loaded model: its fitted calibration temperature.
+TEMPERATURE_ATTR = "calibration_temperature"
+
+
+def model_temperature(model: nn.Module) -> float:
+    """The calibration temperature a model carries (1.0 = none: a model fresh from training)."""
+    return float(getattr(model, TEMPERATURE_ATTR, 1.0))
+
+
+def set_model_temperature(model: nn.Module, temperature: float) -> None:
+    """Attach the calibration temperature ``predict`` applies (not a parameter: no state_dict
+    change, so weights files stay loadable by older code and vice versa)."""
+    setattr(model, TEMPERATURE_ATTR, float(temperature))
 
 
 @contextlib.contextmanager
@@ -120,16 +137,27 @@ def predict(
     dtype: torch.dtype | None = None,
     desc: str = "predict",
     progress: bool = True,
+    temperature: float | None = None,
 ) -> Predictions:
-    """Run ``model`` over ``loader`` without labels (inference never sees them)."""
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("index", "y", "p", "hf", "ho")}
+    """Run ``model`` over ``loader`` without labels (inference never sees them).
+
+    Probabilities are ``softmax(logits / T)``: ``temperature`` if given, else the model's own
+    calibration temperature (:func:`model_temperature`, set by ``load_model`` from the spec), so
+    evaluation and serving apply the fitted calibration without knowing about it.
+    """
+    t = model_temperature(model) if temperature is None else float(temperature)
+    if not (math.isfinite(t) and t > 0):
+        raise EngineError(f"calibration temperature must be a positive number, got {t!r}")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("index", "y", "p", "hf", "ho", "z")}
     with eval_mode(model):
         for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
             b = to_device(batch, device)
             with autocast(device, dtype):
                 out = model(b["fundus"], b["oct"], b["has_fundus"], b["has_oct"])
-            proba = torch.softmax(out.logits.float(), dim=1)
+            logits = out.logits.float()
+            proba = torch.softmax(logits / t if t != 1.0 else logits, dim=1)
             parts["p"].append(proba.cpu().numpy().astype(np.float64))
+            parts["z"].append(logits.cpu().numpy().astype(np.float64))
             parts["y"].append(batch["label"].numpy())
             parts["index"].append(batch["index"].numpy())
             parts["hf"].append(batch["has_fundus"].numpy())
@@ -142,4 +170,5 @@ def predict(
         proba=np.concatenate(parts["p"]),
         has_fundus=np.concatenate(parts["hf"]).astype(bool),
         has_oct=np.concatenate(parts["ho"]).astype(bool),
+        logits=np.concatenate(parts["z"]),
     )
