@@ -332,6 +332,23 @@ def test_non_utf8_file_name_is_reported_not_a_traceback(tmp_path, caplog, capsys
     assert sorted(open_store(out).manifest["case_id"]) == ["data_00001", "data_00003"]
 
 
+def test_lone_surrogates_inside_an_npz_string_do_not_break_the_manifest(
+    tmp_path, caplog, capsys
+) -> None:
+    root = tmp_path / "raw"
+    expected = _fairvision(root)
+    victim = expected["data_00003"].path
+    with np.load(victim, allow_pickle=True) as z:
+        arrays = dict(z)
+    arrays["site"] = np.array("clinic-\udcff")  # numpy 'U' arrays may hold lone surrogates
+    np.savez(victim, **arrays)
+    out = tmp_path / "store"
+    rc, errors, text = _prepare(caplog, capsys, root, out)
+    assert rc == 0 and not errors and "Traceback" not in text
+    manifest = open_store(out).manifest.set_index("case_id")
+    assert manifest.loc["data_00003", "source_site"] == "clinic-\\udcff"
+
+
 def test_duplicate_ids_under_skip_bad_are_quarantined(tmp_path, caplog, capsys) -> None:
     root = tmp_path / "raw"
     expected = _fairvision(root)

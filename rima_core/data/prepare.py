@@ -282,7 +282,11 @@ def _decode(task: _Task) -> _Decoded | _Failed:
         reason = printable(f"unreadable: {type(exc).__name__}: {exc}")
         return _Failed(printable(ref.case_id), _printable_path(_first_path(ref)), reason)
     split = raw.split if raw.split is not None else ref.split
-    return _Decoded(ref.case_id, int(raw.label), split, fundus, oct, dict(raw.attributes))
+    # attribute strings come from the files: keep them writable as UTF-8 (Parquet)
+    attrs = {
+        printable(k): printable(v) if isinstance(v, str) else v for k, v in raw.attributes.items()
+    }
+    return _Decoded(ref.case_id, int(raw.label), split, fundus, oct, attrs)
 
 
 def _printable_path(path: str | None) -> str | None:
