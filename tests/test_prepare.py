@@ -34,7 +34,13 @@ FAKE = __name__  # this module is the plug-in source
 def scan(root: Path, disease: str = "auto") -> ScanResult:
     listing = json.loads((Path(root) / "cases.json").read_text())
     cases = [
-        CaseRef(c["case_id"], {"npz": str(Path(root) / c["file"])}, c["label"], c.get("split"))
+        CaseRef(
+            c["case_id"],
+            {"npz": str(Path(root) / c["file"])},
+            c["label"],
+            c.get("split"),
+            problem=c.get("problem"),
+        )
         for c in listing["cases"]
     ]
     return ScanResult(listing["class_names"], cases, source="fake", disease=None)
@@ -42,6 +48,8 @@ def scan(root: Path, disease: str = "auto") -> ScanResult:
 
 def load(ref: CaseRef, disease: str | None) -> RawCase:
     with np.load(ref.paths["npz"]) as z:
+        if "boom" in z.files:  # a loader bug, not a CaseError: must still be this case's failure
+            raise RuntimeError("loader bug")
         fundus = z.get("fundus")
         oct = z.get("oct")
     return RawCase(ref.case_id, ref.label, ref.split, fundus, oct, {"site": len(ref.case_id)})
@@ -301,3 +309,44 @@ def test_damaged_fairvision_npz_is_named_or_quarantined(tmp_path):
     assert summary["n_cases"] == len(expected) - 1
     report = json.loads((tmp_path / "s" / QUARANTINE_FILE).read_text())
     assert report["cases"][0]["case_id"] == victim and report["cases"][0]["path"] == str(path)
+
+
+# --- hostile input (issue 10): any loader failure is the case's, limits reach check_raw_case ---
+
+
+def test_unexpected_loader_exception_is_a_case_failure_not_a_traceback(tmp_path):
+    boom = {"fundus": np.full((20, 16), 9, np.uint8), "boom": np.zeros(1)}
+    raw = _write_tree(tmp_path / "raw", n=6, c002=boom)
+    with pytest.raises(CaseError, match="RuntimeError: loader bug") as err:
+        prepare_store(FAKE, raw, tmp_path / "s", _cfg())
+    assert err.value.case_id == "c002" and not (tmp_path / "s").exists()
+    summary = prepare_store(FAKE, raw, tmp_path / "s", _cfg(), skip_bad=True)
+    assert summary["n_quarantined"] == 1 and summary["n_cases"] == 5
+
+
+def test_a_case_scan_marked_bad_is_reported_or_quarantined(tmp_path):
+    raw = _write_tree(tmp_path / "raw", n=6)
+    listing = json.loads((raw / "cases.json").read_text())
+    listing["cases"][4]["problem"] = "label row has no unique maximum (row 6)"
+    (raw / "cases.json").write_text(json.dumps(listing))
+    with pytest.raises(CaseError, match="no unique maximum") as err:
+        prepare_store(FAKE, raw, tmp_path / "s", _cfg())
+    assert err.value.case_id == "c004"
+    prepare_store(FAKE, raw, tmp_path / "s", _cfg(), skip_bad=True)
+    report = json.loads((tmp_path / "s" / QUARANTINE_FILE).read_text())
+    assert [c["case_id"] for c in report["cases"]] == ["c004"]
+
+
+@pytest.mark.parametrize(
+    ("arrays", "setting", "needle"),
+    [
+        ({"oct": np.full((1, 6, 6), 5, np.uint8)}, {}, "min_oct_size"),
+        ({"fundus": np.full((4, 30), 5, np.uint8)}, {}, "min_fundus_size"),
+        ({"oct": np.full((12, 10, 12), 5, np.uint8)}, {"max_volume_voxels": 1000}, "max_volume"),
+    ],
+)
+def test_size_limits_apply_to_every_source(tmp_path, arrays, setting, needle):
+    raw = _write_tree(tmp_path / "raw", n=6, c001=arrays)
+    with pytest.raises(CaseError, match=needle) as err:
+        prepare_store(FAKE, raw, tmp_path / "s", _cfg(**setting))
+    assert err.value.case_id == "c001"
