@@ -11,7 +11,9 @@ from kfp import compiler
 
 from pipelines.rima_pipeline import ClusterOptions, build_pipeline
 from rima_core.atomic import atomic_file
-from rima_core.config import Config, _merge, load_config, parse_override
+from rima_core.config import Config, ConfigError, _merge, load_config, parse_override
+from rima_core.kfp_support import OPTUNA_STORAGE_ENV
+from rima_core.redact import find_secrets
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,43 @@ def pipeline_arguments(
     }
 
 
+# Where a pod gets the credential a setting would otherwise carry (keys of the Kubernetes secret,
+# all listed in rima_pipeline.SECRET_ENV_KEYS; tests check that).
+CREDENTIAL_ENV: dict[str, tuple[str, ...]] = {
+    "tune.storage": (OPTUNA_STORAGE_ENV,),
+    "mlflow.tracking_uri": (
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_TOKEN",
+    ),
+}
+S3_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+def check_no_credentials(values: dict[str, Any], secret_name: str) -> None:
+    """Refuse to compile a credential into the package.
+
+    A compiled package is a plain file that is uploaded to the KFP server, shown in its UI and
+    often committed; a password in a parameter default (a PostgreSQL ``tune.storage``, a
+    ``https://user:pw@`` tracking URI, a presigned URL) would leak there. ``values`` is the
+    resolved config (``Config.to_dict()``) or the pipeline arguments; the error names each
+    offending key and the secret key the pod reads instead.
+    """
+    found = find_secrets(values)
+    if not found:
+        return
+    hints = []
+    for key in found:
+        env = CREDENTIAL_ENV.get(key.split("[", 1)[0], S3_CREDENTIAL_ENV)
+        hints.append(f"{key} (put it in secret {secret_name!r} as {' / '.join(env)})")
+    raise ConfigError(
+        "refusing to compile a credential into the pipeline package: "
+        + "; ".join(hints)
+        + ". Remove it from params/profile/--set: pods read credentials from the Kubernetes "
+        "secret as environment variables (rima pipeline compile --secret NAME)"
+    )
+
+
 def one_line_yaml(data: dict[str, Any]) -> str:
     """``data`` as single-line flow YAML.
 
@@ -79,6 +118,10 @@ def compile_pipeline(
     """Write the pipeline package (IR YAML) to ``out`` atomically and return its path."""
     out = Path(out)
     arguments = pipeline_arguments(params, profile, overrides)
+    opts = options or ClusterOptions()
+    cfg = load_config(params, profile, overrides)
+    check_no_credentials(cfg.to_dict(), opts.secret_name)  # names the config key
+    check_no_credentials({"pipeline": arguments}, opts.secret_name)  # and any other way in
     pipeline = build_pipeline(options)
     if out.suffix not in (".yaml", ".yml", ".json"):
         raise ValueError(f"{out}: the pipeline package must end in .yaml (or .json)")

@@ -17,6 +17,7 @@ from typing import Any
 
 from rima_core.config import Config, ConfigError, load_config
 from rima_core.data.types import CaseError, SourceError
+from rima_core.redact import install_log_redaction
 
 log = logging.getLogger("rima")
 
@@ -255,7 +256,10 @@ def _cmd_params(args: argparse.Namespace) -> Any:
     import yaml
 
     if args.params_command == "show":
-        print(yaml.safe_dump(_config(args).to_dict(), sort_keys=False), end="")
+        from rima_core.redact import redact_config
+
+        # credentials masked: this output ends up in terminals, CI logs and bug reports
+        print(yaml.safe_dump(redact_config(_config(args).to_dict()), sort_keys=False), end="")
         return None
     # overrides: the profile's keys as `dvc exp run` arguments, one per line
     load_config(None, args.profile_file)  # schema check: a typo fails here, not in a stage
@@ -550,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # no log line (ours, MLflow's, Optuna's) may print a password held in a URL-like setting
+    install_log_redaction()
     try:
         _print(args.func(args))
     except (ConfigError, CaseError, SourceError, StepFailed, FileNotFoundError) as exc:

@@ -9,6 +9,8 @@ default.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -328,9 +330,319 @@ def load_config(
         merged = _merge(merged, _read_yaml(Path(profile)))
     for text in overrides or []:
         merged = _merge(merged, parse_override(text))
-    return _build(Config, merged, "params")
+    return validate_config(_build(Config, merged, "params"))
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Rebuild a :class:`Config` from :meth:`Config.to_dict` output (e.g. stored with a model)."""
-    return _build(Config, values, "config")
+    return validate_config(_build(Config, values, "config"), "config")
+
+
+# --- value checks --------------------------------------------------------------------------------
+#
+# Types are checked while building (``_coerce``); the *values* are checked here, once, at load
+# time, so ``train.epochs: 0`` or ``ot.gw_epsilon: -1`` stops the CLI with one line naming the key
+# instead of a traceback after the data is loaded. The rules are a table, ``section.key -> check``:
+# a new key gets its rule by adding one line to RULES (tests/test_config_validation.py fails for a
+# numeric key without one, and for a rule whose key no longer exists). A check returns the reason
+# a value is wrong, or None. Checks that span keys go in CROSS_RULES.
+
+Check = typing.Callable[[Any], "str | None"]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def integer(low: int, high: int | None = None) -> Check:
+    """An integer in ``[low, high]``."""
+    bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+
+    def check(v: Any) -> str | None:
+        if not isinstance(v, int) or isinstance(v, bool):
+            return f"must be an integer {bound}"
+        if v < low or (high is not None and v > high):
+            return f"must be an integer {bound}"
+        return None
+
+    return check
+
+
+def number(
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> Check:
+    """A finite number between ``low`` and ``high`` (each bound open or closed, or absent)."""
+    if low is not None and high is not None:
+        bound = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        bound = f"{'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        bound = f"{'<' if high_open else '<='} {high:g}"
+    else:
+        bound = ""
+    reason = f"must be a finite number {bound}".rstrip()
+
+    def check(v: Any) -> str | None:
+        if not _is_number(v) or not math.isfinite(v):
+            return reason
+        if low is not None and (v <= low if low_open else v < low):
+            return reason
+        if high is not None and (v >= high if high_open else v > high):
+            return reason
+        return None
+
+    return check
+
+
+POSITIVE = number(0.0, low_open=True)
+NON_NEGATIVE = number(0.0)
+PROBABILITY = number(0.0, 1.0, high_open=True)  # a dropout / momentum: 1 would be degenerate
+FRACTION = number(0.0, 1.0)
+SEED = integer(0, 2**32 - 1)
+
+
+def one_of(*choices: str) -> Check:
+    def check(v: Any) -> str | None:
+        return None if v in choices else f"must be one of {list(choices)}"
+
+    return check
+
+
+def matches(pattern: str, what: str) -> Check:
+    regex = re.compile(pattern)
+
+    def check(v: Any) -> str | None:
+        return None if isinstance(v, str) and regex.fullmatch(v) else f"must be {what}"
+
+    return check
+
+
+def optional(inner: Check) -> Check:
+    """``None`` (the setting is off) or a value ``inner`` accepts."""
+
+    def check(v: Any) -> str | None:
+        return None if v is None else inner(v)
+
+    return check
+
+
+def each(inner: Check, length: int | None = None, min_length: int = 0) -> Check:
+    """A list whose items all pass ``inner`` (of exactly ``length`` items when given)."""
+
+    def check(v: Any) -> str | None:
+        if not isinstance(v, list):
+            return "must be a list"
+        if length is not None and len(v) != length:
+            return f"must have {length} items"
+        if len(v) < min_length:
+            return f"must have at least {min_length} item(s)"
+        for i, item in enumerate(v):
+            reason = inner(item)
+            if reason:
+                return f"item {i}: {reason}"
+        return None
+
+    return check
+
+
+def each_value(inner: Check) -> Check:
+    """A mapping whose values all pass ``inner``."""
+
+    def check(v: Any) -> str | None:
+        for key, item in v.items():
+            reason = inner(item)
+            if reason:
+                return f"{key!r}: {reason}"
+        return None
+
+    return check
+
+
+def both(*checks: Check) -> Check:
+    """Every check in turn; the first reason wins."""
+
+    def check(v: Any) -> str | None:
+        for c in checks:
+            reason = c(v)
+            if reason:
+                return reason
+        return None
+
+    return check
+
+
+def increasing_pair(inner: Check) -> Check:
+    """``[low, high]`` with ``low < high``, both passing ``inner`` (a search or value range)."""
+
+    def order(v: list[Any]) -> str | None:
+        return None if v[0] < v[1] else "must be [low, high] with low < high"
+
+    return both(each(inner, length=2), order)
+
+
+def sums_to_one(v: list[float]) -> str | None:
+    return None if abs(sum(v) - 1.0) <= 1e-6 else "must sum to 1"
+
+
+SPLIT_FRACTIONS = both(each(FRACTION, length=3), sums_to_one)  # train, val, test
+SHAPE_3D = each(integer(1), length=3)  # D, H, W
+NON_EMPTY = matches(r"\S.*", "a non-empty string")
+URL = matches(r"[A-Za-z][A-Za-z0-9+.\-]*://.*", "a URL (scheme://...)")
+# Names whose source of truth lives in a heavier module (torch models, sklearn metrics): the
+# copies here are checked against it by tests/test_config_validation.py.
+ENCODERS_2D = ("small_cnn2d", "res2net50")
+ENCODERS_3D = ("small_cnn3d", "resnet10_3d")
+OT_TARGETS = ("barycentric", "sample")
+METRICS = (
+    "accuracy", "auc", "balanced_accuracy", "ece", "f1_macro", "f1_weighted", "kappa", "nll", "qwk",
+)  # fmt: skip
+METRIC = one_of(*METRICS)
+SPLITS = ("train", "val", "test")
+
+RULES: dict[str, Check] = {
+    "data.source": one_of("fairvision", "gamma", "rima", "auto"),
+    "data.disease": one_of("amd", "dr", "glaucoma", "synthetic", "auto"),
+    "synth.n_eyes": integer(1),
+    "synth.seed": SEED,
+    "synth.n_classes": integer(2),
+    "synth.fundus_size": integer(1),
+    "synth.oct_shape": SHAPE_3D,
+    "synth.class_weights": optional(each(NON_NEGATIVE, min_length=2)),
+    "synth.missing_fundus_fraction": FRACTION,
+    "synth.missing_oct_fraction": FRACTION,
+    "synth.split_fractions": SPLIT_FRACTIONS,
+    "synth.fundus_signal": POSITIVE,
+    "synth.oct_signal": POSITIVE,
+    "prepare.fundus_size": integer(1),
+    "prepare.oct_shape": SHAPE_3D,
+    "prepare.split_fractions": SPLIT_FRACTIONS,
+    "prepare.seed": SEED,
+    "prepare.workers": integer(1),
+    "prepare.max_file_bytes": integer(1),
+    "prepare.max_image_pixels": integer(1),
+    "prepare.max_volume_voxels": integer(1),
+    "prepare.min_fundus_size": integer(1),
+    "prepare.min_oct_size": integer(1),
+    "validate.min_split_fraction": each_value(FRACTION),
+    "validate.min_pixel_std": NON_NEGATIVE,
+    "validate.mean_intensity_range": increasing_pair(number(0.0, 255.0)),
+    "missing.seed": SEED,
+    "missing.rate": FRACTION,
+    "missing.mixed": each(FRACTION, length=2),
+    "missing.sweep": each(FRACTION, min_length=1),
+    "missing.train_scenario": NON_EMPTY,
+    "model.name": NON_EMPTY,
+    "model.fundus_encoder": one_of(*ENCODERS_2D),
+    "model.oct_encoder": one_of(*ENCODERS_3D),
+    "model.fundus_dim": integer(1),
+    "model.oct_dim": integer(1),
+    "model.hidden_dim": integer(1),
+    "model.heads": integer(1),
+    "model.dropout": PROBABILITY,
+    "model.modality_dropout": PROBABILITY,
+    "model.missing_path_weight": NON_NEGATIVE,
+    "model.consistency_weight": NON_NEGATIVE,
+    "ot.gw_epsilon": POSITIVE,
+    "ot.feature_epsilon": POSITIVE,
+    "ot.loss_weight": NON_NEGATIVE,
+    "ot.feature_momentum": PROBABILITY,
+    "ot.target": one_of(*OT_TARGETS),
+    "train.out_dir": NON_EMPTY,
+    "train.epochs": integer(1),
+    "train.batch_size": integer(1),
+    "train.lr": POSITIVE,
+    "train.weight_decay": NON_NEGATIVE,
+    "train.warmup_epochs": integer(0),
+    "train.grad_clip": NON_NEGATIVE,  # 0 = no clipping
+    "train.patience": integer(0),  # 0 = no early stopping
+    "train.seed": SEED,
+    "train.device": matches(r"auto|cpu|cuda(:\d+)?|mps", "auto, cpu, cuda, cuda:N or mps"),
+    "train.num_workers": integer(0),
+    "train.selection_metric": METRIC,
+    "train.selection_scenario": NON_EMPTY,
+    "tune.out_dir": NON_EMPTY,
+    "tune.storage": URL,
+    "tune.study_name": NON_EMPTY,
+    "tune.n_trials": integer(0),  # 0 = no tuning
+    "tune.timeout_s": optional(POSITIVE),
+    "tune.epochs": integer(1),
+    "tune.workers": integer(1),
+    "tune.seed": SEED,
+    "tune.scenario": NON_EMPTY,
+    "tune.metric": METRIC,
+    "tune.pruner_startup_trials": integer(0),
+    "tune.pruner_warmup_epochs": integer(0),
+    # search ranges, sampled on a log scale: positive bounds
+    "tune.gw_epsilon": increasing_pair(POSITIVE),
+    "tune.feature_epsilon": increasing_pair(POSITIVE),
+    "tune.loss_weight": increasing_pair(POSITIVE),
+    "tune.lr": increasing_pair(POSITIVE),
+    "evaluate.out_dir": NON_EMPTY,
+    "evaluate.split": one_of(*SPLITS),
+    "evaluate.batch_size": integer(1),
+    "evaluate.selection_split": one_of(*SPLITS),
+    "evaluate.bootstrap": integer(1),
+    "evaluate.bootstrap_seed": SEED,
+    "evaluate.ci_level": number(0.0, 1.0, low_open=True, high_open=True),
+    "evaluate.max_groups": integer(1),
+    "mlflow.tracking_uri": NON_EMPTY,
+    "mlflow.experiment": NON_EMPTY,
+    "mlflow.model_name": NON_EMPTY,
+    "promote.metric": METRIC,
+    "promote.scenario": NON_EMPTY,
+    "promote.margin": NON_NEGATIVE,
+    "promote.tolerance": NON_NEGATIVE,
+    "promote.register_min_metric": optional(number()),  # null = the metric's chance level
+}
+
+
+def _class_weights_match(cfg: Config) -> tuple[str, str] | None:
+    w = cfg.synth.class_weights
+    if w is not None and len(w) != cfg.synth.n_classes:
+        return "synth.class_weights", f"must have synth.n_classes={cfg.synth.n_classes} items"
+    if w is not None and sum(w) <= 0:
+        return "synth.class_weights", "must have a positive sum"
+    return None
+
+
+def _missing_fractions(cfg: Config) -> tuple[str, str] | None:
+    s = cfg.synth
+    if s.missing_fundus_fraction + s.missing_oct_fraction > 1:
+        return "synth.missing_oct_fraction", "plus synth.missing_fundus_fraction must be <= 1"
+    return None
+
+
+def _warmup_within_epochs(cfg: Config) -> tuple[str, str] | None:
+    if cfg.train.warmup_epochs > cfg.train.epochs:
+        return "train.warmup_epochs", f"must be <= train.epochs ({cfg.train.epochs})"
+    return None
+
+
+# Checks over several keys: each returns (the key to name, the reason) or None.
+CROSS_RULES: list[typing.Callable[[Config], tuple[str, str] | None]] = [
+    _class_weights_match,
+    _missing_fractions,
+    _warmup_within_epochs,
+]
+
+
+def validate_config(cfg: Config, where: str = "params") -> Config:
+    """Check every value against :data:`RULES` and :data:`CROSS_RULES`; raise a one-line
+    :class:`ConfigError` naming the first bad key (``params.train.epochs: must be ...``)."""
+    flat = cfg.flat()
+    for key, check in RULES.items():
+        if key not in flat:  # a rule for a key this schema lacks is a bug, found by the tests
+            continue
+        value = flat[key]
+        reason = check(value)
+        if reason:
+            raise ConfigError(f"{where}.{key}: {reason}, got {value!r}")
+    for rule in CROSS_RULES:
+        found = rule(cfg)
+        if found:
+            key, reason = found
+            raise ConfigError(f"{where}.{key}: {reason}, got {flat[key]!r}")
+    return cfg

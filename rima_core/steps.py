@@ -118,13 +118,94 @@ def train(
         return _train(Path(store), Path(masks), out, cfg, resume=resume)
     from rima_core import tracking
 
-    with tracking.start_run(cfg, "train", store=store, tags={"model": cfg.model.name}) as run:
+    run_id, tags = _train_run(out, cfg, resume)
+    with tracking.start_run(cfg, "train", store=store, tags=tags, run_id=run_id) as run:
+        write_run_file(out, run.info.run_id)  # before training: a kill leaves a resumable run
         summary = _train(Path(store), Path(masks), out, cfg, resume=resume)
+        if run_id is not None:
+            _backfill_epochs(out / "history.csv", run.info.run_id)
         summary["mlflow_run_id"] = run.info.run_id
         write_text(out / "train_summary.json", json.dumps(summary, indent=2) + "\n")
         for name in ("model.pt", "history.csv", "train_summary.json"):
             tracking.log_artifacts(out / name, artifact_path="train")
     return summary
+
+
+# The MLflow run a training output folder belongs to, beside its checkpoint: `rima train --resume`
+# reopens that run, so a run killed and resumed keeps one whole history in MLflow.
+MLFLOW_RUN_FILE = "mlflow_run.json"
+
+
+def read_run_file(out_dir: str | Path) -> str | None:
+    """The MLflow run id recorded in ``out_dir``, or None (none recorded, or unreadable)."""
+    import json
+
+    path = Path(out_dir) / MLFLOW_RUN_FILE
+    try:
+        run_id = json.loads(path.read_text()).get("run_id")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError) as exc:
+        log.warning("%s unreadable (%s): its MLflow run is not continued", path, exc)
+        return None
+    return run_id if isinstance(run_id, str) and run_id else None
+
+
+def write_run_file(out_dir: str | Path, run_id: str) -> None:
+    import json
+
+    from rima_core.atomic import write_text
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    write_text(Path(out_dir) / MLFLOW_RUN_FILE, json.dumps({"run_id": run_id}) + "\n")
+
+
+def _train_run(out: Path, cfg: Config, resume: bool) -> tuple[str | None, dict[str, Any]]:
+    """(run id to reopen or None, tags) for a training run in ``out``.
+
+    ``--resume`` continues the run recorded in ``out`` when the configured store still has it.
+    Otherwise a new run starts; a recorded run still RUNNING had its process killed (nothing else
+    ends a run without ending it), so it is marked KILLED and linked from the new run. Under
+    ``mlflow run`` (``MLFLOW_RUN_ID``) the project's run is used as it is.
+    """
+    import os
+
+    from rima_core import tracking
+
+    tags: dict[str, Any] = {"model": cfg.model.name}
+    previous = read_run_file(out)
+    if previous is None or os.environ.get("MLFLOW_RUN_ID"):
+        return None, tags
+    if resume:
+        why = tracking.reopenable(previous, cfg.mlflow)
+        if why is None:
+            return previous, tags
+        log.warning("cannot continue MLflow run %s (%s): starting a new run", previous, why)
+    if tracking.end_abandoned_run(previous, cfg.mlflow):
+        tags["replaces_killed_run"] = previous
+    return None, tags
+
+
+def _backfill_epochs(history_csv: Path, run_id: str) -> None:
+    """Log the epochs of ``history.csv`` that the run lacks: a kill between an epoch's checkpoint
+    and its metrics leaves that epoch in the checkpoint's history but not in MLflow."""
+    import mlflow
+    import pandas as pd
+
+    if not history_csv.is_file():
+        return
+    hist = pd.read_csv(history_csv)
+    if hist.empty or "epoch" not in hist.columns:
+        return
+    probe = next(c for c in hist.columns if c != "epoch")
+    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, probe)}
+    from rima_core import tracking
+
+    for row in hist.to_dict("records"):
+        epoch = int(row.pop("epoch"))
+        if epoch not in logged:
+            tracking.log_metrics(row, step=epoch)
+            log.info("MLflow run %s: logged epoch %d from history.csv", run_id, epoch)
 
 
 def evaluate(
@@ -150,10 +231,44 @@ def evaluate(
         run_id = json.loads(train_summary.read_text()).get("mlflow_run_id")
         if run_id:
             tags["train_run_id"] = run_id  # links the evaluation to the run that trained it
+    check_evaluate_inputs(model, store, masks, cfg)  # a bad input must not leave a FAILED run
     with tracking.start_run(cfg, "evaluate", store=store, tags=tags) as run:
         result = _evaluate(Path(model), Path(store), Path(masks), Path(out_dir), cfg)
         result["mlflow_run_id"] = run.info.run_id
     return result
+
+
+def check_evaluate_inputs(
+    model: str | Path, store: str | Path, masks: str | Path, cfg: Config
+) -> None:
+    """Fail on a missing/unreadable model, a store that is not one, masks without the split, or a
+    model trained for other classes/sizes — before any MLflow run is opened, so a typo in a path
+    never leaves a FAILED evaluation run behind. (The same checks as the top of
+    :func:`rima_core.evaluate.evaluate`, which repeats them for its direct callers.)"""
+    from rima_core.data import open_store
+    from rima_core.engine import EngineError, resolve_device
+    from rima_core.evaluate import _check_compatible
+    from rima_core.models import load_model
+    from rima_core.train import load_masks
+
+    model, store = Path(model), Path(store)
+    if not model.is_file():
+        raise FileNotFoundError(f"{model}: no model file (run `rima train` first)")
+    st = open_store(store)
+    try:
+        mask_df = load_masks(masks)
+    except ValueError as exc:  # a table that is not a mask table
+        raise EngineError(str(exc)) from exc
+    for key in ("split", "selection_split"):
+        split = getattr(cfg.evaluate, key, None)
+        if split is not None and not (mask_df["split"] == split).any():
+            raise EngineError(f"{masks}: no rows for split {split!r} (evaluate.{key})")
+    resolve_device(cfg.train.device)  # train.device=cuda on a machine without one
+    try:
+        _, spec = load_model(model, map_location="cpu")
+    except ValueError as exc:  # torch's own explanation runs over several lines: keep the first
+        raise EngineError(str(exc).splitlines()[0]) from exc
+    _check_compatible(spec, st, model, store)
 
 
 def tune(

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rima_core.config import Config, MlflowConfig
+from rima_core.redact import redact_config, redact_text
 
 if TYPE_CHECKING:  # pragma: no cover
     import mlflow
@@ -118,7 +119,11 @@ def configure(cfg: MlflowConfig) -> str:
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
                 raise
             exp_id = client.get_experiment_by_name(cfg.experiment).experiment_id
-        log.info("created MLflow experiment %r (artifacts: %s)", cfg.experiment, location)
+        log.info(
+            "created MLflow experiment %r (artifacts: %s)",
+            cfg.experiment,
+            redact_text(str(location)),
+        )
     else:
         exp_id = exp.experiment_id
         if cfg.artifact_location and exp.artifact_location != cfg.artifact_location:
@@ -126,8 +131,8 @@ def configure(cfg: MlflowConfig) -> str:
                 "experiment %r keeps its artifacts at %s, not %s (an experiment's artifact "
                 "location is fixed when it is created; use a new experiment name to move it)",
                 cfg.experiment,
-                exp.artifact_location,
-                cfg.artifact_location,
+                redact_text(exp.artifact_location),
+                redact_text(cfg.artifact_location),
             )
     with _environment_kept():
         mlflow.set_experiment(experiment_id=exp_id)
@@ -174,10 +179,18 @@ def manifest_hash(store: str | Path) -> str | None:
 
 
 def _params(cfg: Config) -> dict[str, str]:
+    """The flattened config as MLflow params, credentials masked (``tune.storage`` may be a
+    PostgreSQL URL with a password; see :mod:`rima_core.redact`)."""
     # JSON keeps lists/None readable and identical across runs (str() would write Python reprs).
     return {
-        k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in cfg.flat().items()
+        k: v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+        for k, v in redact_config(cfg.flat()).items()
     }
+
+
+def _tags(tags: dict[str, Any]) -> dict[str, str]:
+    """Tag values as strings, credentials masked."""
+    return {k: redact_text(str(v)) for k, v in tags.items()}
 
 
 @contextlib.contextmanager
@@ -189,12 +202,18 @@ def start_run(
     store: str | Path | None = None,
     data_hash: str | None = None,
     log_params: bool = True,
+    run_id: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """One MLflow run for one pipeline step, with the project's params and tags.
 
     ``store`` (a store directory) or ``data_hash`` tags the run with the data it read. When a run
     is already active (a step called from inside another step's run), the new run is nested under
     it rather than failing. An exception inside the block marks the run FAILED.
+
+    ``run_id`` reopens that run instead of starting one (a resumed training continues its own
+    run, so its history stays whole; check it with :func:`reopenable` first). Its params are
+    kept: only keys it lacks are added, and a value that changed since (a resumable key such as
+    ``train.epochs``) is recorded as a ``resume.<key>`` tag, because MLflow params are immutable.
     """
     import mlflow
 
@@ -204,13 +223,76 @@ def start_run(
         data_hash = manifest_hash(store)
     if data_hash:
         all_tags[TAG_DATA_HASH] = data_hash
-    all_tags.update({k: str(v) for k, v in (tags or {}).items()})
+    all_tags.update(_tags(tags or {}))
     nested = nested or mlflow.active_run() is not None
-    with mlflow.start_run(run_name=step, nested=nested, tags=all_tags) as run:
-        if log_params:
+    if run_id is not None:
+        cm = mlflow.start_run(run_id=run_id, tags=all_tags)
+    else:
+        cm = mlflow.start_run(run_name=step, nested=nested, tags=all_tags)
+    with cm as run:
+        if log_params and run_id is not None:
+            _log_params_on_resume(run.info.run_id, _params(cfg))
+        elif log_params:
             mlflow.log_params(_params(cfg))
-        log.info("MLflow run %s (%s) in %s", run.info.run_id, step, mlflow.get_tracking_uri())
+        log.info(
+            "MLflow run %s (%s%s) in %s",
+            run.info.run_id,
+            step,
+            ", resumed" if run_id is not None else "",
+            redact_text(mlflow.get_tracking_uri()),
+        )
         yield run
+
+
+def _log_params_on_resume(run_id: str, params: dict[str, str]) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    logged = client.get_run(run_id).data.params
+    new = {k: v for k, v in params.items() if k not in logged}
+    changed = {k: v for k, v in params.items() if k in logged and logged[k] != v}
+    if new:
+        mlflow.log_params(new)
+    if changed:
+        log.info("resumed run %s with changed settings: %s", run_id, sorted(changed))
+        mlflow.set_tags({f"resume.{k}": v for k, v in changed.items()})
+
+
+def reopenable(run_id: str, cfg: MlflowConfig) -> str | None:
+    """Why ``run_id`` cannot be reopened in the configured store and experiment, or None if it
+    can (it exists there, is not deleted). Configures MLflow as a side effect."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    exp_id = configure(cfg)
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException as exc:
+        return f"run {run_id} is not in {redact_text(tracking_uri(cfg))} ({exc.error_code})"
+    if run.info.lifecycle_stage == "deleted":
+        return f"run {run_id} was deleted"
+    if run.info.experiment_id != exp_id:
+        return f"run {run_id} belongs to experiment {run.info.experiment_id}, not {exp_id}"
+    return None
+
+
+def end_abandoned_run(run_id: str, cfg: MlflowConfig) -> bool:
+    """Mark ``run_id`` KILLED if it is still RUNNING: its process died (``kill -9``, a lost pod)
+    without ending it, and a new run in the same output folder replaces it. True if marked."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    configure(cfg)
+    client = mlflow.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return False
+    if run.info.status != "RUNNING":
+        return False
+    client.set_terminated(run_id, status="KILLED")
+    log.info("MLflow run %s had no live process: marked KILLED", run_id)
+    return True
 
 
 def _active() -> Any:
@@ -255,4 +337,4 @@ def set_tags(tags: dict[str, Any]) -> None:
     mlflow = _active()
     if mlflow is None:
         return
-    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+    mlflow.set_tags(_tags(tags))

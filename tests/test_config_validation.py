@@ -1,0 +1,208 @@
+"""Value checks at config load: a bad value stops the CLI with exit 2 and one line naming the key,
+before any data is read (issue 10, item 8)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+
+from rima_core import cli
+from rima_core.config import (
+    ENCODERS_2D,
+    ENCODERS_3D,
+    METRICS,
+    OT_TARGETS,
+    RULES,
+    Config,
+    ConfigError,
+    config_from_dict,
+    load_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (override, key the message must name)
+BAD_VALUES = [
+    ("train.epochs=0", "train.epochs"),
+    ("train.epochs=-3", "train.epochs"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("train.lr=.nan", "train.lr"),
+    ("train.lr=-0.001", "train.lr"),
+    ("train.lr=0", "train.lr"),
+    ("train.weight_decay=-1", "train.weight_decay"),
+    ("train.patience=-1", "train.patience"),
+    ("train.warmup_epochs=99", "train.warmup_epochs"),
+    ("train.device=gpu", "train.device"),
+    ("train.selection_metric=speed", "train.selection_metric"),
+    ("ot.gw_epsilon=0", "ot.gw_epsilon"),
+    ("ot.gw_epsilon=-0.005", "ot.gw_epsilon"),
+    ("ot.feature_epsilon=.inf", "ot.feature_epsilon"),
+    ("ot.feature_momentum=1.0", "ot.feature_momentum"),
+    ("ot.target=nearest", "ot.target"),
+    ("model.dropout=1.5", "model.dropout"),
+    ("model.heads=0", "model.heads"),
+    ("model.fundus_encoder=vgg", "model.fundus_encoder"),
+    ("tune.lr=[0.003, 0.0002]", "tune.lr"),
+    ("tune.gw_epsilon=[0, 0.05]", "tune.gw_epsilon"),
+    ("tune.loss_weight=[0.5]", "tune.loss_weight"),
+    ("tune.n_trials=-1", "tune.n_trials"),
+    ("tune.workers=0", "tune.workers"),
+    ("tune.timeout_s=0", "tune.timeout_s"),
+    ("tune.storage=optuna.db", "tune.storage"),
+    ("prepare.split_fractions=[0.5, 0.2, 0.2]", "prepare.split_fractions"),
+    ("prepare.split_fractions=[1.2, -0.1, -0.1]", "prepare.split_fractions"),
+    ("prepare.oct_shape=[16, 0, 16]", "prepare.oct_shape"),
+    ("synth.split_fractions=[0.6, 0.4]", "synth.split_fractions"),
+    ("synth.n_classes=1", "synth.n_classes"),
+    ("synth.class_weights=[1.0, 2.0]", "synth.class_weights"),
+    ("missing.rate=1.5", "missing.rate"),
+    ("missing.mixed=[0.3]", "missing.mixed"),
+    ("validate.mean_intensity_range=[200, 100]", "validate.mean_intensity_range"),
+    ("evaluate.split=holdout", "evaluate.split"),
+    ("evaluate.batch_size=0", "evaluate.batch_size"),
+    ("promote.tolerance=-0.1", "promote.tolerance"),
+    ("data.source=kaggle", "data.source"),
+]
+
+
+@pytest.mark.parametrize(("override", "key"), BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
+def test_bad_value_exits_2_naming_the_key(
+    override: str, key: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # `rima train` itself, in process: the value must be refused before any data is touched
+    # (the store and masks named here do not exist, so reaching them would be another error).
+    argv = [
+        "train",
+        "--params",
+        os.devnull,
+        "--store",
+        str(tmp_path / "no-store"),
+        "--masks",
+        str(tmp_path / "no-masks.parquet"),
+        "--out",
+        str(tmp_path / "out"),
+        "--no-mlflow",
+        "--set",
+        override,
+    ]
+    with caplog.at_level(logging.ERROR, logger="rima"):
+        code = cli.main(argv)
+    assert code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    message = errors[0]
+    assert "\n" not in message
+    assert message.startswith(f"params.{key}:"), message
+    assert "no-store" not in message  # refused at load, not when the data was opened
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # four interpreters importing torch: ~40 s here
+@pytest.mark.parametrize(
+    ("argv", "key"),
+    [
+        (["train", "--no-mlflow", "--set", "train.epochs=0"], "train.epochs"),
+        (["tune", "--no-mlflow", "--set", "tune.lr=[0.01, 0.001]"], "tune.lr"),
+        (["evaluate", "--no-mlflow", "--set", "ot.gw_epsilon=-1"], "ot.gw_epsilon"),
+        (["prepare", "--set", "prepare.split_fractions=[0.9, 0.2, 0.1]"], "prepare.split_fractions"),  # noqa: E501
+    ],
+    ids=["train", "tune", "evaluate", "prepare"],
+)
+def test_cli_process_prints_one_line_no_traceback(
+    argv: list[str], key: str, tmp_path: Path
+) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  device: cpu\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "rima_core.cli", *argv, "--params", str(params)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert f"params.{key}:" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_shipped_params_and_profiles_are_valid() -> None:
+    load_config(None)
+    load_config(ROOT / "params.yaml")
+    for profile in sorted((ROOT / "configs").glob("*.yaml")):
+        load_config(ROOT / "params.yaml", profile)
+
+
+def test_config_from_dict_checks_values_too() -> None:
+    values = Config().to_dict()
+    values["train"]["batch_size"] = 0
+    with pytest.raises(ConfigError, match=r"^config\.train\.batch_size: "):
+        config_from_dict(values)
+
+
+def test_boundaries_that_are_allowed() -> None:
+    # zero where zero means "off", and the closed ends of the ranges
+    load_config(
+        None,
+        overrides=[
+            "tune.n_trials=0",
+            "train.patience=0",
+            "train.grad_clip=0",
+            "train.warmup_epochs=0",
+            "model.dropout=0",
+            "missing.rate=1.0",
+            "ot.loss_weight=0",
+            "tune.timeout_s=null",
+            "train.device=cuda:1",
+            "synth.class_weights=[1, 0, 2]",
+        ],
+    )
+
+
+def _numeric(tp: typing.Any) -> bool:
+    """int/float fields, lists of them and optional ones (bool is not numeric)."""
+    args = typing.get_args(tp)
+    if tp in (int, float):
+        return True
+    return any(_numeric(a) for a in args if a is not type(None))
+
+
+def test_every_numeric_key_has_a_rule_and_every_rule_a_key() -> None:
+    """A new numeric setting needs one line in config.RULES (its domain); a renamed one must
+    take its rule along."""
+    keys = set(Config().flat())
+    assert not set(RULES) - keys, f"rules for keys that do not exist: {set(RULES) - keys}"
+    missing = []
+    sections = typing.get_type_hints(Config)
+    for section in dataclasses.fields(Config):
+        cls = sections[section.name]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if _numeric(hints[f.name]) and f"{section.name}.{f.name}" not in RULES:
+                missing.append(f"{section.name}.{f.name}")
+    assert not missing, f"numeric keys without a value rule in config.RULES: {missing}"
+
+
+def test_name_lists_agree_with_their_sources() -> None:
+    """config keeps light copies of names owned by torch/sklearn modules; they must agree."""
+    import numpy as np
+
+    from rima_core.metrics import classification_metrics
+    from rima_core.models.encoders import FUNDUS_ENCODERS, OCT_ENCODERS
+    from rima_core.models.rima import OT_TARGETS as MODEL_OT_TARGETS
+
+    assert tuple(ENCODERS_2D) == tuple(FUNDUS_ENCODERS)
+    assert tuple(ENCODERS_3D) == tuple(OCT_ENCODERS)
+    assert tuple(OT_TARGETS) == tuple(MODEL_OT_TARGETS)
+    names = classification_metrics(np.arange(3), np.eye(3), ["a", "b", "c"])
+    plain = {k for k in names if "/" not in k and k != "n_samples"}
+    assert set(METRICS) == plain
