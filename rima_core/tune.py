@@ -326,6 +326,9 @@ def run_worker(job: _Job) -> None:
     logging.basicConfig(
         level=job.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from rima_core.redact import install_log_redaction
+
+    install_log_redaction()  # a spawned worker's own handlers: no password in its log lines
     if job.threads:
         import torch
 
