@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from rima_core.progress import progress as tqdm
 
 
 class EngineError(ValueError):

@@ -103,13 +103,11 @@ def train(
     """Train ``cfg.model.name`` (tuned values from ``best_params`` on top), in an MLflow run.
 
     The run gets the effective config as params, per-epoch metrics and the output files; its id
-    goes into ``train_summary.json`` so the register step can find it. ``track=False`` skips
+    goes into ``mlflow_run.json`` so the register step can find it. ``track=False`` skips
     MLflow entirely (quick local runs, tests).
     """
-    import json
-
-    from rima_core.atomic import write_text
     from rima_core.train import train as _train
+    from rima_core.train import write_summary
 
     if best_params is not None:
         cfg = apply_best_params(cfg, best_params)
@@ -124,8 +122,8 @@ def train(
         summary = _train(Path(store), Path(masks), out, cfg, resume=resume)
         if run_id is not None:
             _backfill_epochs(out / "history.csv", run.info.run_id)
-        summary["mlflow_run_id"] = run.info.run_id
-        write_text(out / "train_summary.json", json.dumps(summary, indent=2) + "\n")
+        summary["mlflow_run_id"] = run.info.run_id  # returned; on disk in mlflow_run.json
+        write_summary(out, summary)  # tracked files hold no run ids or times (dvc.lock)
         for name in ("model.pt", "history.csv", "train_summary.json"):
             tracking.log_artifacts(out / name, artifact_path="train")
     return summary
@@ -221,16 +219,12 @@ def evaluate(
 
     if not track:
         return _evaluate(Path(model), Path(store), Path(masks), Path(out_dir), cfg)
-    import json
-
     from rima_core import tracking
 
     tags = {}
-    train_summary = Path(model).parent / "train_summary.json"
-    if train_summary.exists():
-        run_id = json.loads(train_summary.read_text()).get("mlflow_run_id")
-        if run_id:
-            tags["train_run_id"] = run_id  # links the evaluation to the run that trained it
+    run_id = read_run_file(Path(model).parent)
+    if run_id:
+        tags["train_run_id"] = run_id  # links the evaluation to the run that trained it
     check_evaluate_inputs(model, store, masks, cfg)  # a bad input must not leave a FAILED run
     with tracking.start_run(cfg, "evaluate", store=store, tags=tags) as run:
         result = _evaluate(Path(model), Path(store), Path(masks), Path(out_dir), cfg)
@@ -318,16 +312,12 @@ def register(
 ) -> dict[str, Any]:
     """Register ``model_dir/model.pt`` as a new version of ``cfg.mlflow.model_name`` tagged with
     the evaluation ``metrics`` JSON, aliased ``challenger``; the summary also goes to ``out``."""
-    import json
-
     from rima_core.registry import register as _register
 
     tags = {}
-    summary = Path(model_dir) / "train_summary.json"
-    if summary.is_file():
-        run_id = json.loads(summary.read_text()).get("mlflow_run_id")
-        if run_id:
-            tags["train_run_id"] = run_id  # lineage: version -> the run that trained it
+    run_id = read_run_file(model_dir)
+    if run_id:
+        tags["train_run_id"] = run_id  # lineage: version -> the run that trained it
     result = _register(model_dir, metrics, cfg, store=store, tags=tags)
     _write_json(out, result)
     return result

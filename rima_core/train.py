@@ -10,8 +10,9 @@ Choices that matter for the science, not just the plumbing:
   ``(seed, epoch)`` every epoch, and a checkpoint holding every RNG stream, so a run killed after
   epoch k and resumed ends with the same weights and history as one that was never interrupted.
 
-Timing columns (``*_seconds``, ``ot_share``) are the only part of ``history.csv`` that differs
-between two identical runs.
+Outputs for identical inputs are identical files (DVC records their hashes): the timing columns
+(``*_seconds``, ``ot_share``) go to ``timings.csv`` rather than ``history.csv``, and the summary's
+wall-clock numbers to ``timings.json`` rather than ``train_summary.json``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from rima_core.atomic import atomic_file, write_text
 from rima_core.config import Config
@@ -48,6 +48,7 @@ from rima_core.engine import (
 )
 from rima_core.metrics import classification_metrics, is_better
 
+from rima_core.progress import progress as tqdm
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
@@ -156,7 +157,22 @@ def _save_torch(obj: Any, path: Path) -> None:
 
 def _write_history(history: list[dict[str, float]], path: Path) -> None:
     with atomic_file(path) as tmp:
-        pd.DataFrame(history).to_csv(tmp, index=False)
+        hist.drop(columns=timing).to_csv(tmp, index=False)
+    with atomic_file(path.parent / TIMINGS_FILE) as tmp:
+        hist[["epoch", *timing]].to_csv(tmp, index=False)
+
+
+def write_summary(out_dir: str | Path, summary: dict[str, Any]) -> None:
+    """``train_summary.json`` (the result), ``headline.json`` (DVC metrics) and
+    ``timings.json`` (this run's wall-clock times) into ``out_dir``."""
+    from rima_core.headline import HEADLINE_FILE, train_headline, write_headline
+
+    out_dir = Path(out_dir)
+    result = {k: v for k, v in summary.items() if k not in RUN_SUMMARY_KEYS}
+    run = {k: v for k, v in summary.items() if k in RUN_SUMMARY_KEYS and k != "mlflow_run_id"}
+    write_text(out_dir / RUN_TIMINGS_FILE, json.dumps(run, indent=2) + "\n")
+    write_headline(out_dir / HEADLINE_FILE, train_headline(summary))
+    write_text(out_dir / "train_summary.json", json.dumps(result, indent=2, allow_nan=False) + "\n")
 
 
 def _np_state_to_builtin(state: dict[str, Any]) -> dict[str, Any]:
@@ -195,7 +211,21 @@ class _EpochStats:
         }
 
 
+# Beside history.csv and train_summary.json: what differs between two identical runs (wall-clock
+# times, the MLflow run). Never DVC outputs, so a rerun with unchanged inputs leaves dvc.lock and
+# the committed files as they were.
+TIMINGS_FILE = "timings.csv"
+RUN_TIMINGS_FILE = "timings.json"
+# summary keys that describe this run rather than its result (they stay in the returned summary)
+RUN_SUMMARY_KEYS = frozenset(
+    {"mean_epoch_seconds", "ot_share", "run_seconds_this_session", "mlflow_run_id"}
+)
+
+
 def _train_one_epoch(
+    """``history.csv`` (deterministic) and the per-epoch timings in ``timings.csv`` beside it."""
+    hist = pd.DataFrame(history)
+    timing = [c for c in hist.columns if is_timing_column(c)]
     model: nn.Module,
     loader: Any,
     optimizer: torch.optim.Optimizer,
@@ -393,6 +423,7 @@ def train(
             seed=epoch_seed(tc.seed, epoch),
             pin_memory=pin,
         )
+        (out_dir / "headline.json").unlink(missing_ok=True)
         train_stats = _train_one_epoch(
             model,
             loader,
@@ -501,7 +532,7 @@ def train(
         "ot_share": float(timing["ot_seconds"].sum() / max(1e-12, timing["train_seconds"].sum())),
         "run_seconds_this_session": time.perf_counter() - t_run,
     }
-    write_text(summary_path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    write_summary(out_dir, summary)
     return summary
 
 

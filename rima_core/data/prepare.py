@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from rima_core.atomic import atomic_dir
 from rima_core.config import ConfigError, PrepareConfig
@@ -55,6 +54,7 @@ from rima_core.data.types import (
     set_read_limits,
     using_read_limits,
 )
+from rima_core.progress import progress as tqdm
 
 log = logging.getLogger(__name__)
 

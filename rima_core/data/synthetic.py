@@ -37,10 +37,10 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
-from tqdm import tqdm
 
 from rima_core.atomic import atomic_dir
 from rima_core.config import ConfigError, SynthConfig
+from rima_core.progress import progress as tqdm
 
 log = logging.getLogger(__name__)
 

@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from rima_core.atomic import write_text
 from rima_core.config import ValidateConfig
 from rima_core.data.store import Store, content_hash, open_store, update_tensor_hash
 from rima_core.data.types import SPLITS
+from rima_core.progress import progress as tqdm
 
 log = logging.getLogger(__name__)
 
