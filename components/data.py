@@ -9,20 +9,34 @@ versioned prefixes, or submit with caching off).
 from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Output
 
 
-def fetch_raw(config: Input[Artifact], data_source_uri: str, raw: Output[Dataset]):
-    """The run's raw data: ``data_source_uri`` (s3:// or a mounted path), or, when it is empty,
-    the embedded synthetic phantom (FairVision layout) generated from the config.
+def fetch_raw(
+    config: Input[Artifact],
+    data_source_uri: str,
+    data_dvc_repo: str,
+    data_dvc_rev: str,
+    raw: Output[Dataset],
+):
+    """The run's raw data, from the first of:
 
-    One task rather than ``dsl.If`` + ``dsl.OneOf`` over two producers: kfp.local cannot
-    resolve an artifact ``OneOf``, and the pipeline must run locally unchanged.
+    - ``data_dvc_repo`` (a Git URL of this project, ``data_dvc_rev`` a commit/tag/branch, empty =
+      its default branch): ``data.raw_dir`` at that revision from the project's DVC remote, the
+      same versioned data ``dvc repro`` reads there;
+    - ``data_source_uri`` (``s3://bucket/prefix`` or a path mounted into the pod);
+    - neither: the embedded synthetic phantom (FairVision layout) generated from the config.
+
+    One task rather than ``dsl.If`` + ``dsl.OneOf`` over producers: kfp.local cannot resolve an
+    artifact ``OneOf``, and the pipeline must run locally unchanged.
     """
     from rima_core import steps
-    from rima_core.kfp_support import artifact_metadata, fetch_tree, load_task_config
+    from rima_core.kfp_support import artifact_metadata, fetch_dvc, fetch_tree, load_task_config
 
-    if data_source_uri:
+    cfg = load_task_config(config.path)
+    if data_dvc_repo:
+        summary = fetch_dvc(data_dvc_repo, cfg.data.raw_dir, raw.path, rev=data_dvc_rev)
+    elif data_source_uri:
         summary = fetch_tree(data_source_uri, raw.path)
     else:
-        summary = {"uri": "synthetic", **steps.synth(raw.path, load_task_config(config.path))}
+        summary = {"uri": "synthetic", **steps.synth(raw.path, cfg)}
     raw.metadata.update(artifact_metadata(summary))
 
 

@@ -14,7 +14,8 @@ def register(
     store: Input[Dataset],
     registration: Output[Markdown],
 ) -> str:
-    """A new registry version (evaluation metrics as tags, alias ``challenger``); its number."""
+    """A new registry version (headline metrics as tags, alias ``challenger``); its number, or
+    "" when the registration gate (``promote.register_min_metric``) refused the model."""
     from pathlib import Path
 
     from rima_core import steps
@@ -26,8 +27,9 @@ def register(
         load_task_config(config.path),
         store=store.path,
     )
-    Path(registration.path).write_text(summary_markdown("Model registration", result))
-    return str(result["version"])
+    title = "Model registration" if result["registered"] else "Model NOT registered"
+    Path(registration.path).write_text(summary_markdown(title, result))
+    return str(result["version"]) if result["registered"] else ""
 
 
 def promote(config: Input[Artifact], version: str, decision: Output[Markdown]) -> bool:
@@ -35,14 +37,13 @@ def promote(config: Input[Artifact], version: str, decision: Output[Markdown]) -
     from pathlib import Path
 
     from rima_core import steps
-    from rima_core.kfp_support import load_task_config, summary_markdown
-    from rima_core.registry import format_table
+    from rima_core.kfp_support import load_task_config, promotion_markdown
 
     result = steps.promote(load_task_config(config.path))
-    text = summary_markdown(f"Promotion of version {result['challenger']}", result)
+    text = promotion_markdown(result)
     if str(result["challenger"]) != str(version):
         # another run registered a newer challenger between this run's register and promote
-        text += f"\n\n**Note:** this run registered version {version}; the decision above is "
+        text += f"\n**Note:** this run registered version {version}; the decision above is "
         text += f"about the newer challenger {result['challenger']}.\n"
-    Path(decision.path).write_text(f"{text}\n\n```\n{format_table(result)}\n```\n")
+    Path(decision.path).write_text(text)
     return bool(result["promoted"])

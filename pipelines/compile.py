@@ -52,6 +52,7 @@ def pipeline_arguments(
         "promote_scenario": cfg.promote.scenario,
         "promote_margin": cfg.promote.margin,
         "promote_tolerance": cfg.promote.tolerance,
+        "register_min_metric": _register_min_metric(cfg),
         "mlflow_tracking_uri": cfg.mlflow.tracking_uri,
         "mlflow_experiment": cfg.mlflow.experiment,
         "model_name": cfg.mlflow.model_name,
@@ -95,6 +96,44 @@ def check_no_credentials(values: dict[str, Any], secret_name: str) -> None:
     )
 
 
+def _register_min_metric(cfg: Config) -> float:
+    """The registration threshold as the pipeline's (numeric) parameter default."""
+    from rima_core.registry import register_threshold
+
+    threshold = register_threshold(cfg)
+    if threshold is None:
+        raise ConfigError(
+            f"promote.metric {cfg.promote.metric!r} has no known chance level: set "
+            "promote.register_min_metric for the pipeline's registration gate"
+        )
+    return threshold
+
+
+def pod_local_tracking_uri(uri: str) -> bool:
+    """True for a tracking URI that means a file inside each pod (``sqlite:``, ``file:``, a
+    path): every task would log to its own throwaway store and ``register`` would not find the
+    model ``train`` logged. A cluster needs an MLflow server (``http(s)://``) or a database."""
+    from urllib.parse import urlparse
+
+    if uri == "databricks" or uri.startswith("databricks://"):  # MLflow's hosted store
+        return False
+    return urlparse(uri).scheme in ("", "file", "sqlite")
+
+
+def check_cluster_tracking(uri: str, allow_local: bool = False) -> None:
+    """Refuse (or, with ``allow_local``, warn about) a pod-local MLflow tracking URI."""
+    if not pod_local_tracking_uri(uri):
+        return
+    message = (
+        f"mlflow.tracking_uri is {uri!r}, a file private to each pod: runs, the logged model and "
+        "the registry would vanish with the pods. Compile with the cluster's server, e.g. "
+        "--set mlflow.tracking_uri=http://mlflow.mlflow.svc:5000"
+    )
+    if not allow_local:
+        raise ConfigError(message + " (or --allow-local-mlflow for a shared volume)")
+    log.warning("%s; compiling anyway (--allow-local-mlflow)", message)
+
+
 def one_line_yaml(data: dict[str, Any]) -> str:
     """``data`` as single-line flow YAML.
 
@@ -114,10 +153,16 @@ def compile_pipeline(
     profile: str | Path | None = None,
     overrides: list[str] | None = None,
     options: ClusterOptions | None = None,
+    allow_local_mlflow: bool = False,
 ) -> Path:
-    """Write the pipeline package (IR YAML) to ``out`` atomically and return its path."""
+    """Write the pipeline package (IR YAML) to ``out`` atomically and return its path.
+
+    A package is for a cluster, so a pod-local MLflow store is refused unless
+    ``allow_local_mlflow`` (:func:`check_cluster_tracking`); ``run-local`` does not compile.
+    """
     out = Path(out)
     arguments = pipeline_arguments(params, profile, overrides)
+    check_cluster_tracking(arguments["mlflow_tracking_uri"], allow_local_mlflow)
     opts = options or ClusterOptions()
     cfg = load_config(params, profile, overrides)
     check_no_credentials(cfg.to_dict(), opts.secret_name)  # names the config key

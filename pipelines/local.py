@@ -40,6 +40,14 @@ def _init_sqlite_stores(cfg: Config) -> None:
         make_storage(cfg.tune.storage)
 
 
+LOCAL_SUFFIX = "-local"
+
+
+def local_model_name(name: str) -> str:
+    """The registered model a local run writes to: ``<name>-local``."""
+    return name if name.endswith(LOCAL_SUFFIX) else name + LOCAL_SUFFIX
+
+
 def run_local(
     params: str | Path | None = "params.yaml",
     profile: str | Path | None = None,
@@ -50,14 +58,19 @@ def run_local(
     """Run the whole pipeline locally; returns the output artifacts' paths and the wall time.
 
     ``argument_pairs`` (``name=value``, typed and checked exactly as for ``submit``) override
-    pipeline parameters, on top of the values resolved from params/profile/overrides. A failing
+    pipeline parameters, on top of the values resolved from params/profile/overrides. The model
+    is registered as ``<model_name>-local`` unless ``model_name=`` is given there. A failing
     task raises ``RuntimeError`` (kfp.local's ``raise_on_error``) naming the task.
     """
     from kfp import local
 
     args = pipeline_arguments(params, profile, overrides)
-    if argument_pairs:
-        args.update(parse_arguments(argument_pairs, parameter_types()))
+    explicit = parse_arguments(argument_pairs, parameter_types()) if argument_pairs else {}
+    if "model_name" not in explicit:
+        # a local run is a test of the pipeline: it never registers into (or moves the
+        # @challenger of) the production model
+        args["model_name"] = local_model_name(args["model_name"])
+    args.update(explicit)
     cfg = load_config(params, profile, overrides)
     cfg.mlflow.tracking_uri = args["mlflow_tracking_uri"]
     cfg.mlflow.experiment = args["mlflow_experiment"]

@@ -16,14 +16,14 @@ No ``from __future__ import annotations`` here: KFP reads the pipeline function'
 real types.
 """
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from kfp import dsl, kubernetes
 from kfp.dsl import Artifact, Model
 
-from components import Components, build_components
+from components import STEP_FUNCTIONS, Components, build_components
 from rima_core.config import Config
 from rima_core.kfp_support import OPTUNA_STORAGE_ENV
 
@@ -78,6 +78,71 @@ class Toleration:
 
 
 @dataclass(frozen=True)
+class TaskResources:
+    """CPU/memory of one task's container, in Kubernetes quantities (``"500m"``, ``"2"``,
+    ``"8Gi"``). Requests are what the scheduler reserves; limits (None: none) cap the pod."""
+
+    cpu: str | None = None
+    memory: str | None = None
+    cpu_limit: str | None = None
+    memory_limit: str | None = None
+
+    _KEYS = ("cpu", "memory", "cpu_limit", "memory_limit")
+
+    @classmethod
+    def parse(cls, text: str) -> tuple[str, dict[str, str]]:
+        """``STEP:cpu=2,memory=8Gi[,cpu_limit=4,memory_limit=16Gi]`` -> (step, changes)."""
+        step, sep, body = text.partition(":")
+        if not sep or not step or not body:
+            raise ValueError(f"task resources {text!r}: expected STEP:cpu=2,memory=8Gi,...")
+        if step not in STEP_FUNCTIONS:
+            raise ValueError(f"task resources {text!r}: no step {step!r}; steps: {STEP_NAMES}")
+        changes = {}
+        for pair in body.split(","):
+            key, eq, value = pair.strip().partition("=")
+            if not eq or key not in cls._KEYS or not value:
+                raise ValueError(f"task resources {text!r}: {pair!r} is not one of {cls._KEYS}=V")
+            changes[key] = value
+        return step, changes
+
+
+STEP_NAMES = tuple(STEP_FUNCTIONS)
+
+# Requests for every task, by step (the keys are exactly the steps of components.STEP_FUNCTIONS,
+# checked at import below). Sized for the tiny/synthetic profiles' data and the paper's models on
+# one GPU; override per step with ClusterOptions.resources or `--task-resources`.
+DEFAULT_RESOURCES: dict[str, TaskResources] = {
+    "resolve_config": TaskResources("100m", "256Mi", None, "512Mi"),
+    "fetch_raw": TaskResources("1", "2Gi", None, "4Gi"),
+    "prepare": TaskResources("2", "4Gi", None, "8Gi"),
+    "validate": TaskResources("1", "4Gi", None, "8Gi"),
+    "simulate_missing": TaskResources("500m", "1Gi", None, "2Gi"),
+    "tune_worker": TaskResources("4", "16Gi", None, "32Gi"),
+    "tune_best": TaskResources("1", "2Gi", None, "4Gi"),
+    "train": TaskResources("4", "16Gi", None, "32Gi"),
+    "evaluate": TaskResources("2", "8Gi", None, "16Gi"),
+    "register": TaskResources("1", "4Gi", None, "8Gi"),
+    "promote": TaskResources("500m", "1Gi", None, "2Gi"),
+}
+if set(DEFAULT_RESOURCES) != set(STEP_FUNCTIONS):  # one table of steps: fail at import
+    raise RuntimeError(
+        "DEFAULT_RESOURCES and components.STEP_FUNCTIONS disagree: "
+        f"{sorted(set(DEFAULT_RESOURCES) ^ set(STEP_FUNCTIONS))}"
+    )
+
+
+def with_resources(
+    base: Mapping[str, TaskResources], overrides: list[str]
+) -> dict[str, TaskResources]:
+    """``base`` with ``STEP:key=value,...`` overrides applied (see :meth:`TaskResources.parse`)."""
+    out = dict(base)
+    for text in overrides:
+        step, changes = TaskResources.parse(text)
+        out[step] = replace(out.get(step, TaskResources()), **changes)
+    return out
+
+
+@dataclass(frozen=True)
 class ClusterOptions:
     """Compile-time cluster settings (see the module docstring for why they are not parameters).
 
@@ -91,10 +156,16 @@ class ClusterOptions:
     gpu_count: int = 1
     gpu_tolerations: tuple[Toleration, ...] = (Toleration("nvidia.com/gpu"),)
     gpu_node_selector: dict[str, str] = field(default_factory=dict)
-    gpu_cpu_request: str | None = None  # e.g. "4"
+    gpu_cpu_request: str | None = None  # e.g. "4": overrides `resources` for the GPU tasks
     gpu_memory_request: str | None = None  # e.g. "16Gi"
     tune_parallelism: int | None = None  # cap on simultaneous tune workers; None = all at once
     retries: int = 3
+    resources: Mapping[str, TaskResources] = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
+
+    def __post_init__(self) -> None:
+        unknown = set(self.resources) - set(STEP_FUNCTIONS)
+        if unknown:
+            raise ValueError(f"resources for unknown step(s) {sorted(unknown)}: {STEP_NAMES}")
 
     @property
     def uses_gpu(self) -> bool:
@@ -111,10 +182,50 @@ def _on_gpu(task: dsl.PipelineTask, opts: ClusterOptions) -> None:
         )
     for key, value in sorted(opts.gpu_node_selector.items()):
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
-    if opts.gpu_cpu_request:
-        task.set_cpu_request(opts.gpu_cpu_request)
-    if opts.gpu_memory_request:
-        task.set_memory_request(opts.gpu_memory_request)
+
+
+_UNITS = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+_UNITS.update({"Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30, "Ti": 2.0**40})
+
+
+def quantity(text: str) -> float:
+    """A Kubernetes quantity (``500m``, ``2``, ``8Gi``, ``1G``) as a number, for comparisons."""
+    for suffix in sorted(_UNITS, key=len, reverse=True):
+        if text.endswith(suffix):
+            number, scale = text[: -len(suffix)], _UNITS[suffix]
+            break
+    else:
+        number, scale = text, 1.0
+    try:
+        return float(number) * scale
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a Kubernetes quantity (e.g. 500m, 2, 8Gi)") from exc
+
+
+def _set_resources(task: dsl.PipelineTask, step: str, opts: ClusterOptions) -> None:
+    """CPU/memory requests and limits of ``step`` (GPU tasks: ``gpu_*_request`` win).
+
+    A request above its limit would be rejected by the cluster when the pod starts; it is an
+    error here, at compile time, naming the step.
+    """
+    res = opts.resources.get(step, TaskResources())
+    cpu, memory = res.cpu, res.memory
+    if step in GPU_TASKS and opts.uses_gpu:
+        cpu, memory = opts.gpu_cpu_request or cpu, opts.gpu_memory_request or memory
+    for what, request, limit in (("cpu", cpu, res.cpu_limit), ("memory", memory, res.memory_limit)):
+        if request and limit and quantity(request) > quantity(limit):
+            raise ValueError(
+                f"step {step}: {what} request {request} exceeds its limit {limit} "
+                f"(raise it with --task-resources {step}:{what}_limit=...)"
+            )
+    if cpu:
+        task.set_cpu_request(cpu)
+    if memory:
+        task.set_memory_request(memory)
+    if res.cpu_limit:
+        task.set_cpu_limit(res.cpu_limit)
+    if res.memory_limit:
+        task.set_memory_limit(res.memory_limit)
 
 
 def _configure(task: dsl.PipelineTask, step: str, opts: ClusterOptions) -> dsl.PipelineTask:
@@ -131,6 +242,7 @@ def _configure(task: dsl.PipelineTask, step: str, opts: ClusterOptions) -> dsl.P
         )
     if step in GPU_TASKS:
         _on_gpu(task, opts)
+    _set_resources(task, step, opts)
     return task
 
 
@@ -161,6 +273,8 @@ def build_pipeline(options: ClusterOptions | None = None) -> Callable[..., Any]:
         promote_margin: float = d.promote.margin,
         promote_tolerance: float = d.promote.tolerance,
         register_min_metric: float = 0.0,
+        data_dvc_repo: str = "",
+        data_dvc_rev: str = "",
         auto_promote: bool = True,
         mlflow_tracking_uri: str = d.mlflow.tracking_uri,
         mlflow_experiment: str = d.mlflow.experiment,
@@ -181,6 +295,7 @@ def build_pipeline(options: ClusterOptions | None = None) -> Callable[..., Any]:
                 promote_scenario=promote_scenario,
                 promote_margin=promote_margin,
                 promote_tolerance=promote_tolerance,
+                register_min_metric=register_min_metric,
                 mlflow_tracking_uri=mlflow_tracking_uri,
                 mlflow_experiment=mlflow_experiment,
                 model_name=model_name,
@@ -191,7 +306,14 @@ def build_pipeline(options: ClusterOptions | None = None) -> Callable[..., Any]:
         config = resolved.outputs["config"]
 
         raw = _configure(
-            c.fetch_raw(config=config, data_source_uri=data_source_uri), "fetch_raw", opts
+            c.fetch_raw(
+                config=config,
+                data_source_uri=data_source_uri,
+                data_dvc_repo=data_dvc_repo,
+                data_dvc_rev=data_dvc_rev,
+            ),
+            "fetch_raw",
+            opts,
         )
         prepare = _configure(c.prepare(config=config, raw=raw.outputs["raw"]), "prepare", opts)
         store = prepare.outputs["store"]
@@ -240,18 +362,22 @@ def build_pipeline(options: ClusterOptions | None = None) -> Callable[..., Any]:
             c.evaluate(config=config, model=model, store=store, masks=masks), "evaluate", opts
         )
 
-        with dsl.If(evaluate.outputs["Output"] >= register_min_metric, name="good-enough"):
-            register = _configure(
-                c.register(
-                    config=config, model=model, results=evaluate.outputs["results"], store=store
-                ),
-                "register",
-                opts,
+        # register applies the gate itself (promote.register_min_metric, direction-aware) and
+        # says why in its Markdown; it returns "" when the model was not registered
+        register = _configure(
+            c.register(
+                config=config, model=model, results=evaluate.outputs["results"], store=store
+            ),
+            "register",
+            opts,
+        )
+        with (
+            dsl.If(register.outputs["Output"] != "", name="registered"),
+            dsl.If(auto_promote == True, name="auto-promote"),  # noqa: E712 (DSL condition)
+        ):
+            _configure(
+                c.promote(config=config, version=register.outputs["Output"]), "promote", opts
             )
-            with dsl.If(auto_promote == True, name="auto-promote"):  # noqa: E712 (DSL condition)
-                _configure(
-                    c.promote(config=config, version=register.outputs["Output"]), "promote", opts
-                )
 
         return RimaOutputs(model=model, evaluation=evaluate.outputs["results"])
 

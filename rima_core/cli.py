@@ -350,7 +350,15 @@ def _cluster_options(args: argparse.Namespace) -> Any:
         gpu_cpu_request=args.gpu_cpu,
         gpu_memory_request=args.gpu_memory,
         tune_parallelism=args.tune_parallelism,
+        resources=_task_resources(rp, args.task_resources),
     )
+
+
+def _task_resources(rp: Any, overrides: list[str]) -> Any:
+    try:
+        return rp.with_resources(rp.DEFAULT_RESOURCES, overrides)
+    except ValueError as exc:
+        raise StepFailed(str(exc)) from exc
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> Any:
@@ -358,7 +366,12 @@ def _cmd_pipeline(args: argparse.Namespace) -> Any:
         if args.pipeline_command == "compile":
             compile_mod = _import_pipelines("compile")
             out = compile_mod.compile_pipeline(
-                args.out, args.params, args.profile, args.overrides, _cluster_options(args)
+                args.out,
+                args.params,
+                args.profile,
+                args.overrides,
+                _cluster_options(args),
+                allow_local_mlflow=args.allow_local_mlflow,
             )
             return {"package": str(out)}
         if args.pipeline_command == "submit":
@@ -412,6 +425,18 @@ def _add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-cpu", default=None, help="CPU request of GPU tasks, e.g. 8")
     p.add_argument("--gpu-memory", default=None, help="memory request of GPU tasks, e.g. 32Gi")
     p.add_argument("--tune-parallelism", type=int, default=None, help="max concurrent workers")
+    p.add_argument(
+        "--task-resources",
+        action="append",
+        default=[],
+        metavar="STEP:cpu=C,memory=M[,cpu_limit=C,memory_limit=M]",
+        help="CPU/memory of one step's task (repeatable), e.g. train:cpu=8,memory=32Gi",
+    )
+    p.add_argument(
+        "--allow-local-mlflow",
+        action="store_true",
+        help="compile with a sqlite:/file: tracking URI (only for a volume all pods share)",
+    )
     p.set_defaults(func=_cmd_pipeline)
 
     p = pipe_sub.add_parser("submit", help="start a run on Kubeflow Pipelines (kfp.Client)")

@@ -179,6 +179,13 @@ class PromoteConfig:
     scenario: str = "mixed"
     margin: float = 0.0
     tolerance: float = 0.02
+    # also require the paired-bootstrap interval of the primary improvement (validation eyes)
+    # to exclude 0; needs both versions registered with their validation predictions
+    require_significant: bool = False
+    # a model is registered only if `metric` under `scenario` beats this (higher-is-better
+    # metrics: strictly above; ece/nll: strictly below); null = the metric's chance level
+    # (qwk/kappa 0, auc 0.5), so a useless model never reaches the registry
+    register_min_metric: float | None = None
 
 
 @dataclass

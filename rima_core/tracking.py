@@ -36,6 +36,15 @@ TAG_STEP = "step"
 TAG_GIT_COMMIT = "git_commit"
 TAG_GIT_DIRTY = "git_dirty"
 TAG_DATA_HASH = "data_hash"
+# MLflow's own tag for the commit (the UI shows it on the run page and links the source).
+TAG_MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
+# Experiment tag the MLflow 3 UI reads to pick its view: without it a new experiment may open in
+# the GenAI (traces) view; "custom_model_development" is the classic runs/models view. The value
+# is the UI's ``ExperimentKind.CUSTOM_MODEL_DEVELOPMENT`` (mlflow/server/js, MLflow 3.x).
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# Name of the artifact folder beside a SQLite database (see default_artifact_location).
+ARTIFACT_DIR = "mlartifacts"
 
 
 # Variables MLflow writes into ``os.environ`` on its own (``set_tracking_uri`` copies the URI into
@@ -77,11 +86,77 @@ def default_artifact_location(cfg: MlflowConfig, uri: str) -> str | None:
     """
     if cfg.artifact_location:
         return cfg.artifact_location
-    prefix = "sqlite:///"
-    if uri.startswith(prefix):
-        db = Path(uri[len(prefix) :])
-        return (db.resolve().parent / "mlartifacts").as_uri()
+    db = sqlite_path(uri)
+    if db is not None:
+        return (db.resolve().parent / ARTIFACT_DIR).as_uri()
     return None
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (relative to the cwd), else None."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and uri != prefix + ":memory:":
+        return Path(uri[len(prefix) :])
+    return None
+
+
+# Where MLflow keeps absolute artifact URIs in a tracking/registry database: (table, column).
+_LOCATION_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "source"),
+    ("model_versions", "storage_location"),
+)
+
+
+def relocate_artifacts(uri: str) -> dict[str, str]:
+    """Make a moved or copied workspace's SQLite store point at its own ``mlartifacts/``.
+
+    MLflow stores every artifact location as an absolute ``file://`` URI (it resolves relative
+    paths against the cwd when an experiment is created; there is no relative form), so a copy
+    of a workspace would keep reading and writing the original folder's artifacts. The default
+    layout is "artifacts beside the database" (:func:`default_artifact_location`); when the
+    database's recorded root is a ``.../mlartifacts`` folder other than the one beside it, the
+    database was moved with its artifacts: rewrite that prefix, in one transaction, in every
+    location column. Explicit ``artifact_location`` settings (any other folder name, ``s3://``)
+    are never touched. Returns ``{old_root: new_root}`` for what was rewritten.
+    """
+    import sqlite3
+
+    db = sqlite_path(uri)
+    if db is None or not db.is_file():
+        return {}
+    new_root = (db.resolve().parent / ARTIFACT_DIR).as_uri()
+    moved: dict[str, str] = {}
+    con = sqlite3.connect(db, timeout=60)
+    try:
+        try:
+            rows = con.execute("SELECT DISTINCT artifact_location FROM experiments").fetchall()
+        except sqlite3.OperationalError:  # a database MLflow has not initialised yet
+            return {}
+        for (location,) in rows:
+            if not location or not location.startswith("file://"):
+                continue
+            root = location.rstrip("/")
+            if root.rsplit("/", 1)[-1] == ARTIFACT_DIR and root != new_root:
+                moved[root] = new_root
+        if not moved:
+            return {}
+        with con:  # one transaction: a half-rewritten store never exists
+            con.execute("BEGIN IMMEDIATE")
+            for old, new in moved.items():
+                for table, column in _LOCATION_COLUMNS:
+                    con.execute(
+                        f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                        f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                        (new, len(old) + 1, old, len(old) + 1, old + "/"),
+                    )
+    finally:
+        con.close()
+    for old, new in moved.items():
+        log.warning("%s was moved or copied: its artifact root %s now points at %s", db, old, new)
+    return moved
 
 
 def use_store(cfg: MlflowConfig) -> str:
@@ -91,6 +166,13 @@ def use_store(cfg: MlflowConfig) -> str:
     import mlflow
 
     uri = tracking_uri(cfg)
+    db = sqlite_path(uri)
+    if db is not None and not db.is_absolute():
+        # MLflow caches one store per URI string and SQLAlchemy keeps its connections open, so a
+        # relative URI would keep using the first directory's database after a chdir
+        uri = f"sqlite:///{db.resolve()}"
+    if not cfg.artifact_location:
+        relocate_artifacts(uri)
     with _environment_kept():
         mlflow.set_tracking_uri(uri)
     return uri
@@ -114,7 +196,11 @@ def configure(cfg: MlflowConfig) -> str:
     if exp is None:
         location = default_artifact_location(cfg, uri)
         try:
-            exp_id = client.create_experiment(cfg.experiment, artifact_location=location)
+            exp_id = client.create_experiment(
+                cfg.experiment,
+                artifact_location=location,
+                tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND},
+            )
         except MlflowException as exc:  # another process created it first
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
                 raise
@@ -126,6 +212,8 @@ def configure(cfg: MlflowConfig) -> str:
         )
     else:
         exp_id = exp.experiment_id
+        if TAG_EXPERIMENT_KIND not in exp.tags:  # experiments created before the tag existed
+            client.set_experiment_tag(exp_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
         if cfg.artifact_location and exp.artifact_location != cfg.artifact_location:
             log.warning(
                 "experiment %r keeps its artifacts at %s, not %s (an experiment's artifact "
@@ -139,26 +227,92 @@ def configure(cfg: MlflowConfig) -> str:
     return exp_id
 
 
-def _git(*args: str) -> str | None:
-    here = Path(__file__).resolve().parent
+def _git(*args: str, cwd: Path | None = None) -> str | None:
+    """git's output (leading spaces kept: they are part of ``status --porcelain``), or None."""
+    here = cwd or Path(__file__).resolve().parent
     try:
         out = subprocess.run(
             ["git", *args], cwd=here, capture_output=True, text=True, timeout=10, check=True
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip()
+    return out.stdout.rstrip()
 
 
-def git_tags() -> dict[str, str]:
+# Modified tracked files that are not code: DVC writes them while `dvc repro`/`dvc exp run` runs
+# (the lock file, `.dvc` files, committed metrics/plots outputs) or they are the experiment's
+# parameters, which every run already records as MLflow params. They must not mark a run dirty.
+_NOT_CODE_FILES = ("dvc.lock", "params.yaml", ".dvcignore")
+
+
+def _dvc_outputs(root: Path) -> set[str]:
+    """Paths ``dvc.yaml`` declares as stage outputs (outs/metrics/plots), relative to ``root``."""
+    import yaml
+
+    try:
+        data = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return set()
+    out: set[str] = set()
+    for stage in (data.get("stages") or {}).values():
+        if not isinstance(stage, dict):
+            continue
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind) or []:
+                path = next(iter(entry)) if isinstance(entry, dict) else entry
+                if isinstance(path, str) and "${" not in path:
+                    out.add(path.strip("/"))
+    return out
+
+
+def dirty_code_files(root: Path, porcelain: str) -> list[str]:
+    """The modified tracked files of ``git status --porcelain`` that are code.
+
+    Untracked and ignored files never count (run outputs); neither do the files DVC itself
+    writes or manages (``dvc.lock``, ``*.dvc``, ``.dvc/``, declared stage outputs) nor the
+    parameter file (recorded as params). What is left is uncommitted code or configuration.
+    """
+    outputs = _dvc_outputs(root)
+    dirty = []
+    for line in porcelain.splitlines():
+        if len(line) < 4 or line.startswith("??") or line.startswith("!!"):
+            continue
+        path = line[3:].split(" -> ")[-1].strip().strip('"')
+        if (
+            path in _NOT_CODE_FILES
+            or path.endswith(".dvc")
+            or path.startswith(".dvc/")
+            or any(path == o or path.startswith(o + "/") for o in outputs)
+        ):
+            continue
+        dirty.append(path)
+    return dirty
+
+
+def git_tags(cwd: Path | None = None) -> dict[str, str]:
     """Commit of the code that ran: from git when installed from a checkout, else from
-    ``RIMA_GIT_COMMIT`` (baked into the component image at build time). Empty when unknown."""
-    commit = _git("rev-parse", "HEAD")
+    ``RIMA_GIT_COMMIT`` (baked into the component image at build time). Empty when unknown.
+
+    Written twice: ``git_commit`` (the project's key, read by the registry) and MLflow's own
+    ``mlflow.source.git.commit``. ``git_dirty`` is true only for uncommitted *code* (see
+    :func:`dirty_code_files`), so every ``dvc repro`` run is not flagged dirty by DVC's own files.
+    ``cwd``: the checkout to describe (default: the one this package is imported from).
+    """
+    commit = _git("rev-parse", "HEAD", cwd=cwd)
     if commit:
-        status = _git("status", "--porcelain", "--untracked-files=no")
-        return {TAG_GIT_COMMIT: commit, TAG_GIT_DIRTY: str(bool(status)).lower()}
+        top = _git("rev-parse", "--show-toplevel", cwd=cwd)
+        status = _git("status", "--porcelain", "--untracked-files=no", cwd=cwd) or ""
+        dirty = dirty_code_files(Path(top), status) if top else status.splitlines()
+        if dirty:
+            log.info("uncommitted code: %s", ", ".join(dirty[:10]))
+        return {
+            TAG_GIT_COMMIT: commit,
+            TAG_MLFLOW_GIT_COMMIT: commit,
+            TAG_GIT_DIRTY: str(bool(dirty)).lower(),
+        }
     if os.environ.get("RIMA_GIT_COMMIT"):
-        return {TAG_GIT_COMMIT: os.environ["RIMA_GIT_COMMIT"]}
+        commit = os.environ["RIMA_GIT_COMMIT"]
+        return {TAG_GIT_COMMIT: commit, TAG_MLFLOW_GIT_COMMIT: commit}
     return {}
 
 
@@ -176,6 +330,40 @@ def manifest_hash(store: str | Path) -> str | None:
     except (OSError, KeyError, ValueError) as exc:
         log.warning("no content hash in %s (%s); the run is not tagged with data", path, exc)
         return None
+
+
+def log_dataset(store: str | Path, context: str) -> str | None:
+    """Record the store as the active run's input dataset (MLflow's Datasets panel).
+
+    The dataset is the manifest (one row per eye: id, label, split, modalities), named after the
+    store folder, with the store's content hash as its digest (so two runs on the same data show
+    the same dataset) and the store path as its source. ``context`` is ``training``,
+    ``evaluation``, ... Returns the digest, or None when the store has no readable manifest (the
+    run is then not linked to data; :func:`manifest_hash` has logged why).
+    """
+    mlflow = _active()
+    digest = manifest_hash(store)
+    if mlflow is None or digest is None:
+        return None
+    import warnings
+
+    import mlflow.data
+    import pandas as pd
+
+    path = Path(store)
+    manifest = pd.read_parquet(path / "manifest.parquet")
+    with warnings.catch_warnings():
+        # a local path matches two of MLflow's equivalent local-file source types; it says so
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
+        dataset = mlflow.data.from_pandas(
+            manifest,
+            source=str(path.resolve()),
+            targets="label" if "label" in manifest.columns else None,
+            name=path.name,
+            digest=digest[:36],  # MLflow's digest column holds 36 characters
+        )
+    mlflow.log_input(dataset, context=context)
+    return digest
 
 
 def _params(cfg: Config) -> dict[str, str]:
@@ -203,12 +391,15 @@ def start_run(
     data_hash: str | None = None,
     log_params: bool = True,
     run_id: str | None = None,
+    dataset_context: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """One MLflow run for one pipeline step, with the project's params and tags.
 
     ``store`` (a store directory) or ``data_hash`` tags the run with the data it read. When a run
     is already active (a step called from inside another step's run), the new run is nested under
-    it rather than failing. An exception inside the block marks the run FAILED.
+    it rather than failing. An exception inside the block marks the run FAILED. With
+    ``dataset_context`` (``training``, ``evaluation``) the store is also the run's input dataset
+    (:func:`log_dataset`).
 
     ``run_id`` reopens that run instead of starting one (a resumed training continues its own
     run, so its history stays whole; check it with :func:`reopenable` first). Its params are
@@ -234,6 +425,8 @@ def start_run(
             _log_params_on_resume(run.info.run_id, _params(cfg))
         elif log_params:
             mlflow.log_params(_params(cfg))
+        if store is not None and dataset_context:
+            log_dataset(store, dataset_context)
         log.info(
             "MLflow run %s (%s%s) in %s",
             run.info.run_id,

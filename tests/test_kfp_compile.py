@@ -16,11 +16,15 @@ from components.image import DEFAULT_IMAGE, IMAGE_ENV
 from pipelines.compile import compile_pipeline, pipeline_arguments
 from pipelines.rima_pipeline import (
     CACHED_TASKS,
+    DEFAULT_RESOURCES,
     GPU_TASKS,
     RETRIED_TASKS,
     SECRET_ENV_KEYS,
     ClusterOptions,
+    TaskResources,
     Toleration,
+    quantity,
+    with_resources,
 )
 from pipelines.submit import build_submission, package_parameters, parse_arguments
 from rima_core.cli import main
@@ -118,16 +122,18 @@ def test_dag_edges(compiled: dict[str, Any]) -> None:
     assert loop_name in deps("tune-best")
     assert {"tune-best", "simulate-missing", "prepare"} <= deps("train")
     assert "train" in deps("evaluate")
-    gate = next(t for t in tasks.values() if t["taskInfo"]["name"] == "good-enough")
-    assert "evaluate" in gate["dependentTasks"]
+    assert {"evaluate", "train"} <= deps("register")
+    # register applies promote.register_min_metric itself; promote only after a registration
+    gate = next(t for t in tasks.values() if t["taskInfo"]["name"] == "registered")
+    assert "register" in gate["dependentTasks"]
     condition = gate["triggerPolicy"]["condition"]
-    assert "pipelinechannel--evaluate-Output" in condition and ">=" in condition
-    assert "register_min_metric" in condition
+    assert "pipelinechannel--register-Output" in condition and "!=" in condition
     gate_dag = compiled["spec"]["components"][gate["componentRef"]["name"]]["dag"]["tasks"]
-    assert "register" in gate_dag  # registration only behind the gate
     promote_gate = next(t for t in gate_dag.values() if t["taskInfo"]["name"] == "auto-promote")
     assert "auto_promote" in promote_gate["triggerPolicy"]["condition"]
-    assert "register" in promote_gate["dependentTasks"]  # promote waits for its version
+    # promote waits for its version: the enclosing "registered" condition depends on register
+    promote_dag = compiled["spec"]["components"][promote_gate["componentRef"]["name"]]["dag"]
+    assert "promote" in promote_dag["tasks"]
     version = tasks["promote"]["inputs"]["parameters"]["version"]
     assert version["componentInputParameter"] == "pipelinechannel--register-Output"
 
@@ -219,7 +225,10 @@ def test_cpu_only_compile_has_no_accelerators(tmp_path: Path) -> None:
     # an explicitly named params file must exist: exit 2 with a message, no package
     assert main(["pipeline", "compile", "--params", "none.yaml", "--out", str(out)]) == 2
     assert not out.exists()
-    assert main(["pipeline", "compile", "--out", str(out), "--no-gpu", "--image", IMAGE]) == 0
+    argv = ["pipeline", "compile", "--out", str(out), "--no-gpu", "--image", IMAGE]
+    # the checkout's params.yaml logs to sqlite:///mlflow.db: private to each pod, refused
+    assert main(argv) == 2 and not out.exists()
+    assert main([*argv, "--set", "mlflow.tracking_uri=http://mlflow.svc:5000"]) == 0
     spec, platform = _load(out)
     for name, ex in spec["deploymentSpec"]["executors"].items():
         assert "accelerator" not in ex["container"].get("resources", {}), name
@@ -229,6 +238,7 @@ def test_cpu_only_compile_has_no_accelerators(tmp_path: Path) -> None:
 def test_cli_compile_options(tmp_path: Path) -> None:
     out = tmp_path / "p.yaml"
     argv = ["pipeline", "compile", "--out", str(out), "--image", IMAGE, "--gpus", "4"]
+    argv += ["--allow-local-mlflow"]  # a shared volume: warned, compiled
     argv += ["--gpu-toleration", "pool=gpu:NoExecute", "--gpu-node-selector", "pool=a100"]
     assert main(argv) == 0
     spec, platform = _load(out)
@@ -328,3 +338,62 @@ def test_submit_cli_fails_clearly_before_any_network_call(tmp_path: Path) -> Non
     assert main(["pipeline", "submit", "--package", str(not_a_package), "--experiment", "e"]) == 2
     with pytest.raises(SystemExit):  # argparse: --experiment is required
         main(["pipeline", "submit", "--package", str(not_a_package)])
+
+
+# --- resources, tracking URI ------------------------------------------------------------------
+
+
+def test_every_task_has_cpu_and_memory(compiled: dict[str, Any]) -> None:
+    """One table of steps: DEFAULT_RESOURCES covers exactly the steps, and every compiled task
+    carries requests and a memory limit (GPU tasks too, with the GPU override applied)."""
+    assert set(DEFAULT_RESOURCES) == set(STEP_FUNCTIONS)
+    executors = compiled["spec"]["deploymentSpec"]["executors"]
+    for step, res in DEFAULT_RESOURCES.items():
+        got = executors[f"exec-{step.replace('_', '-')}"]["container"]["resources"]
+        assert got["resourceCpuRequest"] == res.cpu, step
+        assert got["resourceMemoryLimit"] == res.memory_limit, step
+        want_memory = "32Gi" if step in GPU_TASKS else res.memory  # the fixture's --gpu-memory
+        assert got["resourceMemoryRequest"] == want_memory, step
+
+
+def test_task_resources_overrides_and_checks(tmp_path: Path) -> None:
+    assert quantity("500m") == 0.5 and quantity("2Gi") == 2 * 2**30 and quantity("1G") == 1e9
+    table = with_resources(DEFAULT_RESOURCES, ["train:cpu=8,memory=40Gi,memory_limit=64Gi"])
+    assert table["train"] == TaskResources("8", "40Gi", None, "64Gi")
+    assert table["prepare"] == DEFAULT_RESOURCES["prepare"]
+    for bad, match in [
+        ("trian:cpu=1", "no step 'trian'"),
+        ("train:gpu=1", "is not one of"),
+        ("train", "expected STEP:"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            with_resources(DEFAULT_RESOURCES, [bad])
+    with pytest.raises(ValueError, match="unknown step"):
+        ClusterOptions(resources={"nope": TaskResources("1")})
+
+    out = tmp_path / "r.yaml"
+    argv = ["pipeline", "compile", "--out", str(out), "--image", IMAGE, "--no-gpu"]
+    argv += ["--set", "mlflow.tracking_uri=https://mlflow.example.org"]
+    assert main([*argv, "--task-resources", "evaluate:cpu=3,cpu_limit=6,memory=12Gi"]) == 0
+    spec, _ = _load(out)
+    res = spec["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["resources"]
+    assert res["resourceCpuRequest"] == "3" and res["resourceCpuLimit"] == "6"
+    assert res["resourceMemoryRequest"] == "12Gi"
+    # a request above its limit would only fail when the pod starts: refused at compile time
+    out.unlink()
+    assert main([*argv, "--task-resources", "evaluate:memory=64Gi"]) == 2
+    assert main([*argv, "--task-resources", "evaluate:cpu=x"]) == 2
+    assert not out.exists()
+
+
+def test_compile_refuses_a_pod_local_tracking_store(tmp_path: Path) -> None:
+    from pipelines.compile import check_cluster_tracking
+    from rima_core.config import ConfigError
+
+    for uri in ("sqlite:///mlflow.db", "file:///tmp/mlruns", "mlruns"):
+        with pytest.raises(ConfigError, match="private to each pod"):
+            compile_pipeline(tmp_path / "p.yaml", None, None, [f"mlflow.tracking_uri={uri}"])
+        check_cluster_tracking(uri, allow_local=True)  # warns only
+    assert not (tmp_path / "p.yaml").exists()
+    for uri in ("http://mlflow:5000", "https://mlflow.example.org", "databricks"):
+        check_cluster_tracking(uri)

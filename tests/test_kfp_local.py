@@ -73,6 +73,7 @@ def test_resolve_config_component_runs_locally(local_runner: Path) -> None:
         promote_scenario="mixed",
         promote_margin=0.0,
         promote_tolerance=0.05,
+        register_min_metric=0.1,
         mlflow_tracking_uri="sqlite:///m.db",
         mlflow_experiment="exp",
         model_name="rima-x",
@@ -82,19 +83,20 @@ def test_resolve_config_component_runs_locally(local_runner: Path) -> None:
     cfg = yaml.safe_load(Path(task.outputs["config"].path).read_text())
     assert cfg["train"]["epochs"] == 9 and cfg["train"]["lr"] == 0.005
     assert cfg["missing"]["mixed"] == [0.2, 0.4] and cfg["tune"]["n_trials"] == 6
+    assert cfg["promote"]["register_min_metric"] == 0.1
     assert cfg["mlflow"]["model_name"] == "rima-x"
     with pytest.raises(RuntimeError, match="resolve-config"):
         c.resolve_config(params_yaml="train:\n  epoch: 9\n", **common)
 
 
-def test_fetch_raw_component_copies_a_mounted_path(local_runner: Path, tmp_path: Path) -> None:
+def _fetch_pipeline():  # type: ignore[no-untyped-def]
     from kfp import dsl
     from kfp.dsl import Dataset
 
     c = build_components()
 
     @dsl.pipeline(name="fetch")
-    def fetch(uri: str) -> Dataset:
+    def fetch(uri: str, dvc_repo: str = "", dvc_rev: str = "") -> Dataset:
         config = c.resolve_config(
             params_yaml="",
             profile_yaml="",
@@ -109,18 +111,75 @@ def test_fetch_raw_component_copies_a_mounted_path(local_runner: Path, tmp_path:
             promote_scenario="mixed",
             promote_margin=0.0,
             promote_tolerance=0.02,
+            register_min_metric=0.0,
             mlflow_tracking_uri="sqlite:///m.db",
             mlflow_experiment="e",
             model_name="m",
         )
-        return c.fetch_raw(config=config.outputs["config"], data_source_uri=uri).outputs["raw"]
+        return c.fetch_raw(
+            config=config.outputs["config"],
+            data_source_uri=uri,
+            data_dvc_repo=dvc_repo,
+            data_dvc_rev=dvc_rev,
+        ).outputs["raw"]
 
+    return fetch
+
+
+def test_fetch_raw_component_copies_a_mounted_path(local_runner: Path, tmp_path: Path) -> None:
+    fetch = _fetch_pipeline()
     src = tmp_path / "fairvision"
     (src / "Glaucoma").mkdir(parents=True)
     (src / "Glaucoma" / "data_0001.npz").write_bytes(b"npz")
     raw = fetch(uri=str(src)).output
     assert (Path(raw.path) / "Glaucoma" / "data_0001.npz").read_bytes() == b"npz"
     assert raw.metadata["files"] == 1 and raw.metadata["uri"] == str(src)
+
+
+def test_fetch_raw_component_reads_a_dvc_revision(local_runner: Path, tmp_path: Path) -> None:
+    """``data_dvc_repo``/``data_dvc_rev``: data.raw_dir of that commit, from the DVC remote."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "project"
+    (repo / "data" / "raw").mkdir(parents=True)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    dvc = str(Path(sys.executable).parent / "dvc")
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+
+    def run(*cmd: str) -> None:
+        subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
+
+    run("git", "init", "-q")
+    run(dvc, "init", "-q")
+    run(dvc, "remote", "add", "-d", "store", str(tmp_path / "remote"))
+    (repo / "data" / "raw" / "eye.npz").write_bytes(b"v1")
+    run(dvc, "add", "data")
+    run(dvc, "push")
+    run(*git, "add", "-A")
+    run(*git, "commit", "-qm", "v1")
+    first = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    (repo / "data" / "raw" / "eye.npz").write_bytes(b"v2")
+    run(dvc, "add", "data")
+    run(dvc, "push")
+    run(*git, "commit", "-qam", "v2")
+    shutil.rmtree(repo / ".dvc" / "cache")
+
+    fetch = _fetch_pipeline()
+    raw = fetch(uri="ignored://when-dvc-is-given", dvc_repo=str(repo), dvc_rev=first).output
+    assert (Path(raw.path) / "eye.npz").read_bytes() == b"v1"
+    assert raw.metadata["rev"] == first and raw.metadata["files"] == 1
+
+
+def manifest_digest(run_dir: Path) -> str:
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(run_dir / "prepare" / "store" / "manifest.parquet").metadata
+    return json.loads(meta[b"rima"])["content_hash"][:36]
 
 
 @pytest.mark.slow
@@ -182,8 +241,14 @@ def test_whole_pipeline_runs_locally_and_registers_a_model(local_runner: Path) -
 
     # registry: version 1 registered and, as the first one, promoted to champion
     client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
-    champion = client.get_model_version_by_alias("rima-kfp", "champion")
+    # a local run never writes to the configured (production) model: it gets its own name
+    assert client.search_registered_models("name = 'rima-kfp'") == []
+    champion = client.get_model_version_by_alias("rima-kfp-local", "champion")
     assert str(champion.version) == "1"
-    assert "metric.mixed.qwk" in champion.tags
+    assert "metric.mixed.qwk" in champion.tags and len(champion.tags) <= 30
+    # lineage: the version is the model logged by the train task's run, on the store it read
+    source = client.get_run(champion.run_id)
+    assert source.data.tags["step"] == "train"
+    assert source.inputs.dataset_inputs[0].dataset.digest == manifest_digest(run_dir)
     decision = (run_dir / "promote" / "decision").read_text()
     assert "no champion yet" in decision

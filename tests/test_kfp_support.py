@@ -153,3 +153,46 @@ def test_fetch_tree_downloads_an_s3_prefix_over_http(
         with pytest.raises(FileNotFoundError, match="no objects"):
             ks.fetch_tree("s3://data/missing", tmp_path / "none")
         assert not (tmp_path / "none").exists()
+
+
+def test_promotion_markdown_is_a_table_not_json() -> None:
+    def row(scenario: str, old: float | None, new: float | None, status: str) -> dict:
+        gain = None if old is None or new is None else new - old
+        return {
+            "scenario": scenario,
+            "champion": old,
+            "challenger": new,
+            "improvement": gain,
+            "primary": scenario == "mixed",
+            "status": status,
+        }
+
+    result = {
+        "model_name": "rima",
+        "challenger": "7",
+        "champion_before": "6",
+        "metric": "qwk",
+        "scenario": "mixed",
+        "margin": 0.0,
+        "tolerance": 0.02,
+        "dry_run": False,
+        "table": [
+            row("mixed", 0.5, 0.7, "ok"),
+            row("oct_missing", 0.6, 0.3, "regressed"),
+            row("fundus_missing@0.5", 0.4, None, "not comparable"),
+        ],
+        "decision": "keep",
+        "promoted": False,
+        "reason": "oct_missing | regresses",
+        "champion_after": "6",
+    }
+    md = ks.promotion_markdown(result)
+    assert "**KEPT the champion** — oct_missing | regresses" in md
+    assert "Champion before: v6; after: v6" in md
+    assert "| **mixed** (primary) | 0.5 | 0.7 | +0.2000 | ok |" in md
+    assert "| oct_missing | 0.6 | 0.3 | -0.3000 | regressed |" in md
+    assert "| fundus_missing@0.5 | 0.4 | - | - | not comparable |" in md
+    assert "| tolerance | 0.02 |" in md and "| decision | keep |" in md
+    assert "{" not in md and "[" not in md  # no JSON
+    result.update(dry_run=True, decision="promote", promoted=False, table=[])
+    assert "**dry run: would promote**" in ks.promotion_markdown(result)

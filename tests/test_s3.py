@@ -155,3 +155,49 @@ def test_dvc_remote_on_s3_push_pull(s3: tuple[Server, object], tmp_path: Path) -
     _dvc(repo, "pull", env=env)
     for rel, content in files.items():
         assert (repo / rel).read_bytes() == content, rel
+
+
+@pytest.mark.slow
+def test_fetch_dvc_reads_the_versioned_data_from_an_s3_remote(
+    s3: tuple[Server, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cluster's fetch-raw path: the data of a given commit, from the project's DVC remote
+    (moto on loopback), with no local cache — the same bytes `dvc repro` reads there."""
+    from rima_core.kfp_support import fetch_dvc
+
+    server, _ = s3
+    repo = tmp_path / "project"
+    (repo / "data" / "raw" / "sub").mkdir(parents=True)
+    env = {**os.environ, **S3_ENV, "DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0"}
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    v1 = {"data/raw/a.bin": os.urandom(3000), "data/raw/sub/b.txt": b"version 1\n"}
+    for rel, content in v1.items():
+        (repo / rel).write_bytes(content)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True, env=env)
+    _dvc(repo, "init", "-q", env=env)
+    _dvc(repo, "remote", "add", "-d", "s3store", f"s3://{BUCKET}/fetch-dvc", env=env)
+    _dvc(repo, "remote", "modify", "s3store", "endpointurl", server.url, env=env)
+    _dvc(repo, "add", "data", env=env)
+    _dvc(repo, "push", env=env)
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True, env=env)
+    subprocess.run([*git, "commit", "-qm", "v1"], cwd=repo, check=True, env=env)
+    subprocess.run([*git, "tag", "v1"], cwd=repo, check=True, env=env)
+    (repo / "data/raw/sub/b.txt").write_bytes(b"version 2\n")
+    _dvc(repo, "add", "data", env=env)
+    _dvc(repo, "push", env=env)
+    subprocess.run([*git, "commit", "-qam", "v2"], cwd=repo, check=True, env=env)
+    shutil.rmtree(repo / ".dvc" / "cache")  # only the remote holds the data now
+    shutil.rmtree(repo / "data")
+
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+    old = fetch_dvc(str(repo), "data/raw", tmp_path / "raw-v1", rev="v1")
+    assert old["files"] == 2 and old["rev"] == "v1"
+    for rel, content in v1.items():
+        assert (tmp_path / "raw-v1" / Path(rel).relative_to("data/raw")).read_bytes() == content
+    new = fetch_dvc(str(repo), "data/raw", tmp_path / "raw-head")
+    assert (tmp_path / "raw-head" / "sub" / "b.txt").read_bytes() == b"version 2\n"
+    assert new["rev"] == "HEAD"
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        fetch_dvc(str(repo), "data/nope", tmp_path / "nope")
+    assert not (tmp_path / "nope").exists()

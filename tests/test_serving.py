@@ -583,6 +583,8 @@ def test_done_means_end_to_end(
         f"mlflow.tracking_uri={uri}",
         "mlflow.experiment=rima-e2e",
         f"mlflow.model_name={name}",
+        # the deliberately bad model must still be registered, to be refused at promotion
+        "promote.register_min_metric=-1",
     ]
     good = tiny_config([*GOOD_TRAINING, *mlflow_sets])
     worse = tiny_config([*WORSE_TRAINING, *mlflow_sets])

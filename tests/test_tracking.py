@@ -227,3 +227,124 @@ def test_user_tracking_uri_wins_on_every_configuration(
         assert os.environ["MLFLOW_TRACKING_URI"] == user
     client = mlflow.MlflowClient(user)
     assert [client.get_run(i).info.run_name for i in ids] == ["tune", "trial-0"]
+
+
+def test_experiment_kind_and_mlflow_git_commit_tag(cfg: Config) -> None:
+    import mlflow
+
+    with tracking.start_run(cfg, "prepare", log_params=False) as run:
+        pass
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    got = client.get_run(run.info.run_id)
+    assert got.data.tags["mlflow.source.git.commit"] == got.data.tags["git_commit"]
+    exp = client.get_experiment(got.info.experiment_id)
+    # the classic ML view in the MLflow UI, not the GenAI one
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    # an experiment created before the tag existed gets it on the next configuration
+    client.delete_experiment_tag(exp.experiment_id, "mlflow.experimentKind")
+    tracking.configure(cfg.mlflow)
+    assert client.get_experiment(exp.experiment_id).tags["mlflow.experimentKind"] == (
+        "custom_model_development"
+    )
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True
+    ).stdout
+
+
+def test_git_dirty_counts_only_code(tmp_path: Path) -> None:
+    """What `dvc repro` itself changes (lock, .dvc files, committed metrics outputs, params) and
+    untracked/ignored outputs do not make a run dirty; an edited source file does."""
+    repo = tmp_path / "repo"
+    (repo / "reports").mkdir(parents=True)
+    (repo / "src").mkdir()
+    files = {
+        "dvc.yaml": "stages:\n  evaluate:\n    cmd: x\n    outs:\n      - models/rima\n"
+        "    metrics:\n      - reports/metrics.json:\n          cache: false\n"
+        "    plots:\n      - reports/plots\n",
+        "dvc.lock": "schema: '2.0'\n",
+        "params.yaml": "train:\n  epochs: 1\n",
+        "data.dvc": "outs:\n- path: data\n",
+        "reports/metrics.json": "{}\n",
+        "src/code.py": "x = 1\n",
+        ".dvc/config": "[core]\n",
+    }
+    for name, text in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(text)
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init")
+    for name in ("dvc.lock", "params.yaml", "data.dvc", "reports/metrics.json", ".dvc/config"):
+        (repo / name).write_text("changed by the run\n")
+    (repo / "untracked.txt").write_text("a run output\n")
+    status = _git(repo, "status", "--porcelain", "--untracked-files=all")
+    assert "untracked.txt" in status and "dvc.lock" in status  # the filter has work to do
+    assert tracking.dirty_code_files(repo, status) == []
+    head = _git(repo, "rev-parse", "HEAD").strip()
+    assert tracking.git_tags(repo) == {
+        "git_commit": head,
+        "mlflow.source.git.commit": head,
+        "git_dirty": "false",
+    }
+    (repo / "src/code.py").write_text("x = 2\n")
+    status = _git(repo, "status", "--porcelain", "--untracked-files=no")
+    assert tracking.dirty_code_files(repo, status) == ["src/code.py"]
+    assert tracking.git_tags(repo)["git_dirty"] == "true"
+    # the first porcelain line starts with a space (" M path"): its path must survive intact
+    (repo / ".dvcignore").write_text("# changed\n")
+    _git(repo, "add", ".dvcignore")
+    _git(repo, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "ignore")
+    (repo / ".dvcignore").write_text("# changed again\n")
+    status = tracking._git("status", "--porcelain", "--untracked-files=no", cwd=repo) or ""
+    assert status.startswith(" M .dvc/config")  # one leading space, path intact
+    assert tracking.dirty_code_files(repo, status) == ["src/code.py"]
+
+
+def test_copied_workspace_logs_into_its_own_artifacts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A workspace (relative sqlite:///mlflow.db, artifacts beside it) copied to another folder
+    reads and writes its own artifacts there, also after the original is deleted."""
+    import shutil
+
+    import mlflow
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = Config()
+    cfg.mlflow.tracking_uri = "sqlite:///mlflow.db"  # the default: relative to the workspace
+    cfg.mlflow.experiment = "portable"
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    original.mkdir()
+    monkeypatch.chdir(original)
+    note = original / "note.txt"
+    note.write_text("first")
+    with tracking.start_run(cfg, "train", log_params=False) as first:
+        tracking.log_artifacts(note)
+    client = mlflow.MlflowClient(f"sqlite:///{original / 'mlflow.db'}")
+    client.create_registered_model("m")
+    client.create_model_version("m", f"{first.info.artifact_uri}/note.txt", first.info.run_id)
+    assert (original / "mlartifacts" / first.info.run_id / "artifacts" / "note.txt").exists()
+
+    shutil.copytree(original, copy)
+    monkeypatch.chdir(copy)
+    note = copy / "note.txt"
+    note.write_text("second")
+    with tracking.start_run(cfg, "train", log_params=False) as second:
+        tracking.log_artifacts(note)
+    root = (copy / "mlartifacts").as_uri()
+    assert (copy / "mlartifacts" / second.info.run_id / "artifacts" / "note.txt").exists()
+    assert not (original / "mlartifacts" / second.info.run_id).exists()
+    shutil.rmtree(original)  # the copy no longer needs it
+    client = mlflow.MlflowClient(f"sqlite:///{copy / 'mlflow.db'}")
+    old = client.get_run(first.info.run_id)
+    assert old.info.artifact_uri.startswith(root)
+    assert client.get_experiment_by_name("portable").artifact_location == root
+    assert client.get_model_version("m", "1").source.startswith(root)
+    got = mlflow.artifacts.download_artifacts(f"runs:/{first.info.run_id}/note.txt")
+    assert Path(got).read_text() == "first"
+    # the original layout is checked once; a second configuration has nothing to rewrite
+    assert tracking.relocate_artifacts("sqlite:///mlflow.db") == {}
