@@ -160,6 +160,15 @@ class EvaluateConfig:
     out_dir: str = "reports/eval"
     split: str = "test"
     batch_size: int = 64
+    # also scored: the split promotion decides on (the test split is reported, never selected on)
+    selection_split: str = "val"
+    bootstrap: int = 1000  # percentile-bootstrap resamples over eyes for scores.csv intervals
+    bootstrap_seed: int = 0
+    ci_level: float = 0.95
+    # attributes whose ES-AUC (promote.scenario, test split) goes to metrics.json; subgroups.csv
+    # and equity.csv hold every source_* attribute of the store
+    equity_attributes: list[str] = field(default_factory=lambda: ["race", "gender", "ethnicity"])
+    max_groups: int = 12  # a numeric attribute with more distinct values is cut into quartiles
 
 
 @dataclass
@@ -179,6 +188,9 @@ class PromoteConfig:
     scenario: str = "mixed"
     margin: float = 0.0
     tolerance: float = 0.02
+    # also require the paired-bootstrap interval of the primary improvement (validation eyes)
+    # to exclude 0; needs both versions registered with their validation predictions
+    require_significant: bool = False
     # also require the paired-bootstrap interval of the primary improvement (validation eyes)
     # to exclude 0; needs both versions registered with their validation predictions
     require_significant: bool = False

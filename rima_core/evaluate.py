@@ -6,6 +6,17 @@ rate curve. Outputs are shaped for DVC (``metrics.json`` numbers only, ``rate_cu
 ``confusion.csv`` for ``dvc plots``) and logged to MLflow when a run is active. The output
 directory is written atomically as a whole: a failed evaluation never leaves a mix of old and new
 files.
+
+What a clinical team needs beyond point estimates (README, "Evaluation outputs"):
+
+- ``scores.csv``: every headline metric of both scored splits with a seeded percentile
+  bootstrap interval over eyes (:func:`rima_core.metrics.bootstrap_scores`).
+- ``subgroups.csv`` / ``equity.csv`` / ``equity.png``: metrics per group of every ``source_*``
+  attribute of the store, and the equity-scaled AUC per attribute (FairVision's ES-AUC).
+- ``calibration.csv`` / ``reliability/<scenario>.png``: ECE and NLL before and after the
+  temperature fitted at the end of training.
+- ``val/``: the validation split scored the same way. Promotion decides on it (``register``
+  reads ``val/metrics.json``); the test split is reported, never selected on.
 """
 
 from __future__ import annotations
@@ -21,9 +32,10 @@ import numpy as np
 import pandas as pd
 
 from rima_core.atomic import atomic_dir
+from rima_core.calibration import calibration_report, plot_reliability
 from rima_core.config import Config
 from rima_core.engine import EngineError, Predictions, amp_dtype, predict, resolve_device
-from rima_core.metrics import classification_metrics, metric_key
+from rima_core.metrics import bootstrap_scores, classification_metrics, es_auc, metric_key
 from rima_core.train import load_masks
 
 log = logging.getLogger(__name__)
@@ -31,6 +43,9 @@ log = logging.getLogger(__name__)
 CURVE_METRICS = ("qwk", "accuracy", "balanced_accuracy", "f1_macro", "auc", "kappa", "ece")
 PLOT_METRICS = ("qwk", "accuracy", "f1_macro", "auc")
 CONFUSION_SCENARIO = "mixed"
+SUBGROUP_METRICS = ("qwk", "auc", "accuracy", "balanced_accuracy", "ece")
+MISSING_GROUP = "<missing>"
+SELECTION_DIR = "val"  # evaluate's sub-folder for the selection split (register reads it)
 
 
 def parse_sweep(scenario: str) -> tuple[str, float] | None:
@@ -145,50 +160,146 @@ def _check_compatible(spec: Any, st: Any, model_path: Path, store: Path) -> None
             )
 
 
-def evaluate(
-    model_path: str | Path,
-    store: str | Path,
-    masks: str | Path | pd.DataFrame,
-    out_dir: str | Path,
-    cfg: Config,
-) -> dict[str, Any]:
-    """Score ``model_path`` on ``cfg.evaluate.split`` under every scenario in ``masks``.
+# --- subgroups and equity ------------------------------------------------------------------------
 
-    Writes ``metrics.json``, ``rate_curve.csv``, ``confusion.csv`` (``mixed`` scenario),
-    ``predictions/<scenario>.parquet`` and ``rate_curve.png`` / ``confusion.png`` into ``out_dir``.
+
+def attribute_groups(manifest: pd.DataFrame, max_groups: int) -> dict[str, pd.Series]:
+    """``{attribute: group label per store row}`` for every ``source_*`` column of the store.
+
+    Patient identifiers (:data:`rima_core.data.prepare.PATIENT_ID_ATTRIBUTES`) are not groups.
+    A numeric attribute with more than ``max_groups`` distinct values (age) is cut into
+    quartiles; a missing value is its own group (:data:`MISSING_GROUP`), never dropped.
     """
-    from rima_core import tracking
-    from rima_core.data import open_store
-    from rima_core.data.dataset import EyeDataset, make_loader
-    from rima_core.models import load_model
+    from rima_core.data.prepare import PATIENT_ID_ATTRIBUTES
 
-    model_path, store, out_dir = Path(model_path), Path(store), Path(out_dir)
-    if not model_path.exists():
-        raise FileNotFoundError(f"{model_path}: no model (run `rima train` first)")
-    split = cfg.evaluate.split
-    device = resolve_device(cfg.train.device)
-    dtype = amp_dtype(device, cfg.train.amp)
-    st = open_store(store)
-    mask_df = load_masks(masks)
+    out: dict[str, pd.Series] = {}
+    for col in manifest.columns:
+        if not col.startswith("source_"):
+            continue
+        name = col.removeprefix("source_")
+        if name.lower() in PATIENT_ID_ATTRIBUTES:
+            continue
+        values = manifest[col]
+        numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+        if numeric and values.nunique(dropna=True) > max_groups:
+            q = pd.qcut(values.astype("float64"), 4, duplicates="drop")
+            labels = q.map(lambda iv: f"[{iv.left:g}, {iv.right:g}]").astype("object")
+        else:
+            labels = values.astype("object").map(lambda v: str(v) if not pd.isna(v) else None)
+        out[name] = labels.where(labels.notna(), MISSING_GROUP).astype(str).reset_index(drop=True)
+    return out
+
+
+def subgroup_tables(
+    scenario: str,
+    y: np.ndarray,
+    proba: np.ndarray,
+    groups: dict[str, np.ndarray],
+    auc_overall: float,
+    class_names: list[str],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows of ``subgroups.csv`` (one per attribute x group, every group with its ``n``) and of
+    ``equity.csv`` (one per attribute: ES-AUC and how many groups had a defined AUC)."""
+    sub_rows: list[dict[str, Any]] = []
+    eq_rows: list[dict[str, Any]] = []
+    for attribute, labels in groups.items():
+        aucs = []
+        for group in sorted(pd.unique(labels)):
+            sel = labels == group
+            m = classification_metrics(y[sel], proba[sel], class_names)
+            aucs.append(m["auc"])
+            sub_rows.append(
+                {
+                    "scenario": scenario,
+                    "attribute": attribute,
+                    "group": group,
+                    "n": int(sel.sum()),
+                    "n_classes_present": len(np.unique(y[sel])),
+                    **{k: m[k] for k in SUBGROUP_METRICS},
+                    "auc_gap": m["auc"] - auc_overall,
+                }
+            )
+        finite = [abs(a - auc_overall) for a in aucs if math.isfinite(a)]
+        eq_rows.append(
+            {
+                "scenario": scenario,
+                "attribute": attribute,
+                "auc": auc_overall,
+                "es_auc": es_auc(auc_overall, aucs),
+                "n_groups": len(aucs),
+                "n_groups_scored": len(finite),
+                "max_auc_gap": max(finite) if finite else float("nan"),
+            }
+        )
+    return sub_rows, eq_rows
+
+
+def _plot_equity(equity: pd.DataFrame, path: Path) -> None:
+    """ES-AUC per scenario (rows) and attribute (columns), annotated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = equity.pivot(index="scenario", columns="attribute", values="es_auc")
+    table = table.reindex(pd.unique(equity["scenario"]))
+    fig, ax = plt.subplots(figsize=(1.1 * table.shape[1] + 3.0, 0.35 * table.shape[0] + 1.6))
+    ax.imshow(table.to_numpy(dtype=float), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    for (i, j), v in np.ndenumerate(table.to_numpy(dtype=float)):
+        ax.text(
+            j,
+            i,
+            "-" if not np.isfinite(v) else f"{v:.2f}",
+            ha="center",
+            va="center",
+            color="white" if np.isfinite(v) and v < 0.6 else "black",
+            fontsize=7,
+        )
+    ax.set_xticks(range(table.shape[1]), table.columns, rotation=30, ha="right")
+    ax.set_yticks(range(table.shape[0]), table.index, fontsize=7)
+    ax.set_title("ES-AUC = AUC / (1 + sum |AUC - AUC_group|)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- scoring one split ---------------------------------------------------------------------------
+
+
+def _score_split(
+    model: Any,
+    st: Any,
+    store: Path,
+    mask_df: pd.DataFrame,
+    split: str,
+    class_names: list[str],
+    cfg: Config,
+    device: Any,
+    dtype: Any,
+) -> dict[str, Any]:
+    """Predictions, metrics, bootstrap scores and calibration of every scenario of ``split``."""
+    from rima_core.data.dataset import EyeDataset, make_loader
+    from rima_core.engine import model_temperature
+
     scenarios = list(pd.unique(mask_df.loc[mask_df["split"] == split, "scenario"]))
     if not scenarios:
         raise EngineError(f"masks have no rows for split {split!r} (evaluate.split)")
-    try:
-        model, spec = load_model(model_path, map_location=device)
-    except ValueError as exc:  # not a model file, or weights that do not fit their spec
-        raise EngineError(str(exc)) from exc
-    model.to(device)
-    _check_compatible(spec, st, model_path, store)
-    class_names = list(spec.class_names)
     case_ids = st.manifest["case_id"].to_numpy()
-
-    metrics: dict[str, dict[str, float]] = {}
-    predictions: dict[str, pd.DataFrame] = {}
+    temperature = model_temperature(model)
+    ev = cfg.evaluate
+    out: dict[str, Any] = {
+        "scenarios": scenarios,
+        "metrics": {},
+        "predictions": {},
+        "scores": [],
+        "calibration": [],
+        "raw": {},
+    }
     for scenario in scenarios:
         ds = EyeDataset(store, mask_df, split, scenario)
         loader = make_loader(
             ds,
-            batch_size=cfg.evaluate.batch_size,
+            batch_size=ev.batch_size,
             shuffle=False,
             num_workers=cfg.train.num_workers,
             seed=cfg.train.seed,
@@ -197,7 +308,7 @@ def evaluate(
         preds = predict(model, loader, device, dtype, desc=f"{split}/{scenario}")
         m = classification_metrics(preds.y_true, preds.proba, class_names)
         m.update(_availability(preds))
-        metrics[scenario] = m
+        out["metrics"][scenario] = m
         frame = pd.DataFrame(
             {
                 "case_id": case_ids[preds.index],
@@ -209,7 +320,20 @@ def evaluate(
         )
         for c, name in enumerate(class_names):
             frame[f"proba_{metric_key(name)}"] = preds.proba[:, c]
-        predictions[scenario] = frame
+        out["predictions"][scenario] = frame
+        out["raw"][scenario] = preds
+        for row in bootstrap_scores(
+            preds.y_true, preds.proba, ev.bootstrap, ev.bootstrap_seed, ev.ci_level
+        ):
+            out["scores"].append({"split": split, "scenario": scenario, **row, "n": len(frame)})
+        out["calibration"].append(
+            {
+                "split": split,
+                "scenario": scenario,
+                "n": len(frame),
+                **calibration_report(preds.logits, preds.y_true, temperature),
+            }
+        )
         log.info(
             "%s/%s: n=%d qwk %.4f acc %.4f auc %.4f",
             split,
@@ -219,6 +343,114 @@ def evaluate(
             m["accuracy"],
             m["auc"],
         )
+    return out
+
+
+def evaluate(
+    model_path: str | Path,
+    store: str | Path,
+    masks: str | Path | pd.DataFrame,
+    out_dir: str | Path,
+    cfg: Config,
+) -> dict[str, Any]:
+    """Score ``model_path`` on ``cfg.evaluate.split`` (and ``evaluate.selection_split``) under
+    every scenario in ``masks``.
+
+    Writes into ``out_dir``: ``metrics.json`` (test split; plus ``es_auc/<attribute>`` for
+    ``evaluate.equity_attributes`` under ``promote.scenario``), ``scores.csv`` (both splits, with
+    bootstrap intervals), ``subgroups.csv``, ``equity.csv``, ``equity.png``, ``calibration.csv``,
+    ``reliability/<scenario>.png``, ``rate_curve.csv``, ``confusion.csv`` (``mixed`` scenario),
+    ``predictions/<scenario>.parquet``, ``rate_curve.png`` / ``confusion.png``, and ``val/``
+    (``metrics.json`` and ``predictions/`` of the selection split, which promotion reads).
+    """
+    from rima_core import tracking
+    from rima_core.data import open_store
+    from rima_core.models import load_model
+
+    model_path, store, out_dir = Path(model_path), Path(store), Path(out_dir)
+    if not model_path.exists():
+        raise FileNotFoundError(f"{model_path}: no model (run `rima train` first)")
+    ev = cfg.evaluate
+    split, sel_split = ev.split, ev.selection_split
+    if ev.bootstrap < 1 or not 0.0 < ev.ci_level < 1.0:
+        raise EngineError(
+            f"evaluate.bootstrap must be >= 1 and evaluate.ci_level in (0, 1); got "
+            f"{ev.bootstrap} and {ev.ci_level}"
+        )
+    device = resolve_device(cfg.train.device)
+    dtype = amp_dtype(device, cfg.train.amp)
+    st = open_store(store)
+    mask_df = load_masks(masks)
+    for name, what in ((split, "evaluate.split"), (sel_split, "evaluate.selection_split")):
+        if not (mask_df["split"] == name).any():
+            raise EngineError(f"masks have no rows for split {name!r} ({what})")
+    try:
+        model, spec = load_model(model_path, map_location=device)
+    except ValueError as exc:  # not a model file, or weights that do not fit their spec
+        raise EngineError(str(exc)) from exc
+    model.to(device)
+    _check_compatible(spec, st, model_path, store)
+    class_names = list(spec.class_names)
+
+    test = _score_split(model, st, store, mask_df, split, class_names, cfg, device, dtype)
+    val = (
+        test
+        if sel_split == split
+        else _score_split(model, st, store, mask_df, sel_split, class_names, cfg, device, dtype)
+    )
+    scenarios, metrics, predictions = test["scenarios"], test["metrics"], test["predictions"]
+
+    # subgroups and equity (evaluated split): the same eyes in every scenario, so groups are
+    # fixed once per split from the store's attributes
+    groups_by_row = attribute_groups(st.manifest, ev.max_groups)
+    sub_rows: list[dict[str, Any]] = []
+    eq_rows: list[dict[str, Any]] = []
+    for scenario in scenarios:
+        preds = test["raw"][scenario]
+        groups = {a: lab.to_numpy()[preds.index] for a, lab in groups_by_row.items()}
+        s_rows, e_rows = subgroup_tables(
+            scenario, preds.y_true, preds.proba, groups, metrics[scenario]["auc"], class_names
+        )
+        sub_rows += s_rows
+        eq_rows += e_rows
+    subgroups = pd.DataFrame(
+        sub_rows,
+        columns=[
+            "scenario",
+            "attribute",
+            "group",
+            "n",
+            "n_classes_present",
+            *SUBGROUP_METRICS,
+            "auc_gap",
+        ],
+    )
+    equity = pd.DataFrame(
+        eq_rows,
+        columns=[
+            "scenario",
+            "attribute",
+            "auc",
+            "es_auc",
+            "n_groups",
+            "n_groups_scored",
+            "max_auc_gap",
+        ],
+    )
+    headline = cfg.promote.scenario if cfg.promote.scenario in metrics else scenarios[0]
+    for attribute in ev.equity_attributes:
+        row = equity[(equity["scenario"] == headline) & (equity["attribute"] == attribute)]
+        if row.empty:
+            log.info("store has no attribute %r: no ES-AUC headline for it", attribute)
+            continue
+        metrics[headline][f"es_auc/{metric_key(attribute)}"] = float(row["es_auc"].iloc[0])
+    scores = pd.DataFrame(
+        val["scores"] + (test["scores"] if val is not test else []),
+        columns=["split", "scenario", "metric", "value", "ci_low", "ci_high", "n_boot", "n"],
+    )
+    calibration = pd.DataFrame(
+        val["calibration"] + (test["calibration"] if val is not test else [])
+    )
 
     conf_scenario = CONFUSION_SCENARIO if CONFUSION_SCENARIO in predictions else scenarios[0]
     conf_frame = predictions[conf_scenario]
@@ -232,16 +464,38 @@ def evaluate(
     np.add.at(conf_matrix, (conf_frame["label"].to_numpy(), conf_frame["pred"].to_numpy()), 1)
     curve = rate_curve(metrics)
 
+    def dump(obj: dict[str, dict[str, float]]) -> str:
+        clean = {s: {k: _clean(v) for k, v in m.items()} for s, m in obj.items()}
+        return json.dumps(clean, indent=2, allow_nan=False) + "\n"
+
     with atomic_dir(out_dir) as tmp:
-        clean = {s: {k: _clean(v) for k, v in m.items()} for s, m in metrics.items()}
-        (tmp / "metrics.json").write_text(json.dumps(clean, indent=2, allow_nan=False) + "\n")
+        (tmp / "metrics.json").write_text(dump(metrics))
         curve.to_csv(tmp / "rate_curve.csv", index=False)
         confusion.to_csv(tmp / "confusion.csv", index=False)
+        scores.to_csv(tmp / "scores.csv", index=False)
+        subgroups.to_csv(tmp / "subgroups.csv", index=False)
+        equity.to_csv(tmp / "equity.csv", index=False)
+        calibration.to_csv(tmp / "calibration.csv", index=False)
         (tmp / "predictions").mkdir()
         for scenario, frame in predictions.items():
             frame.to_parquet(tmp / "predictions" / f"{scenario}.parquet", index=False)
+        (tmp / SELECTION_DIR / "predictions").mkdir(parents=True)
+        (tmp / SELECTION_DIR / "metrics.json").write_text(dump(val["metrics"]))
+        for scenario, frame in val["predictions"].items():
+            frame.to_parquet(tmp / SELECTION_DIR / "predictions" / f"{scenario}.parquet")
+        (tmp / "reliability").mkdir()
+        for scenario, preds in test["raw"].items():
+            plot_reliability(
+                preds.y_true,
+                preds.logits,
+                spec.temperature,
+                f"{split} / {scenario}",
+                tmp / "reliability" / f"{scenario}.png",
+            )
         if len(curve):
             _plot_rate_curve(curve, tmp / "rate_curve.png")
+        if len(equity):
+            _plot_equity(equity, tmp / "equity.png")
         _plot_confusion(
             conf_matrix, class_names, f"{split} / {conf_scenario}", tmp / "confusion.png"
         )
@@ -251,9 +505,20 @@ def evaluate(
                     "model": str(model_path),
                     "model_name": spec.name,
                     "split": split,
+                    "selection_split": sel_split,
                     "scenarios": scenarios,
                     "confusion_scenario": conf_scenario,
                     "n_eyes": {s: len(f) for s, f in predictions.items()},
+                    "n_eyes_selection": {s: len(f) for s, f in val["predictions"].items()},
+                    "temperature": spec.temperature,
+                    "data": {k: st.meta.get(k) for k in ("source", "disease", "content_hash")},
+                    "bootstrap": {
+                        "resamples": ev.bootstrap,
+                        "seed": ev.bootstrap_seed,
+                        "level": ev.ci_level,
+                    },
+                    "attributes": list(groups_by_row),
+                    "equity_headline_scenario": headline,
                 },
                 indent=2,
             )
@@ -262,8 +527,9 @@ def evaluate(
 
     tracking.log_metrics(
         {
-            mlflow_key(f"{split}/{scenario}/{k}"): v
-            for scenario, m in metrics.items()
+            mlflow_key(f"{name}/{scenario}/{k}"): v
+            for name, part in ((split, metrics), (sel_split, val["metrics"]))
+            for scenario, m in part.items()
             for k, v in m.items()
         }
     )
@@ -273,5 +539,9 @@ def evaluate(
         "split": split,
         "metrics": {
             s: {k: _clean(m[k]) for k in ("qwk", "accuracy", "auc")} for s, m in metrics.items()
+        },
+        "selection_metrics": {
+            s: {k: _clean(m[k]) for k in ("qwk", "accuracy", "auc")}
+            for s, m in val["metrics"].items()
         },
     }

@@ -251,3 +251,141 @@ def test_cli_logs_to_mlflow(tiny_data: TinyData, tmp_path: Path, capsys) -> None
     assert "test/fundus_missing_at_1/qwk" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(result["mlflow_run_id"], "eval")}
     assert "eval/metrics.json" in artifacts
+
+
+# --- what a clinical team asks for: intervals, subgroups, calibration, validation, model card ----
+
+
+def test_scores_have_bootstrap_intervals(evaluated, tiny_data: TinyData) -> None:
+    from rima_core.metrics import BOOT_METRICS
+
+    out, _ = evaluated
+    scores = pd.read_csv(out / "scores.csv")
+    assert list(scores.columns[:7]) == [
+        "split", "scenario", "metric", "value", "ci_low", "ci_high", "n_boot"
+    ]  # fmt: skip
+    scenarios = scenario_names(tiny_data.cfg.missing)
+    assert set(scores["split"]) == {"val", "test"}
+    assert len(scores) == 2 * len(scenarios) * len(BOOT_METRICS)
+    defined = scores.dropna(subset=["value", "ci_low", "ci_high"])
+    assert len(defined) >= 0.9 * len(scores)
+    assert (defined["ci_low"] <= defined["value"] + 1e-12).all()
+    assert (defined["value"] <= defined["ci_high"] + 1e-12).all()
+    assert (scores["n_boot"] <= tiny_data.cfg.evaluate.bootstrap).all()
+    metrics = json.loads((out / "metrics.json").read_text())
+    val_metrics = json.loads((out / "val" / "metrics.json").read_text())
+    for split, ref in (("test", metrics), ("val", val_metrics)):
+        qwk = scores[(scores["split"] == split) & (scores["metric"] == "qwk")]
+        for row in qwk.itertuples():
+            expected = ref[row.scenario]["qwk"]
+            assert (expected is None and math.isnan(row.value)) or row.value == pytest.approx(
+                expected
+            )
+
+
+def test_subgroups_and_equity(evaluated, tiny_data: TinyData) -> None:
+    from rima_core.metrics import es_auc
+
+    out, _ = evaluated
+    sub = pd.read_csv(out / "subgroups.csv", keep_default_na=False, na_values=[""])
+    assert list(sub.columns[:7]) == ["scenario", "attribute", "group", "n", "n_classes_present",
+                                     "qwk", "auc"]  # fmt: skip
+    assert {"race", "gender", "ethnicity"} <= set(sub["attribute"])
+    scenarios = scenario_names(tiny_data.cfg.missing)
+    assert set(sub["scenario"]) == set(scenarios)
+    # every eye in exactly one group of each attribute; small groups kept with their n
+    assert (sub.groupby(["scenario", "attribute"])["n"].sum() == 18).all()
+    assert (sub["n"] < 5).any()
+    equity = pd.read_csv(out / "equity.csv")
+    for row in equity.itertuples():
+        groups = sub[(sub["scenario"] == row.scenario) & (sub["attribute"] == row.attribute)]
+        assert row.n_groups == len(groups)
+        expected = es_auc(row.auc, groups["auc"].tolist())
+        assert (math.isnan(expected) and math.isnan(row.es_auc)) or row.es_auc == pytest.approx(
+            expected
+        )
+    metrics = json.loads((out / "metrics.json").read_text())
+    headline = tiny_data.cfg.promote.scenario
+    for attribute in ("race", "gender", "ethnicity"):
+        value = equity[(equity["scenario"] == headline) & (equity["attribute"] == attribute)]
+        assert metrics[headline][f"es_auc/{attribute}"] == pytest.approx(value["es_auc"].iloc[0])
+    assert not any(k.startswith("es_auc/") for k in metrics["complete"])  # headline only
+    assert (out / "equity.png").stat().st_size > 0
+
+
+def test_calibration_before_and_after(evaluated, trained: Path, tiny_data: TinyData) -> None:
+    out, _ = evaluated
+    _, spec = load_model(trained)
+    summary = json.loads((trained.parent / "train_summary.json").read_text())
+    assert summary["temperature"] == pytest.approx(spec.temperature)
+    assert spec.temperature != 1.0  # fitted on validation at the end of training
+    calib = pd.read_csv(out / "calibration.csv")
+    assert {"ece_before", "ece_after", "nll_before", "nll_after"} <= set(calib.columns)
+    assert np.allclose(calib["temperature"], spec.temperature)
+    metrics = json.loads((out / "metrics.json").read_text())
+    for row in calib[calib["split"] == "test"].itertuples():
+        # metrics.json scores the calibrated probabilities
+        assert row.ece_after == pytest.approx(metrics[row.scenario]["ece"])
+        assert row.nll_after == pytest.approx(metrics[row.scenario]["nll"])
+    # the fit minimises NLL over the pooled validation eyes of the selection scenarios
+    val = calib[calib["split"] == "val"]
+    assert (val["n"] * val["nll_after"]).sum() <= (val["n"] * val["nll_before"]).sum() + 1e-9
+    for scenario in scenario_names(tiny_data.cfg.missing):
+        assert (out / "reliability" / f"{scenario}.png").stat().st_size > 0
+
+
+def test_temperature_changes_no_prediction(trained: Path, tiny_data: TinyData) -> None:
+    import torch
+
+    from rima_core.data.dataset import EyeDataset, make_loader
+    from rima_core.engine import predict
+    from rima_core.metrics import classification_metrics
+
+    model, _ = load_model(trained)
+    ds = EyeDataset(tiny_data.store, pd.read_parquet(tiny_data.masks), "val", "mixed")
+    loader = make_loader(ds, batch_size=32, shuffle=False, num_workers=0, seed=0)
+    cpu = torch.device("cpu")
+    calibrated = predict(model, loader, cpu, progress=False)
+    raw = predict(model, loader, cpu, progress=False, temperature=1.0)
+    assert (calibrated.y_pred == raw.y_pred).all()
+    assert not np.allclose(calibrated.proba, raw.proba)
+    q = [classification_metrics(p.y_true, p.proba)["qwk"] for p in (calibrated, raw)]
+    assert q[0] == q[1] or (math.isnan(q[0]) and math.isnan(q[1]))
+
+
+@pytest.mark.slow
+def test_registered_version_carries_the_model_card(
+    evaluated, trained: Path, tiny_data: TinyData, tmp_path: Path, monkeypatch
+) -> None:
+    import mlflow
+
+    from rima_core import registry
+    from tests.servers import mlflow_test_config
+
+    out, _ = evaluated
+    cfg = mlflow_test_config(tmp_path, monkeypatch, "rima-card", "rima-card")
+    cfg.promote.register_min_metric = -1.0  # a one-epoch model: the card is what is tested
+    result = registry.register(trained.parent, out / "metrics.json", cfg, store=tiny_data.store)
+    client = mlflow.MlflowClient()
+    version = client.get_model_version("rima-card", result["version"])
+    card = version.description
+    for text in ("# Model card", "store content hash", "normal, early, advanced", "ES-AUC",
+                 "| mixed |", "Temperature T =", "Intended use", "Missing modalities"):  # fmt: skip
+        assert text in card, text
+    assert len(card) <= 5000
+    logged = mlflow.artifacts.download_artifacts(
+        run_id=result["run_id"], artifact_path="model_card.md", dst_path=str(tmp_path / "dl")
+    )
+    logged = Path(logged)
+    assert logged.read_text().startswith(card.split("\n\n**Promotion")[0][:200])
+    # the validation metrics promotion decides on travel with the version
+    selection = json.loads(version.tags[registry.TAG_SELECTION])
+    val_metrics = json.loads((out / "val" / "metrics.json").read_text())
+    assert selection["split"] == "val"
+    assert selection["metrics"]["mixed"]["qwk"] == pytest.approx(val_metrics["mixed"]["qwk"])
+    assert len(version.tags) <= registry.MAX_VERSION_TAGS
+    preds = mlflow.artifacts.download_artifacts(
+        artifact_uri=version.tags[registry.TAG_SELECTION_PREDICTIONS],
+        dst_path=str(tmp_path / "preds"),
+    )
+    assert len(pd.read_parquet(preds)) == 18
