@@ -51,7 +51,7 @@ def _num(v: Any, digits: int = 3) -> str:
         f = float(v)
     except (TypeError, ValueError):
         return "–"
-    return f"{f:.{digits}f}" if math.isfinite(f) else "–"
+    return f"{round(f, digits) + 0.0:.{digits}f}" if math.isfinite(f) else "–"  # no "-0.000"
 
 
 def _with_ci(scores: pd.DataFrame, split: str, scenario: str, metric: str) -> str:
@@ -103,13 +103,17 @@ def build_model_card(
     boot = summary.get("bootstrap", {})
     level = float(boot.get("level", cfg.evaluate.ci_level))
 
+    data = summary.get("data") or {}
+    source = data.get("source") or cfg.data.source
+    disease = data.get("disease") or cfg.data.disease
+    data_hash = data_hash or data.get("content_hash")
     name = cfg.mlflow.model_name
     lines = [f"# Model card: {name} ({spec.get('name', '?')})", ""]
     if model_uri:
         lines += [f"Logged model `{model_uri}`.", ""]
     lines += [
         "## Data",
-        f"- Source `{cfg.data.source}` / disease `{cfg.data.disease}`; store content hash "
+        f"- Source `{source}` / disease `{disease}`; store content hash "
         f"`{data_hash or 'unknown'}`.",
         f"- Classes (grade order): {', '.join(spec.get('class_names') or []) or '?'}.",
         f"- Inputs: fundus {spec.get('fundus_shape')} (H, W, C), OCT {spec.get('oct_shape')} "
