@@ -194,3 +194,32 @@ def test_credential_hints_name_keys_of_the_secret() -> None:
     named = {v for values in CREDENTIAL_ENV.values() for v in values} | set(S3_CREDENTIAL_ENV)
     assert named <= set(SECRET_ENV_KEYS)
     assert set(CREDENTIAL_ENV) <= set(Config().flat())
+
+
+def test_pod_storage_from_the_secret_is_masked_in_mlflow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cluster route of issue 10: RIMA_OPTUNA_STORAGE (from the Kubernetes secret) becomes
+    cfg.tune.storage inside the pod; the step's MLflow run must not log it, nor the task's
+    resolved-config artifact hold it."""
+    import mlflow
+
+    from rima_core import tracking
+    from rima_core.kfp_support import OPTUNA_STORAGE_ENV, load_task_config, write_config
+
+    uri = sqlite_uri(tmp_path)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv(OPTUNA_STORAGE_ENV, STORAGE)
+    resolved = tmp_path / "config.yaml"
+    write_config(load_config(None, overrides=["mlflow.experiment=rima-pod"]), resolved)
+    cfg = load_task_config(resolved)
+    assert cfg.tune.storage == STORAGE  # the pod connects with the real URL
+    with tracking.start_run(cfg, "tune", tags={"optuna_storage": cfg.tune.storage}) as run:
+        tracking.set_tags({"note": f"study in {cfg.tune.storage}"})
+    got = mlflow.MlflowClient(uri).get_run(run.info.run_id)
+    assert got.data.params["tune.storage"] == redact_url(STORAGE)
+    assert got.data.tags["optuna_storage"] == redact_url(STORAGE)
+    assert DB_PASSWORD not in got.data.tags["note"]
+    assert DB_PASSWORD not in resolved.read_text()
+    assert DB_PASSWORD.encode() not in (tmp_path / "mlflow.db").read_bytes()
