@@ -17,7 +17,7 @@ from typing import Any
 
 from rima_core.config import Config, ConfigError, load_config
 from rima_core.data.types import CaseError, SourceError
-from rima_core.redact import install_log_redaction
+from rima_core.redact import install_log_redaction, redact_config
 
 log = logging.getLogger("rima")
 
@@ -44,8 +44,9 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _print(result: Any) -> None:
+    """A step's summary on stdout, credentials masked (it lands in terminals and CI logs)."""
     if result is not None:
-        print(json.dumps(result, indent=2, default=str))
+        print(json.dumps(redact_config(result), indent=2, default=str))
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -256,8 +257,6 @@ def _cmd_params(args: argparse.Namespace) -> Any:
     import yaml
 
     if args.params_command == "show":
-        from rima_core.redact import redact_config
-
         # credentials masked: this output ends up in terminals, CI logs and bug reports
         print(yaml.safe_dump(redact_config(_config(args).to_dict()), sort_keys=False), end="")
         return None
