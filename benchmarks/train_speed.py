@@ -40,7 +40,7 @@ def measure(store: Path, masks: Path, model: str, epochs: int, params: str) -> d
         t0 = time.perf_counter()
         summary = train(store, masks, Path(tmp), cfg)
         wall = time.perf_counter() - t0
-        hist = pd.read_csv(Path(tmp) / "history.csv")
+        hist = pd.read_csv(Path(tmp) / "timings.csv")  # per-epoch wall-clock times
     return {
         "model": model,
         "epochs": epochs,

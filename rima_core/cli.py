@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -487,16 +488,40 @@ def _cmd_register(args: argparse.Namespace) -> Any:
 
     cfg = _config(args)
     store = args.store or cfg.prepare.store_dir
+    model_dir = args.model_dir or cfg.train.out_dir
+    metrics = args.metrics or f"{cfg.evaluate.out_dir}/metrics.json"
     try:
-        return steps.register(
-            model_dir=args.model_dir or cfg.train.out_dir,
-            metrics=args.metrics or f"{cfg.evaluate.out_dir}/metrics.json",
+        result = steps.register(
+            model_dir=model_dir,
+            metrics=metrics,
             cfg=cfg,
             store=store if Path(store).is_dir() else None,
             out=args.out,
         )
     except _registry_errors() as exc:
         raise StepFailed(str(exc)) from exc
+    if args.receipt:
+        _write_receipt(args.receipt, cfg.mlflow.model_name, Path(model_dir), Path(metrics))
+    return result
+
+
+def _write_receipt(path: str, model_name: str, model_dir: Any, metrics: Any) -> None:
+    """What was registered, without what differs between runs (version, run ids): the model
+    name and the digests of the model file and the metrics. The DVC output of the register
+    stage, so a rerun with the same model leaves dvc.lock unchanged."""
+    import hashlib
+
+    from rima_core.atomic import write_text
+
+    def sha256(file: Any) -> str:
+        return hashlib.sha256(file.read_bytes()).hexdigest()
+
+    receipt = {
+        "model_name": model_name,
+        "model_sha256": sha256(model_dir / "model.pt"),
+        "metrics_sha256": sha256(metrics),
+    }
+    write_text(path, json.dumps(receipt, indent=2) + "\n")
 
 
 def _cmd_promote(args: argparse.Namespace) -> Any:
@@ -530,6 +555,12 @@ def _add_registry_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics", default=None, help="metrics.json (default: evaluate.out_dir/...)")
     p.add_argument("--store", default=None, help="store whose content hash tags the version")
     p.add_argument("--out", default=None, help="also write the summary JSON here")
+    p.add_argument(
+        "--receipt",
+        default=None,
+        metavar="FILE",
+        help="also write what was registered without version or run ids (a DVC output)",
+    )
     p.set_defaults(func=_cmd_register)
 
     p = sub.add_parser("promote", help="move alias champion to the challenger if it wins")
@@ -562,13 +593,82 @@ COMMAND_GROUPS.append(_add_pipeline_commands)
 COMMAND_GROUPS.append(_add_registry_commands)
 
 
+DESCRIPTION = """\
+RIMA pipeline: eye-disease grading from fundus photos and OCT volumes that stays accurate
+when one of the two is missing.
+
+Every command reads --params (default params.yaml; built-in defaults when it does not exist),
+an optional --profile file layered on top, and --set section.key=value overrides. Explicit
+path options win over the paths in params. `rima COMMAND --help` lists a command's options.
+"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written (plain text, line breaks kept); each option's default shown
+    when it has a real one (defaults that mean "from params" are said in the help text)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            not action.option_strings
+            or "default" in text
+            or default in (None, False, [], argparse.SUPPRESS)
+        ):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command parser gets :class:`_HelpFormatter` (subparsers inherit the class)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rima", description=__doc__.splitlines()[0])
+    from rima_core import __version__
+
+    parser = _Parser(prog="rima", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMAND_GROUPS:
         add(sub)
     return parser
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class _PlainTextFilter(logging.Filter):
+    """Strips terminal colour codes from records (MLflow colours some of its warnings), so log
+    files and CI logs show text, not escape sequences."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record is the logging module's business
+            return True
+        clean = _ANSI.sub("", message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+def _quiet_libraries() -> None:
+    """Library output fit for logs: Python warnings go through logging (one line, colour codes
+    stripped), and MLflow's artifact download bars are off — `rima` downloads artifacts only for
+    itself (e.g. `register` reading back the logged model), where they printed the same bar
+    several times. An explicit MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR wins."""
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.captureWarnings(True)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _PlainTextFilter) for f in handler.filters):
+            handler.addFilter(_PlainTextFilter())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -580,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     # no log line (ours, MLflow's, Optuna's) may print a password held in a URL-like setting
     install_log_redaction()
+    _quiet_libraries()
     try:
         _print(args.func(args))
     except (ConfigError, CaseError, SourceError, StepFailed, FileNotFoundError) as exc:

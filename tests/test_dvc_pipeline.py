@@ -3,6 +3,7 @@ generator, MLproject entry points, and (slow) `dvc repro` end to end in a copy o
 
 from __future__ import annotations
 
+import ast
 import itertools
 import json
 import os
@@ -177,6 +178,201 @@ def test_mlflow_run_entry_point(tiny_data, tmp_path: Path) -> None:  # type: ign
     assert len(pd.read_parquet(out)) > 0
 
 
+# --- deps, params and git: complete by construction ------------------------------------------
+
+# The `rima_core` modules each stage's command runs: its `steps` function(s), plus what every
+# command loads (the CLI and the config). Imports are followed statically (lazy ones inside
+# functions included); the source plug-ins are imported by name at run time.
+STAGE_STEPS = {
+    "prepare": ["prepare"],
+    "validate": ["validate"],
+    "simulate-missing": ["simulate_missing"],
+    "tune": ["tune"],
+    "train": ["train", "apply_best_params"],
+    "evaluate": ["evaluate"],
+    "register": ["register", "promote"],
+}
+DYNAMIC_IMPORTS = {"prepare": ["rima_core/data/sources"]}
+
+# Config keys that change no stage's outputs: speed, or a path the stage's command names anyway.
+NO_EFFECT = {
+    "prepare.workers",
+    "prepare.store_dir",
+    "train.num_workers",
+    "train.out_dir",
+    "tune.workers",
+    "tune.out_dir",
+    "evaluate.out_dir",
+    "missing.masks",
+    "validate.report",
+    "data.raw_dir",
+}
+# What each stage reads: whole sections, and single keys of other sections.
+STAGE_READS: dict[str, list[str]] = {
+    "prepare": ["data", "prepare"],
+    "validate": ["validate"],
+    # train_scenario only picks the masks train reads; the masks file holds every scenario
+    "simulate-missing": ["missing.seed", "missing.rate", "missing.mixed", "missing.sweep"],
+    "tune": [
+        "tune",
+        "model",
+        "ot",
+        "train",
+        "missing.train_scenario",
+        "evaluate.batch_size",
+    ],
+    "train": ["model", "ot", "train", "missing.train_scenario", "evaluate.batch_size"],
+    "evaluate": ["evaluate", "promote.scenario", "train.device", "train.amp", "train.seed"],
+    "register": ["mlflow", "promote"],
+}
+# tune: the values a trial sets itself (tune.epochs, the sampled lr, tune's target)
+OVERRIDDEN = {
+    "tune": {"train.epochs", "train.lr", "train.selection_metric", "train.selection_scenario"}
+}
+
+
+def _module_path(module: str) -> Path | None:
+    base = ROOT / Path(*module.split("."))
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    return None
+
+
+def _imports(tree: ast.AST, module: str) -> set[str]:
+    """``rima_core`` modules imported anywhere in ``tree`` (module or function level)."""
+    found: set[str] = set()
+    package = module.split(".")
+    if _module_path(module) is None or _module_path(module).name != "__init__.py":
+        package = package[:-1]
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        found |= {n for n in names if n.startswith("rima_core") and _module_path(n)}
+    return found
+
+
+def _closure(start: set[str]) -> set[str]:
+    seen: set[str] = set()
+    todo = list(start)
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        parts = module.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages run too
+        todo += _imports(ast.parse(_module_path(module).read_text()), module)
+    return seen
+
+
+def _stage_modules(stage: str) -> set[str]:
+    tree = ast.parse((ROOT / "rima_core" / "steps.py").read_text())
+    functions = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
+    start = {"rima_core.cli", "rima_core.config", "rima_core.steps"}
+    for name in STAGE_STEPS[stage]:
+        start |= _imports(functions[name], "rima_core.steps")
+    return _closure(start)
+
+
+def test_stage_deps_cover_the_code_the_stage_imports() -> None:
+    stages = _stages()
+    assert set(STAGE_STEPS) == set(stages)
+    for name, stage in stages.items():
+        deps = [str(d).rstrip("/") for d in stage["deps"]]
+        files = [str(_module_path(m).relative_to(ROOT)) for m in _stage_modules(name)]
+        files += DYNAMIC_IMPORTS.get(name, [])
+        missing = [f for f in files if not any(f == d or f.startswith(d + "/") for d in deps)]
+        assert not missing, f"stage {name}: deps miss code it runs: {sorted(missing)}"
+
+
+def test_closure_finds_lazy_imports() -> None:
+    """The check above would pass vacuously if lazy imports were missed."""
+    modules = _stage_modules("evaluate")
+    assert {"rima_core.evaluate", "rima_core.engine", "rima_core.headline"} <= modules
+    assert "rima_core.data.masks" in _stage_modules("simulate-missing")
+
+
+def test_stage_params_cover_what_the_stage_reads() -> None:
+    """A key a stage reads but does not list would not rerun it when changed (a stale output).
+    Every key of a section the stage reads must be listed (or its whole section), unless it is
+    declared speed/path-only in NO_EFFECT or set by the stage itself."""
+    flat = Config().flat()
+    stages = _stages()
+    assert set(STAGE_READS) == set(stages)
+    for name, reads in STAGE_READS.items():
+        listed = set(stages[name].get("params", []))
+        wanted = set()
+        for entry in reads:
+            wanted |= (
+                {k for k in flat if k.startswith(entry + ".")} if "." not in entry else {entry}
+            )
+        wanted -= NO_EFFECT | OVERRIDDEN.get(name, set())
+        missing = [k for k in sorted(wanted) if k not in listed and k.split(".")[0] not in listed]
+        assert not missing, f"stage {name}: params miss keys it reads: {missing}"
+
+
+def _git_ignored(paths: list[str]) -> set[str]:
+    proc = subprocess.run(
+        ["git", "check-ignore", "--no-index", "--stdin"],
+        cwd=ROOT,
+        input="\n".join(paths),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode in (0, 1), proc.stderr
+    return set(proc.stdout.split())
+
+
+def test_gitignore_commits_exactly_the_metrics_and_plots() -> None:
+    """The `cache: false` metrics/plots files are committed (dvc metrics diff, exp show and plots
+    diff read them from git); every other output, and the per-run files beside them, is
+    ignored."""
+    from rima_core.plots import CONFUSION_FILE, MISSING_RATE_FILE
+
+    cfg = load_config(ROOT / "params.yaml")
+    committed, ignored = [], []
+    for name, stage in _stages().items():
+        for kind in ("outs", "metrics"):
+            for entry in stage.get(kind, []):
+                path, opts = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))
+                path = _render(path, cfg)
+                if opts.get("cache", True):
+                    ignored.append(path)
+                elif path.endswith("/plots") and name == "evaluate":
+                    committed += [f"{path}/{MISSING_RATE_FILE}", f"{path}/{CONFUSION_FILE}"]
+                elif kind == "metrics" or path.endswith(".csv"):
+                    committed.append(path)
+                else:  # uncached, not read by DVC's metrics/plots: e.g. the register receipt
+                    ignored.append(path)
+    ignored += sorted(NOT_OUTPUTS)
+    inside = [f"{p}/file" for p in ignored]  # a folder output: its files (`dir/` patterns)
+    hit = _git_ignored(committed + ignored + inside)
+    assert not hit & set(committed), f"ignored, but must be committed: {hit & set(committed)}"
+    not_ignored = [p for p in ignored if p not in hit and f"{p}/file" not in hit]
+    assert not not_ignored, f"must be ignored: {not_ignored}"
+    metrics = [p for p in committed if p.endswith("headline.json")]
+    assert len(metrics) == 3, committed
+
+
+def test_plot_definitions_read_committed_files() -> None:
+    cfg = load_config(ROOT / "params.yaml")
+    plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+    files = set()
+    for plot in plots:
+        assert isinstance(plot, dict), f"{plot}: a PNG drawn by DVC duplicates a CSV chart"
+        spec = next(iter(plot.values()))
+        files |= {_render(f, cfg) for f in spec["y"]}
+    assert not _git_ignored(sorted(files)), files
+
+
 # --- slow: dvc repro end to end ------------------------------------------------------------------
 
 
@@ -221,12 +417,106 @@ def _git_commit(repo: Path, message: str) -> None:
     )
 
 
+# Files a run writes beside its outputs that are deliberately NOT outputs: they differ between
+# two identical runs (wall-clock times, MLflow run ids, registry version records) or only serve
+# `rima train --resume`. Any other file a run leaves must be a declared output.
+NOT_OUTPUTS = {
+    "models/rima/checkpoint.pt",
+    "models/rima/timings.csv",
+    "models/rima/timings.json",
+    "models/rima/mlflow_run.json",
+    "reports/tune/timings.csv",
+    "reports/register.json",
+    "reports/promotion.json",
+    # written only by some runs, and DVC has no optional outputs: models with translators,
+    # stores with demographic attributes
+    "models/rima/alignment.json",
+    "reports/eval/equity.png",
+}
+
+
+LONG = 3600  # seconds a whole `dvc repro` may take on a busy 2-core machine
+
+
+def _declared_outputs(repo: Path) -> set[str]:
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        return {
+            str(Path(out.fs_path).relative_to(repo))
+            for stage in dvc_repo.index.stages
+            for out in stage.outs
+        }
+
+
+def _undeclared(repo: Path, declared: set[str]) -> list[str]:
+    found = []
+    for top in ("models", "reports"):
+        for path in sorted((repo / top).rglob("*")):
+            rel = str(path.relative_to(repo))
+            if not path.is_file() or rel in NOT_OUTPUTS:
+                continue
+            if not any(rel == d or rel.startswith(d + "/") for d in declared):
+                found.append(rel)
+    return found
+
+
+def _errors(node: object, where: str = "") -> list[str]:
+    """Every non-empty ``error`` entry in DVC's JSON output (a '!' cell in the table)."""
+    out: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("error", "errors") and value:
+                out.append(f"{where}: {value}")
+            else:
+                out += _errors(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            out += _errors(value, f"{where}[{i}]")
+    return out
+
+
+def _numbers(node: object) -> list[object]:
+    if isinstance(node, dict):
+        return [x for v in node.values() for x in _numbers(v)]
+    return [node]
+
+
+def _json(args: list[str], cwd: Path) -> object:
+    """A DVC command's JSON answer (stdout); what it says on stderr about revisions it could not
+    load is an error too."""
+    proc = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{shlex.join(args)} failed:\n{proc.stderr[-4000:]}"
+    assert "failed to load" not in proc.stderr, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _git_clean(repo: Path, after: str) -> None:
+    status = _run(["git", "status", "--porcelain", "--untracked-files=all"], repo)
+    assert status.strip() == "", f"after {after}, the git tree is not clean:\n{status}"
+
+
 @pytest.mark.slow
 def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
+    """`dvc repro` on a fresh copy; the tree stays clean when nothing changed (even when stages
+    are forced to rerun: no timing or run id in any tracked output); the headline metrics are
+    few; an experiment compares with the committed baseline without errors."""
     repo = tmp_path / "repo"
     _copy_worktree(repo)
-    # the tiny profile, written into the copy's params.yaml (DVC tracks params.yaml's values)
-    cfg = load_config(repo / "params.yaml", repo / "configs" / "tiny.yaml")
+    # the tiny profile (2 tuning trials, 1 epoch), written into the copy's params.yaml (DVC
+    # tracks params.yaml's values)
+    cfg = load_config(
+        repo / "params.yaml",
+        repo / "configs" / "tiny.yaml",
+        # a 1-epoch model may grade at chance: register it anyway (the gate has its own tests)
+        [
+            "tune.n_trials=2",
+            "tune.epochs=1",
+            "train.epochs=1",
+            "evaluate.bootstrap=50",
+            "promote.register_min_metric=-1",
+        ],
+    )
     (repo / "params.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     _run(["git", "init", "-q"], repo)
     # tiny data is not the committed default: record it the way a user swaps in new data
@@ -234,7 +524,7 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
     _run(["dvc", "commit", "-f", "-q", "data.dvc"], repo)
     _git_commit(repo, "tiny")
 
-    first = _run(["dvc", "repro"], repo)
+    first = _run(["dvc", "repro"], repo, timeout=LONG)
     assert _ran(first) == STAGES
     for rel in [
         "data/store/tensors.arrow",
@@ -244,20 +534,25 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
         "reports/tune/best_params.json",
         "reports/tune/study.json",
         "reports/tune/trials.csv",
+        "reports/tune/headline.json",
         "models/rima/model.pt",
         "models/rima/history.csv",
+        "models/rima/headline.json",
         "reports/eval/metrics.json",
-        "reports/eval/rate_curve.csv",
-        "reports/eval/confusion.csv",
+        "reports/eval/headline.json",
+        "reports/eval/plots/missing_rate.csv",
+        "reports/eval/plots/confusion.csv",
         "reports/register.json",
         "reports/promotion.json",
+        "reports/registered_model.json",
         "dvc.lock",
     ]:
         assert (repo / rel).is_file(), rel
+    assert _undeclared(repo, _declared_outputs(repo)) == []
     from rima_core.data.masks import scenario_names
 
     metrics = json.loads((repo / "reports/eval/metrics.json").read_text())
-    assert set(metrics) == set(scenario_names(cfg.missing))
+    assert set(scenario_names(cfg.missing)) <= set(metrics)
     assert set(json.loads((repo / "reports/tune/best_params.json").read_text())) == {
         "ot.gw_epsilon",
         "ot.feature_epsilon",
@@ -266,28 +561,67 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
     }
     assert json.loads(_run(["dvc", "status", "--json"], repo)) == {}
 
-    # nothing changed: nothing runs
-    assert _ran(_run(["dvc", "repro"], repo)) == []
-    _git_commit(repo, "lock")
+    # the metrics DVC shows: a few dozen numbers, nothing else
+    shown = _json(["dvc", "metrics", "show", "--json"], repo)
+    files = shown[""]["data"]  # type: ignore[index]
+    assert set(files) == {
+        "reports/eval/headline.json",
+        "models/rima/headline.json",
+        "reports/tune/headline.json",
+    }
+    values = [x for f in files.values() for x in _numbers(f["data"])]
+    assert all(x is None or type(x) in (int, float) for x in values), values
+    assert len(values) <= 60, f"dvc metrics show has {len(values)} numbers"
+
+    # the metrics and plot files are committed; git then has nothing else to add
+    _git_commit(repo, "pipeline run")
+    tracked = _run(["git", "ls-files", "reports", "models"], repo).split()
+    assert "reports/eval/headline.json" in tracked
+    assert "models/rima/history.csv" in tracked
+    assert not [f for f in tracked if f.endswith((".pt", ".parquet", ".png"))], tracked
+
+    # nothing changed: nothing runs, nothing changes
+    assert _ran(_run(["dvc", "repro"], repo, timeout=LONG)) == []
+    _git_clean(repo, "a second dvc repro")
+    # forced reruns of the stages with wall-clock times or run ids produce identical outputs
+    # (tune's reports: tests/test_tune.py, which reruns a whole study much faster)
+    for stage in ["train", "evaluate", "register"]:
+        _run(["dvc", "repro", "-f", "-s", stage], repo, timeout=LONG)
+    _git_clean(repo, "forced reruns of train, evaluate and register")
 
     # one training param changed, as an experiment: only train and what follows it rerun
-    exp = _run(["dvc", "exp", "run", "-S", "train.epochs=1"], repo)
+    exp = _run(["dvc", "exp", "run", "-S", "train.epochs=2"], repo, timeout=LONG)
     assert _ran(exp) == ["train", "evaluate", "register"]
     import pandas as pd
 
-    assert len(pd.read_csv(repo / "models/rima/history.csv")) == 1  # trained with epochs=1
+    assert len(pd.read_csv(repo / "models/rima/history.csv")) == 2  # trained with epochs=2
 
-    shown = json.loads(_run(["dvc", "metrics", "show", "--json"], repo))
-    files = next(iter(shown.values()))["data"]
+    table = _json(["dvc", "exp", "show", "--json"], repo)
+    assert isinstance(table, list)
+    assert _errors(table) == []
+    entries = [*table]  # the workspace and the baseline commit, then the experiments
+    for row in table:
+        for group in row.get("experiments") or []:
+            entries += group.get("revs", [])
+    assert len(entries) >= 3, table
+    for entry in entries:
+        assert "reports/eval/headline.json" in entry["data"]["metrics"], entry
+        assert "models/rima/headline.json" in entry["data"]["metrics"], entry
+    diff = _json(["dvc", "metrics", "diff", "--json"], repo)
+    assert isinstance(diff, dict)
+    assert _errors(diff) == []
+    diff = diff.get("diff", diff)
+    assert diff["models/rima/headline.json"]["epochs_run"] == {"old": 1, "new": 2, "diff": 1}
+    eval_diff = diff.get("reports/eval/headline.json", {})
+    assert all(v.get("old") is not None for v in eval_diff.values()), eval_diff
+    plots = _json(["dvc", "plots", "diff", "--json", "HEAD"], repo)
+    assert isinstance(plots, dict)
+    assert _errors(plots) == []
     assert {
-        "reports/eval/metrics.json",
-        "reports/validation.json",
-        "reports/tune/study.json",
-    } <= set(files)
-    plots = json.loads(_run(["dvc", "plots", "show", "--json"], repo))["data"]
-    assert {
-        "metric vs missing rate (test)",
+        "qwk vs missing rate (test)",
+        "auc vs missing rate (test)",
         "confusion matrix (test, mixed)",
         "training loss",
         "validation metrics",
-    } <= set(plots)
+        "tuning trials",
+    } <= set(plots["data"])

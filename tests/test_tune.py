@@ -283,3 +283,54 @@ def test_cli_tune(tiny_data: TinyData, tmp_path: Path) -> None:
     ]
     assert main(argv) == 0
     assert json.loads((out / "best_params.json").read_text()) == {}
+
+
+def test_study_is_named_and_reports_fit_dvc(
+    tiny_cfg: Config, tiny_data: TinyData, tmp_path: Path, scripted: ScriptedTraining
+) -> None:
+    """The dashboard names the objective and shows what the study measured; the tracked reports
+    hold no wall-clock times (they go to timings.csv) and the headline numbers only; Optuna's
+    experimental-feature warnings stay out of the log."""
+    import warnings
+
+    import optuna
+
+    from rima_core.headline import count_numbers
+    from rima_core.tune import make_storage, objective_name
+
+    cfg = _cfg(tiny_cfg, tmp_path, n_trials=3, epochs=2, pruner_startup_trials=1)
+    out = tmp_path / "tune"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = tune(tiny_data.store, tiny_data.masks, out, cfg, track=False)
+    assert not [w for w in caught if issubclass(w.category, optuna.exceptions.ExperimentalWarning)]
+    study = optuna.load_study(
+        study_name=summary["study_name"], storage=make_storage(cfg.tune.storage)
+    )
+    assert study.metric_names == [objective_name(cfg.tune)] == [f"val_qwk_{cfg.tune.scenario}"]
+    assert study.user_attrs["scenario"] == cfg.tune.scenario
+    assert study.user_attrs["metric"] == "qwk"
+    assert len(study.user_attrs["data_hash"]) >= 16
+    trials = pd.read_csv(out / "trials.csv")
+    assert not [c for c in trials.columns if "duration" in c or "seconds" in c]
+    timings = pd.read_csv(out / "timings.csv")
+    assert timings["number"].tolist() == trials["number"].tolist()
+    assert (timings["duration_s"] >= 0).all()
+    headline = json.loads((out / "headline.json").read_text())
+    assert headline["best_value"] == pytest.approx(summary["best_value"])
+    assert headline["n_complete"] == summary["n_complete"]
+    assert count_numbers(headline) == 4 + len(summary["best_params"])
+
+
+def test_reports_are_identical_for_identical_inputs(
+    tiny_cfg: Config, tiny_data: TinyData, tmp_path: Path, scripted: ScriptedTraining
+) -> None:
+    """Two studies over the same inputs (fresh storages: what a fresh clone does) write
+    byte-identical DVC-tracked reports, so a rerun leaves dvc.lock and git unchanged."""
+    outs = []
+    for run in ("a", "b"):
+        cfg = _cfg(tiny_cfg, tmp_path / run, n_trials=3, epochs=2, pruner_startup_trials=1)
+        outs.append(tmp_path / run / "tune")
+        tune(tiny_data.store, tiny_data.masks, outs[-1], cfg, track=False)
+    for name in ("trials.csv", "headline.json", "best_params.json"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
