@@ -11,7 +11,12 @@ an answer in the registry itself.
 
 Evaluation metrics travel as version tags ``metric.<scenario>.<metric>`` (scenario names made
 key-safe: ``fundus_missing@0.5`` -> ``fundus_missing_0.5``), plus ``scenarios`` (JSON list of the
-original names) so comparisons never have to parse keys.
+original names) so comparisons never have to parse keys — a headline subset only
+(:func:`headline_tags`, at most :data:`MAX_VERSION_TAGS` tags per version); the full evaluation
+is the version's ``evaluation/metrics.json`` and the logged model's metrics.
+
+Lineage: the model is logged from the training run (:func:`log_trained_model`) and that logged
+model is what :func:`register` registers, so a version's source run is the run that trained it.
 """
 
 from __future__ import annotations
@@ -91,63 +96,250 @@ def set_challenger(client: Any, name: str, version: str) -> None:
     log.info("%s version %s is now @%s", name, version, CHALLENGER)
 
 
+# Version tags are for reading at a glance and for the promotion rule; the full evaluation is the
+# version's ``evaluation/metrics.json`` artifact and the logged model's metrics. A version carries
+# at most this many tags in all (the registry UI lists every one of them).
+MAX_VERSION_TAGS = 30
+# Tags register writes besides the metric tags (scenarios, data hash, commit, model hash, training
+# run), the four promotion.* tags promote adds, the two selection.* tags (validation metrics and
+# predictions: what promotion decides on) and one spare; metric tags get the rest.
+RESERVED_TAGS = 12
+# Shown for the primary scenario besides the promotion metric.
+HEADLINE_METRICS = ("qwk", "auc", "accuracy", "balanced_accuracy", "ece")
+# Value of a model that guesses: the default registration threshold (promote.register_min_metric).
+CHANCE_LEVEL = {"qwk": 0.0, "kappa": 0.0, "auc": 0.5}
+TAG_MODEL_SHA = "model_sha256"
+TAG_DESCRIPTION_DECISION = "Promotion decision"
+
+
+def headline_tags(metrics: dict[str, dict[str, float]], cfg: Config) -> dict[str, str]:
+    """The metric tags of a version, within :data:`MAX_VERSION_TAGS`.
+
+    First the promotion metric under the primary scenario, then the other headline metrics
+    there, then the promotion metric under every other scenario (what :func:`compare` checks for
+    regressions), named scenarios before sweep points (``...@rate``). Anything past the budget is
+    left to the evaluation artifact, and logged.
+    """
+    p = cfg.promote
+    wanted: list[tuple[str, str]] = [(p.scenario, p.metric)]
+    wanted += [(p.scenario, m) for m in HEADLINE_METRICS if m != p.metric]
+    others = sorted((s for s in metrics if s != p.scenario), key=lambda s: "@" in s)
+    wanted += [(s, p.metric) for s in others]
+    budget = MAX_VERSION_TAGS - RESERVED_TAGS
+    tags: dict[str, str] = {}
+    for scenario, metric in wanted:
+        value = metrics.get(scenario, {}).get(metric)
+        if value is None:
+            continue
+        if len(tags) == budget:
+            log.info("version tag budget reached: %s/%s stays in metrics.json", scenario, metric)
+            continue
+        tags[metric_tag(scenario, metric)] = repr(float(value))
+    return {TAG_SCENARIOS: json.dumps(list(metrics)), **tags}
+
+
+def register_threshold(cfg: Config) -> float | None:
+    """The value the promotion metric must beat for a model to be registered (None: no gate)."""
+    p = cfg.promote
+    if p.register_min_metric is not None:
+        return float(p.register_min_metric)
+    return CHANCE_LEVEL.get(p.metric)
+
+
+def registration_gate(metrics: dict[str, dict[str, float]], cfg: Config) -> tuple[bool, str]:
+    """(register?, why): a model whose promotion metric is no better than the threshold (its
+    chance level by default) or undefined is refused, so smoke runs and collapsed trainings never
+    become a version, let alone a challenger."""
+    p = cfg.promote
+    threshold = register_threshold(cfg)
+    value = metrics.get(p.scenario, {}).get(p.metric)
+    where = f"{p.metric} under {p.scenario}"
+    if threshold is None:
+        return True, f"{where}: no registration threshold (promote.register_min_metric is null)"
+    if value is None or not math.isfinite(value):
+        return False, f"{where} is missing or undefined; a registered model needs it"
+    lower = p.metric in LOWER_IS_BETTER
+    ok = value < threshold if lower else value > threshold
+    relation = ("<" if ok else ">=") if lower else (">" if ok else "<=")
+    return ok, f"{where} = {value:.4f} {relation} {threshold:g} (promote.register_min_metric)"
+
+
+def model_sha256(model_dir: str | Path) -> str:
+    """Content hash of the trained weights file: what ties a registry version to its training."""
+    import hashlib
+
+    from rima_core.serving import model_file
+
+    digest = hashlib.sha256()
+    with model_file(model_dir).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def log_trained_model(model_dir: str | Path, cfg: Config, summary: dict[str, Any]) -> Any:
+    """Log the trained model (pyfunc) from the active *training* run; returns MLflow's ModelInfo.
+
+    MLflow 3 makes it a logged model whose source run is the training run; the weights' hash is
+    a tag on it (how :func:`find_logged_model` finds it again at register time, without any
+    run-specific file in the training outputs), and the best validation metrics are logged
+    linked to it, so the model page shows what it was selected on.
+    """
+    import mlflow
+
+    from rima_core import serving
+
+    info = serving.log_pyfunc(model_dir, cfg)
+    client = mlflow.MlflowClient()
+    client.set_logged_model_tags(
+        info.model_id, {TAG_MODEL_SHA: model_sha256(model_dir), "model": cfg.model.name}
+    )
+    best = summary.get("best_val_metrics") or {}
+    values = {
+        f"best_val/{k}": float(v)
+        for k, v in best.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
+    if values:
+        mlflow.log_metrics(values, model_id=info.model_id)
+    return info
+
+
+def find_logged_model(model_dir: str | Path, cfg: Config) -> Any | None:
+    """The newest finished logged model of these exact weights in the experiment, or None."""
+    import mlflow
+
+    exp_id = tracking.configure(cfg.mlflow)
+    found = mlflow.search_logged_models(
+        experiment_ids=[exp_id],
+        filter_string=f"tags.{TAG_MODEL_SHA} = '{model_sha256(model_dir)}'",
+        order_by=[{"field_name": "creation_time", "ascending": False}],
+        max_results=1,
+        output_format="list",
+    )
+    return found[0] if found else None
+
+
+def version_description(
+    metrics: dict[str, dict[str, float]], cfg: Config, data_hash: str | None, model_uri: str
+) -> str:
+    """Markdown for the version's description: the data, the scenarios, the headline numbers.
+
+    The default; a model card (``register(description=...)``) replaces it. :func:`promote`
+    appends its decision either way.
+    """
+    p = cfg.promote
+    primary = metrics.get(p.scenario, {})
+    lines = [
+        f"**{cfg.model.name}** trained on `{cfg.data.source}`/`{cfg.data.disease}` data "
+        f"(store content hash `{(data_hash or 'unknown')[:16]}`), logged as `{model_uri}`.",
+        "",
+        f"Evaluated on the {cfg.evaluate.split} split under {len(metrics)} missing-modality "
+        f"scenarios: {', '.join(metrics)}.",
+        "",
+        f"Primary scenario `{p.scenario}`: "
+        + (
+            ", ".join(f"{m} {primary[m]:.4f}" for m in HEADLINE_METRICS if m in primary)
+            or "no metrics"
+        )
+        + ".",
+    ]
+    return "\n".join(lines)
+
+
+def _description_limit(text: str) -> str:
+    """MLflow keeps at most 5000 characters of a version description."""
+    return text if len(text) <= 5000 else text[:4990] + "\n…"
+
+
 def register(
     model_dir: str | Path,
     metrics_json: str | Path,
     cfg: Config,
     store: str | Path | None = None,
     tags: dict[str, str] | None = None,
+    description: str | None = None,
 ) -> dict[str, Any]:
-    """Log the trained model as a pyfunc, register a new version tagged with its evaluation,
-    and point ``@challenger`` at it. Runs as the ``register`` step's MLflow run; ``tags`` (e.g.
-    the training run id) go on both the run and the version."""
+    """Register the trained model as a new version tagged with its evaluation, and point
+    ``@challenger`` at it — unless :func:`registration_gate` refuses it.
+
+    The version is the logged model of the *training* run (found by the weights' hash,
+    :func:`find_logged_model`), so its source run is the run that trained it, with that run's
+    params, data input and commit. Only when no such logged model exists (trained with
+    ``track=False``, or against another store) is the model logged here, from the ``register``
+    run, with a warning. ``description`` (e.g. a model card) replaces the default
+    :func:`version_description`; ``tags`` go on the version too (within the tag budget).
+    """
     import mlflow
 
     from rima_core import serving
 
     metrics = read_metrics(metrics_json)
-    primary = metrics.get(cfg.promote.scenario, {}).get(cfg.promote.metric)
-    if primary is None:
-        log.warning(
-            "%s has no %s under scenario %s: this version can be registered but never promoted",
-            metrics_json,
-            cfg.promote.metric,
-            cfg.promote.scenario,
-        )
     name = cfg.mlflow.model_name
-    with tracking.start_run(cfg, "register", store=store, tags=tags) as run:
-        tracking.log_metrics(
+    primary = metrics.get(cfg.promote.scenario, {}).get(cfg.promote.metric)
+    ok, gate = registration_gate(metrics, cfg)
+    result: dict[str, Any] = {"model_name": name, "primary_metric": primary, "gate": gate}
+    if not ok:
+        log.warning("%s: not registered: %s", name, gate)
+        return {**result, "registered": False, "version": None}
+    logged = find_logged_model(model_dir, cfg)
+    with tracking.start_run(cfg, "register", store=store, tags=tags, log_params=False) as run:
+        if logged is None:
+            log.warning(
+                "no logged model of %s in experiment %r (trained without tracking?): logging it "
+                "from the register run, so its source run is not the training run",
+                model_dir,
+                cfg.mlflow.experiment,
+            )
+            info = serving.log_pyfunc(model_dir, cfg)
+            model_id, source_run = info.model_id, run.info.run_id
+        else:
+            model_id, source_run = logged.model_id, logged.source_run_id
+            tags = {**(tags or {}), "train_run_id": source_run}
+        tracking.log_artifacts(metrics_json, artifact_path="evaluation")
+        mlflow.log_metrics(
             {
                 f"{metric_key(s)}/{m}": v
                 for s, values in metrics.items()
                 for m, v in values.items()
                 if math.isfinite(v)
-            }
-        )
-        tracking.log_artifacts(metrics_json, artifact_path="evaluation")
-        info = serving.log_pyfunc(model_dir, cfg)
-        run_tags = mlflow.MlflowClient().get_run(run.info.run_id).data.tags
-        tags = {
-            **metric_tags(metrics),
-            "run_id": run.info.run_id,
-            **(tags or {}),
-            **{
-                k: run_tags[k]
-                for k in (tracking.TAG_GIT_COMMIT, tracking.TAG_DATA_HASH)
-                if k in run_tags
             },
+            model_id=model_id,  # the model page lists its evaluation
+        )
+        source_tags = mlflow.MlflowClient().get_run(source_run).data.tags
+        data_hash = source_tags.get(tracking.TAG_DATA_HASH)
+        version_tags = {
+            **headline_tags(metrics, cfg),
+            TAG_MODEL_SHA: model_sha256(model_dir),
+            **{
+                k: source_tags[k]
+                for k in (tracking.TAG_GIT_COMMIT, tracking.TAG_DATA_HASH)
+                if k in source_tags
+            },
+            **(tags or {}),
+            **log_selection(metrics_json, cfg),  # validation metrics: what promotion decides on
         }
-        version = mlflow.register_model(info.model_uri, name, tags=tags)
+        model_uri = f"models:/{model_id}"
+        version = mlflow.register_model(model_uri, name, tags=version_tags)
         client = mlflow.MlflowClient()
+        text = (
+            description
+            or model_card_or_none(model_dir, metrics_json, cfg, data_hash, model_uri)
+            or version_description(metrics, cfg, data_hash, model_uri)
+        )
+        mlflow.log_text(text, "model_card.md")  # the full card; the description may be cut
+        client.update_model_version(name, version.version, description=_description_limit(text))
         set_challenger(client, name, version.version)
-        tracking.set_tags({"registered_version": version.version})
+        tracking.set_tags({"registered_version": version.version, "model_id": model_id})
     return {
-        "model_name": name,
+        **result,
+        "registered": True,
         "version": str(version.version),
         "alias": CHALLENGER,
         "model_uri": f"models:/{name}/{version.version}",
+        "logged_model": model_uri,
+        "source_run_id": source_run,
         "run_id": run.info.run_id,
-        "primary_metric": primary,
     }
 
 
@@ -177,32 +369,160 @@ def _scenarios(tags: dict[str, str]) -> list[str]:
     return [str(n) for n in names] if isinstance(names, list) else []
 
 
+# --- promotion gate: validation metrics, comparability, significance ----------------------------
+#
+# Promotion decides on the *validation* split (evaluate's ``val/metrics.json``), never on the test
+# split: choosing the version that scores best on test would make test a selection set and its
+# numbers optimistic. ``register`` stores the validation metrics as one JSON tag (every scenario,
+# a few metrics: within the version-tag budget however many scenarios there are) and, for the
+# optional significance rule, the validation predictions of the primary scenario as an artifact.
+
+TAG_SELECTION = "selection.metrics"
+TAG_SELECTION_PREDICTIONS = "selection.predictions"
+SELECTION_TAG_METRICS = ("qwk", "auc", "accuracy", "balanced_accuracy", "ece", "nll")
+SELECTION_DIR = "val"  # evaluate's sub-folder for the selection split (rima_core.evaluate)
+
+
+def selection_metrics_path(metrics_json: str | Path) -> Path:
+    """Where evaluate wrote the validation metrics beside the test ``metrics.json``."""
+    return Path(metrics_json).parent / SELECTION_DIR / "metrics.json"
+
+
+def selection_tags(
+    selection: dict[str, dict[str, float]], cfg: Config, split: str = "val"
+) -> dict[str, str]:
+    """The ``selection.metrics`` tag: ``{"split", "metrics": {scenario: {metric: value}}}`` for
+    :data:`SELECTION_TAG_METRICS` and the promotion metric; undefined values as JSON null."""
+    keep = {*SELECTION_TAG_METRICS, cfg.promote.metric}
+    record = {
+        "split": split,
+        "metrics": {
+            scenario: {
+                m: (float(v) if math.isfinite(v) else None) for m, v in values.items() if m in keep
+            }
+            for scenario, values in selection.items()
+        },
+    }
+    return {TAG_SELECTION: json.dumps(record, allow_nan=False, separators=(",", ":"))}
+
+
+def log_selection(metrics_json: str | Path, cfg: Config) -> dict[str, str]:
+    """Version tags of the validation evaluation beside ``metrics_json`` (empty, with a warning,
+    when there is none: such a version can be registered but never wins a comparison).
+
+    Inside an active run it also logs evaluate's tables (scores, subgroups, equity, calibration)
+    and the primary scenario's validation predictions, which the paired significance test of
+    :func:`significance` reads back (``selection.predictions``).
+    """
+    import mlflow
+
+    path = selection_metrics_path(metrics_json)
+    if not path.is_file():
+        log.warning(
+            "%s: no validation metrics (run `rima evaluate` with evaluate.selection_split): "
+            "this version cannot be compared with a champion",
+            path,
+        )
+        return {}
+    tags = selection_tags(read_metrics(path), cfg, split=cfg.evaluate.selection_split)
+    preds = path.parent / "predictions" / f"{cfg.promote.scenario}.parquet"
+    run = mlflow.active_run()
+    for table in ("scores.csv", "subgroups.csv", "equity.csv", "calibration.csv"):
+        if run is not None and (path.parent.parent / table).is_file():
+            mlflow.log_artifact(str(path.parent.parent / table), artifact_path="evaluation")
+    if run is not None and preds.is_file():
+        mlflow.log_artifact(str(preds), artifact_path="evaluation/selection")
+        tags[TAG_SELECTION_PREDICTIONS] = (
+            f"{run.info.artifact_uri.rstrip('/')}/evaluation/selection/{preds.name}"
+        )
+    return tags
+
+
+def _selection_from_tags(tags: dict[str, str], who: str) -> tuple[dict[str, Any] | None, str]:
+    """The validation metrics a version carries, or ``(None, why not)``."""
+    raw = tags.get(TAG_SELECTION)
+    if raw is None:
+        return None, f"{who} has no validation metrics (tag {TAG_SELECTION}; register it again)"
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError:
+        return None, f"{who}'s {TAG_SELECTION} tag is not valid JSON"
+    metrics = record.get("metrics") if isinstance(record, dict) else None
+    if not isinstance(metrics, dict) or not all(isinstance(v, dict) for v in metrics.values()):
+        return None, f"{who}'s {TAG_SELECTION} tag is not {{scenario: {{metric: value}}}}"
+    return metrics, ""
+
+
+def _check_value(metric: str, value: Any) -> str | None:
+    """Why ``value`` is not a usable ``metric`` value (None when it is)."""
+    from rima_core.metrics import metric_range
+
+    if value is None:
+        return "null"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"{value!r} (not a number)"
+    if not math.isfinite(value):
+        return f"{value} (not finite)"
+    low, high = metric_range(metric)
+    if not low <= value <= high:
+        return f"{value:g} (outside [{low:g}, {high:g}])"
+    return None
+
+
+def comparability_problems(
+    challenger: dict[str, Any], champion: dict[str, Any], metric: str, primary: str
+) -> list[str]:
+    """Every reason the two validation records cannot be compared on ``metric``: a scenario the
+    champion has (or the primary one) that the challenger lacks, and any value that is missing,
+    null, not a number, not finite or outside the metric's range, on either side."""
+    problems: list[str] = []
+    needed = list(dict.fromkeys([primary, *champion]))
+    for scenario in needed:
+        for who, record in (("challenger", challenger), ("champion", champion)):
+            values = record.get(scenario)
+            if values is None or metric not in values:
+                problems.append(f"{who} lacks {metric} under {scenario}")
+                continue
+            bad = _check_value(metric, values[metric])
+            if bad is not None:
+                problems.append(f"{who}'s {metric} under {scenario} is {bad}")
+    return problems
+
+
 def compare(
     challenger_tags: dict[str, str], champion_tags: dict[str, str], cfg: Config
 ) -> tuple[bool, str, list[dict[str, Any]]]:
-    """Decide challenger vs champion from their metric tags: (promote?, reason, table rows)."""
+    """Decide challenger vs champion on their *validation* metrics: (promote?, reason, rows).
+
+    Not comparable means refused: a challenger that lacks a scenario the champion has, or holds
+    an unusable value for the promotion metric (:func:`comparability_problems`), is never
+    promoted. The reason starts with ``not comparable:`` (tagged as ``promotion.reason``).
+    """
     p = cfg.promote
     metric = p.metric
-    order = _scenarios(champion_tags)
-    order += [s for s in _scenarios(challenger_tags) if s not in order]
-    if p.scenario not in order:
-        order.insert(0, p.scenario)
+    new_rec, new_err = _selection_from_tags(challenger_tags, "challenger")
+    old_rec, old_err = _selection_from_tags(champion_tags, "champion")
+    if new_rec is None or old_rec is None:
+        return False, "not comparable: " + "; ".join(e for e in (new_err, old_err) if e), []
+    order = list(dict.fromkeys([p.scenario, *old_rec, *new_rec]))
+    problems = comparability_problems(new_rec, old_rec, metric, p.scenario)
     rows: list[dict[str, Any]] = []
     regressions: list[str] = []
     for scenario in order:
-        key = metric_tag(scenario, metric)
-        new, old = _tag_float(challenger_tags, key), _tag_float(champion_tags, key)
+        new = new_rec.get(scenario, {}).get(metric)
+        old = old_rec.get(scenario, {}).get(metric)
+        usable = _check_value(metric, new) is None and _check_value(metric, old) is None
         row: dict[str, Any] = {
             "scenario": scenario,
-            "champion": old,
-            "challenger": new,
+            "champion": old if _check_value(metric, old) is None else None,
+            "challenger": new if _check_value(metric, new) is None else None,
             "improvement": None,
             "primary": scenario == p.scenario,
         }
-        if new is None or old is None or not (math.isfinite(new) and math.isfinite(old)):
-            row["status"] = "not comparable"
+        if not usable:
+            row["status"] = "new" if scenario not in old_rec else "not comparable"
         else:
-            gain = _improvement(metric, new, old)
+            gain = _improvement(metric, float(new), float(old))
             row["improvement"] = gain
             if gain < -p.tolerance:
                 row["status"] = "regressed"
@@ -211,10 +531,10 @@ def compare(
             else:
                 row["status"] = "ok"
         rows.append(row)
+    if problems:
+        return False, "not comparable: " + "; ".join(problems), rows
     head = next(r for r in rows if r["primary"])
-    where = f"{metric} under {p.scenario}"
-    if head["improvement"] is None:
-        return False, f"{where} is missing or undefined for one of the two versions", rows
+    where = f"validation {metric} under {p.scenario}"
     gain = head["improvement"]
     if gain <= 0 or gain < p.margin:
         need = f"at least {p.margin:g}" if p.margin > 0 else "a positive improvement"
@@ -226,14 +546,97 @@ def compare(
             f"{p.tolerance:g}: {', '.join(regressions)}",
             rows,
         )
-    skipped = [r["scenario"] for r in rows if r["status"] == "not comparable"]
-    note = f" (not comparable, not checked: {', '.join(skipped)})" if skipped else ""
     return (
         True,
         f"{where} improves by {_signed(gain)} (margin {p.margin:g}) and no scenario regresses by "
-        f"more than {p.tolerance:g}{note}",
+        f"more than {p.tolerance:g}",
         rows,
     )
+
+
+def _read_selection_predictions(tags: dict[str, str], who: str, dst: Path) -> Any:
+    import mlflow
+    import pandas as pd
+
+    uri = tags.get(TAG_SELECTION_PREDICTIONS)
+    if not uri:
+        raise RegistryError(f"{who} has no validation predictions ({TAG_SELECTION_PREDICTIONS})")
+    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst / who))
+    return pd.read_parquet(local)
+
+
+def significance(
+    challenger_tags: dict[str, str], champion_tags: dict[str, str], cfg: Config
+) -> tuple[bool, str, dict[str, Any]]:
+    """Paired bootstrap of the primary improvement over the same validation eyes.
+
+    Both versions' predictions of the primary scenario are scored on the same resamples
+    (``evaluate.bootstrap``, ``evaluate.bootstrap_seed``, ``evaluate.ci_level``); the gain counts
+    only when its whole interval is above 0. Different eyes or labels: not comparable.
+    """
+    import tempfile
+
+    import numpy as np
+
+    from rima_core.metrics import BOOT_METRICS, paired_bootstrap_difference
+
+    p, ev = cfg.promote, cfg.evaluate
+    if p.metric not in BOOT_METRICS:
+        return False, f"no bootstrap for {p.metric}; choose one of {list(BOOT_METRICS)}", {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            new = _read_selection_predictions(challenger_tags, "challenger", Path(tmp))
+            old = _read_selection_predictions(champion_tags, "champion", Path(tmp))
+        except Exception as exc:  # a missing tag or an artifact that cannot be fetched
+            return False, f"not comparable: significance needs predictions: {exc}", {}
+    cols = sorted(c for c in new.columns if c.startswith("proba_"))
+    if (
+        set(new["case_id"]) != set(old["case_id"])
+        or not new["case_id"].is_unique
+        or cols != sorted(c for c in old.columns if c.startswith("proba_"))
+    ):
+        return False, "not comparable: the two versions were validated on different eyes", {}
+    old = old.set_index("case_id").loc[new["case_id"]].reset_index()
+    if not np.array_equal(new["label"].to_numpy(), old["label"].to_numpy()):
+        return False, "not comparable: the validation labels differ between the versions", {}
+    diff = paired_bootstrap_difference(
+        new["label"].to_numpy(),
+        new[cols].to_numpy(dtype=float),
+        old[cols].to_numpy(dtype=float),
+        p.metric,
+        ev.bootstrap,
+        ev.bootstrap_seed,
+        ev.ci_level,
+    )
+    lower = p.metric in LOWER_IS_BETTER
+    if lower:  # a drop in a lower-is-better metric is the gain: the interval flips
+        gain = {"value": -diff["value"], "ci_low": -diff["ci_high"], "ci_high": -diff["ci_low"]}
+    else:
+        gain = {k: diff[k] for k in ("value", "ci_low", "ci_high")}
+    text = (
+        f"paired bootstrap over {len(new)} validation eyes: gain {_signed(gain['value'])} "
+        f"[{_signed(gain['ci_low'])}, {_signed(gain['ci_high'])}] ({ev.ci_level:.0%} interval)"
+    )
+    ok = math.isfinite(gain["ci_low"]) and gain["ci_low"] > 0
+    return ok, text, {**gain, "n_eyes": len(new), "n_boot": diff["n_boot"]}
+
+
+def model_card_or_none(
+    model_dir: str | Path,
+    metrics_json: str | Path,
+    cfg: Config,
+    data_hash: str | None,
+    model_uri: str,
+) -> str | None:
+    """The version's model card (:mod:`rima_core.model_card`) from the evaluation folder that
+    holds ``metrics_json``; None when that folder lacks evaluate's tables (an older evaluation)."""
+    from rima_core.model_card import build_model_card, has_card_inputs
+
+    eval_dir = Path(metrics_json).parent
+    if not has_card_inputs(eval_dir):
+        log.info("%s lacks evaluate's tables: the version gets no model card", eval_dir)
+        return None
+    return build_model_card(model_dir, eval_dir, cfg, data_hash=data_hash, model_uri=model_uri)
 
 
 def promote(cfg: Config, dry_run: bool = False) -> dict[str, Any]:
@@ -278,6 +681,17 @@ def promote(cfg: Config, dry_run: bool = False) -> dict[str, Any]:
         promote_it, reason = False, f"version {challenger.version} is already the champion"
     else:
         promote_it, reason, result["table"] = compare(challenger.tags, champion.tags, cfg)
+        if promote_it and cfg.promote.require_significant:
+            significant, note, result["significance"] = significance(
+                challenger.tags, champion.tags, cfg
+            )
+            promote_it = significant
+            if significant:
+                reason = f"{reason}; {note}"
+            elif note.startswith("not comparable"):
+                reason = note
+            else:
+                reason = f"{reason}, but not significantly ({note}: the interval is not above 0)"
     result.update(
         decision="promote" if promote_it else "keep",
         promoted=promote_it and not dry_run,
@@ -300,6 +714,7 @@ def promote(cfg: Config, dry_run: bool = False) -> dict[str, Any]:
         client.set_model_version_tag(name, str(challenger.version), key, value)
     if promote_it:
         client.set_registered_model_alias(name, CHAMPION, str(challenger.version))
+    _describe_decision(client, name, str(challenger.version), decision, reason)
     log.info("%s v%s: %s (%s)", name, challenger.version, decision, reason)
     with tracking.start_run(
         cfg, "promote", log_params=False, tags={**tags, "version": challenger.version}
@@ -309,6 +724,15 @@ def promote(cfg: Config, dry_run: bool = False) -> dict[str, Any]:
         mlflow.log_text(format_table(result), "promotion.txt")
         mlflow.log_dict(result, "promotion.json")
     return result
+
+
+def _describe_decision(client: Any, name: str, version: str, decision: str, reason: str) -> None:
+    """Put the latest promotion decision at the end of the version's description (replacing an
+    earlier one), so the registry page says what data, which scenarios and what was decided."""
+    current = client.get_model_version(name, version).description or ""
+    head = current.split(f"\n\n**{TAG_DESCRIPTION_DECISION}**", 1)[0]
+    text = f"{head}\n\n**{TAG_DESCRIPTION_DECISION}**: {decision} — {reason}".strip()
+    client.update_model_version(name, version, description=_description_limit(text))
 
 
 def _signed(v: float) -> str:
