@@ -515,7 +515,7 @@ def pyfunc_class() -> type:
             self.policy = InputPolicy.server()
             self.predictor = Predictor.from_file(context.artifacts[ARTIFACT_MODEL], device=device)
             log.info(
-                "serving %s: files %s; limits %s",
+                "pyfunc %s, request policy: files %s; limits %s (rima predict uses its own)",
                 self.predictor.spec.name,
                 f"under {self.policy.file_root}" if self.policy.file_root else "refused",
                 self.policy.limits,
