@@ -80,7 +80,8 @@ def run_local(
     local.init(
         runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True
     )
-    pipeline = build_pipeline(ClusterOptions())
+    # no CPU/memory requests: kfp.local ignores them and would warn once per task
+    pipeline = build_pipeline(ClusterOptions(resources={}))
     # kfp.local warns for every task that the image is not used; that is the point here
     warnings.filterwarnings("ignore", "You may be attemping", RuntimeWarning)
     start = time.perf_counter()
