@@ -246,23 +246,62 @@ _NOT_CODE_FILES = ("dvc.lock", "params.yaml", ".dvcignore")
 
 
 def _dvc_outputs(root: Path) -> set[str]:
-    """Paths ``dvc.yaml`` declares as stage outputs (outs/metrics/plots), relative to ``root``."""
+    """Paths ``dvc.yaml`` declares as stage outputs (outs/metrics/plots) or draws in its top-level
+    ``plots:``, relative to ``root``; ``${section.key}`` resolved from ``params.yaml``."""
+    import re
+
     import yaml
 
-    try:
-        data = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return set()
-    out: set[str] = set()
+    def load(name: str) -> dict[str, Any]:
+        try:
+            data = yaml.safe_load((root / name).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    data, params = load("dvc.yaml"), load("params.yaml")
+
+    def resolve(path: Any) -> str | None:
+        if not isinstance(path, str):
+            return None
+
+        def value(match: re.Match[str]) -> str:
+            node: Any = params
+            for part in match.group(1).strip().split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                raise KeyError(match.group(1))
+            return str(node)
+
+        try:
+            return re.sub(r"\$\{([^}]+)\}", value, path).strip("/")
+        except KeyError:
+            return None
+
+    def keys(entries: Any) -> list[Any]:
+        if isinstance(entries, str):
+            return [entries]
+        if isinstance(entries, dict):
+            return list(entries)
+        out = []
+        for entry in entries or []:
+            out += list(entry) if isinstance(entry, dict) else [entry]
+        return out
+
+    found: list[Any] = []
     for stage in (data.get("stages") or {}).values():
-        if not isinstance(stage, dict):
-            continue
-        for kind in ("outs", "metrics", "plots"):
-            for entry in stage.get(kind) or []:
-                path = next(iter(entry)) if isinstance(entry, dict) else entry
-                if isinstance(path, str) and "${" not in path:
-                    out.add(path.strip("/"))
-    return out
+        if isinstance(stage, dict):
+            for kind in ("outs", "metrics", "plots"):
+                found += keys(stage.get(kind))
+    for plot in data.get("plots") or []:
+        if isinstance(plot, dict):
+            for spec in plot.values():
+                if isinstance(spec, dict):
+                    y, x = spec.get("y"), spec.get("x")  # a plain x is a column name
+                    found += keys(y) + (keys(x) if isinstance(x, dict) else [])
+        else:
+            found.append(plot)
+    return {p for p in map(resolve, found) if p}
 
 
 def dirty_code_files(root: Path, porcelain: str) -> list[str]:

@@ -262,10 +262,13 @@ def test_git_dirty_counts_only_code(tmp_path: Path) -> None:
     (repo / "src").mkdir()
     files = {
         "dvc.yaml": "stages:\n  evaluate:\n    cmd: x\n    outs:\n      - models/rima\n"
-        "    metrics:\n      - reports/metrics.json:\n          cache: false\n"
-        "    plots:\n      - reports/plots\n",
+        "    metrics:\n      - ${evaluate.out_dir}/metrics.json:\n          cache: false\n"
+        "    plots:\n      - reports/plots\n"
+        "plots:\n  - curve:\n      x: epoch\n"
+        "      y:\n        ${evaluate.out_dir}/curve.csv: [a]\n",
         "dvc.lock": "schema: '2.0'\n",
-        "params.yaml": "train:\n  epochs: 1\n",
+        "params.yaml": "train:\n  epochs: 1\nevaluate:\n  out_dir: reports\n",
+        "reports/curve.csv": "epoch,a\n0,1\n",
         "data.dvc": "outs:\n- path: data\n",
         "reports/metrics.json": "{}\n",
         "src/code.py": "x = 1\n",
@@ -277,8 +280,11 @@ def test_git_dirty_counts_only_code(tmp_path: Path) -> None:
     _git(repo, "init", "-q")
     _git(repo, "add", ".")
     _git(repo, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init")
-    for name in ("dvc.lock", "params.yaml", "data.dvc", "reports/metrics.json", ".dvc/config"):
+    changed = ("dvc.lock", "params.yaml", "data.dvc", "reports/metrics.json", "reports/curve.csv")
+    for name in (*changed, ".dvc/config"):
         (repo / name).write_text("changed by the run\n")
+    # `dvc exp run -S` rewrites params.yaml; outputs are still found through it
+    (repo / "params.yaml").write_text("train:\n  epochs: 2\nevaluate:\n  out_dir: reports\n")
     (repo / "untracked.txt").write_text("a run output\n")
     status = _git(repo, "status", "--porcelain", "--untracked-files=all")
     assert "untracked.txt" in status and "dvc.lock" in status  # the filter has work to do
