@@ -115,9 +115,12 @@ def train(
     if not track:
         return _train(Path(store), Path(masks), out, cfg, resume=resume)
     from rima_core import tracking
+    from rima_core.registry import log_trained_model
 
     run_id, tags = _train_run(out, cfg, resume)
-    with tracking.start_run(cfg, "train", store=store, tags=tags, run_id=run_id) as run:
+    with tracking.start_run(
+        cfg, "train", store=store, tags=tags, dataset_context="training", run_id=run_id
+    ) as run:
         write_run_file(out, run.info.run_id)  # before training: a kill leaves a resumable run
         summary = _train(Path(store), Path(masks), out, cfg, resume=resume)
         if run_id is not None:
@@ -126,6 +129,8 @@ def train(
         write_summary(out, summary)  # tracked files hold no run ids or times (dvc.lock)
         for name in ("model.pt", "history.csv", "train_summary.json"):
             tracking.log_artifacts(out / name, artifact_path="train")
+        # the model is logged from the run that trained it; `register` registers this one
+        log_trained_model(out, cfg, summary)
     return summary
 
 
@@ -226,7 +231,9 @@ def evaluate(
     if run_id:
         tags["train_run_id"] = run_id  # links the evaluation to the run that trained it
     check_evaluate_inputs(model, store, masks, cfg)  # a bad input must not leave a FAILED run
-    with tracking.start_run(cfg, "evaluate", store=store, tags=tags) as run:
+    with tracking.start_run(
+        cfg, "evaluate", store=store, tags=tags, dataset_context="evaluation"
+    ) as run:
         result = _evaluate(Path(model), Path(store), Path(masks), Path(out_dir), cfg)
         result["mlflow_run_id"] = run.info.run_id
     return result
