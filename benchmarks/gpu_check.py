@@ -626,6 +626,10 @@ class ListTracker:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.steps.append(step)
 
+    def epochs(self) -> list[int]:
+        """The per-epoch logs (the engine may also log run-level metrics without a step)."""
+        return [s for s in self.steps if s is not None]
+
 
 def engine_config(device: torch.device, tiny: bool, epochs: int) -> Any:
     from rima_core.config import load_config
@@ -698,7 +702,11 @@ def part_engine(device: torch.device, tiny: bool, deadline: float, prog: Progres
         tracker_resume = ListTracker()
         with timed_stage("train_resume"):
             summary = train(store, masks, run_a, cfg, resume=True, tracker=tracker_resume)
-        prog.update(train_summary=summary, **_memory(device))
+        prog.update(
+            train_summary=summary,
+            tracker_steps={"until_interrupt": tracker_a.steps, "resume": tracker_resume.steps},
+            **_memory(device),
+        )
         hist_a = pd.read_csv(run_a / "history.csv")
 
         with timed_stage("evaluate"):
@@ -720,8 +728,8 @@ def part_engine(device: torch.device, tiny: bool, deadline: float, prog: Progres
             "amp_dtype_as_engine_chooses": summary["amp_dtype"]
             == (str(engine_amp).replace("torch.", "") if engine_amp else None),
             "checkpoint_after_interrupt": checkpoint_written,
-            "resume_continued_at_epoch_3": tracker_a.steps == [1, 2]
-            and tracker_resume.steps == [3],
+            "resume_continued_at_epoch_3": tracker_a.epochs() == [1, 2]
+            and tracker_resume.epochs() == [3],
             "epochs_in_history": len(hist_a) == epochs,
             "losses_finite": bool(np.isfinite(hist_a["train_loss"]).all()),
             "every_scenario_evaluated": set(expected) <= set(metrics),
