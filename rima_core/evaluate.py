@@ -35,7 +35,9 @@ from rima_core.atomic import atomic_dir
 from rima_core.calibration import calibration_report, plot_reliability
 from rima_core.config import Config
 from rima_core.engine import EngineError, Predictions, amp_dtype, predict, resolve_device
+from rima_core.headline import HEADLINE_FILE, eval_headline, write_headline
 from rima_core.metrics import bootstrap_scores, classification_metrics, es_auc, metric_key
+from rima_core.plots import PLOTS_DIR, write_eval_plots
 from rima_core.train import load_masks
 
 log = logging.getLogger(__name__)
@@ -470,6 +472,11 @@ def evaluate(
 
     with atomic_dir(out_dir) as tmp:
         (tmp / "metrics.json").write_text(dump(metrics))
+        # what DVC shows and compares: a few numbers, and plot tables shaped for its templates
+        write_headline(tmp / HEADLINE_FILE, eval_headline(metrics))
+        write_eval_plots(
+            tmp / PLOTS_DIR, curve, conf_frame["label"], conf_frame["pred"], class_names
+        )
         curve.to_csv(tmp / "rate_curve.csv", index=False)
         confusion.to_csv(tmp / "confusion.csv", index=False)
         scores.to_csv(tmp / "scores.csv", index=False)
