@@ -513,6 +513,10 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
             "tune.n_trials=2",
             "tune.epochs=1",
             "train.epochs=1",
+            # without warm-up, epoch 1 already depends on train.epochs (the lr schedule), so the
+            # experiment below yields a new model even when it selects epoch 1 again (an
+            # identical model.pt would rightly not rerun evaluate)
+            "train.warmup_epochs=0",
             "evaluate.bootstrap=50",
             "promote.register_min_metric=-1",
         ],
