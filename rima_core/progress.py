@@ -35,6 +35,17 @@ def mode() -> str:
     return "on" if stream is not None and stream.isatty() else "log"
 
 
+class _LogBar(tqdm):
+    """A bar for logs: it draws only on its schedule (``delay``, ``mininterval``). tqdm redraws
+    at once on ``set_postfix``/``set_description``, which printed a line per batch."""
+
+    def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **kwargs: Any) -> None:
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+    def set_description(self, desc: str | None = None, refresh: bool = True) -> None:
+        super().set_description(desc, refresh=False)
+
+
 def progress(iterable: Iterable[T] | None = None, **kwargs: Any) -> tqdm:
     """``tqdm(iterable, **kwargs)`` with the display policy of this module.
 
@@ -50,4 +61,4 @@ def progress(iterable: Iterable[T] | None = None, **kwargs: Any) -> tqdm:
         kwargs.setdefault("ascii", True)
     if kwargs.get("disable") is None:
         kwargs["disable"] = False  # tqdm's None means "off unless a TTY": the policy is ours
-    return tqdm(iterable, **kwargs)
+    return (_LogBar if how == "log" else tqdm)(iterable, **kwargs)

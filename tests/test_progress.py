@@ -32,8 +32,10 @@ def test_short_loops_print_nothing_outside_a_terminal(monkeypatch: pytest.Monkey
     monkeypatch.delenv(progress.ENV, raising=False)
     out = io.StringIO()
     monkeypatch.setattr("sys.stderr", out)
-    for _ in progress.progress(range(200), desc="epoch 1/2", leave=False, file=out):
-        pass
+    bar = progress.progress(range(200), desc="epoch 1/2", leave=False, file=out)
+    for i in bar:
+        bar.set_postfix(loss=f"{i:.3f}")  # the training loop's per-batch update
+        bar.set_description(f"epoch {i}")
     with progress.progress(total=10, desc="prepare", file=out) as bar:
         bar.update(10)
     assert out.getvalue() == ""
