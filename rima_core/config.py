@@ -102,6 +102,10 @@ class ModelConfig:
     heads: int = 4
     dropout: float = 0.1
     modality_dropout: float = 0.2
+    # RIMA: weight of the cross-entropy of the fundus-only / OCT-only paths of complete eyes, and
+    # of their consistency (KL) with the full prediction (see models/rima.py)
+    missing_path_weight: float = 1.0
+    consistency_weight: float = 0.5
     fundus_weights: str | None = None  # local path to pretrained weights; never downloaded
     oct_weights: str | None = None
 
@@ -130,7 +134,8 @@ class TrainConfig:
     amp: bool = True  # only used on CUDA
     num_workers: int = 0
     selection_metric: str = "qwk"
-    selection_scenario: str = "mixed"  # validation scenario used for model selection
+    # validation scenario used for model selection; "mean" = the mean over the main scenarios
+    selection_scenario: str = "mean"
 
 
 @dataclass
@@ -143,7 +148,7 @@ class TuneConfig:
     epochs: int = 3
     workers: int = 1
     seed: int = 0
-    scenario: str = "mixed"
+    scenario: str = "mean"
     metric: str = "qwk"
     # MedianPruner: no pruning until this many trials completed / before this many epochs
     pruner_startup_trials: int = 3
@@ -188,9 +193,6 @@ class PromoteConfig:
     scenario: str = "mixed"
     margin: float = 0.0
     tolerance: float = 0.02
-    # also require the paired-bootstrap interval of the primary improvement (validation eyes)
-    # to exclude 0; needs both versions registered with their validation predictions
-    require_significant: bool = False
     # also require the paired-bootstrap interval of the primary improvement (validation eyes)
     # to exclude 0; needs both versions registered with their validation predictions
     require_significant: bool = False

@@ -35,6 +35,7 @@ from torch import nn
 
 from rima_core.atomic import atomic_file, write_text
 from rima_core.config import Config
+from rima_core.data.masks import selection_scenarios
 from rima_core.engine import (
     EngineError,
     amp_dtype,
@@ -47,8 +48,8 @@ from rima_core.engine import (
     to_device,
 )
 from rima_core.metrics import classification_metrics, is_better
-
 from rima_core.progress import progress as tqdm
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
@@ -86,6 +87,46 @@ def check_scenario(masks: pd.DataFrame, split: str, scenario: str, what: str) ->
             f"scenarios in the masks for {split!r}: {known}"
         )
     return n
+
+
+def check_selection(masks: pd.DataFrame, selection_scenario: str, what: str) -> int:
+    """Validation eyes behind a selection rule (``mean`` needs every main scenario)."""
+    counts = [
+        check_scenario(masks, "val", scenario, what)
+        for scenario in selection_scenarios(selection_scenario)
+    ]
+    return counts[0]
+
+
+def validation_metrics(
+    model: nn.Module,
+    loaders: dict[str, Any],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    class_names: list[str],
+) -> dict[str, float]:
+    """Validation metrics under each scenario of ``loaders``; with several scenarios the plain
+    metric names hold their mean (what selection and tuning compare) and
+    ``<scenario>_<metric>`` the per-scenario values.
+
+    Selecting on one scenario (say ``mixed``) picks epochs and settings that suit that mix and
+    can hurt the single-modality paths; the mean over all scenarios weighs every path alike.
+    """
+    per = {
+        scenario: classification_metrics(
+            (p := predict(model, loader, device, dtype, desc=f"validate {scenario}")).y_true,
+            p.proba,
+            class_names,
+        )
+        for scenario, loader in loaders.items()
+    }
+    if len(per) == 1:
+        return next(iter(per.values()))
+    names = next(iter(per.values())).keys()
+    out = {k: float(np.mean([m[k] for m in per.values()])) for k in names}
+    for scenario, metrics in per.items():
+        out.update({f"{scenario}_{k}": v for k, v in metrics.items()})
+    return out
 
 
 def _masks_digest(masks: pd.DataFrame, pairs: list[tuple[str, str]]) -> str:
@@ -155,7 +196,21 @@ def _save_torch(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+# Beside history.csv and train_summary.json: what differs between two identical runs (wall-clock
+# times, the MLflow run). Never DVC outputs, so a rerun with unchanged inputs leaves dvc.lock and
+# the committed files as they were.
+TIMINGS_FILE = "timings.csv"
+RUN_TIMINGS_FILE = "timings.json"
+# summary keys that describe this run rather than its result (they stay in the returned summary)
+RUN_SUMMARY_KEYS = frozenset(
+    {"mean_epoch_seconds", "ot_share", "run_seconds_this_session", "mlflow_run_id"}
+)
+
+
 def _write_history(history: list[dict[str, float]], path: Path) -> None:
+    """``history.csv`` (deterministic) and the per-epoch timings in ``timings.csv`` beside it."""
+    hist = pd.DataFrame(history)
+    timing = [c for c in hist.columns if is_timing_column(c)]
     with atomic_file(path) as tmp:
         hist.drop(columns=timing).to_csv(tmp, index=False)
     with atomic_file(path.parent / TIMINGS_FILE) as tmp:
@@ -211,21 +266,7 @@ class _EpochStats:
         }
 
 
-# Beside history.csv and train_summary.json: what differs between two identical runs (wall-clock
-# times, the MLflow run). Never DVC outputs, so a rerun with unchanged inputs leaves dvc.lock and
-# the committed files as they were.
-TIMINGS_FILE = "timings.csv"
-RUN_TIMINGS_FILE = "timings.json"
-# summary keys that describe this run rather than its result (they stay in the returned summary)
-RUN_SUMMARY_KEYS = frozenset(
-    {"mean_epoch_seconds", "ot_share", "run_seconds_this_session", "mlflow_run_id"}
-)
-
-
 def _train_one_epoch(
-    """``history.csv`` (deterministic) and the per-epoch timings in ``timings.csv`` beside it."""
-    hist = pd.DataFrame(history)
-    timing = [c for c in hist.columns if is_timing_column(c)]
     model: nn.Module,
     loader: Any,
     optimizer: torch.optim.Optimizer,
@@ -308,9 +349,9 @@ def train(
     st = open_store(store)
     mask_df = load_masks(masks)
     n_train = check_scenario(mask_df, "train", cfg.missing.train_scenario, "training")
-    n_val = check_scenario(mask_df, "val", tc.selection_scenario, "model selection")
+    val_scenarios = selection_scenarios(tc.selection_scenario)
+    n_val = check_selection(mask_df, tc.selection_scenario, "model selection")
     train_ds = EyeDataset(store, mask_df, "train", cfg.missing.train_scenario)
-    val_ds = EyeDataset(store, mask_df, "val", tc.selection_scenario)
 
     device = resolve_device(tc.device)
     dtype = amp_dtype(device, tc.amp)
@@ -336,7 +377,7 @@ def train(
             "data_hash": st.meta.get("content_hash"),
             "masks_digest": _masks_digest(
                 mask_df,
-                [("train", cfg.missing.train_scenario), ("val", tc.selection_scenario)],
+                [("train", cfg.missing.train_scenario)] + [("val", v) for v in val_scenarios],
             ),
         },
     )
@@ -382,6 +423,7 @@ def train(
         if resume:
             log.info("no checkpoint in %s: starting a fresh run", out_dir)
         summary_path.unlink(missing_ok=True)
+        (out_dir / "headline.json").unlink(missing_ok=True)
 
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
@@ -396,14 +438,17 @@ def train(
         tc.selection_scenario,
         tc.epochs,
     )
-    val_loader = make_loader(
-        val_ds,
-        batch_size=cfg.evaluate.batch_size,
-        shuffle=False,
-        num_workers=tc.num_workers,
-        seed=tc.seed,
-        pin_memory=pin,
-    )
+    val_loaders = {
+        scenario: make_loader(
+            EyeDataset(store, mask_df, "val", scenario),
+            batch_size=cfg.evaluate.batch_size,
+            shuffle=False,
+            num_workers=tc.num_workers,
+            seed=tc.seed,
+            pin_memory=pin,
+        )
+        for scenario in val_scenarios
+    }
     metric = tc.selection_metric
     known = classification_metrics(np.arange(spec.n_classes), np.eye(spec.n_classes))
     if metric not in known:
@@ -423,7 +468,6 @@ def train(
             seed=epoch_seed(tc.seed, epoch),
             pin_memory=pin,
         )
-        (out_dir / "headline.json").unlink(missing_ok=True)
         train_stats = _train_one_epoch(
             model,
             loader,
@@ -436,8 +480,7 @@ def train(
             f"epoch {epoch}/{tc.epochs}",
         )
         t1 = time.perf_counter()
-        preds = predict(model, val_loader, device, dtype, desc="validate")
-        val_metrics = classification_metrics(preds.y_true, preds.proba, spec.class_names)
+        val_metrics = validation_metrics(model, val_loaders, device, dtype, spec.class_names)
         t2 = time.perf_counter()
         score = val_metrics[metric]
         improved = is_better(metric, score, best["score"] if best["epoch"] else None)
@@ -510,7 +553,12 @@ def train(
     if best["state_dict"] is None:
         raise RuntimeError(f"{out_dir}: no epoch was trained (train.epochs={tc.epochs})")
     model.load_state_dict(best["state_dict"])
+    from rima_core.calibration import calibrate_model  # T changes no argmax: QWK/weights as chosen
+
+    calibration = calibrate_model(model, val_loaders, device, dtype)
+    spec.temperature = calibration["temperature"]
     save_model(model, spec, model_path)
+    _alignment_report(model, store, mask_df, out_dir / "alignment.json", tracker)
     hist = pd.DataFrame(history)
     timing = hist[[c for c in hist.columns if is_timing_column(c)]]
     summary = {
@@ -528,12 +576,40 @@ def train(
         "n_train": n_train,
         "n_val": n_val,
         "best_val_metrics": {k: _json_number(v) for k, v in best["metrics"].items()},
+        "temperature": calibration["temperature"],
         "mean_epoch_seconds": float(timing["epoch_seconds"].mean()),
         "ot_share": float(timing["ot_seconds"].sum() / max(1e-12, timing["train_seconds"].sum())),
         "run_seconds_this_session": time.perf_counter() - t_run,
     }
     write_summary(out_dir, summary)
     return summary
+
+
+def _alignment_report(
+    model: nn.Module, store: str | Path, masks: pd.DataFrame, path: Path, tracker: MetricsSink
+) -> None:
+    """Alignment diagnostics of the chosen model on the validation split (rima_core.diagnostics)
+    to ``path`` and the tracker (``alignment_*``), so a change that stops the OT parts from
+    carrying signal shows in every run. Models without translators write nothing."""
+    from rima_core.diagnostics import alignment_diagnostics, supports_diagnostics
+
+    path.unlink(missing_ok=True)
+    if not supports_diagnostics(model):
+        return
+    report = alignment_diagnostics(model, store, masks, split="val")
+    clean = {k: _json_number(v) for k, v in report.items()}
+    write_text(path, json.dumps(clean, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    tracker.log_metrics({f"alignment_{k}": v for k, v in report.items()})
+    log.info(
+        "alignment (val): probe QWK fundus %.3f, OCT %.3f; translated fundus->OCT read by the "
+        "OCT probe %.3f; centred cosine %.3f; T_v column max %.4f (uniform %.4f)",
+        report["probe_qwk_fundus"],
+        report["probe_qwk_oct"],
+        report["cross_probe_qwk_fundus_to_oct"],
+        report["centred_cosine_fundus_to_oct"],
+        report.get("tv_column_max", float("nan")),
+        report.get("tv_column_max_uniform", float("nan")),
+    )
 
 
 def _json_number(value: float) -> float | None:
