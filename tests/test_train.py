@@ -147,36 +147,50 @@ def test_resume_refuses_changed_settings(straight_run: Path, tiny_data: TinyData
 def test_selection_uses_the_validation_split(
     straight_run: Path, tiny_data: TinyData, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Validation metrics in the history are those of the val split under the selection
-    scenario, and model.pt is the best epoch by that metric."""
+    """Validation metrics in the history are those of the val split under the selection rule
+    (``mean``: each main scenario's metric, and their mean under the plain name), and model.pt
+    is the best epoch by that metric."""
+    from rima_core.data import open_store
     from rima_core.data.dataset import EyeDataset, make_loader
+    from rima_core.data.masks import MAIN_SCENARIOS
     from rima_core.models import build_model, load_model
     from rima_core.train import model_spec
 
     cfg = tiny_data.cfg
-    ds = EyeDataset(tiny_data.store, tiny_data.masks, "val", cfg.train.selection_scenario)
-    loader = make_loader(ds, batch_size=32, shuffle=False, seed=0, pin_memory=False)
+    assert cfg.train.selection_scenario == "mean"
     hist = pd.read_csv(straight_run / "history.csv")
     summary = json.loads((straight_run / "train_summary.json").read_text())
 
-    # last epoch: the checkpoint's weights reproduce the last history row
-    from rima_core.data import open_store
+    def scored(model: torch.nn.Module) -> dict[str, dict[str, float]]:
+        out = {}
+        for scenario in MAIN_SCENARIOS:
+            ds = EyeDataset(tiny_data.store, tiny_data.masks, "val", scenario)
+            loader = make_loader(ds, batch_size=32, shuffle=False, seed=0, pin_memory=False)
+            # temperature 1: the history is scored before calibration
+            preds = predict(model, loader, torch.device("cpu"), progress=False, temperature=1.0)
+            assert preds.y_true.shape[0] == summary["n_val"] == len(ds)
+            out[scenario] = classification_metrics(preds.y_true, preds.proba)
+        return out
 
+    # last epoch: the checkpoint's weights reproduce the last history row
     model = build_model(model_spec(cfg, open_store(tiny_data.store)), pretrained=False)
     model.load_state_dict(torch.load(straight_run / "checkpoint.pt", weights_only=True)["model"])
-    preds = predict(model, loader, torch.device("cpu"), progress=False)
-    last = classification_metrics(preds.y_true, preds.proba)
-    assert preds.y_true.shape[0] == summary["n_val"] == len(ds)
+    last = scored(model)
     for key in ("accuracy", "qwk", "auc", "nll"):
-        assert last[key] == pytest.approx(hist[f"val_{key}"].iloc[-1], rel=1e-6, nan_ok=True)
+        for scenario in MAIN_SCENARIOS:
+            assert last[scenario][key] == pytest.approx(
+                hist[f"val_{scenario}_{key}"].iloc[-1], rel=1e-6, nan_ok=True
+            )
+        mean = float(np.mean([last[s][key] for s in MAIN_SCENARIOS]))
+        assert mean == pytest.approx(hist[f"val_{key}"].iloc[-1], rel=1e-6, nan_ok=True)
 
     # model.pt: the best epoch's metrics
     best, _ = load_model(straight_run / "model.pt")
-    preds = predict(best, loader, torch.device("cpu"), progress=False)
-    m = classification_metrics(preds.y_true, preds.proba)
+    m = scored(best)
     row = hist[hist["epoch"] == summary["best_epoch"]].iloc[0]
-    assert m["qwk"] == pytest.approx(row["val_qwk"], rel=1e-6)
-    assert m["nll"] == pytest.approx(row["val_nll"], rel=1e-6)
+    assert float(np.mean([m[s]["qwk"] for s in MAIN_SCENARIOS])) == pytest.approx(
+        row["val_qwk"], rel=1e-6
+    )
 
 
 def test_datasets_train_on_train_scenario_and_select_on_val(
