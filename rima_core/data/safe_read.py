@@ -1,6 +1,6 @@
 """Readers for untrusted array and image files that never run code and never over-allocate.
 
-Why this exists: ``np.load(..., allow_pickle=True)`` on a file from outside executes whatever
+Why this exists: ``np.load`` with pickling allowed, on a file from outside, executes whatever
 its pickle asks for, an ``.npy`` header may claim a terabyte array (numpy allocates before it
 reads), a deflated npz member may inflate a thousandfold (zip bomb) and a PNG may declare
 gigapixels. Every loader (and the model server) reads user files through this module only.
