@@ -530,7 +530,7 @@ def _cmd_promote(args: argparse.Namespace) -> Any:
 
     cfg = _config(args)
     try:
-        result = steps.promote(cfg, dry_run=args.dry_run, out=args.out)
+        result = steps.promote(cfg, dry_run=args.dry_run, out=args.out, after=args.after)
     except _registry_errors() as exc:
         raise StepFailed(str(exc)) from exc
     print(format_table(result))
@@ -568,6 +568,12 @@ def _add_registry_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the comparison, change nothing")
     p.add_argument("--out", default=None, help="also write the decision JSON here")
     p.add_argument("--json", action="store_true", help="print the decision as JSON too")
+    p.add_argument(
+        "--after",
+        default=None,
+        metavar="FILE",
+        help="register's summary (its --out): skip, with a recorded reason, if not registered",
+    )
     p.set_defaults(func=_cmd_promote)
 
     p = sub.add_parser("predict", help="grade eyes listed in a CSV/Parquet file")

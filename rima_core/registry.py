@@ -639,6 +639,33 @@ def model_card_or_none(
     return build_model_card(model_dir, eval_dir, cfg, data_hash=data_hash, model_uri=model_uri)
 
 
+def skipped_promotion(
+    cfg: Config, register_summary: dict[str, Any], dry_run: bool
+) -> dict[str, Any]:
+    """The decision record when ``register`` refused the model: nothing to promote, by design.
+
+    Why a record and not an error: a refused registration (the gate of
+    ``promote.register_min_metric``) is the registry working, so the step after it must succeed
+    and say why it did nothing, rather than fail with "no challenger" or compare an older
+    challenger left from a previous run.
+    """
+    return {
+        "model_name": cfg.mlflow.model_name,
+        "challenger": None,
+        "champion_before": None,
+        "metric": cfg.promote.metric,
+        "scenario": cfg.promote.scenario,
+        "margin": cfg.promote.margin,
+        "tolerance": cfg.promote.tolerance,
+        "dry_run": dry_run,
+        "table": [],
+        "decision": "skip",
+        "promoted": False,
+        "reason": f"the model was not registered: {register_summary.get('gate') or 'refused'}",
+        "champion_after": None,
+    }
+
+
 def promote(cfg: Config, dry_run: bool = False) -> dict[str, Any]:
     """Move ``@champion`` to ``@challenger`` if the evidence says so; record the decision.
 
@@ -747,6 +774,8 @@ def format_table(result: dict[str, Any]) -> str:
     def num(v: float | None) -> str:
         return "-" if v is None else f"{v:.4f}"
 
+    if result["decision"] == "skip":
+        return f"model {result['model_name']}: decision: SKIP — {result['reason']}"
     lines = [
         f"model {result['model_name']}: challenger v{result['challenger']} vs champion "
         f"{'v' + result['champion_before'] if result['champion_before'] else '(none)'} "

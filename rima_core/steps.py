@@ -330,11 +330,28 @@ def register(
     return result
 
 
-def promote(cfg: Config, dry_run: bool = False, out: str | Path | None = None) -> dict[str, Any]:
-    """Move ``champion`` to the challenger only if it wins (see :mod:`rima_core.registry`)."""
-    from rima_core.registry import promote as _promote
+def promote(
+    cfg: Config,
+    dry_run: bool = False,
+    out: str | Path | None = None,
+    after: str | Path | None = None,
+) -> dict[str, Any]:
+    """Move ``champion`` to the challenger only if it wins (see :mod:`rima_core.registry`).
 
-    result = _promote(cfg, dry_run=dry_run)
+    ``after`` is the summary ``register`` wrote (its ``--out``): when it says the model was not
+    registered, the decision is "skip" (recorded, not an error), so a pipeline that runs
+    register then promote does not fail on a model the gate refused.
+    """
+    import json
+
+    from rima_core.registry import promote as _promote
+    from rima_core.registry import skipped_promotion
+
+    summary = json.loads(Path(after).read_text()) if after is not None else None
+    if summary is not None and not summary.get("registered", False):
+        result = skipped_promotion(cfg, summary, dry_run)
+    else:
+        result = _promote(cfg, dry_run=dry_run)
     _write_json(out, result)
     return result
 

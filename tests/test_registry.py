@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rima_core import registry
+from rima_core import registry, steps
 from rima_core.config import Config
 from tests.servers import mlflow_test_config
 
@@ -276,6 +276,18 @@ def test_gate_refuses_a_useless_model(cfg: Config, tmp_path: Path) -> None:
     assert not out["registered"] and out["version"] is None
     assert "qwk under mixed = 0.0000 <= 0" in out["gate"]
     assert mlflow.MlflowClient().search_model_versions(f"name = '{NAME}'") == []
+    # promote after a refused registration records a skip instead of failing on "no challenger"
+    summary, decision = tmp_path / "register.json", tmp_path / "promotion.json"
+    summary.write_text(json.dumps(out))
+    skipped = steps.promote(cfg, out=decision, after=summary)
+    assert skipped["decision"] == "skip" and not skipped["promoted"]
+    assert "not registered" in skipped["reason"] and "<= 0" in skipped["reason"]
+    assert json.loads(decision.read_text())["decision"] == "skip"
+    assert "SKIP" in registry.format_table(skipped)
+    # ... also when an older challenger is left from an earlier run: it is not compared again
+    _version(cfg, _metrics(0.9), tmp_path)
+    assert steps.promote(cfg, after=summary)["decision"] == "skip"
+    assert registry.promote(cfg, dry_run=True)["decision"] == "promote"  # without --after
     # an explicit threshold overrides the chance level; lower-is-better metrics gate from below
     cfg.promote.register_min_metric = -0.5
     assert registry.registration_gate(_eval_metrics(0.0), cfg)[0]
@@ -384,9 +396,10 @@ def test_auc_outside_unit_interval_and_missing_validation_record(
     bad["mixed"]["auc"] = 1.2
     _selection_version(cfg, tmp_path, bad)
     out = registry.promote(cfg)
-    assert not out["promoted"] and "challenger's auc under mixed is 1.2 (outside [0, 1])" in out[
-        "reason"
-    ]
+    assert (
+        not out["promoted"]
+        and "challenger's auc under mixed is 1.2 (outside [0, 1])" in out["reason"]
+    )
     # a version registered without validation metrics cannot be compared at all
     _version_without_selection = _selection_version(cfg, tmp_path, _sel())
     client = registry._client(cfg)
