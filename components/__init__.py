@@ -2,7 +2,8 @@
 
 Each component is a plain function in this package (KFP reads its source with ``inspect``, so it
 must live in a file) that loads the run's resolved config and calls :mod:`rima_core.steps` with
-its artifacts' paths — no step logic here. :func:`build_components` turns the functions into
+its artifacts' paths — no step logic here. :data:`TASKS` lists them with how the cluster runs each
+(caching, retries, GPU, resources); :func:`build_components` turns the functions into
 components bound to the project's image (:mod:`components.image`): the image is chosen once,
 at build time, for all of them; ``packages_to_install`` stays empty and kfp is not pip-installed
 at run time, because the image already holds ``rima_core`` and every pinned dependency.
@@ -13,53 +14,50 @@ the image needs only ``rima_core`` (the components' source travels inside the co
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from kfp import dsl
 
-from components import config, data, registry, training, tuning
 from components.image import DEFAULT_IMAGE, IMAGE_ENV, rima_image
+from components.tasks import TASK_NAMES, TASKS, Task, TaskResources
 
-__all__ = ["DEFAULT_IMAGE", "IMAGE_ENV", "STEP_FUNCTIONS", "Components", "build_components"]
+__all__ = [
+    "DEFAULT_IMAGE",
+    "IMAGE_ENV",
+    "STEP_FUNCTIONS",
+    "TASKS",
+    "TASK_NAMES",
+    "Components",
+    "Task",
+    "TaskResources",
+    "build_components",
+]
+
+#: task name -> component function, in pipeline order (from :data:`components.tasks.TASKS`).
+STEP_FUNCTIONS: dict[str, Callable[..., Any]] = {t.name: t.func for t in TASKS}
 
 
 @dataclass(frozen=True)
 class Components:
-    """The pipeline's components, all on one image."""
+    """The pipeline's components, all on one image; ``components.<task name>`` is the task's
+    component (``components.prepare(...)``), for every task of :data:`TASKS`."""
 
     image: str
-    resolve_config: Any
-    fetch_raw: Any
-    prepare: Any
-    validate: Any
-    simulate_missing: Any
-    tune_worker: Any
-    tune_best: Any
-    train: Any
-    evaluate: Any
-    register: Any
-    promote: Any
+    by_task: Mapping[str, Any]
 
-
-STEP_FUNCTIONS: dict[str, Callable[..., Any]] = {
-    "resolve_config": config.resolve_config,
-    "fetch_raw": data.fetch_raw,
-    "prepare": data.prepare,
-    "validate": data.validate,
-    "simulate_missing": data.simulate_missing,
-    "tune_worker": tuning.tune_worker,
-    "tune_best": tuning.tune_best,
-    "train": training.train,
-    "evaluate": training.evaluate,
-    "register": registry.register,
-    "promote": registry.promote,
-}
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "by_task":  # copy/pickle probe dunders first
+            raise AttributeError(name)
+        try:
+            return self.by_task[name]
+        except KeyError:
+            raise AttributeError(f"no component {name!r}; tasks: {TASK_NAMES}") from None
 
 
 def build_components(image: str | None = None) -> Components:
-    """Every step as a ``@dsl.component`` on ``image`` (default: :func:`rima_image`)."""
+    """Every task as a ``@dsl.component`` on ``image`` (default: :func:`rima_image`)."""
     chosen = rima_image(image)
     built = {
         name: dsl.component(
@@ -67,4 +65,4 @@ def build_components(image: str | None = None) -> Components:
         )
         for name, func in STEP_FUNCTIONS.items()
     }
-    return Components(image=chosen, **built)
+    return Components(image=chosen, by_task=built)

@@ -29,32 +29,15 @@ def resolve_config(
 ) -> list:
     """params.yaml text <- profile text <- the typed pipeline parameters, validated.
 
+    The signature is the config-setting rows of ``rima_core.remote_config.RUN_PARAMETERS``
+    (KFP reads a literal signature; tests/test_kfp_parameters.py checks the two agree).
     Returns the tuning fan-out: one worker index per parallel tune task (``tune.workers``).
     """
-    from rima_core.kfp_support import resolve_config as resolve
-    from rima_core.kfp_support import write_config
+    arguments = dict(locals())  # first statement: exactly this task's parameters
+    from rima_core.remote_config import overrides_from_parameters, write_config
+    from rima_core.remote_config import resolve_config as resolve
 
-    cfg = resolve(
-        params_yaml,
-        profile_yaml,
-        {
-            "data.source": data_source,
-            "data.disease": disease,
-            "missing.rate": missing_rate,
-            "missing.mixed": missing_mixed,
-            "missing.sweep": missing_sweep,
-            "tune.n_trials": tune_trials,
-            "tune.workers": tune_workers,
-            "promote.metric": promote_metric,
-            "promote.scenario": promote_scenario,
-            "promote.margin": promote_margin,
-            "promote.tolerance": promote_tolerance,
-            "promote.register_min_metric": register_min_metric,
-            "mlflow.tracking_uri": mlflow_tracking_uri,
-            "mlflow.experiment": mlflow_experiment,
-            "mlflow.model_name": model_name,
-        },
-    )
+    cfg = resolve(params_yaml, profile_yaml, overrides_from_parameters(arguments))
     write_config(cfg, config.path)
     config.metadata.update({"experiment": cfg.mlflow.experiment, "model": cfg.model.name})
     if cfg.tune.workers < 1:

@@ -28,7 +28,9 @@ def fetch_raw(
     artifact ``OneOf``, and the pipeline must run locally unchanged.
     """
     from rima_core import steps
-    from rima_core.kfp_support import artifact_metadata, fetch_dvc, fetch_tree, load_task_config
+    from rima_core.data.fetch import fetch_dvc, fetch_tree
+    from rima_core.remote_config import load_task_config
+    from rima_core.reports import artifact_metadata
 
     cfg = load_task_config(config.path)
     if data_dvc_repo:
@@ -43,7 +45,8 @@ def fetch_raw(
 def prepare(config: Input[Artifact], raw: Input[Dataset], store: Output[Dataset]):
     """Raw source tree -> Arrow store + Parquet manifest."""
     from rima_core import steps
-    from rima_core.kfp_support import artifact_metadata, load_task_config
+    from rima_core.remote_config import load_task_config
+    from rima_core.reports import artifact_metadata
 
     summary = steps.prepare(raw.path, store.path, load_task_config(config.path))
     store.metadata.update(artifact_metadata(summary))
@@ -57,7 +60,8 @@ def validate(
 ):
     """Great Expectations over the store; a violation fails the task and so the run."""
     from rima_core import steps
-    from rima_core.kfp_support import load_task_config, summary_markdown
+    from rima_core.remote_config import load_task_config
+    from rima_core.reports import summary_markdown
 
     result = steps.validate(store.path, report.path, load_task_config(config.path))
     with open(summary.path, "w") as fh:
@@ -75,7 +79,8 @@ def simulate_missing(
 ):
     """Seeded availability masks for every split and missing-modality scenario."""
     from rima_core import steps
-    from rima_core.kfp_support import flat_metrics, load_task_config
+    from rima_core.remote_config import load_task_config
+    from rima_core.reports import flat_metrics
 
     summary = steps.simulate_missing(store.path, masks.path, load_task_config(config.path))
     for name, value in flat_metrics(summary).items():

@@ -3,7 +3,7 @@
 Every component runs in the project's image (``components/Dockerfile``), never kfp's default
 ``python`` image: the components import :mod:`rima_core` and its pinned dependencies, and kfp's
 default image changes between releases. ``RIMA_IMAGE`` overrides the default for a whole
-compile; ``rima pipeline compile --image`` overrides both.
+compile; ``python -m pipelines compile --image`` overrides both.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ def register(
     from pathlib import Path
 
     from rima_core import steps
-    from rima_core.kfp_support import load_task_config, summary_markdown
+    from rima_core.remote_config import load_task_config
+    from rima_core.reports import summary_markdown
 
     result = steps.register(
         model.path,
@@ -37,7 +38,8 @@ def promote(config: Input[Artifact], version: str, decision: Output[Markdown]) -
     from pathlib import Path
 
     from rima_core import steps
-    from rima_core.kfp_support import load_task_config, promotion_markdown
+    from rima_core.remote_config import load_task_config
+    from rima_core.reports import promotion_markdown
 
     result = steps.promote(load_task_config(config.path))
     text = promotion_markdown(result)

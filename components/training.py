@@ -17,7 +17,8 @@ def train(
 ):
     """Train with the tuned parameters; ``model`` is the training directory (model.pt, history)."""
     from rima_core import steps
-    from rima_core.kfp_support import flat_metrics, load_task_config
+    from rima_core.remote_config import load_task_config
+    from rima_core.reports import flat_metrics
 
     cfg = load_task_config(config.path)
     result = steps.train(store.path, masks.path, model.path, cfg, best_params=best_params.path)
@@ -48,13 +49,8 @@ def evaluate(
 
     from rima_core import steps
     from rima_core.data import open_store
-    from rima_core.kfp_support import (
-        confusion_matrix,
-        flat_metrics,
-        html_report,
-        load_task_config,
-        primary_metric,
-    )
+    from rima_core.remote_config import load_task_config
+    from rima_core.reports import confusion_matrix, flat_metrics, html_report, primary_metric
 
     cfg = load_task_config(config.path)
     steps.evaluate(str(Path(model.path) / "model.pt"), store.path, masks.path, results.path, cfg)

@@ -22,12 +22,9 @@ def tune_worker(
     """Run trials of the shared study until its budget is spent; returns the study's finished
     trials as this worker last saw them."""
     from rima_core import steps
-    from rima_core.kfp_support import (
-        flat_metrics,
-        load_task_config,
-        study_name_for_run,
-        worker_config,
-    )
+    from rima_core.remote_config import load_task_config
+    from rima_core.reports import flat_metrics
+    from rima_core.tune_workers import study_name_for_run, worker_config
 
     cfg = worker_config(load_task_config(config.path), int(worker))
     result = steps.tune(
@@ -63,12 +60,9 @@ def tune_best(
     from pathlib import Path
 
     from rima_core import steps
-    from rima_core.kfp_support import (
-        flat_metrics,
-        html_report,
-        load_task_config,
-        study_name_for_run,
-    )
+    from rima_core.remote_config import load_task_config
+    from rima_core.reports import flat_metrics, html_report
+    from rima_core.tune_workers import study_name_for_run
 
     cfg = load_task_config(config.path)
     done = max(int(n) for n in finished)  # collected ints arrive as floats under kfp.local

@@ -11,9 +11,9 @@ from kfp import compiler
 
 from pipelines.rima_pipeline import ClusterOptions, build_pipeline
 from rima_core.atomic import atomic_file
-from rima_core.config import Config, ConfigError, _merge, load_config, parse_override
-from rima_core.kfp_support import OPTUNA_STORAGE_ENV
+from rima_core.config import Config, ConfigError, deep_merge, load_config, parse_override
 from rima_core.redact import find_secrets
+from rima_core.remote_config import CONFIG_PARAMETERS, OPTUNA_STORAGE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,10 @@ def pipeline_arguments(
 
     ``params_yaml``/``profile_yaml`` carry the files' text, so the pod needs no checkout; the
     typed parameters get the resolved values, so the KFP UI shows the real defaults and a typed
-    parameter left unchanged at submit time changes nothing.
+    parameter left unchanged at submit time changes nothing. One value per config-setting row
+    of ``RUN_PARAMETERS``; ``register_min_metric`` is the gate the config resolves to (its
+    chance level when ``promote.register_min_metric`` is unset), not the raw setting. The
+    pipeline's own parameters (data location, ``auto_promote``) keep their embedded defaults.
     """
     cfg: Config = load_config(params, profile, overrides)  # fail here on a typo, not in the pod
     params_data: dict[str, Any] = {}
@@ -37,26 +40,14 @@ def pipeline_arguments(
     if profile is not None:
         profile_data = yaml.safe_load(Path(profile).read_text()) or {}
     for text in overrides or []:  # --set rides on the profile so the pod resolves the same config
-        profile_data = _merge(profile_data, parse_override(text))
-    return {
+        profile_data = deep_merge(profile_data, parse_override(text))
+    carried = {
         "params_yaml": one_line_yaml(params_data),
         "profile_yaml": one_line_yaml(profile_data) if profile_data else "",
-        "data_source": cfg.data.source,
-        "disease": cfg.data.disease,
-        "missing_rate": cfg.missing.rate,
-        "missing_mixed": list(cfg.missing.mixed),
-        "missing_sweep": list(cfg.missing.sweep),
-        "tune_trials": cfg.tune.n_trials,
-        "tune_workers": cfg.tune.workers,
-        "promote_metric": cfg.promote.metric,
-        "promote_scenario": cfg.promote.scenario,
-        "promote_margin": cfg.promote.margin,
-        "promote_tolerance": cfg.promote.tolerance,
-        "register_min_metric": _register_min_metric(cfg),
-        "mlflow_tracking_uri": cfg.mlflow.tracking_uri,
-        "mlflow_experiment": cfg.mlflow.experiment,
-        "model_name": cfg.mlflow.model_name,
     }
+    derived = {"register_min_metric": _register_min_metric(cfg)}
+    values = {p.name: p.config_value(cfg) for p in CONFIG_PARAMETERS}
+    return {**carried, **values, **derived}
 
 
 # Where a pod gets the credential a setting would otherwise carry (keys of the Kubernetes secret,
@@ -92,7 +83,7 @@ def check_no_credentials(values: dict[str, Any], secret_name: str) -> None:
         "refusing to compile a credential into the pipeline package: "
         + "; ".join(hints)
         + ". Remove it from params/profile/--set: pods read credentials from the Kubernetes "
-        "secret as environment variables (rima pipeline compile --secret NAME)"
+        "secret as environment variables (python -m pipelines compile --secret NAME)"
     )
 
 

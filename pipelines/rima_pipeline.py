@@ -23,9 +23,10 @@ from typing import Any, NamedTuple
 from kfp import dsl, kubernetes
 from kfp.dsl import Artifact, Model
 
-from components import STEP_FUNCTIONS, Components, build_components
+from components import TASK_NAMES, TASKS, Components, TaskResources, build_components
+from components.tasks import task as task_spec
 from rima_core.config import Config
-from rima_core.kfp_support import OPTUNA_STORAGE_ENV
+from rima_core.remote_config import CONFIG_PARAMETERS, OPTUNA_STORAGE_ENV
 
 # Environment variables filled from the Kubernetes secret (key name == variable name). All are
 # optional in the secret: an AWS role (IRSA) or an unauthenticated in-cluster MLflow needs none.
@@ -41,11 +42,12 @@ SECRET_ENV_KEYS: tuple[str, ...] = (
     OPTUNA_STORAGE_ENV,
 )
 
-# Tasks that talk to the network and may hit a transient failure (MLflow server, Optuna's RDB).
-RETRIED_TASKS = ("tune_worker", "tune_best", "register", "promote")
-# Deterministic in their inputs: a rerun with the same inputs may reuse the previous outputs.
-CACHED_TASKS = ("resolve_config", "fetch_raw", "prepare", "validate", "simulate_missing")
-GPU_TASKS = ("tune_worker", "train")
+# Derived from components.tasks.TASKS (the one table of tasks and their flags).
+RETRIED_TASKS = tuple(t.name for t in TASKS if t.retried)
+CACHED_TASKS = tuple(t.name for t in TASKS if t.cached)
+GPU_TASKS = tuple(t.name for t in TASKS if t.gpu)
+STEP_NAMES = TASK_NAMES
+DEFAULT_RESOURCES: dict[str, TaskResources] = {t.name: t.resources for t in TASKS}
 
 
 class RimaOutputs(NamedTuple):
@@ -75,60 +77,6 @@ class Toleration:
         if eq:
             return cls(key=key, operator="Equal", value=value, effect=effect or None)
         return cls(key=key, operator="Exists", effect=effect or None)
-
-
-@dataclass(frozen=True)
-class TaskResources:
-    """CPU/memory of one task's container, in Kubernetes quantities (``"500m"``, ``"2"``,
-    ``"8Gi"``). Requests are what the scheduler reserves; limits (None: none) cap the pod."""
-
-    cpu: str | None = None
-    memory: str | None = None
-    cpu_limit: str | None = None
-    memory_limit: str | None = None
-
-    _KEYS = ("cpu", "memory", "cpu_limit", "memory_limit")
-
-    @classmethod
-    def parse(cls, text: str) -> tuple[str, dict[str, str]]:
-        """``STEP:cpu=2,memory=8Gi[,cpu_limit=4,memory_limit=16Gi]`` -> (step, changes)."""
-        step, sep, body = text.partition(":")
-        if not sep or not step or not body:
-            raise ValueError(f"task resources {text!r}: expected STEP:cpu=2,memory=8Gi,...")
-        if step not in STEP_FUNCTIONS:
-            raise ValueError(f"task resources {text!r}: no step {step!r}; steps: {STEP_NAMES}")
-        changes = {}
-        for pair in body.split(","):
-            key, eq, value = pair.strip().partition("=")
-            if not eq or key not in cls._KEYS or not value:
-                raise ValueError(f"task resources {text!r}: {pair!r} is not one of {cls._KEYS}=V")
-            changes[key] = value
-        return step, changes
-
-
-STEP_NAMES = tuple(STEP_FUNCTIONS)
-
-# Requests for every task, by step (the keys are exactly the steps of components.STEP_FUNCTIONS,
-# checked at import below). Sized for the tiny/synthetic profiles' data and the paper's models on
-# one GPU; override per step with ClusterOptions.resources or `--task-resources`.
-DEFAULT_RESOURCES: dict[str, TaskResources] = {
-    "resolve_config": TaskResources("100m", "256Mi", None, "512Mi"),
-    "fetch_raw": TaskResources("1", "2Gi", None, "4Gi"),
-    "prepare": TaskResources("2", "4Gi", None, "8Gi"),
-    "validate": TaskResources("1", "4Gi", None, "8Gi"),
-    "simulate_missing": TaskResources("500m", "1Gi", None, "2Gi"),
-    "tune_worker": TaskResources("4", "16Gi", None, "32Gi"),
-    "tune_best": TaskResources("1", "2Gi", None, "4Gi"),
-    "train": TaskResources("4", "16Gi", None, "32Gi"),
-    "evaluate": TaskResources("2", "8Gi", None, "16Gi"),
-    "register": TaskResources("1", "4Gi", None, "8Gi"),
-    "promote": TaskResources("500m", "1Gi", None, "2Gi"),
-}
-if set(DEFAULT_RESOURCES) != set(STEP_FUNCTIONS):  # one table of steps: fail at import
-    raise RuntimeError(
-        "DEFAULT_RESOURCES and components.STEP_FUNCTIONS disagree: "
-        f"{sorted(set(DEFAULT_RESOURCES) ^ set(STEP_FUNCTIONS))}"
-    )
 
 
 def with_resources(
@@ -163,7 +111,7 @@ class ClusterOptions:
     resources: Mapping[str, TaskResources] = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
 
     def __post_init__(self) -> None:
-        unknown = set(self.resources) - set(STEP_FUNCTIONS)
+        unknown = set(self.resources) - set(TASK_NAMES)
         if unknown:
             raise ValueError(f"resources for unknown step(s) {sorted(unknown)}: {STEP_NAMES}")
 
@@ -210,7 +158,7 @@ def _set_resources(task: dsl.PipelineTask, step: str, opts: ClusterOptions) -> N
     """
     res = opts.resources.get(step, TaskResources())
     cpu, memory = res.cpu, res.memory
-    if step in GPU_TASKS and opts.uses_gpu:
+    if task_spec(step).gpu and opts.uses_gpu:
         cpu, memory = opts.gpu_cpu_request or cpu, opts.gpu_memory_request or memory
     for what, request, limit in (("cpu", cpu, res.cpu_limit), ("memory", memory, res.memory_limit)):
         if request and limit and quantity(request) > quantity(limit):
@@ -229,28 +177,142 @@ def _set_resources(task: dsl.PipelineTask, step: str, opts: ClusterOptions) -> N
 
 
 def _configure(task: dsl.PipelineTask, step: str, opts: ClusterOptions) -> dsl.PipelineTask:
-    """Caching, retries, credentials and accelerators for one task, by its step name."""
-    task.set_caching_options(step in CACHED_TASKS)
-    if step in RETRIED_TASKS:
+    """Caching, retries, credentials and accelerators for one task, from its row of TASKS."""
+    spec = task_spec(step)
+    task.set_caching_options(spec.cached)
+    if spec.retried:
         task.set_retry(num_retries=opts.retries, backoff_duration="30s", backoff_factor=2.0)
-    if step != "resolve_config":  # the only task that touches no storage or tracking server
+    if spec.secrets:
         kubernetes.use_secret_as_env(
             task,
             secret_name=opts.secret_name,
             secret_key_to_env={key: key for key in SECRET_ENV_KEYS},
             optional=True,
         )
-    if step in GPU_TASKS:
+    if spec.gpu:
         _on_gpu(task, opts)
     _set_resources(task, step, opts)
     return task
 
 
+class _Data(NamedTuple):
+    """What every task after the data steps reads."""
+
+    config: Any
+    store: Any
+    masks: Any
+
+
+def _resolve_config(
+    c: Components, opts: ClusterOptions, arguments: Mapping[str, Any]
+) -> dsl.PipelineTask:
+    """The run's one resolved config, from the carried files and the config-setting
+    parameters (``CONFIG_PARAMETERS``)."""
+    names = ("params_yaml", "profile_yaml", *(p.name for p in CONFIG_PARAMETERS))
+    return _configure(
+        c.resolve_config(**{name: arguments[name] for name in names}), "resolve_config", opts
+    )
+
+
+def _data_tasks(
+    c: Components, opts: ClusterOptions, config: Any, arguments: Mapping[str, Any]
+) -> _Data:
+    """fetch-raw -> prepare -> validate -> simulate-missing; the masks wait for validation, so
+    a store that failed it never reaches the models."""
+    raw = _configure(
+        c.fetch_raw(
+            config=config,
+            data_source_uri=arguments["data_source_uri"],
+            data_dvc_repo=arguments["data_dvc_repo"],
+            data_dvc_rev=arguments["data_dvc_rev"],
+        ),
+        "fetch_raw",
+        opts,
+    )
+    prepare = _configure(c.prepare(config=config, raw=raw.outputs["raw"]), "prepare", opts)
+    store = prepare.outputs["store"]
+    validate = _configure(c.validate(config=config, store=store), "validate", opts)
+    masks = _configure(c.simulate_missing(config=config, store=store), "simulate_missing", opts)
+    masks.after(validate)
+    return _Data(config=config, store=store, masks=masks.outputs["masks"])
+
+
+def _tune_tasks(c: Components, opts: ClusterOptions, data: _Data, workers: Any) -> dsl.PipelineTask:
+    """One tune-worker per index of ``workers`` on one shared study, then tune-best over it."""
+    with dsl.ParallelFor(
+        items=workers, name="tune-workers", parallelism=opts.tune_parallelism
+    ) as worker_index:
+        worker = _configure(
+            c.tune_worker(
+                config=data.config,
+                store=data.store,
+                masks=data.masks,
+                worker=worker_index,
+                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            ),
+            "tune_worker",
+            opts,
+        )
+    return _configure(
+        c.tune_best(
+            config=data.config,
+            store=data.store,
+            masks=data.masks,
+            finished=dsl.Collected(worker.outputs["Output"]),
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        ),
+        "tune_best",
+        opts,
+    )
+
+
+def _model_tasks(
+    c: Components, opts: ClusterOptions, data: _Data, best_params: Any
+) -> tuple[Any, Any]:
+    """train with the tuned parameters, then evaluate; returns (model, evaluation results)."""
+    train = _configure(
+        c.train(config=data.config, store=data.store, masks=data.masks, best_params=best_params),
+        "train",
+        opts,
+    )
+    model = train.outputs["model"]
+    evaluate = _configure(
+        c.evaluate(config=data.config, model=model, store=data.store, masks=data.masks),
+        "evaluate",
+        opts,
+    )
+    return model, evaluate.outputs["results"]
+
+
+def _registry_tasks(
+    c: Components, opts: ClusterOptions, data: _Data, model: Any, results: Any, auto_promote: Any
+) -> None:
+    """register (it applies the registration gate itself and returns "" when it refused the
+    model), then promote only when a version was registered and ``auto_promote`` is on."""
+    register = _configure(
+        c.register(config=data.config, model=model, results=results, store=data.store),
+        "register",
+        opts,
+    )
+    with (
+        dsl.If(register.outputs["Output"] != "", name="registered"),
+        dsl.If(auto_promote == True, name="auto-promote"),  # noqa: E712 (DSL condition)
+    ):
+        _configure(
+            c.promote(config=data.config, version=register.outputs["Output"]), "promote", opts
+        )
+
+
 def build_pipeline(options: ClusterOptions | None = None) -> Callable[..., Any]:
-    """The pipeline function for ``options`` (compile it, or call it under ``kfp.local``)."""
+    """The pipeline function for ``options`` (compile it, or call it under ``kfp.local``).
+
+    The signature is ``rima_core.remote_config.RUN_PARAMETERS`` written out (KFP reads a literal
+    signature; tests/test_kfp_parameters.py checks the two agree); the embedded defaults are the
+    config's, replaced from params.yaml by the compiler.
+    """
     opts = options or ClusterOptions()
     c: Components = build_components(opts.image)
-    d = Config()  # embedded defaults; the compiler overrides them from params.yaml
+    d = Config()
 
     @dsl.pipeline(
         name="rima",
@@ -280,106 +342,13 @@ def build_pipeline(options: ClusterOptions | None = None) -> Callable[..., Any]:
         mlflow_experiment: str = d.mlflow.experiment,
         model_name: str = d.mlflow.model_name,
     ) -> RimaOutputs:
-        resolved = _configure(
-            c.resolve_config(
-                params_yaml=params_yaml,
-                profile_yaml=profile_yaml,
-                data_source=data_source,
-                disease=disease,
-                missing_rate=missing_rate,
-                missing_mixed=missing_mixed,
-                missing_sweep=missing_sweep,
-                tune_trials=tune_trials,
-                tune_workers=tune_workers,
-                promote_metric=promote_metric,
-                promote_scenario=promote_scenario,
-                promote_margin=promote_margin,
-                promote_tolerance=promote_tolerance,
-                register_min_metric=register_min_metric,
-                mlflow_tracking_uri=mlflow_tracking_uri,
-                mlflow_experiment=mlflow_experiment,
-                model_name=model_name,
-            ),
-            "resolve_config",
-            opts,
-        )
-        config = resolved.outputs["config"]
-
-        raw = _configure(
-            c.fetch_raw(
-                config=config,
-                data_source_uri=data_source_uri,
-                data_dvc_repo=data_dvc_repo,
-                data_dvc_rev=data_dvc_rev,
-            ),
-            "fetch_raw",
-            opts,
-        )
-        prepare = _configure(c.prepare(config=config, raw=raw.outputs["raw"]), "prepare", opts)
-        store = prepare.outputs["store"]
-        validate = _configure(c.validate(config=config, store=store), "validate", opts)
-        masks_task = _configure(
-            c.simulate_missing(config=config, store=store), "simulate_missing", opts
-        )
-        # a store that failed validation never reaches the models
-        masks_task.after(validate)
-        masks = masks_task.outputs["masks"]
-
-        with dsl.ParallelFor(
-            items=resolved.outputs["Output"], name="tune-workers", parallelism=opts.tune_parallelism
-        ) as worker_index:
-            worker = _configure(
-                c.tune_worker(
-                    config=config,
-                    store=store,
-                    masks=masks,
-                    worker=worker_index,
-                    run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                ),
-                "tune_worker",
-                opts,
-            )
-        best = _configure(
-            c.tune_best(
-                config=config,
-                store=store,
-                masks=masks,
-                finished=dsl.Collected(worker.outputs["Output"]),
-                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            ),
-            "tune_best",
-            opts,
-        )
-        train = _configure(
-            c.train(
-                config=config, store=store, masks=masks, best_params=best.outputs["best_params"]
-            ),
-            "train",
-            opts,
-        )
-        model = train.outputs["model"]
-        evaluate = _configure(
-            c.evaluate(config=config, model=model, store=store, masks=masks), "evaluate", opts
-        )
-
-        # register applies the gate itself (promote.register_min_metric, direction-aware) and
-        # says why in its Markdown; it returns "" when the model was not registered
-        register = _configure(
-            c.register(
-                config=config, model=model, results=evaluate.outputs["results"], store=store
-            ),
-            "register",
-            opts,
-        )
-        with (
-            dsl.If(register.outputs["Output"] != "", name="registered"),
-            dsl.If(auto_promote == True, name="auto-promote"),  # noqa: E712 (DSL condition)
-        ):
-            _configure(
-                c.promote(config=config, version=register.outputs["Output"]), "promote", opts
-            )
-
-        return RimaOutputs(model=model, evaluation=evaluate.outputs["results"])
+        arguments = dict(locals())  # first statement: exactly the run parameters
+        resolved = _resolve_config(c, opts, arguments)
+        data = _data_tasks(c, opts, resolved.outputs["config"], arguments)
+        best = _tune_tasks(c, opts, data, resolved.outputs["Output"])
+        model, results = _model_tasks(c, opts, data, best.outputs["best_params"])
+        _registry_tasks(c, opts, data, model, results, auto_promote)
+        return RimaOutputs(model=model, evaluation=results)
 
     return rima_pipeline
 

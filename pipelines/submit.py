@@ -46,7 +46,7 @@ def package_parameters(package: str | Path) -> dict[str, str]:
         docs = list(yaml.safe_load_all(path.read_text()))
     except FileNotFoundError as exc:
         raise FileNotFoundError(
-            f"{path}: no pipeline package (run `rima pipeline compile`)"
+            f"{path}: no pipeline package (run `python -m pipelines compile`)"
         ) from exc
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not a pipeline package: {exc}") from exc

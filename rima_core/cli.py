@@ -17,6 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from rima_core.config import Config, ConfigError, load_config
+from rima_core.data.sources import ALIASES, SOURCES
+from rima_core.data.sources.fairvision import DISEASES
 from rima_core.data.types import CaseError, SourceError
 from rima_core.redact import install_log_redaction, redact_config
 
@@ -27,7 +29,8 @@ class StepFailed(RuntimeError):
     """A step ran but its outcome is a failure the pipeline must stop on (e.g. validation)."""
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def add_config_options(p: argparse.ArgumentParser) -> None:
+    """``--params``, ``--profile`` and ``--set``: how every command that reads a config gets it."""
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("--profile", default=None, help="profile YAML layered over params")
     p.add_argument(
@@ -106,35 +109,51 @@ def _cmd_simulate_missing(args: argparse.Namespace) -> Any:
     )
 
 
+def _source_name(text: str) -> str:
+    """``--source``: a registered source (or alias), ``auto``, or a dotted module path, which
+    prepare imports as a plug-in format."""
+    if text == "auto" or "." in text or text.lower() in SOURCES or text.lower() in ALIASES:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"unknown source {text!r}: expected one of {', '.join(SOURCES)}, auto, "
+        "or a dotted module path (a plug-in format)"
+    )
+
+
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("synth", help="write the synthetic retina phantom (FairVision layout)")
-    _common(p)
+    add_config_options(p)
     p.add_argument("--out", default=None)
     p.add_argument("--n-eyes", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("prepare", help="source tree -> Arrow store + manifest")
-    _common(p)
-    p.add_argument("--source", choices=["fairvision", "gamma", "rima", "auto"], default=None)
+    add_config_options(p)
     p.add_argument(
-        "--disease", choices=["amd", "dr", "glaucoma", "synthetic", "auto"], default=None
+        "--source",
+        type=_source_name,
+        default=None,
+        metavar="SOURCE",
+        help=f"source format: {', '.join(SOURCES)}, auto, or a dotted module path with "
+        "scan()/load() (a plug-in format); default: data.source",
     )
+    p.add_argument("--disease", choices=[*DISEASES, "auto"], default=None)
     p.add_argument("--input", default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--skip-bad", action="store_true", help="quarantine bad cases into a report")
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("validate", help="Great Expectations suite over the store")
-    _common(p)
+    add_config_options(p)
     p.add_argument("--store", default=None)
     p.add_argument("--report", default=None)
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("simulate-missing", help="seeded missing-modality masks")
-    _common(p)
+    add_config_options(p)
     p.add_argument("--store", default=None)
     p.add_argument("--out", default=None)
     p.set_defaults(func=_cmd_simulate_missing)
@@ -189,7 +208,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> Any:
 
 def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model; best epoch on validation -> model.pt")
-    _common(p)
+    add_config_options(p)
     p.add_argument("--store", default=None, help="store directory (default: prepare.store_dir)")
     p.add_argument("--masks", default=None, help="masks parquet (default: missing.masks)")
     p.add_argument("--out", default=None, help="output directory (default: train.out_dir)")
@@ -205,7 +224,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="score a model under every missing-modality scenario")
-    _common(p)
+    add_config_options(p)
     p.add_argument("--model", default=None, help="model.pt (default: train.out_dir/model.pt)")
     p.add_argument("--store", default=None)
     p.add_argument("--masks", default=None)
@@ -273,7 +292,7 @@ def _cmd_params(args: argparse.Namespace) -> Any:
 
 def _add_tune_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tune", help="Optuna search over the OT regularisation and lr")
-    _common(p)
+    add_config_options(p)
     p.add_argument("--store", default=None, help="store directory (default: prepare.store_dir)")
     p.add_argument("--masks", default=None, help="masks parquet (default: missing.masks)")
     p.add_argument("--out", default=None, help="output directory (default: tune.out_dir)")
@@ -290,182 +309,13 @@ def _add_tune_commands(sub: argparse._SubParsersAction) -> None:
     params = sub.add_parser("params", help="inspect params and profiles")
     params_sub = params.add_subparsers(dest="params_command", required=True)
     p = params_sub.add_parser("show", help="print the effective params (params+profile+--set)")
-    _common(p)
+    add_config_options(p)
     p.set_defaults(func=_cmd_params)
     p = params_sub.add_parser(
         "overrides", help="a profile's keys as `dvc exp run -S` values, one per line"
     )
     p.add_argument("profile_file", metavar="PROFILE")
     p.set_defaults(func=_cmd_params)
-
-
-# --- Kubeflow pipeline: compile / submit / run-local -------------------------------------------
-
-
-def _import_pipelines(module: str) -> Any:
-    """Import ``pipelines.<module>`` from the repository checkout.
-
-    ``pipelines/`` and ``components/`` are compile-time code that lives beside ``rima_core``
-    in the repository, not in the installed package (the image needs only ``rima_core``).
-    The checkout is the one ``rima_core`` is installed from (editable install), or the current
-    directory or one of its parents.
-    """
-    import importlib
-    from pathlib import Path
-
-    import rima_core
-
-    here = Path.cwd().resolve()
-    candidates = [Path(rima_core.__file__).resolve().parents[1], here, *here.parents]
-    for root in candidates:
-        if (root / "pipelines" / "__init__.py").exists() and (root / "components").is_dir():
-            if str(root) not in sys.path:
-                sys.path.insert(0, str(root))
-            return importlib.import_module(f"pipelines.{module}")
-    raise StepFailed(
-        "`rima pipeline` needs the repository checkout (pipelines/ and components/ are not "
-        "part of the installed package): run it from the repository"
-    )
-
-
-def _cluster_options(args: argparse.Namespace) -> Any:
-    rp = _import_pipelines("rima_pipeline")
-    selector = {}
-    for pair in args.gpu_node_selector:
-        key, eq, value = pair.partition("=")
-        if not eq or not key:
-            raise StepFailed(f"--gpu-node-selector {pair!r}: expected KEY=VALUE")
-        selector[key] = value
-    try:
-        tolerations = tuple(rp.Toleration.parse(t) for t in args.gpu_toleration)
-    except ValueError as exc:
-        raise StepFailed(str(exc)) from exc
-    return rp.ClusterOptions(
-        image=args.image,
-        secret_name=args.secret,
-        gpu_type="" if args.no_gpu else args.gpu_type,
-        gpu_count=0 if args.no_gpu else args.gpus,
-        gpu_tolerations=tolerations if args.gpu_toleration else rp.ClusterOptions.gpu_tolerations,
-        gpu_node_selector=selector,
-        gpu_cpu_request=args.gpu_cpu,
-        gpu_memory_request=args.gpu_memory,
-        tune_parallelism=args.tune_parallelism,
-        resources=_task_resources(rp, args.task_resources),
-    )
-
-
-def _task_resources(rp: Any, overrides: list[str]) -> Any:
-    try:
-        return rp.with_resources(rp.DEFAULT_RESOURCES, overrides)
-    except ValueError as exc:
-        raise StepFailed(str(exc)) from exc
-
-
-def _cmd_pipeline(args: argparse.Namespace) -> Any:
-    try:
-        if args.pipeline_command == "compile":
-            compile_mod = _import_pipelines("compile")
-            out = compile_mod.compile_pipeline(
-                args.out,
-                args.params,
-                args.profile,
-                args.overrides,
-                _cluster_options(args),
-                allow_local_mlflow=args.allow_local_mlflow,
-            )
-            return {"package": str(out)}
-        if args.pipeline_command == "submit":
-            submit_mod = _import_pipelines("submit")
-            submission = submit_mod.build_submission(
-                package=args.package,
-                experiment=args.experiment,
-                host=args.host,
-                namespace=args.namespace,
-                run_name=args.run_name,
-                argument_pairs=args.arg,
-                enable_caching=False if args.no_cache else None,
-                service_account=args.service_account,
-                wait_s=args.wait,
-            )
-            return submit_mod.submit(submission)
-        local_mod = _import_pipelines("local")
-        return local_mod.run_local(args.params, args.profile, args.overrides, args.root, args.arg)
-    except (ValueError, RuntimeError) as exc:
-        if isinstance(exc, ConfigError | StepFailed):
-            raise
-        raise StepFailed(str(exc)) from exc
-
-
-def _add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
-    pipe = sub.add_parser("pipeline", help="Kubeflow pipeline: compile, submit, run locally")
-    pipe_sub = pipe.add_subparsers(dest="pipeline_command", required=True)
-
-    p = pipe_sub.add_parser("compile", help="write the pipeline package (KFP IR YAML)")
-    _common(p)
-    p.add_argument("--out", default="rima_pipeline.yaml", help="package path (.yaml)")
-    p.add_argument("--image", default=None, help="component image (default: $RIMA_IMAGE)")
-    p.add_argument("--secret", default="rima-credentials", help="Kubernetes secret -> env")
-    p.add_argument("--gpu-type", default="nvidia.com/gpu", help="accelerator resource name")
-    p.add_argument("--gpus", type=int, default=1, help="accelerators per train/tune task")
-    p.add_argument("--no-gpu", action="store_true", help="CPU-only cluster: no accelerators")
-    p.add_argument(
-        "--gpu-toleration",
-        action="append",
-        default=[],
-        metavar="KEY[=VALUE][:EFFECT]",
-        help="toleration for GPU tasks (repeatable; default nvidia.com/gpu:NoSchedule)",
-    )
-    p.add_argument(
-        "--gpu-node-selector",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="node selector for GPU tasks (repeatable)",
-    )
-    p.add_argument("--gpu-cpu", default=None, help="CPU request of GPU tasks, e.g. 8")
-    p.add_argument("--gpu-memory", default=None, help="memory request of GPU tasks, e.g. 32Gi")
-    p.add_argument("--tune-parallelism", type=int, default=None, help="max concurrent workers")
-    p.add_argument(
-        "--task-resources",
-        action="append",
-        default=[],
-        metavar="STEP:cpu=C,memory=M[,cpu_limit=C,memory_limit=M]",
-        help="CPU/memory of one step's task (repeatable), e.g. train:cpu=8,memory=32Gi",
-    )
-    p.add_argument(
-        "--allow-local-mlflow",
-        action="store_true",
-        help="compile with a sqlite:/file: tracking URI (only for a volume all pods share)",
-    )
-    p.set_defaults(func=_cmd_pipeline)
-
-    p = pipe_sub.add_parser("submit", help="start a run on Kubeflow Pipelines (kfp.Client)")
-    p.add_argument("--package", default="rima_pipeline.yaml", help="compiled package")
-    p.add_argument("--host", default=None, help="KFP API URL (default: $KF_PIPELINES_ENDPOINT)")
-    p.add_argument("--namespace", default=None, help="Kubeflow profile namespace")
-    p.add_argument("--experiment", required=True, help="KFP experiment name")
-    p.add_argument("--run-name", default=None)
-    p.add_argument(
-        "--arg",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="pipeline parameter for this run (repeatable), e.g. data_source_uri=s3://b/p",
-    )
-    p.add_argument("--no-cache", action="store_true", help="disable caching for this run")
-    p.add_argument("--service-account", default=None, help="Kubernetes service account")
-    p.add_argument(
-        "--wait", type=int, default=0, metavar="SECONDS", help="block until the run ends"
-    )
-    p.set_defaults(func=_cmd_pipeline)
-
-    p = pipe_sub.add_parser("run-local", help="run the pipeline here with kfp.local")
-    _common(p)
-    p.add_argument("--root", default="reports/kfp-local", help="where task outputs go")
-    p.add_argument(
-        "--arg", action="append", default=[], metavar="NAME=VALUE", help="pipeline parameter"
-    )
-    p.set_defaults(func=_cmd_pipeline)
 
 
 # --- registry: register / promote / predict -----------------------------------------------------
@@ -550,7 +400,7 @@ def _cmd_predict(args: argparse.Namespace) -> Any:
 
 def _add_registry_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("register", help="register the trained model (alias challenger)")
-    _common(p)
+    add_config_options(p)
     p.add_argument("--model-dir", default=None, help="folder with model.pt (train.out_dir)")
     p.add_argument("--metrics", default=None, help="metrics.json (default: evaluate.out_dir/...)")
     p.add_argument("--store", default=None, help="store whose content hash tags the version")
@@ -564,7 +414,7 @@ def _add_registry_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_register)
 
     p = sub.add_parser("promote", help="move alias champion to the challenger if it wins")
-    _common(p)
+    add_config_options(p)
     p.add_argument("--dry-run", action="store_true", help="print the comparison, change nothing")
     p.add_argument("--out", default=None, help="also write the decision JSON here")
     p.add_argument("--json", action="store_true", help="print the decision as JSON too")
@@ -577,7 +427,7 @@ def _add_registry_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_promote)
 
     p = sub.add_parser("predict", help="grade eyes listed in a CSV/Parquet file")
-    _common(p)
+    add_config_options(p)
     p.add_argument(
         "--model", default=None, help="model URI (default: models:/<mlflow.model_name>@champion)"
     )
@@ -595,7 +445,6 @@ def _add_registry_commands(sub: argparse._SubParsersAction) -> None:
 COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [_add_data_commands]
 COMMAND_GROUPS.append(_add_model_commands)
 COMMAND_GROUPS.append(_add_tune_commands)
-COMMAND_GROUPS.append(_add_pipeline_commands)
 COMMAND_GROUPS.append(_add_registry_commands)
 
 
@@ -633,12 +482,19 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A top-level parser with ``--version``/``--verbose`` and this CLI's help formatting, for
+    ``rima`` and for command lines built on it outside the library (``python -m pipelines``)."""
     from rima_core import __version__
 
-    parser = _Parser(prog="rima", description=DESCRIPTION)
+    parser = _Parser(prog=prog, description=description)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = new_parser("rima", DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMAND_GROUPS:
         add(sub)
@@ -678,7 +534,12 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    return run(build_parser(), argv)
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen command's ``func``: logging set up and redacted, the
+    summary printed, a user's error one logged line and exit 2."""
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -299,11 +299,14 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` layered over ``base``: nested mappings merge key by key, anything else in
+    ``update`` replaces. The layering rule of params <- profile <- overrides, public so callers
+    that carry a layer as text (the pipeline compiler) stack layers exactly as here."""
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -348,9 +351,9 @@ def load_config(
         if path.exists() or str(params) != "params.yaml":
             merged = _read_yaml(path)
     if profile is not None:
-        merged = _merge(merged, _read_yaml(Path(profile)))
+        merged = deep_merge(merged, _read_yaml(Path(profile)))
     for text in overrides or []:
-        merged = _merge(merged, parse_override(text))
+        merged = deep_merge(merged, parse_override(text))
     return validate_config(_build(Config, merged, "params"))
 
 

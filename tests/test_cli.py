@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import re
 import subprocess
@@ -33,12 +34,17 @@ def test_top_level_help_is_plain_text() -> None:
     assert "rima COMMAND --help" in text
 
 
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in parser._actions if a.dest == "command").choices
+
+
 def test_help_shows_real_defaults_once() -> None:
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command").choices
-    compile_help = sub["pipeline"]._actions[-1].choices["compile"].format_help()
+    from pipelines.cli import build_parser as build_pipelines_parser
+
+    compile_help = _subcommands(build_pipelines_parser())["compile"].format_help()
     compile_help = re.sub(r"\s+", " ", compile_help)
     assert "(default: rima_pipeline.yaml)" in compile_help
+    sub = _subcommands(build_parser())
     train_help = sub["train"].format_help()
     assert "(default: None)" not in train_help and "(default: False)" not in train_help
     assert train_help.count("(default: params.yaml)") == 1
@@ -56,3 +62,31 @@ def test_rima_version_from_the_console_script() -> None:
     exe = Path(sys.executable).parent / "rima"
     proc = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("rima ")
+
+
+def test_source_names_come_from_the_source_registry() -> None:
+    """`rima prepare --source` takes every registered source and alias, `auto`, and a dotted
+    module path (a plug-in format, which prepare imports); anything else exits 2 naming them."""
+    from rima_core.data.sources import ALIASES, SOURCES
+
+    prepare = _subcommands(build_parser())["prepare"]
+    for name in [*SOURCES, *ALIASES, "auto", "my_lab.sources.export_v2"]:
+        assert prepare.parse_args(["--source", name]).source == name
+    assert all(name in prepare.format_help() for name in SOURCES)
+    with pytest.raises(SystemExit) as exc:
+        prepare.parse_args(["--source", "fairvison"])
+    assert exc.value.code == 2
+
+
+def test_a_plug_in_source_module_reaches_prepare(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The dotted path is not only parsed: prepare imports it, and a module without scan/load is
+    the user's error (exit 2), not an argparse rejection."""
+    from rima_core.cli import main
+
+    argv = ["prepare", "--input", str(tmp_path), "--out", str(tmp_path / "store")]
+    with caplog.at_level(logging.ERROR, logger="rima"):
+        assert main([*argv, "--source", "json.decoder"]) == 2  # imports; no scan()/load()
+    assert "source module 'json.decoder' must define scan() and load()" in caplog.text
+    assert not (tmp_path / "store").exists()

@@ -1,6 +1,6 @@
-"""The compiled Kubeflow pipeline (the IR YAML the cluster reads), and `rima pipeline submit`'s
-argument handling. kfp.local ignores images, accelerators and every kfp-kubernetes setting, so
-this is where they are checked."""
+"""The compiled Kubeflow pipeline (the IR YAML the cluster reads), and the argument handling of
+`python -m pipelines submit`. kfp.local ignores images, accelerators and every kfp-kubernetes
+setting, so this is where they are checked."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import yaml
 
 from components import STEP_FUNCTIONS, build_components, rima_image
 from components.image import DEFAULT_IMAGE, IMAGE_ENV
+from pipelines.cli import main
 from pipelines.compile import compile_pipeline, pipeline_arguments
 from pipelines.rima_pipeline import (
     CACHED_TASKS,
@@ -27,7 +28,6 @@ from pipelines.rima_pipeline import (
     with_resources,
 )
 from pipelines.submit import build_submission, package_parameters, parse_arguments
-from rima_core.cli import main
 from rima_core.config import Config
 
 IMAGE = "registry.example.org/rima/rima:9.9.9"
@@ -223,9 +223,9 @@ def test_pipeline_arguments_reject_typos(tmp_path: Path) -> None:
 def test_cpu_only_compile_has_no_accelerators(tmp_path: Path) -> None:
     out = tmp_path / "cpu.yaml"
     # an explicitly named params file must exist: exit 2 with a message, no package
-    assert main(["pipeline", "compile", "--params", "none.yaml", "--out", str(out)]) == 2
+    assert main(["compile", "--params", "none.yaml", "--out", str(out)]) == 2
     assert not out.exists()
-    argv = ["pipeline", "compile", "--out", str(out), "--no-gpu", "--image", IMAGE]
+    argv = ["compile", "--out", str(out), "--no-gpu", "--image", IMAGE]
     # the checkout's params.yaml logs to sqlite:///mlflow.db: private to each pod, refused
     assert main(argv) == 2 and not out.exists()
     assert main([*argv, "--set", "mlflow.tracking_uri=http://mlflow.svc:5000"]) == 0
@@ -237,7 +237,7 @@ def test_cpu_only_compile_has_no_accelerators(tmp_path: Path) -> None:
 
 def test_cli_compile_options(tmp_path: Path) -> None:
     out = tmp_path / "p.yaml"
-    argv = ["pipeline", "compile", "--out", str(out), "--image", IMAGE, "--gpus", "4"]
+    argv = ["compile", "--out", str(out), "--image", IMAGE, "--gpus", "4"]
     argv += ["--allow-local-mlflow"]  # a shared volume: warned, compiled
     argv += ["--gpu-toleration", "pool=gpu:NoExecute", "--gpu-node-selector", "pool=a100"]
     assert main(argv) == 0
@@ -247,9 +247,9 @@ def test_cli_compile_options(tmp_path: Path) -> None:
     assert platform["exec-train"]["tolerations"] == [
         {"key": "pool", "operator": "Equal", "value": "gpu", "effect": "NoExecute"}
     ]
-    assert main(["pipeline", "compile", "--out", str(out), "--gpu-toleration", ":x"]) == 2
-    assert main(["pipeline", "compile", "--out", str(out), "--gpu-node-selector", "nokey"]) == 2
-    assert main(["pipeline", "compile", "--out", str(tmp_path / "p.txt")]) == 2
+    assert main(["compile", "--out", str(out), "--gpu-toleration", ":x"]) == 2
+    assert main(["compile", "--out", str(out), "--gpu-node-selector", "nokey"]) == 2
+    assert main(["compile", "--out", str(tmp_path / "p.txt")]) == 2
 
 
 def test_toleration_parsing() -> None:
@@ -332,12 +332,12 @@ def test_submission_takes_token_and_host_from_env(compiled: dict[str, Any]) -> N
 
 def test_submit_cli_fails_clearly_before_any_network_call(tmp_path: Path) -> None:
     missing = tmp_path / "nope.yaml"
-    assert main(["pipeline", "submit", "--package", str(missing), "--experiment", "e"]) == 2
+    assert main(["submit", "--package", str(missing), "--experiment", "e"]) == 2
     not_a_package = tmp_path / "x.yaml"
     not_a_package.write_text("a: 1\n")
-    assert main(["pipeline", "submit", "--package", str(not_a_package), "--experiment", "e"]) == 2
+    assert main(["submit", "--package", str(not_a_package), "--experiment", "e"]) == 2
     with pytest.raises(SystemExit):  # argparse: --experiment is required
-        main(["pipeline", "submit", "--package", str(not_a_package)])
+        main(["submit", "--package", str(not_a_package)])
 
 
 # --- resources, tracking URI ------------------------------------------------------------------
@@ -372,7 +372,7 @@ def test_task_resources_overrides_and_checks(tmp_path: Path) -> None:
         ClusterOptions(resources={"nope": TaskResources("1")})
 
     out = tmp_path / "r.yaml"
-    argv = ["pipeline", "compile", "--out", str(out), "--image", IMAGE, "--no-gpu"]
+    argv = ["compile", "--out", str(out), "--image", IMAGE, "--no-gpu"]
     argv += ["--set", "mlflow.tracking_uri=https://mlflow.example.org"]
     assert main([*argv, "--task-resources", "evaluate:cpu=3,cpu_limit=6,memory=12Gi"]) == 0
     spec, _ = _load(out)

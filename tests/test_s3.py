@@ -163,7 +163,7 @@ def test_fetch_dvc_reads_the_versioned_data_from_an_s3_remote(
 ) -> None:
     """The cluster's fetch-raw path: the data of a given commit, from the project's DVC remote
     (moto on loopback), with no local cache — the same bytes `dvc repro` reads there."""
-    from rima_core.kfp_support import fetch_dvc
+    from rima_core.data.fetch import fetch_dvc
 
     server, _ = s3
     repo = tmp_path / "project"

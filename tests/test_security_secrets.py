@@ -162,6 +162,7 @@ def test_training_run_leaks_no_password(tiny_data: TinyData, tmp_path: Path) -> 
 
 
 def test_compile_refuses_a_credential(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from pipelines import cli as pipelines_cli
     from pipelines.compile import compile_pipeline
 
     out = tmp_path / "pipeline.yaml"
@@ -175,9 +176,9 @@ def test_compile_refuses_a_credential(tmp_path: Path, caplog: pytest.LogCaptureF
 
     params = tmp_path / "params.yaml"  # from a params file too, and through the CLI
     params.write_text(f"mlflow:\n  tracking_uri: {TRACKING}\n")
-    argv = ["pipeline", "compile", "--params", str(params), "--out", str(out), "--secret", "s"]
+    argv = ["compile", "--params", str(params), "--out", str(out), "--secret", "s"]
     with caplog.at_level(logging.ERROR, logger="rima"):
-        assert cli.main(argv) == 2
+        assert pipelines_cli.main(argv) == 2
     (message,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert "mlflow.tracking_uri" in message and "MLFLOW_TRACKING_PASSWORD" in message
     assert TRACKING_PASSWORD not in message and not out.exists()
@@ -205,7 +206,7 @@ def test_pod_storage_from_the_secret_is_masked_in_mlflow(
     import mlflow
 
     from rima_core import tracking
-    from rima_core.kfp_support import OPTUNA_STORAGE_ENV, load_task_config, write_config
+    from rima_core.remote_config import OPTUNA_STORAGE_ENV, load_task_config, write_config
 
     uri = sqlite_uri(tmp_path)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)

@@ -378,3 +378,19 @@ def test_refs_and_cases_pickle(tmp_path: Path) -> None:
     again = pickle.loads(pickle.dumps(ref))
     case = pickle.loads(pickle.dumps(gamma.load(again)))
     assert case.case_id == "0001" and case.oct.shape == (12, 8, 10)
+
+
+def test_config_accepts_exactly_the_registered_sources_and_diseases() -> None:
+    """``params.data.source``/``data.disease`` are checked by their own lists in
+    ``rima_core.config.RULES``; they must name what the source registry and the FairVision loader
+    know, or a valid source is refused (or an unknown one let through to prepare)."""
+    from rima_core.config import RULES
+    from rima_core.data.sources import SOURCES
+
+    source_rule, disease_rule = RULES["data.source"], RULES["data.disease"]
+    for name in [*SOURCES, "auto"]:
+        assert source_rule(name) is None, f"config refuses registered source {name!r}"
+    assert source_rule("not_a_source") is not None
+    for disease in [*fairvision.DISEASES, "auto"]:
+        assert disease_rule(disease) is None, f"config refuses disease {disease!r}"
+    assert disease_rule("cataract") is not None

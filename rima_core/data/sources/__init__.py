@@ -15,7 +15,7 @@ from types import ModuleType
 from rima_core.data.sources._common import ScanResult
 from rima_core.data.types import SourceError
 
-__all__ = ["SOURCES", "ScanResult", "detect_source", "get_source"]
+__all__ = ["ALIASES", "SOURCES", "ScanResult", "detect_source", "get_source"]
 
 # name -> (module, layout test). Checked in this order by detect_source: the RIMA and GAMMA
 # layouts are recognised by their label sheets, FairVision by npz files in split folders.
@@ -24,12 +24,13 @@ SOURCES: dict[str, tuple[str, str]] = {
     "gamma": ("rima_core.data.sources.gamma", "is_gamma"),
     "fairvision": ("rima_core.data.sources.fairvision", "is_fairvision"),
 }
-_ALIASES = {"rima_folders": "rima", "harvard": "fairvision", "synthetic": "fairvision"}
+# Other names a source is known by (accepted wherever a source name is).
+ALIASES = {"rima_folders": "rima", "harvard": "fairvision", "synthetic": "fairvision"}
 
 
 def get_source(name: str) -> ModuleType:
     """The loader module for ``name`` (fairvision | gamma | rima); it has ``scan`` and ``load``."""
-    key = _ALIASES.get(name.lower(), name.lower())
+    key = ALIASES.get(name.lower(), name.lower())
     if key not in SOURCES:
         raise SourceError(f"unknown source {name!r}; expected one of {sorted(SOURCES)} or auto")
     return importlib.import_module(SOURCES[key][0])
