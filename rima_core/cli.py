@@ -455,6 +455,8 @@ when one of the two is missing.
 Every command reads --params (default params.yaml; built-in defaults when it does not exist),
 an optional --profile file layered on top, and --set section.key=value overrides. Explicit
 path options win over the paths in params. `rima COMMAND --help` lists a command's options.
+The Kubeflow pipeline has its own command line in the repository checkout:
+`python -m pipelines --help`.
 """
 
 
