@@ -1,11 +1,12 @@
 """``rima_pipeline``: the whole RIMA pipeline as a Kubeflow pipeline.
 
-Parameters mirror params.yaml: ``params_yaml``/``profile_yaml`` carry the files themselves (the
-compiler fills them in from the checkout, so a compiled package is self-contained), and the
-typed parameters are the knobs a run most often changes — data source, missing-modality
-scenarios, tuning budget and workers, promotion policy, MLflow. Their defaults here are the
-embedded defaults; :func:`pipelines.compile.pipeline_arguments` replaces them with the values of
-params.yaml (+ profile) at compile time.
+The parameters are ``rima_core.remote_config.RUN_PARAMETERS``: ``params_yaml``/``profile_yaml``
+carry the files themselves (the compiler fills them in from the checkout, so a compiled package
+is self-contained), and the typed parameters are the knobs a run most often changes — data
+source, missing-modality scenarios, tuning budget and workers, promotion policy, MLflow. Their
+defaults here are the embedded defaults; :func:`pipelines.compile.pipeline_arguments` replaces
+them with the values of params.yaml (+ profile) at compile time. Which tasks exist and how each
+runs (caching, retries, GPU, secret, resources) is ``components.tasks.TASKS``.
 
 Cluster wiring that is deployment, not experiment, comes from :class:`ClusterOptions` at compile
 time: the image, the Kubernetes secret with the credentials, the accelerator and its
@@ -46,7 +47,6 @@ SECRET_ENV_KEYS: tuple[str, ...] = (
 RETRIED_TASKS = tuple(t.name for t in TASKS if t.retried)
 CACHED_TASKS = tuple(t.name for t in TASKS if t.cached)
 GPU_TASKS = tuple(t.name for t in TASKS if t.gpu)
-STEP_NAMES = TASK_NAMES
 DEFAULT_RESOURCES: dict[str, TaskResources] = {t.name: t.resources for t in TASKS}
 
 
@@ -113,7 +113,7 @@ class ClusterOptions:
     def __post_init__(self) -> None:
         unknown = set(self.resources) - set(TASK_NAMES)
         if unknown:
-            raise ValueError(f"resources for unknown step(s) {sorted(unknown)}: {STEP_NAMES}")
+            raise ValueError(f"resources for unknown step(s) {sorted(unknown)}: {TASK_NAMES}")
 
     @property
     def uses_gpu(self) -> bool:
