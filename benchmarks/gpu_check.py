@@ -487,7 +487,7 @@ def _ot_step(batch: dict[str, torch.Tensor], gw_eps: float, fc_eps: float) -> di
     f, o, y_f, y_o = batch["f"], batch["o"], batch["y_f"], batch["y_o"]
     t_fo, i_fo = labeled_gw(f, y_f, o, y_o, epsilon=gw_eps)
     t_of, i_of = labeled_gw(o, y_o, f, y_f, epsilon=gw_eps)
-    t_v, i_v = feature_coupling(o, f, t_of, epsilon=fc_eps, return_info=True)
+    t_v, i_v = feature_coupling(o, f, t_of, epsilon=fc_eps, log=True)
     return {"t_fo": t_fo, "i_fo": i_fo, "t_of": t_of, "i_of": i_of, "t_v": t_v, "i_v": i_v}
 
 

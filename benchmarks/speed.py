@@ -1,18 +1,26 @@
-"""Speed of the RIMA optimal-transport step at the paper's shapes, ours vs POT's stock solvers.
+"""Speed of the RIMA optimal-transport step at the paper's shapes, ours vs numpy and POT.
+
+Re-run the OT section (one line, from the repository root, on an otherwise idle machine):
+
+    .venv/bin/python benchmarks/speed.py --sections ot
 
 Why: the OT step runs on every training batch. The authors' route (OTT-JAX called eagerly,
 numpy round trips, the feature Sinkhorn solved twice in float64) costs ~10 s per batch on a CPU.
 This measures ``rima_core.ot`` on the paper's shapes — batch 32, fundus features d_f = 2048, OCT
-features d_o = 6144, 4 classes of unequal size — against POT on the *same inputs*:
+features d_o = 6144, 4 classes of unequal size — on the *same inputs* against
 
-* labeled GW, each direction (fundus->OCT and OCT->fundus): ours vs
+* an independent float32 numpy implementation of the same algorithm
+  (``benchmarks/ot_reference.py``), for the OT step as ``RimaModel._alignment`` runs it (GW
+  fundus->OCT, then the feature coupling), interleaved run by run in one process, at torch's
+  thread count and at one thread (target: at most ``TARGET_RATIO`` times the numpy time);
+* POT, labeled GW, each direction (fundus->OCT and OCT->fundus): ours vs
   ``ot.gromov.entropic_fused_gromov_wasserstein`` with a label-mismatch cost
   ``M = 1e3 * [y_i != y_j]``, ``alpha = 0.5`` and ``epsilon_pot = 2 * alpha * epsilon = epsilon``
   (POT's kernel uses the GW gradient ``2 L(T)``, see ``rima_core/ot.py``). POT runs stock:
   float64 numpy, its own product initialisation, ``tol`` = our outer ``tol`` (POT measures the
   Frobenius norm of the change every 10 outer iterations, ours the L1 norm every iteration),
   inner ``stopThr`` = our inner tolerance.
-* feature coupling (6144 × 2048, given the OCT->fundus sample coupling): ours vs
+* POT, feature coupling (6144 × 2048, given the OCT->fundus sample coupling): ours vs
   ``ot.sinkhorn`` (float64 numpy, ``method="sinkhorn"``) on the same max-scaled COOT cost,
   ``reg`` = epsilon, ``stopThr`` = our ``tol`` (POT: L2 of the column marginal every 10
   iterations; ours: L1 of the row marginal every 10).
@@ -20,7 +28,9 @@ features d_o = 6144, 4 classes of unequal size — against POT on the *same inpu
 Features are class-clustered with a shared per-eye latent signal (fundus and OCT of an eye are
 two random non-linear views of the same latent), so couplings are not trivially uniform.
 Timings are medians over ``--repeats`` runs after ``--warmup`` untimed runs; on a shared machine
-they scale with its load, which is recorded. The number of torch threads is left as it is.
+they scale with its load, which is recorded. Torch's thread count is the process default except
+where a measurement says otherwise; ``rima_core.ot`` itself runs small problems (labeled GW at
+these shapes) on one thread (its ``num_threads`` policy).
 
     python benchmarks/speed.py [--device cpu|cuda] [--repeats 7] [--sections ot]
 
@@ -49,6 +59,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import ot_reference  # noqa: E402
 from rima_core.atomic import write_text  # noqa: E402
 from rima_core.ot import class_marginals, feature_coupling, gw_energy, labeled_gw  # noqa: E402
 
@@ -59,6 +70,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 # targets from the issue; reported next to the measurements, never used to fake them
 TARGET_GW_MS = 15.0
 TARGET_STEP_MS = 300.0
+TARGET_RATIO = 1.5  # OT step time / the numpy reference's, at torch's threads and at 1 thread
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +232,7 @@ def _time_ours(batch: dict[str, torch.Tensor], gw_kw: dict, fc_kw: dict, args) -
                                 args.warmup, dev)  # fmt: skip
     (t_of, i_of), ms_of = timed(lambda: labeled_gw(o, y_o, f, y_f, **gw_kw), args.repeats,
                                 args.warmup, dev)  # fmt: skip
-    (t_v, i_v), ms_v = timed(lambda: feature_coupling(o, f, t_of, return_info=True, **fc_kw),
+    (t_v, i_v), ms_v = timed(lambda: feature_coupling(o, f, t_of, log=True, **fc_kw),
                              args.repeats, args.warmup, dev)  # fmt: skip
 
     def step():
@@ -233,6 +245,111 @@ def _time_ours(batch: dict[str, torch.Tensor], gw_kw: dict, fc_kw: dict, args) -
              torch.get_num_threads(), statistics.median(ms_fo), statistics.median(ms_of),
              statistics.median(ms_v), statistics.median(ms_step))  # fmt: skip
     return (t_fo, i_fo, ms_fo), (t_of, i_of, ms_of), (t_v, i_v, ms_v), ms_step
+
+
+def _alignment_step(batch: dict[str, torch.Tensor], gw_kw: dict, fc_kw: dict) -> Callable:
+    """The OT step exactly as ``RimaModel._alignment`` runs it: GW fundus->OCT, then T_v."""
+    f, o, y_f, y_o = batch["f"], batch["o"], batch["y_f"], batch["y_o"]
+
+    def step() -> tuple[Any, Any]:
+        t, info = labeled_gw(f, y_f, o, y_o, log=True, **gw_kw)
+        tv, tv_info = feature_coupling(o, f, t.T, log=True, **fc_kw)
+        return (t, tv), (info["iterations"], tv_info["iterations"])
+
+    return step
+
+
+def _reference_step(batch: dict[str, torch.Tensor], gw_kw: dict, fc_kw: dict) -> Callable:
+    """The same step in the independent numpy implementation (``benchmarks/ot_reference.py``)."""
+    f, o = batch["f"].cpu().numpy(), batch["o"].cpu().numpy()
+    y_f, y_o = batch["y_f"].cpu().numpy(), batch["y_o"].cpu().numpy()
+    gw = {"epsilon": gw_kw["epsilon"], "max_iter": gw_kw["max_iter"], "tol": gw_kw["tol"],
+          "inner_tol": gw_kw["inner_tol"]}  # fmt: skip
+
+    def step() -> tuple[Any, Any]:
+        t, its = ot_reference.labeled_gw(f, y_f, o, y_o, **gw)
+        tv, tv_its = ot_reference.feature_coupling(o, f, t.T, **fc_kw)
+        return (t, tv), (its, tv_its)
+
+    return step
+
+
+def _versus_reference(batch: dict[str, torch.Tensor], gw_kw: dict, fc_kw: dict, args) -> dict:
+    """Ours vs the numpy reference, interleaved run by run, at torch's threads and at 1 thread.
+
+    Interleaving makes the comparison fair on a loaded machine: both see the same load, and the
+    per-pair ratio cancels slow drifts. numpy's BLAS gets the same thread count as torch
+    (threadpoolctl), so "1 thread" means one thread for both.
+    """
+    from threadpoolctl import threadpool_limits
+
+    ours, ref = _alignment_step(batch, gw_kw, fc_kw), _reference_step(batch, gw_kw, fc_kw)
+    (t_ours, its_ours), (t_ref, its_ref) = ours(), ref()
+    out: dict[str, Any] = {
+        "iterations_ours": list(its_ours),
+        "iterations_reference": [int(i) for i in its_ref],
+        "gw_l1_ours_vs_reference": float(np.abs(t_ours[0].cpu().numpy() - t_ref[0]).sum()),
+        "feature_l1_ours_vs_reference": float(np.abs(t_ours[1].cpu().numpy() - t_ref[1]).sum()),
+        "target_ratio": TARGET_RATIO,
+        "by_threads": {},
+    }
+    default = torch.get_num_threads()
+    for threads in dict.fromkeys((default, 1)):
+        torch.set_num_threads(threads)
+        try:
+            with threadpool_limits(threads):
+                for _ in range(args.warmup):
+                    ours(), ref()
+                ms_ours, ms_ref = [], []
+                for _ in range(args.repeats):
+                    for fn, acc in ((ours, ms_ours), (ref, ms_ref)):
+                        start = time.perf_counter()
+                        fn()
+                        _sync(args.device)
+                        acc.append(1e3 * (time.perf_counter() - start))
+        finally:
+            torch.set_num_threads(default)
+        ratios = [a / b for a, b in zip(ms_ours, ms_ref, strict=True)]
+        out["by_threads"][str(threads)] = {
+            "ours": _ms(ms_ours),
+            "reference": _ms(ms_ref),
+            "ratio_of_medians": statistics.median(ms_ours) / statistics.median(ms_ref),
+            "ratio_of_minima": min(ms_ours) / min(ms_ref),
+            "median_pairwise_ratio": statistics.median(ratios),
+        }
+        log.info("OT step vs numpy reference, %d thread(s): %.1f vs %.1f ms (ratio %.2f)",
+                 threads, statistics.median(ms_ours), statistics.median(ms_ref),
+                 statistics.median(ratios))  # fmt: skip
+    return out
+
+
+def _render_versus_reference(vs: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Versus an independent numpy implementation",
+        "",
+        "The OT step as `RimaModel._alignment` runs it (labeled GW fundus→OCT, then the feature "
+        "coupling) against `benchmarks/ot_reference.py` (float32 numpy, same algorithm and "
+        f"stopping rules), run by run in the same process. Target: ratio ≤ {vs['target_ratio']}.",
+        "",
+        "| threads | ours median (ms) | numpy median (ms) | ratio of medians | ratio of minima "
+        "| median pairwise ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for threads, r in vs["by_threads"].items():
+        lines.append(
+            f"| {threads} | {r['ours']['median_ms']:.1f} | {r['reference']['median_ms']:.1f} "
+            f"| {r['ratio_of_medians']:.2f} | {r['ratio_of_minima']:.2f} "
+            f"| {r['median_pairwise_ratio']:.2f} |"
+        )
+    lines += [
+        "",
+        f"Iterations (GW outer, feature Sinkhorn): ours {vs['iterations_ours']}, numpy "
+        f"{vs['iterations_reference']}; L1 distance between the two: GW coupling "
+        f"{vs['gw_l1_ours_vs_reference']:.1e}, feature coupling "
+        f"{vs['feature_l1_ours_vs_reference']:.1e}.",
+        "",
+    ]
+    return lines
 
 
 def bench_ot(args: argparse.Namespace) -> dict[str, Any]:
@@ -250,6 +367,7 @@ def bench_ot(args: argparse.Namespace) -> dict[str, Any]:
     }
     fc_kw = {"epsilon": args.feature_epsilon, "tol": args.feature_tol}
 
+    versus = _versus_reference(batch, gw_kw, fc_kw, args)
     (t_fo, info_fo, times_fo), (t_of, info_of, times_of), (t_v, info_v, times_v), times_step = (
         _time_ours(batch, gw_kw, fc_kw, args)
     )
@@ -303,7 +421,7 @@ def bench_ot(args: argparse.Namespace) -> dict[str, Any]:
     # converged reference: plain Sinkhorn (POT's algorithm) in float64 to a 1e-9 marginal error
     ref_v, ref_info = feature_coupling(
         torch.from_numpy(o64), torch.from_numpy(f64), torch.from_numpy(t_of.double().cpu().numpy()),
-        epsilon=args.feature_epsilon, tol=1e-9, max_iter=20000, relax=1.0, return_info=True,
+        epsilon=args.feature_epsilon, tol=1e-9, max_iter=20000, relax=1.0, log=True,
     )  # fmt: skip
     ref_v = ref_v.numpy()
     t_v64 = np.asarray(t_v.double().cpu().numpy())
@@ -327,6 +445,7 @@ def bench_ot(args: argparse.Namespace) -> dict[str, Any]:
         },
         "targets_ms": {"labeled_gw_per_direction": TARGET_GW_MS, "ot_step": TARGET_STEP_MS},
         "torch_threads": threads,
+        "versus_numpy_reference": versus,
         "ours_single_thread": single,
         "ours": {
             "gw_fundus_to_oct": _ours_gw(times_fo, t_fo, info_fo, yf, yo, c_f, c_o),
@@ -383,7 +502,8 @@ def render_ot(res: dict[str, Any], machine: dict[str, Any]) -> str:
         f"{machine.get('load_average_1_5_15')} at the start. Wall-clock numbers scale with the "
         "load of this shared machine; the minimum is the better estimate of the uncontended cost.",
         "",
-        "## Time",
+        *_render_versus_reference(res["versus_numpy_reference"]),
+        "## Time (ours vs POT)",
         "",
         "| part | ours median (ms) | ours min (ms) | POT median (ms) | POT min (ms) "
         "| target (ms) |",
@@ -408,7 +528,7 @@ def render_ot(res: dict[str, Any], machine: dict[str, Any]) -> str:
         lines += [
             "",
             f"The same code with torch limited to 1 thread (default here: {res['torch_threads']}"
-            "; the library never changes it):",
+            "; the library runs labeled GW on one thread by itself at these shapes):",
             "",
             "| part | ours median (ms) | ours min (ms) | target (ms) |",
             "|---|---|---|---|",
@@ -431,7 +551,8 @@ def render_ot(res: dict[str, Any], machine: dict[str, Any]) -> str:
             "Why the two differ: one 32×32 matrix product took a median of "
             + ", ".join(f"{us:.1f} µs with {n} thread(s)" for n, us in mm.items())
             + " during this run. When the machine is oversubscribed, every multi-threaded op "
-            "waits for a descheduled worker thread; labeled GW is ~20 such small products.",
+            "waits for a descheduled worker thread; the feature step's large operations use "
+            "torch's thread count.",
         ]
     lines += [
         "",

@@ -50,7 +50,7 @@ kernel are exact zeros, so cross-label mass is exactly 0.0.
 Speed of the feature step (6144 × 2048 at the paper's shapes) is memory traffic: the cost is one
 matrix product of augmented factors, the shift and scaling are done in place, the exponent is
 floored just above float underflow (``exp`` of underflowing arguments takes a slow path), the
-two large scratch matrices are reused across calls (:func:`_workspace`), and the Sinkhorn
+two large scratch matrices are reused across calls (:class:`Workspace`), and the Sinkhorn
 updates are over-relaxed (``relax``), which halves the iterations there. Convergence tests
 (one host sync) happen every ``check_every`` iterations only.
 """
@@ -60,6 +60,8 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,44 +162,98 @@ def _back(t: torch.Tensor, origin: _Origin) -> ArrayLike:
 
 
 # --------------------------------------------------------------------------------------------
-# workspace
+# resources: scratch memory and threads, both explicit
 
 
-_WORKSPACE = threading.local()
-
-
-def _workspace(
-    name: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """A per-thread scratch matrix reused across calls (contents are overwritten by the caller).
+class Workspace:
+    """Scratch matrices that :func:`feature_coupling` reuses across calls.
 
     Why: the feature step works on two 6144×2048 matrices every training batch. On CPU, glibc
     hands blocks above 32 MB straight to ``mmap``, so each fresh 50 MB tensor is ~12k page
     faults — measured here at ~50 ms per allocation, as much as the arithmetic on it. Only the
-    latest shape per name is kept; :func:`clear_workspace` frees them.
+    latest shape per name is kept; :meth:`clear` frees them. A workspace serves one call at a
+    time: a call that finds it in use (another thread) works in fresh memory instead of
+    waiting. ``DEFAULT_WORKSPACE`` is the one used when a caller passes none.
     """
-    cache: dict[str, torch.Tensor] | None = getattr(_WORKSPACE, "buffers", None)
-    if cache is None:
-        cache = {}
-        _WORKSPACE.buffers = cache
-    buf = cache.get(name)
-    if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
-        cache.pop(name, None)
-        buf = torch.empty(shape, dtype=dtype, device=device)
-        cache[name] = buf
-    return buf
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def matrix(
+        self, name: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """The scratch matrix ``name`` (contents undefined: the caller overwrites them)."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
+            self._buffers.pop(name, None)
+            buf = torch.empty(shape, dtype=dtype, device=device)
+            self._buffers[name] = buf
+        return buf
+
+    def clear(self) -> None:
+        """Free the scratch matrices (the next call allocates them again)."""
+        self._buffers = {}
+
+    @contextmanager
+    def lease(self) -> Iterator[Workspace]:
+        """This workspace for the duration of one call, or a throw-away one if it is busy."""
+        if not self._lock.acquire(blocking=False):
+            yield Workspace()
+            return
+        try:
+            yield self
+        finally:
+            self._lock.release()
+
+
+DEFAULT_WORKSPACE = Workspace()
 
 
 def clear_workspace() -> None:
-    """Release the scratch matrices :func:`feature_coupling` keeps for reuse (this thread)."""
-    _WORKSPACE.buffers = {}
+    """Release the scratch matrices of ``DEFAULT_WORKSPACE``."""
+    DEFAULT_WORKSPACE.clear()
+
+
+# Problems whose working matrices have at most this many entries run on one thread unless the
+# caller says otherwise (``num_threads``). Why: labeled GW at the paper's batch size is ~1000
+# tiny (32 × 32) operations; multi-threaded BLAS calls on such matrices buy nothing, and on a
+# busy machine every one of them waits for a descheduled worker thread (measured: 7 ms on one
+# thread, 130–490 ms on two, for the same solve). 2**16 is twice ATen's grain size, below which
+# its element-wise kernels run serially anyway.
+SMALL_PROBLEM_ENTRIES = 2**16
+
+
+@contextmanager
+def _thread_policy(num_threads: int | None, entries: int, device: torch.device) -> Iterator[None]:
+    """Run the body with the solver's thread count, restoring torch's afterwards.
+
+    ``num_threads``: None = 1 for small problems (``entries <= SMALL_PROBLEM_ENTRIES``) and
+    torch's current setting otherwise; an int = that many. ``torch.set_num_threads`` is
+    process-global, so other threads' torch work during the call also sees the solver's count;
+    the setting is restored in ``finally`` and the change is a no-op on other devices.
+    """
+    if num_threads is not None and num_threads < 1:
+        raise OTInputError(f"num_threads must be >= 1 or None, got {num_threads!r}")
+    before = torch.get_num_threads()
+    want = num_threads
+    if want is None:
+        want = 1 if entries <= SMALL_PROBLEM_ENTRIES else before
+    if device.type != "cpu" or want == before:
+        yield
+        return
+    torch.set_num_threads(want)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------------------------
 # costs
 
 
-def _scaled_sqdist(x: torch.Tensor) -> torch.Tensor:
+def scaled_sqdist(x: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances divided by their max.
 
     The points are centred first: the Gram trick ``|a|² + |b|² − 2ab`` loses digits to
@@ -515,6 +571,7 @@ def _solve_shifted(
     check_every: int,
     log_domain: bool | None,
     warm: bool = False,
+    relax: float = 1.0,
 ) -> _SinkhornResult:
     """:func:`_solve` after shifting ``h`` in place (potentials ``f``, ``g`` absorb the shift).
 
@@ -529,11 +586,182 @@ def _solve_shifted(
     if warm:
         # a column whose warm scaling would underflow starts from 1 (it is far off anyway)
         b0 = cmax.clamp_min(0.5 * math.log(torch.finfo(h.dtype).tiny))
-    return _solve(h, f, g, p, q, eps, max_iter, tol, check_every, log_domain, b0=b0)
+    return _solve(h, f, g, p, q, eps, max_iter, tol, check_every, log_domain, b0=b0, relax=relax)
 
 
 # --------------------------------------------------------------------------------------------
-# public API
+# public solvers
+#
+# Every solver takes ``log``: with ``log=True`` it returns ``(T, log_dict)``, whose keys include
+# ``SOLVER_LOG_KEYS`` plus the solver's own. ``num_threads`` is the thread policy of
+# :func:`_thread_policy`.
+
+SOLVER_LOG_KEYS = ("iterations", "marginal_error", "converged", "log_domain")
+
+
+def _check_iterations(**counts: int) -> None:
+    bad = [k for k, v in counts.items() if v < 1]
+    if bad:
+        raise OTInputError(f"{', '.join(bad)} must be >= 1")
+
+
+def _sinkhorn_log_dict(res: _SinkhornResult) -> dict[str, Any]:
+    return {
+        "iterations": res.iterations,
+        "marginal_error": res.error,
+        "converged": res.converged,
+        "log_domain": res.log_domain,
+        "absorptions": res.absorptions,
+    }
+
+
+def sinkhorn(
+    a: ArrayLike,
+    b: ArrayLike,
+    cost: ArrayLike,
+    epsilon: float,
+    max_iter: int = 1000,
+    tol: float = 1e-9,
+    check_every: int = 10,
+    relax: float = 1.0,
+    log_domain: bool | None = None,
+    num_threads: int | None = None,
+    log: bool = False,
+) -> ArrayLike | tuple[ArrayLike, dict[str, Any]]:
+    """Entropic OT between histograms ``a`` (n) and ``b`` (m) for ``cost`` (n × m).
+
+    The coupling minimises ``<T, C> − epsilon H(T)`` with marginals ``a, b``; its kernel is
+    ``exp(-C / epsilon)`` on the cost as given (no scaling), i.e. POT's
+    ``ot.sinkhorn(a, b, C, reg=epsilon)``. ``+inf`` cost entries forbid a pair (exact 0 in
+    ``T``). Stabilised scaling iterations, with the log-domain fallback of ``log_domain``
+    (module docstring); the solve stops when the L1 error of the row marginal is <= ``tol``
+    (tested every ``check_every`` iterations). ``relax`` over-relaxes the updates (1 = plain).
+
+    Returns ``T`` in the caller's type/device/dtype (numpy iff ``cost`` is numpy); with ``log``
+    also ``{iterations, marginal_error, converged, log_domain, absorptions, f, g}``, where the
+    dual potentials give ``T_ij = exp((f_i + g_j − C_ij) / epsilon)``.
+    """
+    origin_is_numpy = isinstance(cost, np.ndarray)
+    ct = _to_tensor(cost, "cost")
+    device = ct.device
+    at = _to_tensor(a, "a", device)
+    bt = _to_tensor(b, "b", device)
+    if ct.ndim != 2 or at.shape != (ct.shape[0],) or bt.shape != (ct.shape[1],):
+        raise OTInputError(
+            f"sinkhorn: expected a (n,), b (m,), cost (n, m); got {tuple(at.shape)}, "
+            f"{tuple(bt.shape)}, {tuple(ct.shape)}"
+        )
+    eps = _check_epsilon(epsilon)
+    _check_iterations(max_iter=max_iter, check_every=check_every)
+    if not 1.0 <= relax < 2.0:
+        raise OTInputError(f"relax must lie in [1, 2), got {relax!r}")
+    dtype = _compute_dtype(ct, at, bt)
+    origin = _Origin(origin_is_numpy, ct.dtype if ct.is_floating_point() else dtype, device)
+    ct, at, bt = ct.to(dtype), at.to(dtype), bt.to(dtype)
+    _check_finite("sinkhorn(a, b)", at, bt)
+    if bool(torch.isnan(ct).any()) or bool((at < 0).any()) or bool((bt < 0).any()):
+        raise OTInputError("sinkhorn: cost has NaN or a marginal has negative entries")
+    with torch.no_grad(), _thread_policy(num_threads, ct.numel(), device):
+        zeros_a, zeros_b = torch.zeros_like(at), torch.zeros_like(bt)
+        h = ct.neg().div_(eps)
+        res = _solve_shifted(h, zeros_a, zeros_b, at, bt, eps, max_iter, tol, check_every,
+                             log_domain, relax=relax)  # fmt: skip
+    out = _back(res.t, origin)
+    if not log:
+        return out
+    return out, {**_sinkhorn_log_dict(res), "f": _back(res.f, origin), "g": _back(res.g, origin)}
+
+
+# ---- labeled GW, in named parts
+
+
+@dataclass
+class _GWProblem:
+    """Everything the mirror-descent loop needs, computed once per call."""
+
+    cx: torch.Tensor  # max-scaled intra-set costs
+    cz: torch.Tensor
+    mask: torch.Tensor  # same-label pairs
+    p: torch.Tensor  # class-balanced marginals
+    q: torch.Tensor
+    const: torch.Tensor  # C_x² p 1ᵀ + 1 qᵀ C_z²: the part of L(T) that does not depend on T
+
+
+def _gw_problem(
+    xt: torch.Tensor, zt: torch.Tensor, lx: torch.Tensor, lz: torch.Tensor, class_mass: str
+) -> tuple[_GWProblem, int]:
+    """Costs, marginals and the constant cost term; plus the number of shared classes.
+
+    The shared-class count is the one host sync before the solve.
+    """
+    mask, p, q = class_marginals(lx, lz, class_mass, xt.dtype)
+    n_shared = int(torch.unique(lx[mask.any(1)]).numel())
+    cx = scaled_sqdist(xt)
+    cz = scaled_sqdist(zt)
+    const = ((cx * cx) @ p)[:, None] + ((cz * cz) @ q)[None, :]
+    return _GWProblem(cx, cz, mask, p, q, const), n_shared
+
+
+def _gw_start(prob: _GWProblem) -> torch.Tensor:
+    """The product coupling inside each class block: feasible and label-respecting."""
+    dtype = prob.p.dtype
+    w_of_x = (prob.mask.to(dtype) @ prob.q).clamp_min(torch.finfo(dtype).tiny)  # x_i's w_c
+    return torch.where(
+        prob.mask,
+        prob.p[:, None] * prob.q[None, :] / w_of_x[:, None],
+        torch.zeros((), dtype=dtype, device=prob.p.device),
+    )
+
+
+@dataclass
+class _GWTrace:
+    t: torch.Tensor
+    iterations: int
+    sinkhorn_iterations: int
+    converged: bool
+    log_domain: bool
+
+
+def _gw_mirror_descent(
+    prob: _GWProblem,
+    eps: float,
+    max_iter: int,
+    tol: float,
+    inner_max_iter: int,
+    inner_tol: float,
+    check_every: int,
+    log_domain: bool | None,
+) -> _GWTrace:
+    """Outer loop: linearise at ``T``, solve the masked entropic OT warm-started, repeat.
+
+    Stops when the L1 change of ``T`` is <= ``tol`` (one host sync per outer step).
+    """
+    t = _gw_start(prob)
+    f = torch.zeros_like(prob.p)
+    g = torch.zeros_like(prob.q)
+    neg_inf = torch.full((), -math.inf, dtype=t.dtype, device=t.device)
+    use_log = bool(log_domain)
+    converged = False
+    sink_its = 0
+    outer = 0
+    while outer < max_iter:
+        outer += 1
+        cost = _gw_linear_cost(prob.cx, prob.cz, t, prob.const)
+        f = torch.where(torch.isfinite(f), f, torch.zeros_like(f))
+        g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
+        h = torch.where(prob.mask, (f[:, None] + g[None, :] - cost) / eps, neg_inf)
+        res = _solve_shifted(
+            h, f, g, prob.p, prob.q, eps, inner_max_iter, inner_tol, check_every,
+            True if use_log else log_domain, warm=outer > 1,
+        )  # fmt: skip
+        use_log = use_log or res.log_domain
+        sink_its += res.iterations
+        change = float((res.t - t).abs().sum())
+        t, f, g = res.t, res.f, res.g
+        if change <= tol:
+            converged = res.converged
+            break
+    return _GWTrace(t, outer, sink_its, converged, use_log)
 
 
 def labeled_gw(
@@ -549,7 +777,9 @@ def labeled_gw(
     check_every: int = 5,
     class_mass: str = "share",
     log_domain: bool | None = None,
-) -> tuple[ArrayLike, dict[str, Any]]:
+    num_threads: int | None = None,
+    log: bool = True,
+) -> ArrayLike | tuple[ArrayLike, dict[str, Any]]:
     """Label-constrained entropic Gromov-Wasserstein coupling between ``x`` and ``z``.
 
     ``x`` (n_x × d_x) and ``z`` (n_z × d_z) may live in spaces of different dimension: only
@@ -564,11 +794,13 @@ def labeled_gw(
     one test of the change of ``T`` per outer step, the only host syncs inside the loops).
     ``log_domain``: None = automatic fallback, True = always, False = never (raise instead).
 
-    Returns ``(T, info)``: ``T`` (n_x × n_z) in the caller's type/device/dtype; ``info`` =
-    ``iterations`` (outer), ``sinkhorn_iterations`` (total inner), ``marginal_error`` (L1 of
-    both marginals), ``objective`` (GW energy of ``T`` with the scaled costs), ``converged``,
-    ``log_domain``, ``n_shared_classes``. When no class is shared (or a side is empty) ``T`` is
-    all zeros and ``n_shared_classes`` is 0: the caller should skip its OT loss.
+    Returns ``T`` (n_x × n_z) in the caller's type/device/dtype and, with ``log`` (the default
+    here, unlike the other solvers: a caller needs ``n_shared_classes`` to know whether ``T``
+    carries any information), a dict: ``iterations`` (outer), ``sinkhorn_iterations`` (total
+    inner), ``marginal_error`` (L1 of both marginals), ``objective`` (GW energy of ``T`` with
+    the scaled costs), ``converged``, ``log_domain``, ``n_shared_classes``. When no class is
+    shared (or a side is empty) ``T`` is all zeros and ``n_shared_classes`` is 0: the caller
+    should skip its OT loss.
     """
     origin_is_numpy = isinstance(x, np.ndarray)
     xt = _features(x, "x", None)
@@ -579,8 +811,7 @@ def labeled_gw(
     eps = _check_epsilon(epsilon)
     if class_mass not in CLASS_MASS_RULES:
         raise OTInputError(f"class_mass must be one of {CLASS_MASS_RULES}, got {class_mass!r}")
-    if max_iter < 1 or inner_max_iter < 1 or check_every < 1:
-        raise OTInputError("max_iter, inner_max_iter and check_every must be >= 1")
+    _check_iterations(max_iter=max_iter, inner_max_iter=inner_max_iter, check_every=check_every)
     dtype = _compute_dtype(xt, zt)
     origin = _Origin(origin_is_numpy, _output_dtype(xt, zt, dtype), device)
     xt = xt.to(dtype)
@@ -596,74 +827,69 @@ def labeled_gw(
         "log_domain": False,
         "n_shared_classes": 0,
     }
+    zeros = torch.zeros(n_x, n_z, dtype=dtype, device=device)
     if n_x == 0 or n_z == 0:
-        return _back(torch.zeros(n_x, n_z, dtype=dtype, device=device), origin), info
-    _check_finite("labeled_gw(x, z)", xt, zt)
+        return (_back(zeros, origin), info) if log else _back(zeros, origin)
 
-    with torch.no_grad():
-        mask, p, q = class_marginals(lx, lz, class_mass, dtype)
-        # one host sync before the solve: how many classes both sides share
-        n_shared = int(torch.unique(lx[mask.any(1)]).numel())
+    with torch.no_grad(), _thread_policy(num_threads, n_x * n_z, device):
+        _check_finite("labeled_gw(x, z)", xt, zt)
+        prob, n_shared = _gw_problem(xt, zt, lx, lz, class_mass)
         info["n_shared_classes"] = n_shared
         if n_shared == 0:
-            return _back(torch.zeros(n_x, n_z, dtype=dtype, device=device), origin), info
-
-        cx = _scaled_sqdist(xt)
-        cz = _scaled_sqdist(zt)
-        const = ((cx * cx) @ p)[:, None] + ((cz * cz) @ q)[None, :]
-        # start from the product coupling inside each class block: feasible and label-respecting
-        w_of_x = (mask.to(dtype) @ q).clamp_min(torch.finfo(dtype).tiny)  # w_c for x_i's class
-        t = torch.where(
-            mask,
-            p[:, None] * q[None, :] / w_of_x[:, None],
-            torch.zeros((), dtype=dtype, device=device),
+            return (_back(zeros, origin), info) if log else _back(zeros, origin)
+        trace = _gw_mirror_descent(
+            prob, eps, max_iter, tol, inner_max_iter, inner_tol, check_every, log_domain
         )
-        f = torch.zeros_like(p)
-        g = torch.zeros_like(q)
-        neg_inf = torch.full((), -math.inf, dtype=dtype, device=device)
-        use_log = bool(log_domain)
-        converged = False
-        sink_its = 0
-        outer = 0
-        while outer < max_iter:
-            outer += 1
-            cost = _gw_linear_cost(cx, cz, t, const)
-            f = torch.where(torch.isfinite(f), f, torch.zeros_like(f))
-            g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
-            h = torch.where(mask, (f[:, None] + g[None, :] - cost) / eps, neg_inf)
-            res = _solve_shifted(
-                h,
-                f,
-                g,
-                p,
-                q,
-                eps,
-                inner_max_iter,
-                inner_tol,
-                check_every,
-                True if use_log else log_domain,
-                warm=outer > 1,
-            )
-            use_log = use_log or res.log_domain
-            sink_its += res.iterations
-            change = float((res.t - t).abs().sum())
-            t, f, g = res.t, res.f, res.g
-            if change <= tol:
-                converged = res.converged
-                break
-        marg = float((t.sum(1) - p).abs().sum() + (t.sum(0) - q).abs().sum())
-        objective = float(gw_energy(cx, cz, t))
+        t = trace.t
+        marg = float((t.sum(1) - prob.p).abs().sum() + (t.sum(0) - prob.q).abs().sum())
+        objective = float(gw_energy(prob.cx, prob.cz, t))
     info.update(
-        iterations=outer,
-        sinkhorn_iterations=sink_its,
+        iterations=trace.iterations,
+        sinkhorn_iterations=trace.sinkhorn_iterations,
         marginal_error=marg,
         objective=objective,
-        converged=converged,
-        log_domain=use_log,
+        converged=trace.converged,
+        log_domain=trace.log_domain,
     )
-    if not converged:
-        logger.debug("labeled_gw did not converge in %d outer iterations: %s", outer, info)
-    return _back(t, origin), info
+    if not trace.converged:
+        logger.debug(
+            "labeled_gw did not converge in %d outer iterations: %s", trace.iterations, info
+        )
+    return (_back(t, origin), info) if log else _back(t, origin)
+
+
+# ---- feature coupling
+
+
+def feature_cost(
+    x: torch.Tensor, z: torch.Tensor, t: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Co-OT feature cost ``M_ij = Σ_ab (x_ai − z_bj)² t_ab`` (d_x × d_z), unscaled.
+
+    Computed as ``(x²)ᵀ t1 1ᵀ + 1 ((z²)ᵀ tᵀ1)ᵀ − 2 xᵀ t z`` in ONE product of augmented factors
+    (a single pass over the d_x × d_z result), into ``out`` when given (see :class:`Workspace`).
+    """
+    a = t.sum(1)
+    b = t.sum(0)
+    ones_x = torch.ones(x.shape[1], 1, dtype=x.dtype, device=x.device)
+    ones_z = torch.ones(1, z.shape[1], dtype=x.dtype, device=x.device)
+    left = torch.cat([-2.0 * (x.T @ t), ((x * x).T @ a)[:, None], ones_x], dim=1)
+    right = torch.cat([z, ones_z, ((z * z).T @ b)[None, :]], dim=0)
+    return torch.mm(left, right) if out is None else torch.mm(left, right, out=out)
+
+
+def _feature_log_kernel(m: torch.Tensor, eps: float) -> torch.Tensor:
+    """The shifted log-kernel ``h`` of the max-scaled cost, in place of ``m``.
+
+    Shift by row minima, then column minima (kernel entries in (0, 1], a 1 in every row and
+    column), then scale by ``1/(epsilon * max M)`` (two plain reductions: ``torch.aminmax``
+    along rows is ~15x slower on CPU).
+    """
+    rmin = m.amin(dim=1)
+    scale = 1.0 / (eps * max(float(m.max()), torch.finfo(m.dtype).tiny))
+    m.sub_(rmin[:, None])
+    cmin = m.amin(dim=0)
+    return torch.add(scale * cmin[None, :], m, alpha=-scale, out=m)
 
 
 def feature_coupling(
@@ -676,23 +902,23 @@ def feature_coupling(
     check_every: int = 10,
     log_domain: bool | None = None,
     relax: float = 1.5,
-    return_info: bool = False,
+    num_threads: int | None = None,
+    workspace: Workspace | None = None,
+    log: bool = False,
 ) -> ArrayLike | tuple[ArrayLike, dict[str, Any]]:
     """Feature-wise coupling ``T_v`` (d_x × d_z) given the sample coupling ``t`` (n_x × n_z).
 
-    The co-optimal-transport feature step with square loss: the cost between feature ``i`` of
-    ``x`` and feature ``j`` of ``z`` is ``Σ_ab (x_ai − z_bj)² t_ab``, computed as
-    ``(x²)ᵀ t1 + (z²)ᵀ tᵀ1 − 2 xᵀ t z`` and divided by its max; feature marginals are uniform.
-    ``t`` is fixed, so one entropic solve is the whole answer. The solve stops when the L1 error
-    of the row marginal is <= ``tol`` (tested every ``check_every`` iterations; the columns are
-    exact after the last update). ``relax``: over-relaxation ω of the Sinkhorn updates (1 =
-    plain Sinkhorn); it drops back to 1 by itself as soon as the error stops decreasing.
-    ``log_domain`` as in :func:`labeled_gw`.
+    The co-optimal-transport feature step with square loss: the cost is :func:`feature_cost`
+    divided by its max; feature marginals are uniform. ``t`` is fixed, so one entropic solve
+    is the whole answer. The solve stops when the L1 error of the row marginal is <= ``tol``
+    (tested every ``check_every`` iterations; the columns are exact after the last update).
+    ``relax``: over-relaxation ω of the Sinkhorn updates (1 = plain Sinkhorn); it drops back
+    to 1 by itself as soon as the error stops decreasing. ``log_domain`` as in
+    :func:`labeled_gw`. The two d_x × d_z scratch matrices live in ``workspace``
+    (``DEFAULT_WORKSPACE`` when None); the returned matrix is always a fresh tensor.
 
-    Returns ``T_v`` in the caller's type/device/dtype (numpy iff ``x`` is numpy), plus an info
-    dict (``iterations``, ``marginal_error``, ``converged``, ``log_domain``, ``absorptions``)
-    when ``return_info``. The two d_x × d_z scratch matrices stay allocated for the next call
-    (:func:`clear_workspace` frees them); the returned matrix is always a fresh tensor.
+    Returns ``T_v`` in the caller's type/device/dtype (numpy iff ``x`` is numpy) and, with
+    ``log``, ``{iterations, marginal_error, converged, log_domain, absorptions}``.
     """
     origin_is_numpy = isinstance(x, np.ndarray)
     xt = _features(x, "x", None)
@@ -705,8 +931,7 @@ def feature_coupling(
             f"got {tuple(tt.shape)}"
         )
     eps = _check_epsilon(epsilon)
-    if max_iter < 1 or check_every < 1:
-        raise OTInputError("max_iter and check_every must be >= 1")
+    _check_iterations(max_iter=max_iter, check_every=check_every)
     if not 1.0 <= relax < 2.0:
         raise OTInputError(f"relax must lie in [1, 2), got {relax!r}")
     dtype = _compute_dtype(xt, zt)
@@ -719,45 +944,24 @@ def feature_coupling(
     tt = tt.to(dtype)
     _check_finite("feature_coupling(x, z, T)", xt, zt, tt)
 
-    with torch.no_grad():
-        a = tt.sum(1)
-        b = tt.sum(0)
-        # M = (x²)ᵀa 1ᵀ + 1 ((z²)ᵀb)ᵀ − 2 xᵀTz as ONE product of augmented factors (a single
-        # pass over the d_x × d_z result), written into a reused buffer (see _workspace)
-        ones_x = torch.ones(d_x, 1, dtype=dtype, device=device)
-        ones_z = torch.ones(1, d_z, dtype=dtype, device=device)
-        left = torch.cat([-2.0 * (xt.T @ tt), ((xt * xt).T @ a)[:, None], ones_x], dim=1)
-        right = torch.cat([zt, ones_z, ((zt * zt).T @ b)[None, :]], dim=0)
-        m = _workspace("feature_cost", (d_x, d_z), dtype, device)
-        torch.mm(left, right, out=m)
-        # shift by row minima, then column minima (kernel entries in (0, 1], a 1 in every row
-        # and column), then scale by 1/(epsilon * max M): the log-kernel h, in place
-        # (two plain reductions: torch.aminmax along rows is ~15x slower on CPU)
-        rmin = m.amin(dim=1)
-        scale = 1.0 / (eps * max(float(m.max()), torch.finfo(dtype).tiny))
-        m.sub_(rmin[:, None])
-        cmin = m.amin(dim=0)
-        h = torch.add(scale * cmin[None, :], m, alpha=-scale, out=m)
-        k_buf = _workspace("feature_kernel", (d_x, d_z), dtype, device)
-        pu = torch.full((d_x,), 1.0 / d_x, dtype=dtype, device=device)
-        qu = torch.full((d_z,), 1.0 / d_z, dtype=dtype, device=device)
-        f = torch.zeros(d_x, dtype=dtype, device=device)
-        g = torch.zeros(d_z, dtype=dtype, device=device)
+    ws_in = DEFAULT_WORKSPACE if workspace is None else workspace
+    with torch.no_grad(), _thread_policy(num_threads, d_x * d_z, device), ws_in.lease() as ws:
+        m = feature_cost(xt, zt, tt, out=ws.matrix("feature_cost", (d_x, d_z), dtype, device))
+        h = _feature_log_kernel(m, eps)
         res = _solve(
-            h, f, g, pu, qu, eps, max_iter, tol, check_every, log_domain,
-            floor=math.log(torch.finfo(dtype).tiny) + 1.0, k_buf=k_buf, relax=relax,
+            h,
+            torch.zeros(d_x, dtype=dtype, device=device),
+            torch.zeros(d_z, dtype=dtype, device=device),
+            torch.full((d_x,), 1.0 / d_x, dtype=dtype, device=device),
+            torch.full((d_z,), 1.0 / d_z, dtype=dtype, device=device),
+            eps, max_iter, tol, check_every, log_domain,
+            floor=math.log(torch.finfo(dtype).tiny) + 1.0,
+            k_buf=ws.matrix("feature_kernel", (d_x, d_z), dtype, device),
+            relax=relax,
         )  # fmt: skip
     if not res.converged:
         logger.debug(
             "feature_coupling: marginal error %.2e after %d its", res.error, res.iterations
         )
     out = _back(res.t, origin)
-    if return_info:
-        return out, {
-            "iterations": res.iterations,
-            "marginal_error": res.error,
-            "converged": res.converged,
-            "log_domain": res.log_domain,
-            "absorptions": res.absorptions,
-        }
-    return out
+    return (out, _sinkhorn_log_dict(res)) if log else out

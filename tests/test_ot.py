@@ -16,7 +16,18 @@ import ot as pot
 import pytest
 import torch
 
-from rima_core.ot import OTInputError, clear_workspace, feature_coupling, gw_energy, labeled_gw
+from rima_core import ot as ot_module
+from rima_core.ot import (
+    SOLVER_LOG_KEYS,
+    OTInputError,
+    Workspace,
+    clear_workspace,
+    feature_cost,
+    feature_coupling,
+    gw_energy,
+    labeled_gw,
+    sinkhorn,
+)
 
 
 def _clusters(
@@ -274,7 +285,7 @@ def test_feature_coupling_marginals_and_shape() -> None:
     x = rng.normal(size=(20, 48)).astype(np.float32)
     z = rng.normal(size=(20, 32)).astype(np.float32)
     t = np.full((20, 20), 1 / 400, dtype=np.float32)
-    tv, info = feature_coupling(x, z, t, return_info=True)
+    tv, info = feature_coupling(x, z, t, log=True)
     assert tv.shape == (48, 32)
     assert np.abs(tv.sum(1) - 1 / 48).sum() <= 1e-3
     assert np.abs(tv.sum(0) - 1 / 32).sum() <= 1e-5  # exact after the last column update
@@ -301,7 +312,7 @@ def test_feature_coupling_tiny_epsilon_has_no_nan(epsilon: float) -> None:
     x = rng.normal(size=(12, 30)).astype(np.float32)
     z = rng.normal(size=(12, 20)).astype(np.float32)
     t = np.eye(12, dtype=np.float32) / 12
-    tv, info = feature_coupling(x, z, t, epsilon=epsilon, return_info=True)
+    tv, info = feature_coupling(x, z, t, epsilon=epsilon, log=True)
     assert np.all(np.isfinite(tv)) and abs(tv.sum() - 1.0) < 1e-4
     assert np.isfinite(info["marginal_error"])
     assert np.abs(tv.sum(0) - 1 / 20).sum() < 1e-4
@@ -319,8 +330,8 @@ def test_over_relaxed_and_plain_sinkhorn_agree() -> None:
     x = rng.normal(size=(16, 40)).astype(np.float32)
     z = (x[:, :25] @ rng.normal(size=(25, 25))).astype(np.float32)
     t = np.eye(16, dtype=np.float32) / 16
-    plain, i_plain = feature_coupling(x, z, t, relax=1.0, tol=1e-6, return_info=True)
-    fast, i_fast = feature_coupling(x, z, t, relax=1.5, tol=1e-6, return_info=True)
+    plain, i_plain = feature_coupling(x, z, t, relax=1.0, tol=1e-6, log=True)
+    fast, i_fast = feature_coupling(x, z, t, relax=1.5, tol=1e-6, log=True)
     assert i_plain["converged"] and i_fast["converged"]
     assert np.abs(plain - fast).sum() < 1e-4
     assert i_fast["iterations"] <= i_plain["iterations"]
@@ -347,9 +358,126 @@ def test_feature_coupling_log_domain_path_agrees() -> None:
     x = rng.normal(size=(12, 18))
     z = rng.normal(size=(12, 9))
     t = np.eye(12) / 12
-    kw = {"epsilon": 5e-2, "tol": 1e-10, "max_iter": 20000, "relax": 1.0, "return_info": True}
+    kw = {"epsilon": 5e-2, "tol": 1e-10, "max_iter": 20000, "relax": 1.0, "log": True}
     kernel, i_kernel = feature_coupling(x, z, t, log_domain=False, **kw)
     logd, i_log = feature_coupling(x, z, t, log_domain=True, **kw)
     assert i_kernel["converged"] and i_log["converged"]
     assert i_log["log_domain"] and not i_kernel["log_domain"]
     assert np.abs(kernel - logd).sum() < 1e-8
+
+
+# --------------------------------------------------------------------------------------------
+# public API: sinkhorn, cost helpers, log dicts, thread policy, workspace
+
+
+def test_sinkhorn_matches_pot_and_its_potentials_rebuild_the_coupling() -> None:
+    rng = np.random.default_rng(30)
+    a = rng.random(9) + 0.1
+    a /= a.sum()
+    b = rng.random(7) + 0.1
+    b /= b.sum()
+    cost = rng.random((9, 7))
+    eps = 5e-2
+    ref = pot.sinkhorn(a, b, cost, eps, stopThr=1e-13, numItermax=100000)
+    ours, log = sinkhorn(a, b, cost, eps, tol=1e-12, max_iter=100000, log=True)
+    assert isinstance(ours, np.ndarray) and ours.dtype == np.float64
+    assert np.abs(ours - ref).sum() < 1e-9
+    assert log["converged"] and not log["log_domain"]
+    rebuilt = np.exp((log["f"][:, None] + log["g"][None, :] - cost) / eps)
+    assert np.abs(rebuilt - ours).max() < 1e-12
+
+
+def test_sinkhorn_forbidden_pairs_and_log_domain_route() -> None:
+    """``+inf`` costs are exact zeros; the log-domain route gives the same coupling."""
+    rng = np.random.default_rng(31)
+    cost = torch.tensor(rng.random((6, 6)))
+    cost[0, 1:] = torch.inf  # row 0 may only go to column 0
+    a = torch.full((6,), 1 / 6, dtype=torch.float64)
+    kw = {"tol": 1e-11, "max_iter": 100000}
+    kernel = sinkhorn(a, a, cost, 1e-1, log_domain=False, **kw)
+    logd, log = sinkhorn(a, a, cost, 1e-1, log_domain=True, log=True, **kw)
+    assert isinstance(kernel, torch.Tensor) and log["log_domain"]
+    assert torch.all(kernel[0, 1:] == 0.0) and torch.all(logd[0, 1:] == 0.0)
+    assert (kernel - logd).abs().sum() < 1e-9
+
+
+def test_sinkhorn_rejects_bad_inputs() -> None:
+    a = np.full(3, 1 / 3)
+    with pytest.raises(OTInputError, match="expected a"):
+        sinkhorn(a, a, np.zeros((3, 4)), 0.1)
+    with pytest.raises(OTInputError, match="NaN"):
+        sinkhorn(a, a, np.full((3, 3), np.nan), 0.1)
+    with pytest.raises(OTInputError, match="epsilon"):
+        sinkhorn(a, a, np.zeros((3, 3)), 0.0)
+
+
+def test_every_solver_returns_the_common_log_keys_only_when_asked() -> None:
+    x, lx, z, lz = _clusters(32)
+    t_gw, gw_log = labeled_gw(x, lx, z, lz, log=True)
+    assert isinstance(labeled_gw(x, lx, z, lz, log=False), np.ndarray)
+    _, fc_log = feature_coupling(x, z, t_gw, log=True)
+    assert isinstance(feature_coupling(x, z, t_gw), np.ndarray)
+    a, b = np.full(4, 0.25), np.full(3, 1 / 3)
+    _, s_log = sinkhorn(a, b, np.random.default_rng(0).random((4, 3)), 0.1, log=True)
+    assert isinstance(sinkhorn(a, b, np.ones((4, 3)), 0.1), np.ndarray)
+    for log in (gw_log, fc_log, s_log):
+        assert set(SOLVER_LOG_KEYS) <= set(log)
+        assert isinstance(log["iterations"], int) and isinstance(log["converged"], bool)
+    assert {"sinkhorn_iterations", "objective", "n_shared_classes"} <= set(gw_log)
+    assert "absorptions" in fc_log and {"f", "g", "absorptions"} <= set(s_log)
+
+
+def test_feature_cost_is_the_coot_sum() -> None:
+    x, lx, z, lz = _clusters(33, d_x=5, d_z=3)
+    t, _ = labeled_gw(x, lx, z, lz)
+    explicit = np.einsum("aibj,ab->ij", (x[:, :, None, None] - z[None, None, :, :]) ** 2, t)
+    ours = feature_cost(torch.tensor(x), torch.tensor(z), torch.tensor(t))
+    assert np.abs(ours.numpy() - explicit).max() < 1e-12
+
+
+def test_thread_policy_restores_torch_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small problems run on one thread; torch's setting is restored, also after an error."""
+    seen: list[int] = []
+    real_solve = ot_module._solve
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_solve(*args, **kwargs)
+
+    monkeypatch.setattr(ot_module, "_solve", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, lx, z, lz = _clusters(34)
+        labeled_gw(x, lx, z, lz)
+        assert seen and set(seen) == {1}
+        seen.clear()
+        labeled_gw(x, lx, z, lz, num_threads=2)
+        assert set(seen) == {2}
+        assert torch.get_num_threads() == 2
+        with pytest.raises(OTInputError):
+            labeled_gw(x, lx, z, lz, num_threads=0)
+        monkeypatch.setattr(ot_module, "_solve", lambda *a, **k: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            labeled_gw(x, lx, z, lz)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_explicit_workspace_is_reused_and_a_busy_one_is_not_shared() -> None:
+    rng = np.random.default_rng(35)
+    x = torch.tensor(rng.normal(size=(8, 16)), dtype=torch.float32)
+    z = torch.tensor(rng.normal(size=(8, 10)), dtype=torch.float32)
+    t = torch.eye(8) / 8
+    ws = Workspace()
+    first = feature_coupling(x, z, t, workspace=ws)
+    buf = ws.matrix("feature_kernel", (16, 10), torch.float32, x.device)
+    assert torch.equal(feature_coupling(x, z, t, workspace=ws), first)
+    assert ws.matrix("feature_kernel", (16, 10), torch.float32, x.device) is buf
+    with ws.lease() as held:  # another call holds it: this one must work in its own memory
+        assert held is ws
+        with ws.lease() as other:
+            assert other is not ws
+        assert torch.equal(feature_coupling(x, z, t, workspace=ws), first)
+        assert ws.matrix("feature_kernel", (16, 10), torch.float32, x.device) is buf
