@@ -635,7 +635,7 @@ def engine_config(device: torch.device, tiny: bool, epochs: int) -> Any:
     from rima_core.config import load_config
 
     profile = TINY_PROFILE if tiny else None
-    return load_config(PARAMS, profile, [f"train.device={device.type}", f"train.epochs={epochs}"])
+    return load_config(PARAMS, profile, [f"runtime.device={device.type}", f"train.epochs={epochs}"])
 
 
 def _state_diff(a: Path, b: Path) -> float:

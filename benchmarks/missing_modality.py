@@ -18,7 +18,7 @@ Settings (one column of the results table each) = phantom regime × training reg
   (of the training eyes with both modalities, 25 % lose the fundus and 25 % lose the OCT).
 
 A seed ``s`` fixes the data (``synth.seed``, ``prepare.seed``, ``missing.seed``) *and* the
-training (``train.seed``), so the spread over seeds covers both sources of variance.
+training (``runtime.seed``), so the spread over seeds covers both sources of variance.
 
 Runs go ``--jobs`` at a time, each in its own process with one torch thread (on a small shared
 machine threaded ops stall). The benchmark is resumable: every finished run appends one line to
@@ -127,7 +127,7 @@ def bench_config(params: str, seed: int, epochs: int, overrides: list[str]) -> C
     column titles promise them.
     """
     cfg = load_config(params, overrides=overrides)
-    cfg.synth.seed = cfg.prepare.seed = cfg.missing.seed = cfg.train.seed = seed
+    cfg.synth.seed = cfg.prepare.seed = cfg.missing.seed = cfg.runtime.seed = seed
     cfg.missing.rate = 1.0
     cfg.missing.mixed = [0.3, 0.3]
     cfg.missing.sweep = list(SWEEP)
@@ -262,16 +262,16 @@ def score_test(
     from rima_core.metrics import classification_metrics
     from rima_core.models import load_model
 
-    device = resolve_device(cfg.train.device)
-    dtype = amp_dtype(device, cfg.train.amp)
+    device = resolve_device(cfg.runtime.device)
+    dtype = amp_dtype(device, cfg.runtime.amp)
     model, spec = load_model(model_path, map_location=device)
     out: dict[str, dict[str, float]] = {}
     for scenario in pd.unique(masks.loc[masks["split"] == "test", "scenario"]):
         loader = make_loader(
             EyeDataset(store, masks, "test", scenario),
-            batch_size=cfg.evaluate.batch_size,
+            batch_size=cfg.runtime.eval_batch_size,
             shuffle=False,
-            seed=cfg.train.seed,
+            seed=cfg.runtime.seed,
             pin_memory=device.type == "cuda",
         )
         preds = predict(model, loader, device, dtype, desc=f"test/{scenario}", progress=False)

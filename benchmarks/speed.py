@@ -663,7 +663,7 @@ def _train_child(job: dict[str, Any]) -> dict[str, Any]:
 
     cfg = load_config(job["params"], overrides=[f"model.name={job['model']}"])
     device = resolve_device(job["device"])
-    dtype = amp_dtype(device, cfg.train.amp)
+    dtype = amp_dtype(device, cfg.runtime.amp)
     ds = EyeDataset(job["store"], None, "train")
     loader = make_loader(
         ds, cfg.train.batch_size, True, 0, job["seed"], device.type == "cuda", drop_last=True

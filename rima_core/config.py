@@ -1,9 +1,18 @@
-"""Typed configuration loaded from ``params.yaml`` (plus optional profile overrides).
+"""Typed configuration: the schema and its defaults, loaded with ``params.yaml`` on top.
 
-``params.yaml`` is the single source of hyperparameters: DVC reads its keys for stage
-invalidation, the CLI reads the same file through :func:`load_config`, and Kubeflow passes a
-profile path. Unknown keys are errors, so a typo in a profile never silently falls back to a
-default.
+Where each thing lives:
+
+- The dataclasses below are the one source of the keys, their types and their defaults
+  (``load_config(None)`` is a complete config).
+- ``params.yaml`` holds the project's chosen value of every key, written out in full because DVC
+  reads its keys for stage invalidation (a key absent from the file cannot rerun a stage) and a
+  reader sees every setting in one place. tests/test_dvc_pipeline.py fails when its keys and the
+  dataclasses' differ, so the two never drift apart silently.
+- Profiles (``configs/*.yaml``, Kubeflow's profile argument) and ``section.key=value``
+  overrides name only what they change.
+
+Unknown keys are errors, so a typo in a profile never silently falls back to a default; a key
+that was renamed is refused with its new name (:data:`MOVED`).
 """
 
 from __future__ import annotations
@@ -120,6 +129,20 @@ class OTConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """How the steps that run the network (tune, train, evaluate) run it. Shared so the three
+    cannot disagree, e.g. evaluate scoring on another device than training selected on."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    amp: bool = True  # mixed precision, only used on CUDA (engine.amp_dtype)
+    num_workers: int = 0  # DataLoader worker processes; speed only (loaders are seeded)
+    # model initialisation and data order of training (and of every tuning trial)
+    seed: int = 0
+    # batch size of the no-grad passes: training's validation, every trial's, evaluate's
+    eval_batch_size: int = 64
+
+
+@dataclass
 class TrainConfig:
     out_dir: str = "models/rima"
     epochs: int = 15
@@ -129,10 +152,6 @@ class TrainConfig:
     warmup_epochs: int = 1
     grad_clip: float = 1.0
     patience: int = 5
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    amp: bool = True  # only used on CUDA
-    num_workers: int = 0
     selection_metric: str = "qwk"
     # validation scenario used for model selection; "mean" = the mean over the main scenarios
     selection_scenario: str = "mean"
@@ -153,18 +172,18 @@ class TuneConfig:
     # MedianPruner: no pruning until this many trials completed / before this many epochs
     pruner_startup_trials: int = 3
     pruner_warmup_epochs: int = 1
-    # search ranges [low, high], sampled on a log scale
-    gw_epsilon: list[float] = field(default_factory=lambda: [1e-3, 5e-2])
-    feature_epsilon: list[float] = field(default_factory=lambda: [1e-3, 5e-2])
-    loss_weight: list[float] = field(default_factory=lambda: [0.05, 2.0])
-    lr: list[float] = field(default_factory=lambda: [2e-4, 3e-3])
+    # search ranges [low, high] of ot.gw_epsilon, ot.feature_epsilon, ot.loss_weight and
+    # train.lr (rima_core.tune.TUNED), sampled on a log scale
+    gw_epsilon_range: list[float] = field(default_factory=lambda: [1e-3, 5e-2])
+    feature_epsilon_range: list[float] = field(default_factory=lambda: [1e-3, 5e-2])
+    loss_weight_range: list[float] = field(default_factory=lambda: [0.05, 2.0])
+    lr_range: list[float] = field(default_factory=lambda: [2e-4, 3e-3])
 
 
 @dataclass
 class EvaluateConfig:
     out_dir: str = "reports/eval"
     split: str = "test"
-    batch_size: int = 64
     # also scored: the split promotion decides on (the test split is reported, never selected on)
     selection_split: str = "val"
     bootstrap: int = 1000  # percentile-bootstrap resamples over eyes for scores.csv intervals
@@ -211,6 +230,7 @@ class Config:
     missing: MissingConfig = field(default_factory=MissingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     ot: OTConfig = field(default_factory=OTConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
@@ -299,6 +319,32 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+# Keys that were renamed or moved -> their name now. A file or override that still sets the old
+# name is refused with the new one (never silently ignored, never silently translated: the old
+# name in a profile would otherwise hide which section a setting belongs to).
+MOVED: dict[str, str] = {
+    "train.device": "runtime.device",
+    "train.amp": "runtime.amp",
+    "train.num_workers": "runtime.num_workers",
+    "train.seed": "runtime.seed",
+    "evaluate.batch_size": "runtime.eval_batch_size",
+    "tune.gw_epsilon": "tune.gw_epsilon_range",
+    "tune.feature_epsilon": "tune.feature_epsilon_range",
+    "tune.loss_weight": "tune.loss_weight_range",
+    "tune.lr": "tune.lr_range",
+}
+
+
+def refuse_moved(values: dict[str, Any], where: str) -> None:
+    """Raise a :class:`ConfigError` naming the new key for any :data:`MOVED` key in ``values``
+    (``{"section": {"key": ...}}``) or a ``section.key`` mapping (``best_params.json``)."""
+    for section, keys in values.items():
+        dotted = [f"{section}.{k}" for k in keys] if isinstance(keys, dict) else [str(section)]
+        for old in dotted:
+            if old in MOVED:
+                raise ConfigError(f"{where}.{old}: renamed; set {MOVED[old]} instead")
+
+
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """``update`` layered over ``base``: nested mappings merge key by key, anything else in
     ``update`` replaces. The layering rule of params <- profile <- overrides, public so callers
@@ -354,12 +400,28 @@ def load_config(
         merged = deep_merge(merged, _read_yaml(Path(profile)))
     for text in overrides or []:
         merged = deep_merge(merged, parse_override(text))
+    refuse_moved(merged, "params")
     return validate_config(_build(Config, merged, "params"))
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Rebuild a :class:`Config` from :meth:`Config.to_dict` output (e.g. stored with a model)."""
+    refuse_moved(values, "config")
     return validate_config(_build(Config, values, "config"), "config")
+
+
+def with_values(cfg: Config, values: dict[str, Any], where: str) -> Config:
+    """A checked copy of ``cfg`` with ``section.key -> value`` set: the one way tuned values
+    (a trial's sample, ``best_params.json``) get into a config. Types are coerced and values
+    checked as for a params file; an unknown or renamed key is an error naming ``where``."""
+    refuse_moved(values, where)
+    merged = cfg.to_dict()
+    for dotted, value in values.items():
+        section, _, key = str(dotted).partition(".")
+        if not key or section not in merged or key not in merged[section]:
+            raise ConfigError(f"{where}: {dotted!r} is not a section.key parameter")
+        merged[section][key] = value
+    return validate_config(_build(Config, merged, where), where)
 
 
 # --- value checks --------------------------------------------------------------------------------
@@ -582,9 +644,10 @@ RULES: dict[str, Check] = {
     "train.warmup_epochs": integer(0),
     "train.grad_clip": NON_NEGATIVE,  # 0 = no clipping
     "train.patience": integer(0),  # 0 = no early stopping
-    "train.seed": SEED,
-    "train.device": matches(r"auto|cpu|cuda(:\d+)?|mps", "auto, cpu, cuda, cuda:N or mps"),
-    "train.num_workers": integer(0),
+    "runtime.device": matches(r"auto|cpu|cuda(:\d+)?|mps", "auto, cpu, cuda, cuda:N or mps"),
+    "runtime.num_workers": integer(0),
+    "runtime.seed": SEED,
+    "runtime.eval_batch_size": integer(1),
     "train.selection_metric": METRIC,
     "train.selection_scenario": NON_EMPTY,
     "tune.out_dir": NON_EMPTY,
@@ -600,13 +663,12 @@ RULES: dict[str, Check] = {
     "tune.pruner_startup_trials": integer(0),
     "tune.pruner_warmup_epochs": integer(0),
     # search ranges, sampled on a log scale: positive bounds
-    "tune.gw_epsilon": increasing_pair(POSITIVE),
-    "tune.feature_epsilon": increasing_pair(POSITIVE),
-    "tune.loss_weight": increasing_pair(POSITIVE),
-    "tune.lr": increasing_pair(POSITIVE),
+    "tune.gw_epsilon_range": increasing_pair(POSITIVE),
+    "tune.feature_epsilon_range": increasing_pair(POSITIVE),
+    "tune.loss_weight_range": increasing_pair(POSITIVE),
+    "tune.lr_range": increasing_pair(POSITIVE),
     "evaluate.out_dir": NON_EMPTY,
     "evaluate.split": one_of(*SPLITS),
-    "evaluate.batch_size": integer(1),
     "evaluate.selection_split": one_of(*SPLITS),
     "evaluate.bootstrap": integer(1),
     "evaluate.bootstrap_seed": SEED,
@@ -645,11 +707,20 @@ def _warmup_within_epochs(cfg: Config) -> tuple[str, str] | None:
     return None
 
 
+def _warmup_within_trials(cfg: Config) -> tuple[str, str] | None:
+    # a trial trains tune.epochs with train's warm-up: a longer warm-up never reaches the
+    # sampled lr, so the trial would measure another lr than the final training uses
+    if cfg.train.warmup_epochs > cfg.tune.epochs:
+        return "tune.epochs", f"must be >= train.warmup_epochs ({cfg.train.warmup_epochs})"
+    return None
+
+
 # Checks over several keys: each returns (the key to name, the reason) or None.
 CROSS_RULES: list[typing.Callable[[Config], tuple[str, str] | None]] = [
     _class_weights_match,
     _missing_fractions,
     _warmup_within_epochs,
+    _warmup_within_trials,
 ]
 
 

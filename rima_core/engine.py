@@ -32,7 +32,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise EngineError(f"train.device={name!r} but no CUDA device is available")
+        raise EngineError(f"runtime.device={name!r} but no CUDA device is available")
     return device
 
 

@@ -301,10 +301,10 @@ def _score_split(
         ds = EyeDataset(store, mask_df, split, scenario)
         loader = make_loader(
             ds,
-            batch_size=ev.batch_size,
+            batch_size=cfg.runtime.eval_batch_size,
             shuffle=False,
-            num_workers=cfg.train.num_workers,
-            seed=cfg.train.seed,
+            num_workers=cfg.runtime.num_workers,
+            seed=cfg.runtime.seed,
             pin_memory=device.type == "cuda",
         )
         preds = predict(model, loader, device, dtype, desc=f"{split}/{scenario}")
@@ -379,8 +379,8 @@ def evaluate(
             f"evaluate.bootstrap must be >= 1 and evaluate.ci_level in (0, 1); got "
             f"{ev.bootstrap} and {ev.ci_level}"
         )
-    device = resolve_device(cfg.train.device)
-    dtype = amp_dtype(device, cfg.train.amp)
+    device = resolve_device(cfg.runtime.device)
+    dtype = amp_dtype(device, cfg.runtime.amp)
     st = open_store(store)
     mask_df = load_masks(masks)
     for name, what in ((split, "evaluate.split"), (sel_split, "evaluate.selection_split")):

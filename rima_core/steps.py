@@ -68,7 +68,7 @@ def apply_best_params(cfg: Config, best_params: str | Path) -> Config:
     """
     import json
 
-    from rima_core.config import ConfigError, config_from_dict
+    from rima_core.config import ConfigError, with_values
 
     path = Path(best_params)
     try:
@@ -81,14 +81,8 @@ def apply_best_params(cfg: Config, best_params: str | Path) -> Config:
         data = data["params"]
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object of section.key -> value")
-    values = cfg.to_dict()
-    for dotted, value in data.items():
-        section, _, key = str(dotted).partition(".")
-        if not key or section not in values or key not in values[section]:
-            raise ConfigError(f"{path}: {dotted!r} is not a section.key parameter")
-        values[section][key] = value
     log.info("tuned parameters from %s: %s", path, data)
-    return config_from_dict(values)
+    return with_values(cfg, data, str(path))
 
 
 def train(
@@ -264,7 +258,7 @@ def check_evaluate_inputs(
         split = getattr(cfg.evaluate, key, None)
         if split is not None and not (mask_df["split"] == split).any():
             raise EngineError(f"{masks}: no rows for split {split!r} (evaluate.{key})")
-    resolve_device(cfg.train.device)  # train.device=cuda on a machine without one
+    resolve_device(cfg.runtime.device)  # runtime.device=cuda on a machine without one
     try:
         _, spec = load_model(model, map_location="cpu")
     except ValueError as exc:  # torch's own explanation runs over several lines: keep the first

@@ -53,7 +53,8 @@ from rima_core.progress import progress as tqdm
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
-# train.* keys that may change between a killed run and its resume without changing the result.
+# train.* / runtime.* keys that may change between a killed run and its resume without changing
+# the result.
 RESUMABLE_KEYS = frozenset({"out_dir", "num_workers", "patience"})
 
 
@@ -171,10 +172,12 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 def _fingerprint(cfg: Config, data: dict[str, Any]) -> dict[str, Any]:
     train = {k: v for k, v in asdict(cfg.train).items() if k not in RESUMABLE_KEYS}
+    runtime = {k: v for k, v in asdict(cfg.runtime).items() if k not in RESUMABLE_KEYS}
     return {
         "model": asdict(cfg.model),
         "ot": asdict(cfg.ot),
         "train": train,
+        "runtime": runtime,
         "train_scenario": cfg.missing.train_scenario,
         **data,
     }
@@ -353,15 +356,16 @@ def train(
     n_val = check_selection(mask_df, tc.selection_scenario, "model selection")
     train_ds = EyeDataset(store, mask_df, "train", cfg.missing.train_scenario)
 
-    device = resolve_device(tc.device)
-    dtype = amp_dtype(device, tc.amp)
+    rt = cfg.runtime
+    device = resolve_device(rt.device)
+    dtype = amp_dtype(device, rt.amp)
     pin = device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
 
     spec = model_spec(cfg, st)
-    seed_everything(tc.seed)
+    seed_everything(rt.seed)
     model = build_model(spec).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     steps_per_epoch = math.ceil(len(train_ds) / tc.batch_size)
@@ -441,10 +445,10 @@ def train(
     val_loaders = {
         scenario: make_loader(
             EyeDataset(store, mask_df, "val", scenario),
-            batch_size=cfg.evaluate.batch_size,
+            batch_size=rt.eval_batch_size,
             shuffle=False,
-            num_workers=tc.num_workers,
-            seed=tc.seed,
+            num_workers=rt.num_workers,
+            seed=rt.seed,
             pin_memory=pin,
         )
         for scenario in val_scenarios
@@ -464,8 +468,8 @@ def train(
             train_ds,
             batch_size=tc.batch_size,
             shuffle=True,
-            num_workers=tc.num_workers,
-            seed=epoch_seed(tc.seed, epoch),
+            num_workers=rt.num_workers,
+            seed=epoch_seed(rt.seed, epoch),
             pin_memory=pin,
         )
         train_stats = _train_one_epoch(

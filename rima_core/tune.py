@@ -4,7 +4,7 @@ What is searched, and why these choices:
 
 - The four values RIMA is sensitive to: the labeled-GW epsilon, the feature-OT epsilon, the
   translation-loss weight and the learning rate (:data:`TUNED`), each on a log scale over the range
-  given in ``params.yaml`` (``tune.<name>: [low, high]``) — they span orders of magnitude.
+  given in ``params.yaml`` (``tune.<name>_range: [low, high]``) — they span orders of magnitude.
 - A trial is a short training run (``tune.epochs``) scored on the VALIDATION split under the
   missing-modality scenario ``tune.scenario``, with the same selection rule the final training
   uses (best epoch of ``tune.metric``), so tuning optimises what model selection later picks on.
@@ -23,7 +23,8 @@ What is searched, and why these choices:
   its per-epoch validation metrics.
 
 Outputs (``out_dir``): ``best_params.json`` (``{"ot.gw_epsilon": ..., "train.lr": ...}``; read
-by the train step through :func:`rima_core.steps.apply_best_params`; ``{}`` for a zero budget),
+by the train step through :func:`rima_core.steps.apply_best_params`; ``{}`` for a zero budget;
+a trial's sample and that file both go through :func:`rima_core.config.with_values`),
 ``study.json`` (summary), ``headline.json`` (its numbers only: the DVC metrics file),
 ``trials.csv`` (one row per trial, identical for identical inputs: a committed DVC plot),
 ``timings.csv`` (trial durations, not a DVC output) and ``plots/*.png`` (optimisation history,
@@ -49,7 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rima_core.atomic import atomic_dir
-from rima_core.config import Config, ConfigError, TuneConfig
+from rima_core.config import Config, ConfigError, TuneConfig, with_values
 from rima_core.headline import HEADLINE_FILE, tune_headline, write_headline
 from rima_core.progress import mode as progress_mode
 
@@ -58,20 +59,20 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-# Tuned parameter (``section.key`` in the config) -> its search range in TuneConfig.
+# Tuned parameter (``section.key`` in the config) -> its search range in TuneConfig. The ranges
+# are named ``*_range`` so ``tune.lr_range`` (where to search) cannot be mistaken for ``train.lr``
+# (the value trained with).
 TUNED: dict[str, str] = {
-    "ot.gw_epsilon": "gw_epsilon",
-    "ot.feature_epsilon": "feature_epsilon",
-    "ot.loss_weight": "loss_weight",
-    "train.lr": "lr",
+    "ot.gw_epsilon": "gw_epsilon_range",
+    "ot.feature_epsilon": "feature_epsilon_range",
+    "ot.loss_weight": "loss_weight_range",
+    "train.lr": "lr_range",
 }
 # tune.* keys that set the budget or the plumbing, not what a trial measures: changing them
 # keeps the study (a bigger n_trials continues it).
 _BUDGET_KEYS = frozenset({"out_dir", "storage", "study_name", "n_trials", "timeout_s", "workers"})
 # train.* keys a trial overrides or that do not change its result.
-_TRIAL_OVERRIDDEN = frozenset(
-    {"out_dir", "epochs", "lr", "selection_metric", "selection_scenario", "num_workers"}
-)
+_TRIAL_OVERRIDDEN = frozenset({"out_dir", "epochs", "lr", "selection_metric", "selection_scenario"})
 # A dead worker's trial is failed (and retried once) after this long without a heartbeat.
 HEARTBEAT_S = 15
 GRACE_S = 60
@@ -101,24 +102,23 @@ def search_space(tc: TuneConfig) -> dict[str, tuple[float, float]]:
     return space
 
 
-def apply_params(cfg: Config, params: Mapping[str, float]) -> Config:
-    """A copy of ``cfg`` with tuned values (``section.key`` names from :data:`TUNED`) set."""
-    out = copy.deepcopy(cfg)
-    for name, value in params.items():
-        if name not in TUNED:
-            raise ConfigError(f"{name!r} is not a tuned parameter; known: {sorted(TUNED)}")
-        section, key = name.split(".")
-        setattr(getattr(out, section), key, float(value))
-    return out
-
-
 def trial_config(cfg: Config, params: Mapping[str, float]) -> Config:
-    """The config one trial trains with: its sampled values, the short budget, tune's target."""
-    out = apply_params(cfg, params)
-    out.train.epochs = cfg.tune.epochs
-    out.train.selection_scenario = cfg.tune.scenario
-    out.train.selection_metric = cfg.tune.metric
-    return out
+    """The config one trial trains with: its sampled values (only :data:`TUNED` names), the
+    short budget, tune's target."""
+    unknown = sorted(set(params) - set(TUNED))
+    if unknown:
+        raise ConfigError(f"{unknown} not tuned parameter(s); known: {sorted(TUNED)}")
+    tc = cfg.tune
+    return with_values(
+        cfg,
+        {
+            **params,
+            "train.epochs": tc.epochs,
+            "train.selection_scenario": tc.scenario,
+            "train.selection_metric": tc.metric,
+        },
+        "trial",
+    )
 
 
 def study_direction(metric: str) -> str:
@@ -131,6 +131,7 @@ def study_fingerprint(cfg: Config, data_hash: str | None, masks: str | Path) -> 
     """A short hash of everything that changes what a trial measures (see the module doc)."""
     tune = {k: v for k, v in dataclasses.asdict(cfg.tune).items() if k not in _BUDGET_KEYS}
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _TRIAL_OVERRIDDEN}
+    runtime = {k: v for k, v in dataclasses.asdict(cfg.runtime).items() if k != "num_workers"}
     ot = {k: v for k, v in dataclasses.asdict(cfg.ot).items() if f"ot.{k}" not in TUNED}
     masks_md5 = hashlib.md5(Path(masks).read_bytes()).hexdigest()
     payload = {
@@ -138,9 +139,9 @@ def study_fingerprint(cfg: Config, data_hash: str | None, masks: str | Path) -> 
         "masks_md5": masks_md5,
         "model": dataclasses.asdict(cfg.model),
         "ot": ot,
+        "runtime": runtime,
         "train": train,
         "train_scenario": cfg.missing.train_scenario,
-        "val_batch_size": cfg.evaluate.batch_size,
         "tune": tune,
     }
     text = json.dumps(payload, sort_keys=True, default=str)

@@ -36,8 +36,8 @@ TINY_OVERRIDES = [
     "model.heads=2",
     "train.epochs=2",
     "train.batch_size=16",
-    "train.device=cpu",
-    "evaluate.batch_size=32",
+    "runtime.device=cpu",
+    "runtime.eval_batch_size=32",
 ]
 
 

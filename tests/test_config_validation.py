@@ -18,12 +18,14 @@ from rima_core.config import (
     ENCODERS_2D,
     ENCODERS_3D,
     METRICS,
+    MOVED,
     OT_TARGETS,
     RULES,
     Config,
     ConfigError,
     config_from_dict,
     load_config,
+    with_values,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +41,9 @@ BAD_VALUES = [
     ("train.weight_decay=-1", "train.weight_decay"),
     ("train.patience=-1", "train.patience"),
     ("train.warmup_epochs=99", "train.warmup_epochs"),
-    ("train.device=gpu", "train.device"),
+    ("runtime.device=gpu", "runtime.device"),
+    ("runtime.num_workers=-1", "runtime.num_workers"),
+    ("runtime.seed=-1", "runtime.seed"),
     ("train.selection_metric=speed", "train.selection_metric"),
     ("ot.gw_epsilon=0", "ot.gw_epsilon"),
     ("ot.gw_epsilon=-0.005", "ot.gw_epsilon"),
@@ -49,9 +53,9 @@ BAD_VALUES = [
     ("model.dropout=1.5", "model.dropout"),
     ("model.heads=0", "model.heads"),
     ("model.fundus_encoder=vgg", "model.fundus_encoder"),
-    ("tune.lr=[0.003, 0.0002]", "tune.lr"),
-    ("tune.gw_epsilon=[0, 0.05]", "tune.gw_epsilon"),
-    ("tune.loss_weight=[0.5]", "tune.loss_weight"),
+    ("tune.lr_range=[0.003, 0.0002]", "tune.lr_range"),
+    ("tune.gw_epsilon_range=[0, 0.05]", "tune.gw_epsilon_range"),
+    ("tune.loss_weight_range=[0.5]", "tune.loss_weight_range"),
     ("tune.n_trials=-1", "tune.n_trials"),
     ("tune.workers=0", "tune.workers"),
     ("tune.timeout_s=0", "tune.timeout_s"),
@@ -66,7 +70,7 @@ BAD_VALUES = [
     ("missing.mixed=[0.3]", "missing.mixed"),
     ("validate.mean_intensity_range=[200, 100]", "validate.mean_intensity_range"),
     ("evaluate.split=holdout", "evaluate.split"),
-    ("evaluate.batch_size=0", "evaluate.batch_size"),
+    ("runtime.eval_batch_size=0", "runtime.eval_batch_size"),
     ("promote.tolerance=-0.1", "promote.tolerance"),
     ("data.source=kaggle", "data.source"),
 ]
@@ -109,9 +113,12 @@ def test_bad_value_exits_2_naming_the_key(
     ("argv", "key"),
     [
         (["train", "--no-mlflow", "--set", "train.epochs=0"], "train.epochs"),
-        (["tune", "--no-mlflow", "--set", "tune.lr=[0.01, 0.001]"], "tune.lr"),
+        (["tune", "--no-mlflow", "--set", "tune.lr_range=[0.01, 0.001]"], "tune.lr_range"),
         (["evaluate", "--no-mlflow", "--set", "ot.gw_epsilon=-1"], "ot.gw_epsilon"),
-        (["prepare", "--set", "prepare.split_fractions=[0.9, 0.2, 0.1]"], "prepare.split_fractions"),  # noqa: E501
+        (
+            ["prepare", "--set", "prepare.split_fractions=[0.9, 0.2, 0.1]"],
+            "prepare.split_fractions",
+        ),
     ],
     ids=["train", "tune", "evaluate", "prepare"],
 )
@@ -119,7 +126,7 @@ def test_cli_process_prints_one_line_no_traceback(
     argv: list[str], key: str, tmp_path: Path
 ) -> None:
     params = tmp_path / "params.yaml"
-    params.write_text("train:\n  device: cpu\n")
+    params.write_text("runtime:\n  device: cpu\n")
     proc = subprocess.run(
         [sys.executable, "-m", "rima_core.cli", *argv, "--params", str(params)],
         cwd=tmp_path,
@@ -149,6 +156,50 @@ def test_config_from_dict_checks_values_too() -> None:
         config_from_dict(values)
 
 
+@pytest.mark.parametrize(("old", "new"), sorted(MOVED.items()), ids=sorted(MOVED))
+def test_renamed_key_is_refused_naming_the_new_one(old: str, new: str, tmp_path: Path) -> None:
+    """An old name in an override, a params file, a stored config or a best-params mapping is
+    an error that says what to write instead; never ignored, never the default silently."""
+    section, key = old.split(".")
+    value = Config().flat()[new]
+    text = f"{old}={value}".replace("True", "true")
+    with pytest.raises(ConfigError, match=rf"^params\.{old}: renamed; set {new} instead$"):
+        load_config(None, overrides=[text])
+    params = tmp_path / "params.yaml"
+    params.write_text(f"{section}:\n  {key}: {value!r}\n".replace("True", "true"))
+    with pytest.raises(ConfigError, match=rf"^params\.{old}: renamed; set {new} instead$"):
+        load_config(params)
+    stored = Config().to_dict()
+    stored[section][key] = value
+    with pytest.raises(ConfigError, match=rf"set {new} instead"):
+        config_from_dict(stored)
+    with pytest.raises(ConfigError, match=rf"^best\.{old}: renamed; set {new} instead$"):
+        with_values(Config(), {old: value}, "best")
+
+
+def test_trials_must_outlast_the_warm_up() -> None:
+    with pytest.raises(ConfigError, match=r"^params\.tune\.epochs: must be >= train\.warmup"):
+        load_config(None, overrides=["train.warmup_epochs=2", "tune.epochs=1"])
+
+
+def test_moved_keys_point_at_keys_that_exist() -> None:
+    keys = set(Config().flat())
+    assert not set(MOVED) & keys, "a MOVED key that exists would be refused although valid"
+    assert set(MOVED.values()) <= keys, set(MOVED.values()) - keys
+
+
+def test_with_values_sets_checks_and_copies() -> None:
+    cfg = Config()
+    out = with_values(cfg, {"train.lr": "0.01", "ot.gw_epsilon": 1}, "best")
+    assert out.train.lr == 0.01 and out.ot.gw_epsilon == 1.0  # coerced to the field types
+    assert isinstance(out.ot.gw_epsilon, float)
+    assert cfg.train.lr == Config().train.lr  # the input is left as it was
+    with pytest.raises(ConfigError, match=r"^best: 'train\.nope' is not a section\.key"):
+        with_values(cfg, {"train.nope": 1}, "best")
+    with pytest.raises(ConfigError, match=r"^best\.train\.lr: must be"):
+        with_values(cfg, {"train.lr": -1}, "best")
+
+
 def test_boundaries_that_are_allowed() -> None:
     # zero where zero means "off", and the closed ends of the ranges
     load_config(
@@ -162,7 +213,7 @@ def test_boundaries_that_are_allowed() -> None:
             "missing.rate=1.0",
             "ot.loss_weight=0",
             "tune.timeout_s=null",
-            "train.device=cuda:1",
+            "runtime.device=cuda:1",
             "synth.class_weights=[1, 0, 2]",
         ],
     )

@@ -104,7 +104,7 @@ def test_profile_overrides_for_dvc_exp_run(capsys: pytest.CaptureFixture[str]) -
     lines = capsys.readouterr().out.splitlines()
     assert '++model.fundus_encoder="res2net50"' in lines
     assert "++prepare.oct_shape=[96,96,96]" in lines
-    assert '++train.device="cuda"' in lines
+    assert '++runtime.device="cuda"' in lines
 
 
 def test_mlproject_entry_points_call_the_cli() -> None:
@@ -198,9 +198,8 @@ DYNAMIC_IMPORTS = {"prepare": ["rima_core/data/sources"]}
 NO_EFFECT = {
     "prepare.workers",
     "prepare.store_dir",
-    "train.num_workers",
+    "runtime.num_workers",
     "train.out_dir",
-    "tune.workers",
     "tune.out_dir",
     "evaluate.out_dir",
     "missing.masks",
@@ -218,11 +217,11 @@ STAGE_READS: dict[str, list[str]] = {
         "model",
         "ot",
         "train",
+        "runtime",
         "missing.train_scenario",
-        "evaluate.batch_size",
     ],
-    "train": ["model", "ot", "train", "missing.train_scenario", "evaluate.batch_size"],
-    "evaluate": ["evaluate", "promote.scenario", "train.device", "train.amp", "train.seed"],
+    "train": ["model", "ot", "train", "runtime", "missing.train_scenario"],
+    "evaluate": ["evaluate", "runtime", "promote.scenario"],
     "register": ["mlflow", "promote"],
 }
 # tune: the values a trial sets itself (tune.epochs, the sampled lr, tune's target)

@@ -32,12 +32,12 @@ TINY = [
     "train.epochs=2",
     "train.batch_size=16",
     "train.patience=2",
-    "train.device=cpu",
+    "runtime.device=cpu",
     "tune.epochs=1",
     "tune.n_trials=2",
     "tune.workers=2",
     "tune.pruner_startup_trials=1",
-    "evaluate.batch_size=32",
+    "runtime.eval_batch_size=32",
 ]
 
 

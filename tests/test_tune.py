@@ -150,8 +150,8 @@ def test_trial_config_uses_the_tuning_target(tiny_cfg: Config) -> None:
 
 @pytest.mark.parametrize("bounds", [[0.0, 0.1], [0.1, 0.01], [0.1], [0.01, math.inf]])
 def test_bad_search_range_is_a_clear_error(tiny_cfg: Config, bounds: list[float]) -> None:
-    tiny_cfg.tune.loss_weight = bounds
-    with pytest.raises(ConfigError, match=r"tune\.loss_weight"):
+    tiny_cfg.tune.loss_weight_range = bounds
+    with pytest.raises(ConfigError, match=r"tune\.loss_weight_range"):
         search_space(tiny_cfg.tune)
 
 
