@@ -6,6 +6,22 @@ eagerly, numpy round trips, the feature Sinkhorn solved twice in float64) costs 
 on a CPU; the same math here costs a fraction of a second, and never leaves the device except for
 a convergence test every few iterations (see ``benchmarks/speed.py``).
 
+API (shaped like POT's)
+-----------------------
+Solvers: :func:`sinkhorn` (entropic OT for a given cost, POT's ``ot.sinkhorn`` convention),
+:func:`labeled_gw` (label-constrained entropic GW), :func:`feature_coupling` (the co-OT feature
+step). Each takes ``log``: with ``log=True`` it returns ``(T, log_dict)``, the dict holding at
+least ``SOLVER_LOG_KEYS``. Costs and marginals: :func:`scaled_sqdist`, :func:`feature_cost`,
+:func:`class_marginals`; :func:`gw_energy` evaluates a coupling. Inputs are torch tensors or numpy
+arrays; results come back in the caller's type, device and dtype.
+
+Resources are explicit. *Threads:* every solver takes ``num_threads``; by default problems of
+at most ``SMALL_PROBLEM_ENTRIES`` entries (labeled GW at batch sizes) run on one thread and
+larger ones (the feature step) on torch's current count — see :func:`_thread_policy` for why,
+and for the caveat that ``torch.set_num_threads`` is process-global (restored on exit).
+*Memory:* the feature step keeps its two large scratch matrices in a :class:`Workspace`
+(``DEFAULT_WORKSPACE`` unless the caller passes one). There is no other module state.
+
 Conventions (shared by both solvers)
 ------------------------------------
 *Cost scaling.* Every cost matrix is divided by its maximum, so its entries lie in [0, 1].
@@ -62,7 +78,7 @@ import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -520,6 +536,17 @@ def _sinkhorn_log(
     return t, a, b, it, err, converged
 
 
+@dataclass(frozen=True)
+class _Rules:
+    """How one Sinkhorn solve iterates and stops (shared by every route and every caller)."""
+
+    max_iter: int
+    tol: float  # on the L1 error of the row marginal
+    check_every: int  # iterations between convergence tests (each one host sync)
+    log_domain: bool | None = None  # None: automatic fallback; True: always; False: never
+    relax: float = 1.0  # over-relaxation ω of the kernel route (1 = plain Sinkhorn)
+
+
 def _solve(
     h: torch.Tensor,
     f: torch.Tensor,
@@ -527,35 +554,32 @@ def _solve(
     p: torch.Tensor,
     q: torch.Tensor,
     eps: float,
-    max_iter: int,
-    tol: float,
-    check_every: int,
-    log_domain: bool | None,
+    rules: _Rules,
     b0: torch.Tensor | None = None,
     floor: float | None = None,
     k_buf: torch.Tensor | None = None,
-    relax: float = 1.0,
 ) -> _SinkhornResult:
     """Entropic OT for the *shifted* log-kernel ``h = (f + g − C)/eps`` (``-inf`` = forbidden).
 
-    Tries the stabilised kernel route (over-relaxed if ``relax`` > 1, then plain) unless
-    ``log_domain`` is True; the log-domain route is the last resort. ``b0``: initial column
-    log-scaling (a warm start). ``floor``/``k_buf``: see :func:`_build_kernel`.
+    Tries the stabilised kernel route (over-relaxed if ``rules.relax`` > 1, then plain) unless
+    ``rules.log_domain`` is True; the log-domain route is the last resort. ``b0``: initial
+    column log-scaling (a warm start). ``floor``/``k_buf``: see :func:`_build_kernel`.
     """
-    if not log_domain:
-        for omega in dict.fromkeys((relax, 1.0)):
-            out = _sinkhorn_kernel(h, p, q, b0, max_iter, tol, check_every, floor, k_buf, omega)
+    its, tol, every = rules.max_iter, rules.tol, rules.check_every
+    if not rules.log_domain:
+        for omega in dict.fromkeys((rules.relax, 1.0)):
+            out = _sinkhorn_kernel(h, p, q, b0, its, tol, every, floor, k_buf, omega)
             if out is not None:
                 t, a, b, it, err, conv, absorbed = out
                 return _SinkhornResult(t, f + eps * a, g + eps * b, it, err, conv, False, absorbed)
             logger.debug("kernel-domain Sinkhorn (relax=%s) stopped being finite", omega)
-        if log_domain is False:
+        if rules.log_domain is False:
             raise FloatingPointError(
                 "Sinkhorn iterates stopped being finite and log_domain=False forbids the "
                 "log-domain fallback"
             )
     b0 = torch.zeros_like(q) if b0 is None else b0
-    t, a, b, it, err, conv = _sinkhorn_log(h, p, q, b0, max_iter, tol, check_every)
+    t, a, b, it, err, conv = _sinkhorn_log(h, p, q, b0, its, tol, every)
     return _SinkhornResult(t, f + eps * a, g + eps * b, it, err, conv, True, 0)
 
 
@@ -566,12 +590,8 @@ def _solve_shifted(
     p: torch.Tensor,
     q: torch.Tensor,
     eps: float,
-    max_iter: int,
-    tol: float,
-    check_every: int,
-    log_domain: bool | None,
+    rules: _Rules,
     warm: bool = False,
-    relax: float = 1.0,
 ) -> _SinkhornResult:
     """:func:`_solve` after shifting ``h`` in place (potentials ``f``, ``g`` absorb the shift).
 
@@ -586,7 +606,7 @@ def _solve_shifted(
     if warm:
         # a column whose warm scaling would underflow starts from 1 (it is far off anyway)
         b0 = cmax.clamp_min(0.5 * math.log(torch.finfo(h.dtype).tiny))
-    return _solve(h, f, g, p, q, eps, max_iter, tol, check_every, log_domain, b0=b0, relax=relax)
+    return _solve(h, f, g, p, q, eps, rules, b0=b0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -664,8 +684,8 @@ def sinkhorn(
     with torch.no_grad(), _thread_policy(num_threads, ct.numel(), device):
         zeros_a, zeros_b = torch.zeros_like(at), torch.zeros_like(bt)
         h = ct.neg().div_(eps)
-        res = _solve_shifted(h, zeros_a, zeros_b, at, bt, eps, max_iter, tol, check_every,
-                             log_domain, relax=relax)  # fmt: skip
+        rules = _Rules(max_iter, tol, check_every, log_domain, relax)
+        res = _solve_shifted(h, zeros_a, zeros_b, at, bt, eps, rules)
     out = _back(res.t, origin)
     if not log:
         return out
@@ -723,24 +743,18 @@ class _GWTrace:
 
 
 def _gw_mirror_descent(
-    prob: _GWProblem,
-    eps: float,
-    max_iter: int,
-    tol: float,
-    inner_max_iter: int,
-    inner_tol: float,
-    check_every: int,
-    log_domain: bool | None,
+    prob: _GWProblem, eps: float, max_iter: int, tol: float, inner: _Rules
 ) -> _GWTrace:
     """Outer loop: linearise at ``T``, solve the masked entropic OT warm-started, repeat.
 
-    Stops when the L1 change of ``T`` is <= ``tol`` (one host sync per outer step).
+    Stops when the L1 change of ``T`` is <= ``tol`` (one host sync per outer step). Once an
+    inner solve needed the log domain, the later ones start there.
     """
     t = _gw_start(prob)
     f = torch.zeros_like(prob.p)
     g = torch.zeros_like(prob.q)
     neg_inf = torch.full((), -math.inf, dtype=t.dtype, device=t.device)
-    use_log = bool(log_domain)
+    use_log = bool(inner.log_domain)
     converged = False
     sink_its = 0
     outer = 0
@@ -750,10 +764,8 @@ def _gw_mirror_descent(
         f = torch.where(torch.isfinite(f), f, torch.zeros_like(f))
         g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
         h = torch.where(prob.mask, (f[:, None] + g[None, :] - cost) / eps, neg_inf)
-        res = _solve_shifted(
-            h, f, g, prob.p, prob.q, eps, inner_max_iter, inner_tol, check_every,
-            True if use_log else log_domain, warm=outer > 1,
-        )  # fmt: skip
+        rules = replace(inner, log_domain=True) if use_log else inner
+        res = _solve_shifted(h, f, g, prob.p, prob.q, eps, rules, warm=outer > 1)
         use_log = use_log or res.log_domain
         sink_its += res.iterations
         change = float((res.t - t).abs().sum())
@@ -837,9 +849,8 @@ def labeled_gw(
         info["n_shared_classes"] = n_shared
         if n_shared == 0:
             return (_back(zeros, origin), info) if log else _back(zeros, origin)
-        trace = _gw_mirror_descent(
-            prob, eps, max_iter, tol, inner_max_iter, inner_tol, check_every, log_domain
-        )
+        inner = _Rules(inner_max_iter, inner_tol, check_every, log_domain)
+        trace = _gw_mirror_descent(prob, eps, max_iter, tol, inner)
         t = trace.t
         marg = float((t.sum(1) - prob.p).abs().sum() + (t.sum(0) - prob.q).abs().sum())
         objective = float(gw_energy(prob.cx, prob.cz, t))
@@ -954,10 +965,9 @@ def feature_coupling(
             torch.zeros(d_z, dtype=dtype, device=device),
             torch.full((d_x,), 1.0 / d_x, dtype=dtype, device=device),
             torch.full((d_z,), 1.0 / d_z, dtype=dtype, device=device),
-            eps, max_iter, tol, check_every, log_domain,
+            eps, _Rules(max_iter, tol, check_every, log_domain, relax),
             floor=math.log(torch.finfo(dtype).tiny) + 1.0,
             k_buf=ws.matrix("feature_kernel", (d_x, d_z), dtype, device),
-            relax=relax,
         )  # fmt: skip
     if not res.converged:
         logger.debug(
