@@ -695,6 +695,20 @@ def sinkhorn(
 # ---- labeled GW, in named parts
 
 
+def _gw_inputs(
+    x: ArrayLike, labels_x: ArrayLike, z: ArrayLike, labels_z: ArrayLike
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, _Origin]:
+    """Features in the compute dtype on ``x``'s device, integer labels, and how to answer."""
+    xt = _features(x, "x", None)
+    device = xt.device
+    zt = _features(z, "z", device)
+    lx = _labels(labels_x, xt.shape[0], "labels_x", device)
+    lz = _labels(labels_z, zt.shape[0], "labels_z", device)
+    dtype = _compute_dtype(xt, zt)
+    origin = _Origin(isinstance(x, np.ndarray), _output_dtype(xt, zt, dtype), device)
+    return xt.to(dtype), zt.to(dtype), lx, lz, origin
+
+
 @dataclass
 class _GWProblem:
     """Everything the mirror-descent loop needs, computed once per call."""
@@ -814,22 +828,12 @@ def labeled_gw(
     shared (or a side is empty) ``T`` is all zeros and ``n_shared_classes`` is 0: the caller
     should skip its OT loss.
     """
-    origin_is_numpy = isinstance(x, np.ndarray)
-    xt = _features(x, "x", None)
-    device = xt.device
-    zt = _features(z, "z", device)
-    lx = _labels(labels_x, xt.shape[0], "labels_x", device)
-    lz = _labels(labels_z, zt.shape[0], "labels_z", device)
+    xt, zt, lx, lz, origin = _gw_inputs(x, labels_x, z, labels_z)
     eps = _check_epsilon(epsilon)
     if class_mass not in CLASS_MASS_RULES:
         raise OTInputError(f"class_mass must be one of {CLASS_MASS_RULES}, got {class_mass!r}")
     _check_iterations(max_iter=max_iter, inner_max_iter=inner_max_iter, check_every=check_every)
-    dtype = _compute_dtype(xt, zt)
-    origin = _Origin(origin_is_numpy, _output_dtype(xt, zt, dtype), device)
-    xt = xt.to(dtype)
-    zt = zt.to(dtype)
     n_x, n_z = xt.shape[0], zt.shape[0]
-
     info: dict[str, Any] = {
         "iterations": 0,
         "sinkhorn_iterations": 0,
@@ -839,11 +843,11 @@ def labeled_gw(
         "log_domain": False,
         "n_shared_classes": 0,
     }
-    zeros = torch.zeros(n_x, n_z, dtype=dtype, device=device)
+    zeros = torch.zeros(n_x, n_z, dtype=xt.dtype, device=xt.device)
     if n_x == 0 or n_z == 0:
         return (_back(zeros, origin), info) if log else _back(zeros, origin)
 
-    with torch.no_grad(), _thread_policy(num_threads, n_x * n_z, device):
+    with torch.no_grad(), _thread_policy(num_threads, n_x * n_z, xt.device):
         _check_finite("labeled_gw(x, z)", xt, zt)
         prob, n_shared = _gw_problem(xt, zt, lx, lz, class_mass)
         info["n_shared_classes"] = n_shared
