@@ -13,7 +13,6 @@ import json
 import platform
 import statistics
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 from rima_core.atomic import write_text
 from rima_core.config import ModelConfig, OTConfig
-from rima_core.models import ModelSpec, build_model
+from rima_core.models import ModelSpec, RimaConfig, build_model
 from rima_core.models.encoders import build_encoder
 
 OUT = Path(__file__).parent / "results" / "models_speed.json"
@@ -68,7 +67,8 @@ def main() -> None:
             sec = timed(lambda enc=enc, x=x: enc(x), args.repeats)
         result[f"{kind}_ms_per_eye"] = 1000 * sec / n
 
-    spec = ModelSpec("rima", asdict(mcfg), asdict(ocfg), 3, ["0", "1", "2"], [64, 64, 3], [32] * 3)
+    cfg = RimaConfig.from_sections(mcfg, ocfg, "rima")
+    spec = ModelSpec("rima", cfg, 3, ["0", "1", "2"], [64, 64, 3], [32] * 3)
     model = build_model(spec)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     has_f = torch.rand(n) > 0.3

@@ -34,11 +34,11 @@ import pandas as pd
 from rima_core.atomic import atomic_dir
 from rima_core.calibration import calibration_report, plot_reliability
 from rima_core.config import Config
+from rima_core.data.masks import load_masks
 from rima_core.engine import EngineError, Predictions, amp_dtype, predict, resolve_device
 from rima_core.headline import HEADLINE_FILE, eval_headline, write_headline
 from rima_core.metrics import bootstrap_scores, classification_metrics, es_auc, metric_key
 from rima_core.plots import PLOTS_DIR, write_eval_plots
-from rima_core.train import load_masks
 
 log = logging.getLogger(__name__)
 
@@ -348,32 +348,17 @@ def _score_split(
     return out
 
 
-def evaluate(
-    model_path: str | Path,
-    store: str | Path,
-    masks: str | Path | pd.DataFrame,
-    out_dir: str | Path,
-    cfg: Config,
-) -> dict[str, Any]:
-    """Score ``model_path`` on ``cfg.evaluate.split`` (and ``evaluate.selection_split``) under
-    every scenario in ``masks``.
-
-    Writes into ``out_dir``: ``metrics.json`` (test split; plus ``es_auc/<attribute>`` for
-    ``evaluate.equity_attributes`` under ``promote.scenario``), ``scores.csv`` (both splits, with
-    bootstrap intervals), ``subgroups.csv``, ``equity.csv``, ``equity.png``, ``calibration.csv``,
-    ``reliability/<scenario>.png``, ``rate_curve.csv``, ``confusion.csv`` (``mixed`` scenario),
-    ``predictions/<scenario>.parquet``, ``rate_curve.png`` / ``confusion.png``, and ``val/``
-    (``metrics.json`` and ``predictions/`` of the selection split, which promotion reads).
-    """
-    from rima_core import tracking
+def _load_inputs(
+    model_path: Path, store: Path, masks: str | Path | pd.DataFrame, cfg: Config
+) -> tuple[Any, Any, Any, pd.DataFrame, Any, Any]:
+    """Check the settings and inputs, then load them: ``(model, spec, store, masks, device,
+    dtype)``. Every refusal comes before a prediction is made."""
     from rima_core.data import open_store
     from rima_core.models import load_model
 
-    model_path, store, out_dir = Path(model_path), Path(store), Path(out_dir)
     if not model_path.exists():
         raise FileNotFoundError(f"{model_path}: no model (run `rima train` first)")
     ev = cfg.evaluate
-    split, sel_split = ev.split, ev.selection_split
     if ev.bootstrap < 1 or not 0.0 < ev.ci_level < 1.0:
         raise EngineError(
             f"evaluate.bootstrap must be >= 1 and evaluate.ci_level in (0, 1); got "
@@ -383,7 +368,10 @@ def evaluate(
     dtype = amp_dtype(device, cfg.runtime.amp)
     st = open_store(store)
     mask_df = load_masks(masks)
-    for name, what in ((split, "evaluate.split"), (sel_split, "evaluate.selection_split")):
+    for name, what in (
+        (ev.split, "evaluate.split"),
+        (ev.selection_split, "evaluate.selection_split"),
+    ):
         if not (mask_df["split"] == name).any():
             raise EngineError(f"masks have no rows for split {name!r} ({what})")
     try:
@@ -392,26 +380,24 @@ def evaluate(
         raise EngineError(str(exc)) from exc
     model.to(device)
     _check_compatible(spec, st, model_path, store)
-    class_names = list(spec.class_names)
+    return model, spec, st, mask_df, device, dtype
 
-    test = _score_split(model, st, store, mask_df, split, class_names, cfg, device, dtype)
-    val = (
-        test
-        if sel_split == split
-        else _score_split(model, st, store, mask_df, sel_split, class_names, cfg, device, dtype)
-    )
-    scenarios, metrics, predictions = test["scenarios"], test["metrics"], test["predictions"]
 
-    # subgroups and equity (evaluated split): the same eyes in every scenario, so groups are
-    # fixed once per split from the store's attributes
-    groups_by_row = attribute_groups(st.manifest, ev.max_groups)
+def _subgroups_and_equity(
+    test: dict[str, Any], manifest: pd.DataFrame, max_groups: int, class_names: list[str]
+) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Subgroup metrics and equity of every scenario of the evaluated split, and the attributes
+    they group by. The same eyes appear in every scenario, so the groups are fixed once from the
+    store's attributes."""
+    groups_by_row = attribute_groups(manifest, max_groups)
     sub_rows: list[dict[str, Any]] = []
     eq_rows: list[dict[str, Any]] = []
-    for scenario in scenarios:
+    for scenario in test["scenarios"]:
         preds = test["raw"][scenario]
         groups = {a: lab.to_numpy()[preds.index] for a, lab in groups_by_row.items()}
+        auc = test["metrics"][scenario]["auc"]
         s_rows, e_rows = subgroup_tables(
-            scenario, preds.y_true, preds.proba, groups, metrics[scenario]["auc"], class_names
+            scenario, preds.y_true, preds.proba, groups, auc, class_names
         )
         sub_rows += s_rows
         eq_rows += e_rows
@@ -439,13 +425,87 @@ def evaluate(
             "max_auc_gap",
         ],
     )
-    headline = cfg.promote.scenario if cfg.promote.scenario in metrics else scenarios[0]
-    for attribute in ev.equity_attributes:
+    return subgroups, equity, list(groups_by_row)
+
+
+def _add_equity_headline(
+    metrics: dict[str, dict[str, float]], equity: pd.DataFrame, cfg: Config
+) -> str:
+    """Add ``es_auc/<attribute>`` of ``evaluate.equity_attributes`` to the metrics of the
+    promotion scenario (the first scenario if that one was not evaluated); return that scenario."""
+    headline = cfg.promote.scenario if cfg.promote.scenario in metrics else next(iter(metrics))
+    for attribute in cfg.evaluate.equity_attributes:
         row = equity[(equity["scenario"] == headline) & (equity["attribute"] == attribute)]
         if row.empty:
             log.info("store has no attribute %r: no ES-AUC headline for it", attribute)
             continue
         metrics[headline][f"es_auc/{metric_key(attribute)}"] = float(row["es_auc"].iloc[0])
+    return headline
+
+
+def _confusion(
+    predictions: dict[str, pd.DataFrame], class_names: list[str]
+) -> tuple[str, pd.DataFrame, np.ndarray]:
+    """The confusion scenario (``mixed`` if evaluated, else the first), its (actual, predicted)
+    pairs by class name, and its count matrix."""
+    scenario = CONFUSION_SCENARIO if CONFUSION_SCENARIO in predictions else next(iter(predictions))
+    frame = predictions[scenario]
+    pairs = pd.DataFrame(
+        {
+            "actual": [class_names[i] for i in frame["label"]],
+            "predicted": [class_names[i] for i in frame["pred"]],
+        }
+    )
+    matrix = np.zeros((len(class_names), len(class_names)), dtype=np.int64)
+    np.add.at(matrix, (frame["label"].to_numpy(), frame["pred"].to_numpy()), 1)
+    return scenario, pairs, matrix
+
+
+def _dump_metrics(obj: dict[str, dict[str, float]]) -> str:
+    clean = {s: {k: _clean(v) for k, v in m.items()} for s, m in obj.items()}
+    return json.dumps(clean, indent=2, allow_nan=False) + "\n"
+
+
+def _head_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, float | None]]:
+    return {s: {k: _clean(m[k]) for k in ("qwk", "accuracy", "auc")} for s, m in metrics.items()}
+
+
+def evaluate(
+    model_path: str | Path,
+    store: str | Path,
+    masks: str | Path | pd.DataFrame,
+    out_dir: str | Path,
+    cfg: Config,
+) -> dict[str, Any]:
+    """Score ``model_path`` on ``cfg.evaluate.split`` (and ``evaluate.selection_split``) under
+    every scenario in ``masks``.
+
+    Writes into ``out_dir``: ``metrics.json`` (test split; plus ``es_auc/<attribute>`` for
+    ``evaluate.equity_attributes`` under ``promote.scenario``), ``scores.csv`` (both splits, with
+    bootstrap intervals), ``subgroups.csv``, ``equity.csv``, ``equity.png``, ``calibration.csv``,
+    ``reliability/<scenario>.png``, ``rate_curve.csv``, ``confusion.csv`` (``mixed`` scenario),
+    ``predictions/<scenario>.parquet``, ``rate_curve.png`` / ``confusion.png``, and ``val/``
+    (``metrics.json`` and ``predictions/`` of the selection split, which promotion reads).
+    """
+    from rima_core import tracking
+
+    model_path, store, out_dir = Path(model_path), Path(store), Path(out_dir)
+    model, spec, st, mask_df, device, dtype = _load_inputs(model_path, store, masks, cfg)
+    ev = cfg.evaluate
+    split, sel_split = ev.split, ev.selection_split
+    class_names = list(spec.class_names)
+
+    test = _score_split(model, st, store, mask_df, split, class_names, cfg, device, dtype)
+    val = (
+        test
+        if sel_split == split
+        else _score_split(model, st, store, mask_df, sel_split, class_names, cfg, device, dtype)
+    )
+    scenarios, metrics, predictions = test["scenarios"], test["metrics"], test["predictions"]
+    subgroups, equity, attributes = _subgroups_and_equity(
+        test, st.manifest, ev.max_groups, class_names
+    )
+    headline = _add_equity_headline(metrics, equity, cfg)
     scores = pd.DataFrame(
         val["scores"] + (test["scores"] if val is not test else []),
         columns=["split", "scenario", "metric", "value", "ci_low", "ci_high", "n_boot", "n"],
@@ -453,25 +513,12 @@ def evaluate(
     calibration = pd.DataFrame(
         val["calibration"] + (test["calibration"] if val is not test else [])
     )
-
-    conf_scenario = CONFUSION_SCENARIO if CONFUSION_SCENARIO in predictions else scenarios[0]
+    conf_scenario, confusion, conf_matrix = _confusion(predictions, class_names)
     conf_frame = predictions[conf_scenario]
-    confusion = pd.DataFrame(
-        {
-            "actual": [class_names[i] for i in conf_frame["label"]],
-            "predicted": [class_names[i] for i in conf_frame["pred"]],
-        }
-    )
-    conf_matrix = np.zeros((len(class_names), len(class_names)), dtype=np.int64)
-    np.add.at(conf_matrix, (conf_frame["label"].to_numpy(), conf_frame["pred"].to_numpy()), 1)
     curve = rate_curve(metrics)
 
-    def dump(obj: dict[str, dict[str, float]]) -> str:
-        clean = {s: {k: _clean(v) for k, v in m.items()} for s, m in obj.items()}
-        return json.dumps(clean, indent=2, allow_nan=False) + "\n"
-
     with atomic_dir(out_dir) as tmp:
-        (tmp / "metrics.json").write_text(dump(metrics))
+        (tmp / "metrics.json").write_text(_dump_metrics(metrics))
         # what DVC shows and compares: a few numbers, and plot tables shaped for its templates
         write_headline(tmp / HEADLINE_FILE, eval_headline(metrics))
         write_eval_plots(
@@ -487,7 +534,7 @@ def evaluate(
         for scenario, frame in predictions.items():
             frame.to_parquet(tmp / "predictions" / f"{scenario}.parquet", index=False)
         (tmp / SELECTION_DIR / "predictions").mkdir(parents=True)
-        (tmp / SELECTION_DIR / "metrics.json").write_text(dump(val["metrics"]))
+        (tmp / SELECTION_DIR / "metrics.json").write_text(_dump_metrics(val["metrics"]))
         for scenario, frame in val["predictions"].items():
             frame.to_parquet(tmp / SELECTION_DIR / "predictions" / f"{scenario}.parquet")
         (tmp / "reliability").mkdir()
@@ -506,31 +553,26 @@ def evaluate(
         _plot_confusion(
             conf_matrix, class_names, f"{split} / {conf_scenario}", tmp / "confusion.png"
         )
-        (tmp / "eval_summary.json").write_text(
-            json.dumps(
-                {
-                    "model": str(model_path),
-                    "model_name": spec.name,
-                    "split": split,
-                    "selection_split": sel_split,
-                    "scenarios": scenarios,
-                    "confusion_scenario": conf_scenario,
-                    "n_eyes": {s: len(f) for s, f in predictions.items()},
-                    "n_eyes_selection": {s: len(f) for s, f in val["predictions"].items()},
-                    "temperature": spec.temperature,
-                    "data": {k: st.meta.get(k) for k in ("source", "disease", "content_hash")},
-                    "bootstrap": {
-                        "resamples": ev.bootstrap,
-                        "seed": ev.bootstrap_seed,
-                        "level": ev.ci_level,
-                    },
-                    "attributes": list(groups_by_row),
-                    "equity_headline_scenario": headline,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        summary = {
+            "model": str(model_path),
+            "model_name": spec.name,
+            "split": split,
+            "selection_split": sel_split,
+            "scenarios": scenarios,
+            "confusion_scenario": conf_scenario,
+            "n_eyes": {s: len(f) for s, f in predictions.items()},
+            "n_eyes_selection": {s: len(f) for s, f in val["predictions"].items()},
+            "temperature": spec.temperature,
+            "data": {k: st.meta.get(k) for k in ("source", "disease", "content_hash")},
+            "bootstrap": {
+                "resamples": ev.bootstrap,
+                "seed": ev.bootstrap_seed,
+                "level": ev.ci_level,
+            },
+            "attributes": attributes,
+            "equity_headline_scenario": headline,
+        }
+        (tmp / "eval_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     tracking.log_metrics(
         {
@@ -544,11 +586,6 @@ def evaluate(
     return {
         "out_dir": str(out_dir),
         "split": split,
-        "metrics": {
-            s: {k: _clean(m[k]) for k in ("qwk", "accuracy", "auc")} for s, m in metrics.items()
-        },
-        "selection_metrics": {
-            s: {k: _clean(m[k]) for k in ("qwk", "accuracy", "auc")}
-            for s, m in val["metrics"].items()
-        },
+        "metrics": _head_metrics(metrics),
+        "selection_metrics": _head_metrics(val["metrics"]),
     }

@@ -316,8 +316,8 @@ def decode(
     min-max scaled): the same ``as_fundus`` / ``as_oct`` checks reject a wrong rank here as in
     ``prepare``. File paths are read only as ``policy`` allows (default: :meth:`InputPolicy.local`).
     """
+    from rima_core.data.pixels import as_fundus, as_oct
     from rima_core.data.safe_read import UnsafeInputError
-    from rima_core.data.sources._common import as_fundus, as_oct
     from rima_core.data.types import CaseError
 
     policy = policy or InputPolicy.local()
@@ -393,10 +393,6 @@ class Predictor:
 
         model, spec = load_model(path)
         return cls(model, spec, device=device, batch_size=batch_size)
-
-    @property
-    def output_columns(self) -> list[str]:
-        return [f"p_{c}" for c in self.class_names] + ["grade", "grade_name"]
 
     def _tensors(self, fundus: list[np.ndarray | None], oct: list[np.ndarray | None]) -> dict:
         import torch

@@ -241,10 +241,10 @@ def check_evaluate_inputs(
     never leaves a FAILED evaluation run behind. (The same checks as the top of
     :func:`rima_core.evaluate.evaluate`, which repeats them for its direct callers.)"""
     from rima_core.data import open_store
+    from rima_core.data.masks import load_masks
     from rima_core.engine import EngineError, resolve_device
     from rima_core.evaluate import _check_compatible
     from rima_core.models import load_model
-    from rima_core.train import load_masks
 
     model, store = Path(model), Path(store)
     if not model.is_file():

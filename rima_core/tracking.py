@@ -360,14 +360,12 @@ def manifest_hash(store: str | Path) -> str | None:
 
     Reads only the Parquet footer, so tagging a run with its data costs milliseconds.
     """
-    import pyarrow.parquet as pq
+    from rima_core.data.store import read_meta
 
-    path = Path(store) / "manifest.parquet"
     try:
-        meta = pq.read_schema(path).metadata or {}
-        return json.loads(meta[b"rima"])["content_hash"]
-    except (OSError, KeyError, ValueError) as exc:
-        log.warning("no content hash in %s (%s); the run is not tagged with data", path, exc)
+        return read_meta(store)["content_hash"]
+    except (OSError, KeyError, ValueError) as exc:  # StoreError is a ValueError
+        log.warning("no content hash in %s (%s); the run is not tagged with data", store, exc)
         return None
 
 
@@ -389,8 +387,10 @@ def log_dataset(store: str | Path, context: str) -> str | None:
     import mlflow.data
     import pandas as pd
 
+    from rima_core.data.store import MANIFEST_FILE
+
     path = Path(store)
-    manifest = pd.read_parquet(path / "manifest.parquet")
+    manifest = pd.read_parquet(path / MANIFEST_FILE)
     with warnings.catch_warnings():
         # a local path matches two of MLflow's equivalent local-file source types; it says so
         warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")

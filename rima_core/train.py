@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,7 +35,7 @@ from torch import nn
 
 from rima_core.atomic import atomic_file, write_text
 from rima_core.config import Config
-from rima_core.data.masks import selection_scenarios
+from rima_core.data.masks import load_masks, selection_scenarios
 from rima_core.engine import (
     EngineError,
     amp_dtype,
@@ -69,13 +69,6 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 
 def is_timing_column(name: str) -> bool:
     return name.endswith("_seconds") or name == "ot_share"
-
-
-def load_masks(masks: str | Path | pd.DataFrame) -> pd.DataFrame:
-    """The mask table, read once so every dataset of a run shares it."""
-    from rima_core.data.masks import read_masks
-
-    return masks if isinstance(masks, pd.DataFrame) else read_masks(masks)
 
 
 def check_scenario(masks: pd.DataFrame, split: str, scenario: str, what: str) -> int:
@@ -145,10 +138,8 @@ def model_spec(cfg: Config, store: Any) -> Any:
     """The :class:`ModelSpec` for ``cfg`` on this store (class names and shapes from its meta)."""
     from rima_core.models import ModelSpec
 
-    return ModelSpec(
-        name=cfg.model.name,
-        model=asdict(cfg.model),
-        ot=asdict(cfg.ot),
+    return ModelSpec.from_config(
+        cfg,
         n_classes=int(store.n_classes),
         class_names=list(store.class_names),
         fundus_shape=list(store.meta["fundus_shape"]),
@@ -272,14 +263,13 @@ class _EpochStats:
 def _train_one_epoch(
     model: nn.Module,
     loader: Any,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler | None,
+    opt: _Optimisation,
     device: torch.device,
     dtype: torch.dtype | None,
     grad_clip: float,
     desc: str,
 ) -> dict[str, float]:
+    optimizer, scheduler, scaler = opt.optimizer, opt.scheduler, opt.scaler
     model.train()
     acc = _EpochStats()
     bar = tqdm(loader, desc=desc, leave=False)
@@ -318,6 +308,209 @@ def _train_one_epoch(
     return acc.result()
 
 
+@dataclass
+class _Optimisation:
+    """The optimiser, its lr schedule and (fp16 only) the loss scaler: what a step updates
+    besides the weights, and what a checkpoint must restore for a bit-identical resume."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+
+    @classmethod
+    def build(
+        cls, model: nn.Module, cfg: Config, n_train: int, dtype: torch.dtype | None
+    ) -> _Optimisation:
+        """AdamW with linear warm-up and cosine decay per step (:func:`lr_factor`)."""
+        tc = cfg.train
+        optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        steps_per_epoch = math.ceil(n_train / tc.batch_size)
+        total_steps = steps_per_epoch * tc.epochs
+        warmup_steps = round(tc.warmup_epochs * steps_per_epoch)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, warmup_steps, total_steps)
+        )
+        scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+        return cls(optimizer, scheduler, scaler)
+
+
+@dataclass
+class _Progress:
+    """Where a run stands after its last finished epoch (saved in every checkpoint)."""
+
+    epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    # the selected epoch, its score and validation metrics, and its weights (CPU copies)
+    best: dict[str, Any] = field(
+        default_factory=lambda: {"epoch": None, "score": None, "metrics": {}, "state_dict": None}
+    )
+    stale: int = 0  # epochs since the last improvement
+    stopped_early: bool = False
+
+
+def _save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    opt: _Optimisation,
+    progress: _Progress,
+    fingerprint: dict[str, Any],
+    spec: Any,
+) -> None:
+    """Everything :func:`_resume` needs to continue exactly where this epoch ended, RNG
+    streams included."""
+    _save_torch(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": progress.epoch,
+            "model": model.state_dict(),
+            "optimizer": opt.optimizer.state_dict(),
+            "scheduler": opt.scheduler.state_dict(),
+            "scaler": opt.scaler.state_dict() if opt.scaler is not None else None,
+            "rng": _np_state_to_builtin(rng_state()),
+            "history": progress.history,
+            "best": progress.best,
+            "stale_epochs": progress.stale,
+            "stopped_early": progress.stopped_early,
+            "fingerprint": fingerprint,
+            "spec": asdict(spec),
+        },
+        path,
+    )
+
+
+def _resume(
+    path: Path, fingerprint: dict[str, Any], model: nn.Module, opt: _Optimisation
+) -> _Progress:
+    """Restore model, optimisation and RNG state from a checkpoint of the same settings and
+    data (anything else is refused: a resumed run must equal an uninterrupted one)."""
+    # loaded to the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a truncated/foreign file
+        raise EngineError(f"{path}: unreadable checkpoint ({exc}); train without --resume") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise EngineError(f"{path}: not a checkpoint of this trainer (format)")
+    changed = _diff(ckpt["fingerprint"], fingerprint)
+    if changed:
+        raise EngineError(
+            f"{path}: cannot resume, the run's settings or data changed: "
+            + "; ".join(changed)
+            + " (train without --resume to start over)"
+        )
+    model.load_state_dict(ckpt["model"])
+    opt.optimizer.load_state_dict(ckpt["optimizer"])
+    opt.scheduler.load_state_dict(ckpt["scheduler"])
+    if opt.scaler is not None and ckpt.get("scaler") is not None:
+        opt.scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(_np_state_from_builtin(ckpt["rng"]))
+    progress = _Progress(
+        epoch=int(ckpt["epoch"]),
+        history=list(ckpt["history"]),
+        best=dict(ckpt["best"]),
+        stale=int(ckpt["stale_epochs"]),
+        stopped_early=bool(ckpt["stopped_early"]),
+    )
+    log.info(
+        "resuming %s after epoch %d (best so far: epoch %s)",
+        path.parent,
+        progress.epoch,
+        progress.best["epoch"],
+    )
+    return progress
+
+
+def _check_metric(metric: str, n_classes: int) -> None:
+    known = classification_metrics(np.arange(n_classes), np.eye(n_classes))
+    if metric not in known:
+        raise EngineError(
+            f"train.selection_metric={metric!r} is not a metric; known: {sorted(known)}"
+        )
+
+
+def _epoch_row(
+    epoch: int,
+    lr: float,
+    train_stats: dict[str, float],
+    val_metrics: dict[str, float],
+    best_epoch: int | None,
+    times: tuple[float, float, float],
+) -> dict[str, float]:
+    """One ``history.csv`` row (with the timing columns that go to ``timings.csv``); ``times``
+    are the epoch's start, end of training and end of validation (``time.perf_counter``)."""
+    t0, t1, t2 = times
+    train_seconds = t1 - t0
+    ot_seconds = train_stats.get("ot_seconds", 0.0)
+    row: dict[str, float] = {"epoch": epoch, "lr": lr}
+    row.update({f"train_{k}": v for k, v in train_stats.items() if k != "ot_seconds"})
+    row.update({f"val_{k}": v for k, v in val_metrics.items()})
+    row.update(
+        {
+            "best_epoch": best_epoch,
+            "epoch_seconds": time.perf_counter() - t0,
+            "train_seconds": train_seconds,
+            "val_seconds": t2 - t1,
+            "ot_seconds": ot_seconds,
+            "ot_share": ot_seconds / train_seconds if train_seconds > 0 else 0.0,
+        }
+    )
+    return row
+
+
+def _select(
+    progress: _Progress, epoch: int, metric: str, val_metrics: dict[str, float], model: nn.Module
+) -> bool:
+    """Keep this epoch if it beats the best so far on ``metric``; True if it did."""
+    score = val_metrics[metric]
+    best = progress.best
+    if not is_better(metric, score, best["score"] if best["epoch"] else None):
+        progress.stale += 1
+        return False
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    progress.best = {
+        "epoch": epoch,
+        "score": float(score),
+        "metrics": val_metrics,
+        "state_dict": state,
+    }
+    progress.stale = 0
+    return True
+
+
+def _summary(
+    cfg: Config,
+    spec: Any,
+    progress: _Progress,
+    counts: dict[str, int],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    temperature: float,
+) -> dict[str, Any]:
+    """The run's result (``train_summary.json``) and, under :data:`RUN_SUMMARY_KEYS`, its
+    wall-clock numbers; ``counts`` holds ``n_parameters``, ``n_train`` and ``n_val``."""
+    hist = pd.DataFrame(progress.history)
+    timing = hist[[c for c in hist.columns if is_timing_column(c)]]
+    tc = cfg.train
+    return {
+        "model": spec.name,
+        "n_parameters": int(counts["n_parameters"]),
+        "device": str(device),
+        "amp_dtype": str(dtype).replace("torch.", "") if dtype else None,
+        "epochs_run": len(progress.history),
+        "stopped_early": progress.stopped_early,
+        "best_epoch": progress.best["epoch"],
+        "selection_metric": tc.selection_metric,
+        "selection_split": "val",
+        "selection_scenario": tc.selection_scenario,
+        "train_scenario": cfg.missing.train_scenario,
+        "n_train": counts["n_train"],
+        "n_val": counts["n_val"],
+        "best_val_metrics": {k: _json_number(v) for k, v in progress.best["metrics"].items()},
+        "temperature": temperature,
+        "mean_epoch_seconds": float(timing["epoch_seconds"].mean()),
+        "ot_share": float(timing["ot_seconds"].sum() / max(1e-12, timing["train_seconds"].sum())),
+    }
+
+
 def train(
     store: str | Path,
     masks: str | Path | pd.DataFrame,
@@ -341,13 +534,11 @@ def train(
 
     if tracker is None:
         from rima_core import tracking as tracker  # type: ignore[no-redef]
-    tc = cfg.train
+    tc, rt = cfg.train, cfg.runtime
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "checkpoint.pt"
     model_path = out_dir / "model.pt"
-    hist_path = out_dir / "history.csv"
-    summary_path = out_dir / "train_summary.json"
 
     st = open_store(store)
     mask_df = load_masks(masks)
@@ -356,7 +547,6 @@ def train(
     n_val = check_selection(mask_df, tc.selection_scenario, "model selection")
     train_ds = EyeDataset(store, mask_df, "train", cfg.missing.train_scenario)
 
-    rt = cfg.runtime
     device = resolve_device(rt.device)
     dtype = amp_dtype(device, rt.amp)
     pin = device.type == "cuda"
@@ -367,66 +557,19 @@ def train(
     spec = model_spec(cfg, st)
     seed_everything(rt.seed)
     model = build_model(spec).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    steps_per_epoch = math.ceil(len(train_ds) / tc.batch_size)
-    total_steps = steps_per_epoch * tc.epochs
-    warmup_steps = round(tc.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup_steps, total_steps)
-    )
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    opt = _Optimisation.build(model, cfg, len(train_ds), dtype)
+    pairs = [("train", cfg.missing.train_scenario)] + [("val", v) for v in val_scenarios]
     fingerprint = _fingerprint(
         cfg,
-        {
-            "data_hash": st.meta.get("content_hash"),
-            "masks_digest": _masks_digest(
-                mask_df,
-                [("train", cfg.missing.train_scenario)] + [("val", v) for v in val_scenarios],
-            ),
-        },
+        {"data_hash": st.meta.get("content_hash"), "masks_digest": _masks_digest(mask_df, pairs)},
     )
-
-    history: list[dict[str, float]] = []
-    best: dict[str, Any] = {"epoch": None, "score": None, "metrics": {}, "state_dict": None}
-    start_epoch, stale, stopped_early = 1, 0, False
     if resume and ckpt_path.exists():
-        # loaded to the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
-        try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises several types for a truncated/foreign file
-            raise EngineError(
-                f"{ckpt_path}: unreadable checkpoint ({exc}); train without --resume"
-            ) from exc
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise EngineError(f"{ckpt_path}: not a checkpoint of this trainer (format)")
-        changed = _diff(ckpt["fingerprint"], fingerprint)
-        if changed:
-            raise EngineError(
-                f"{ckpt_path}: cannot resume, the run's settings or data changed: "
-                + "; ".join(changed)
-                + " (train without --resume to start over)"
-            )
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler") is not None:
-            scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(_np_state_from_builtin(ckpt["rng"]))
-        history = list(ckpt["history"])
-        best = dict(ckpt["best"])
-        stale = int(ckpt["stale_epochs"])
-        stopped_early = bool(ckpt["stopped_early"])
-        start_epoch = int(ckpt["epoch"]) + 1
-        log.info(
-            "resuming %s after epoch %d (best so far: epoch %s)",
-            out_dir,
-            ckpt["epoch"],
-            best["epoch"],
-        )
+        progress = _resume(ckpt_path, fingerprint, model, opt)
     else:
         if resume:
             log.info("no checkpoint in %s: starting a fresh run", out_dir)
-        summary_path.unlink(missing_ok=True)
+        progress = _Progress()
+        (out_dir / "train_summary.json").unlink(missing_ok=True)
         (out_dir / "headline.json").unlink(missing_ok=True)
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -454,14 +597,10 @@ def train(
         for scenario in val_scenarios
     }
     metric = tc.selection_metric
-    known = classification_metrics(np.arange(spec.n_classes), np.eye(spec.n_classes))
-    if metric not in known:
-        raise EngineError(
-            f"train.selection_metric={metric!r} is not a metric; known: {sorted(known)}"
-        )
+    _check_metric(metric, spec.n_classes)
     t_run = time.perf_counter()
-    for epoch in range(start_epoch, tc.epochs + 1):
-        if stopped_early:
+    for epoch in range(progress.epoch + 1, tc.epochs + 1):
+        if progress.stopped_early:
             break
         t0 = time.perf_counter()
         loader = make_loader(
@@ -472,71 +611,22 @@ def train(
             seed=epoch_seed(rt.seed, epoch),
             pin_memory=pin,
         )
-        train_stats = _train_one_epoch(
-            model,
-            loader,
-            optimizer,
-            scheduler,
-            scaler,
-            device,
-            dtype,
-            tc.grad_clip,
-            f"epoch {epoch}/{tc.epochs}",
-        )
+        desc = f"epoch {epoch}/{tc.epochs}"
+        train_stats = _train_one_epoch(model, loader, opt, device, dtype, tc.grad_clip, desc)
         t1 = time.perf_counter()
         val_metrics = validation_metrics(model, val_loaders, device, dtype, spec.class_names)
         t2 = time.perf_counter()
-        score = val_metrics[metric]
-        improved = is_better(metric, score, best["score"] if best["epoch"] else None)
+        improved = _select(progress, epoch, metric, val_metrics, model)
         if improved:
-            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            best = {
-                "epoch": epoch,
-                "score": float(score),
-                "metrics": val_metrics,
-                "state_dict": state,
-            }
-            stale = 0
             save_model(model, spec, model_path)
-        else:
-            stale += 1
-        stopped_early = tc.patience > 0 and stale >= tc.patience and epoch < tc.epochs
-
-        train_seconds = t1 - t0
-        ot_seconds = train_stats.get("ot_seconds", 0.0)
-        row: dict[str, float] = {"epoch": epoch, "lr": scheduler.get_last_lr()[0]}
-        row.update({f"train_{k}": v for k, v in train_stats.items() if k != "ot_seconds"})
-        row.update({f"val_{k}": v for k, v in val_metrics.items()})
-        row.update(
-            {
-                "best_epoch": best["epoch"],
-                "epoch_seconds": time.perf_counter() - t0,
-                "train_seconds": train_seconds,
-                "val_seconds": t2 - t1,
-                "ot_seconds": ot_seconds,
-                "ot_share": ot_seconds / train_seconds if train_seconds > 0 else 0.0,
-            }
-        )
-        history.append(row)
-        _save_torch(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "epoch": epoch,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": _np_state_to_builtin(rng_state()),
-                "history": history,
-                "best": best,
-                "stale_epochs": stale,
-                "stopped_early": stopped_early,
-                "fingerprint": fingerprint,
-                "spec": asdict(spec),
-            },
-            ckpt_path,
-        )
-        _write_history(history, hist_path)
+        progress.stopped_early = tc.patience > 0 and progress.stale >= tc.patience
+        progress.stopped_early = progress.stopped_early and epoch < tc.epochs
+        lr = opt.scheduler.get_last_lr()[0]
+        row = _epoch_row(epoch, lr, train_stats, val_metrics, progress.best["epoch"], (t0, t1, t2))
+        progress.history.append(row)
+        progress.epoch = epoch
+        _save_checkpoint(ckpt_path, model, opt, progress, fingerprint, spec)
+        _write_history(progress.history, out_dir / "history.csv")
         tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
         log.info(
             "epoch %d/%d: loss %.4f, val %s %.4f%s (%.1f s, OT %.0f%%)",
@@ -544,47 +634,28 @@ def train(
             tc.epochs,
             row["train_loss"],
             metric,
-            score,
+            val_metrics[metric],
             " *" if improved else "",
             row["epoch_seconds"],
             100 * row["ot_share"],
         )
-        if stopped_early:
-            log.info("early stop: no %s improvement for %d epochs", metric, stale)
+        if progress.stopped_early:
+            log.info("early stop: no %s improvement for %d epochs", metric, progress.stale)
         if epoch_callback is not None:
             epoch_callback(epoch, val_metrics)
 
-    if best["state_dict"] is None:
+    if progress.best["state_dict"] is None:
         raise RuntimeError(f"{out_dir}: no epoch was trained (train.epochs={tc.epochs})")
-    model.load_state_dict(best["state_dict"])
+    model.load_state_dict(progress.best["state_dict"])
     from rima_core.calibration import calibrate_model  # T changes no argmax: QWK/weights as chosen
 
     calibration = calibrate_model(model, val_loaders, device, dtype)
     spec.temperature = calibration["temperature"]
     save_model(model, spec, model_path)
     _alignment_report(model, store, mask_df, out_dir / "alignment.json", tracker)
-    hist = pd.DataFrame(history)
-    timing = hist[[c for c in hist.columns if is_timing_column(c)]]
-    summary = {
-        "model": spec.name,
-        "n_parameters": int(n_params),
-        "device": str(device),
-        "amp_dtype": str(dtype).replace("torch.", "") if dtype else None,
-        "epochs_run": len(history),
-        "stopped_early": stopped_early,
-        "best_epoch": best["epoch"],
-        "selection_metric": metric,
-        "selection_split": "val",
-        "selection_scenario": tc.selection_scenario,
-        "train_scenario": cfg.missing.train_scenario,
-        "n_train": n_train,
-        "n_val": n_val,
-        "best_val_metrics": {k: _json_number(v) for k, v in best["metrics"].items()},
-        "temperature": calibration["temperature"],
-        "mean_epoch_seconds": float(timing["epoch_seconds"].mean()),
-        "ot_share": float(timing["ot_seconds"].sum() / max(1e-12, timing["train_seconds"].sum())),
-        "run_seconds_this_session": time.perf_counter() - t_run,
-    }
+    counts = {"n_parameters": n_params, "n_train": n_train, "n_val": n_val}
+    summary = _summary(cfg, spec, progress, counts, device, dtype, calibration["temperature"])
+    summary["run_seconds_this_session"] = time.perf_counter() - t_run
     write_summary(out_dir, summary)
     return summary
 

@@ -406,7 +406,8 @@ def tune(
     import optuna
 
     from rima_core import tracking
-    from rima_core.train import check_scenario, check_selection, load_masks
+    from rima_core.data.masks import load_masks
+    from rima_core.train import check_scenario, check_selection
 
     cfg = copy.deepcopy(cfg)
     tc = cfg.tune

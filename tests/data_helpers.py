@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from rima_core.data.store import write_store
+from rima_core.data.store import StoreWriter, write_manifest
 from rima_core.data.types import SPLITS
 
 
@@ -42,6 +44,44 @@ def make_manifest(n: int, n_classes: int = 3, missing_every: int = 0) -> pd.Data
             "has_fundus": has_f,
             "has_oct": has_o,
         }
+    )
+
+
+def write_store(
+    directory: str | Path,
+    manifest: pd.DataFrame,
+    fundus: np.ndarray,
+    oct: np.ndarray,
+    *,
+    source: str,
+    disease: str | None,
+    class_names: Sequence[str],
+    batch_rows: int | None = None,
+) -> dict[str, Any]:
+    """Write a whole store from in-memory arrays through the writer ``prepare`` uses.
+
+    Rows whose ``has_*`` flag is false are passed as absent, so the store writes zeros there
+    whatever the array holds, as it does for ``prepare``.
+    """
+    if len(fundus) != len(manifest) or len(oct) != len(manifest):
+        raise ValueError(
+            f"{len(manifest)} manifest rows but {len(fundus)} fundus / {len(oct)} OCT rows"
+        )
+    has_f = manifest["has_fundus"].to_numpy(bool)
+    has_o = manifest["has_oct"].to_numpy(bool)
+    with StoreWriter(directory, fundus.shape[1:], oct.shape[1:], batch_rows) as writer:
+        for i in range(len(manifest)):
+            writer.append(fundus[i] if has_f[i] else None, oct[i] if has_o[i] else None)
+        digest = writer.close()
+    return write_manifest(
+        directory,
+        manifest,
+        tensor_digest=digest,
+        source=source,
+        disease=disease,
+        class_names=class_names,
+        fundus_shape=fundus.shape[1:],
+        oct_shape=oct.shape[1:],
     )
 
 

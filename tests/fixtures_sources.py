@@ -1,4 +1,4 @@
-"""Writers for tiny source trees in the three real layouts (DATASETS.md), for any test to reuse.
+"""Writers for tiny source trees in the three real layouts (docs/datasets.md), for any test.
 
 Each writer builds a tree under a directory the caller owns (``tmp_path``) and returns what a
 correct loader must produce: ``{case_id: Expected}``. Pixels are drawn from a seeded RNG so the

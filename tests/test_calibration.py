@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,14 @@ from rima_core.calibration import (
 )
 from rima_core.config import ModelConfig, OTConfig
 from rima_core.engine import model_temperature, predict, set_model_temperature
-from rima_core.models import ModelOutput, ModelSpec, build_model, load_model, save_model
+from rima_core.models import (
+    ModelOutput,
+    ModelSpec,
+    RimaConfig,
+    build_model,
+    load_model,
+    save_model,
+)
 
 
 def _sampled(n: int, k: int, true_t: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -107,8 +113,7 @@ def _spec(temperature: float = 1.0) -> ModelSpec:
     mcfg = ModelConfig(fundus_dim=16, oct_dim=16, hidden_dim=16, heads=2, dropout=0.0)
     return ModelSpec(
         name="late_fusion_zero",
-        model=asdict(mcfg),
-        ot=asdict(OTConfig()),
+        config=RimaConfig.from_sections(mcfg, OTConfig(), "late_fusion_zero"),
         n_classes=3,
         class_names=["a", "b", "c"],
         fundus_shape=[16, 16, 3],

@@ -165,7 +165,7 @@ def test_cli_train_then_evaluate(tiny_data: TinyData, tmp_path: Path, capsys) ->
     summary = json.loads(capsys.readouterr().out)
     assert summary["epochs_run"] == 1
     _, spec = load_model(model_dir / "model.pt")
-    assert spec.name == "rima" and spec.ot["gw_epsilon"] == 0.01
+    assert spec.name == "rima" and spec.config.gw_epsilon == 0.01
 
     rc = main(
         [

@@ -19,6 +19,7 @@ from rima_core.models import (
     MODEL_NAMES,
     MissingModalityError,
     ModelSpec,
+    RimaConfig,
     build_model,
     load_model,
     save_model,
@@ -35,8 +36,7 @@ MCFG = ModelConfig(
 def make_spec(name: str = "rima", ot: OTConfig | None = None, **model_kw) -> ModelSpec:
     return ModelSpec(
         name=name,
-        model=asdict(replace(MCFG, **model_kw)),
-        ot=asdict(ot or OTConfig()),
+        config=RimaConfig.from_sections(replace(MCFG, **model_kw), ot or OTConfig(), name),
         n_classes=K,
         class_names=["a", "b", "c"],
         fundus_shape=[16, 16, 3],
@@ -120,8 +120,10 @@ def test_spec_rejects_unknown_model_and_bad_heads() -> None:
         make_spec("rima_v2")
     with pytest.raises(ValueError, match="divisible"):
         build_model(make_spec("rima", heads=5))
-    with pytest.raises(ValueError, match="unknown model key"):
-        build_model(replace(make_spec(), model={**asdict(MCFG), "depth": 3}))
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['depth'\]"):
+        ModelSpec.from_dict(
+            {**asdict(make_spec()), "config": {**asdict(make_spec().config), "depth": 3}}
+        )
     no_paths = build_model(make_spec("rima_no_missing_paths", modality_dropout=0.5))
     assert no_paths.modality_dropout == 0 and no_paths.path_weight == 0
     assert build_model(make_spec("rima", modality_dropout=0.5)).modality_dropout == 0.5
@@ -391,6 +393,48 @@ def test_save_load_round_trip_gives_identical_logits(name: str, tmp_path) -> Non
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     assert [p.name for p in path.parent.iterdir()] == ["model.pt"]  # no temp file left
+
+
+def test_rima_config_holds_both_sections_and_the_variant_switches() -> None:
+    """Every key of the config's model (but name) and ot sections is a RimaConfig field, and the
+    switches come from the exact RIMA_VARIANTS table: a new baseline has them all on."""
+    from dataclasses import fields
+
+    from rima_core.models import RIMA_VARIANTS
+
+    section_keys = {f.name for f in fields(ModelConfig)} - {"name"} | {
+        f.name for f in fields(OTConfig)
+    }
+    own = {f.name for f in fields(RimaConfig)}
+    assert own == section_keys | {"class_ot", "feature_ot", "missing_paths"}
+    assert make_spec("rima_no_class_ot").config.class_ot is False
+    assert make_spec("rima_no_feature_ot").config.feature_ot is False
+    assert make_spec("rima_no_missing_paths").config.missing_paths is False
+    for name in MODEL_NAMES:
+        off = {
+            k
+            for k in ("class_ot", "feature_ot", "missing_paths")
+            if not getattr(make_spec(name).config, k)
+        }
+        assert off == set(RIMA_VARIANTS.get(name, {})), name
+    # a spec whose switches contradict its name is refused (a loaded model states its variant)
+    with pytest.raises(ValueError, match="switches"):
+        replace(make_spec("rima"), config=make_spec("rima_no_class_ot").config)
+
+
+def test_spec_with_the_two_config_sections_still_loads(tmp_path) -> None:
+    """model.pt files written before RimaConfig hold the model and ot sections instead."""
+    spec = make_spec("rima_no_feature_ot")
+    model = build_model(spec)
+    path = tmp_path / "model.pt"
+    save_model(model, spec, path)
+    blob = torch.load(path, weights_only=True)
+    old = {k: v for k, v in blob["spec"].items() if k != "config"}
+    old["model"] = {**asdict(MCFG), "name": "rima"}
+    old["ot"] = asdict(OTConfig())
+    torch.save({**blob, "spec": old}, path)
+    _, loaded = load_model(path)
+    assert loaded == spec and loaded.config.feature_ot is False
 
 
 def test_load_model_errors(tmp_path) -> None:

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from rima_core.config import ModelConfig, OTConfig
-from rima_core.models import ModelSpec, build_model
+from rima_core.models import ModelSpec, RimaConfig, build_model
 
 K = 3
 
@@ -28,8 +28,7 @@ def make_rima(name: str = "rima", d_f: int = 32, d_o: int = 24, **kw) -> torch.n
     )
     spec = ModelSpec(
         name=name,
-        model=asdict(replace(mcfg, **kw)),
-        ot=asdict(OTConfig()),
+        config=RimaConfig.from_sections(replace(mcfg, **kw), OTConfig(), name),
         n_classes=K,
         class_names=["a", "b", "c"],
         fundus_shape=[16, 16, 3],
@@ -96,10 +95,10 @@ def _training_aux(model: torch.nn.Module, b: dict[str, torch.Tensor]):
 
 def test_missing_paths_are_in_the_loss_and_reach_the_head() -> None:
     b = complete_batch()
-    off = OTConfig(loss_weight=0.0)
     for name, expect_paths in (("rima", True), ("rima_no_missing_paths", False)):
         model = make_rima(name).train()
-        model.ocfg = off  # alignment weight 0: only the path terms can be auxiliary
+        # alignment weight 0: only the path terms can be auxiliary
+        model.cfg = replace(model.cfg, loss_weight=0.0)
         out = _training_aux(model, b)
         aux = out.aux_loss
         if not expect_paths:
@@ -117,7 +116,7 @@ def test_a_path_loss_equals_cross_entropy_of_the_fusion_with_one_modality_remove
     missing: so training it trains the OCT-missing prediction."""
     b = complete_batch()
     model = make_rima(consistency_weight=0.0).train()
-    model.ocfg = OTConfig(loss_weight=0.0)
+    model.cfg = replace(model.cfg, loss_weight=0.0)
     model.fundus_branch.block.dropout.p = 0.0
     out = _training_aux(model, b)
     model.eval()
@@ -134,7 +133,7 @@ def test_a_path_loss_equals_cross_entropy_of_the_fusion_with_one_modality_remove
 def test_cross_entropy_never_trains_the_translators() -> None:
     b = complete_batch()
     model = make_rima().train()
-    model.ocfg = OTConfig(loss_weight=0.0)
+    model.cfg = replace(model.cfg, loss_weight=0.0)
     out = _training_aux(model, b)
     (F.cross_entropy(out.logits, b["label"]) + out.aux_loss).backward()
     for translator in (model.g_fo, model.g_of):
@@ -142,7 +141,7 @@ def test_cross_entropy_never_trains_the_translators() -> None:
             assert p.grad is None or float(p.grad.abs().sum()) == 0.0
     # ... while the alignment loss does train them
     model.zero_grad(set_to_none=True)
-    model.ocfg = OTConfig(loss_weight=1.0)
+    model.cfg = replace(model.cfg, loss_weight=1.0)
     _training_aux(model, b).aux_loss.backward()
     assert float(model.g_fo.net[-1].weight.grad.abs().sum()) > 0
 

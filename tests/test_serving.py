@@ -23,7 +23,7 @@ import yaml
 
 from rima_core import serving
 from rima_core.config import Config, ModelConfig, OTConfig
-from rima_core.models import ModelSpec, build_model, save_model
+from rima_core.models import ModelSpec, RimaConfig, build_model, save_model
 from tests.servers import mlflow_test_config, sqlite_uri
 
 CLASSES = ["normal", "early", "late"]
@@ -34,8 +34,7 @@ def tiny_model(path: Path, seed: int = 0, name: str = "rima") -> Path:
     mcfg = ModelConfig(fundus_dim=16, oct_dim=16, hidden_dim=16, heads=2, dropout=0.0)
     spec = ModelSpec(
         name=name,
-        model=asdict(mcfg),
-        ot=asdict(OTConfig()),
+        config=RimaConfig.from_sections(mcfg, OTConfig(), name),
         n_classes=3,
         class_names=CLASSES,
         fundus_shape=[16, 16, 3],

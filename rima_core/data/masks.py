@@ -198,6 +198,12 @@ def simulate_missing(store: Path, out: Path, cfg: MissingConfig) -> dict[str, An
     return {"masks": str(out), "n_rows": len(masks), **meta, "rates": summary}
 
 
+def load_masks(masks: str | Path | pd.DataFrame) -> pd.DataFrame:
+    """The mask table from a file, or ``masks`` itself if already read, so the datasets of one
+    run can share one copy."""
+    return masks if isinstance(masks, pd.DataFrame) else read_masks(masks)
+
+
 def read_masks(path: str | Path) -> pd.DataFrame:
     """Read a mask table, checking its columns."""
     path = Path(path)

@@ -34,7 +34,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -55,6 +55,9 @@ from rima_core.data.types import (
     using_read_limits,
 )
 from rima_core.progress import progress as tqdm
+
+if TYPE_CHECKING:
+    from rima_core.data.sources import ScanResult
 
 log = logging.getLogger(__name__)
 
@@ -493,6 +496,114 @@ def _duplicates(cases: Sequence[CaseRef]) -> dict[str, list[CaseRef]]:
     }
 
 
+def _sizes(cfg: PrepareConfig) -> tuple[int, tuple[int, int, int]]:
+    """The store's fundus size and OCT shape, refused unless they are sizes."""
+    fundus_size = int(cfg.fundus_size)
+    oct_shape = tuple(int(s) for s in cfg.oct_shape)
+    if fundus_size < 1 or len(oct_shape) != 3 or min(oct_shape) < 1:
+        raise ConfigError(
+            f"prepare: fundus_size {cfg.fundus_size} / oct_shape {cfg.oct_shape} are not sizes"
+        )
+    return fundus_size, oct_shape  # type: ignore[return-value]
+
+
+def _scan(source: str, input_dir: Path, disease: str, limits: ReadLimits) -> tuple[str, ScanResult]:
+    """The loader's listing of ``input_dir`` (``source="auto"``: the layout found there), and
+    the loader name the workers resolve."""
+    with using_read_limits(limits):
+        if source == "auto":
+            from rima_core.data.sources import detect_source
+
+            source = detect_source(input_dir)
+        scan = resolve_source(source).scan(input_dir, disease)
+    if not scan.cases:
+        raise SourceError(f"{input_dir}: the {scan.source} source holds no cases")
+    return source, scan
+
+
+def _without_duplicates(
+    cases: list[CaseRef], skip_bad: bool, quarantine: list[dict[str, Any]]
+) -> list[CaseRef]:
+    """``cases`` minus every case whose id is not unique; those go to ``quarantine`` with
+    ``skip_bad``, and are an error without it (which of two eyes is meant cannot be known)."""
+    dups = _duplicates(cases)
+    if not dups:
+        return cases
+    cid, refs = next(iter(dups.items()))
+    paths = ", ".join(str(_first_path(r)) for r in refs)
+    if not skip_bad:
+        raise CaseError(cid, f"duplicate case id ({len(refs)} cases: {paths})")
+    for cid, refs in dups.items():
+        log.warning("quarantined %d cases with the duplicate id %s", len(refs), printable(cid))
+        for r in refs:
+            quarantine.append(
+                {
+                    "case_id": printable(cid),
+                    "path": _printable_path(_first_path(r)),
+                    "reason": "duplicate case id",
+                }
+            )
+    return [c for c in cases if c.case_id not in dups]
+
+
+def _write_tensors(
+    directory: Path,
+    tasks: list[_Task],
+    workers: int,
+    shapes: tuple[tuple[int, int, int], tuple[int, int, int]],
+    skip_bad: bool,
+    quarantine: list[dict[str, Any]],
+) -> tuple[list[_Row], str]:
+    """Decode every case (``workers`` processes) into the store's tensor file; return the
+    manifest rows of the eyes written and the tensors' digest. A bad case raises, or with
+    ``skip_bad`` goes to ``quarantine``."""
+    rows: list[_Row] = []
+    results = _decode_all(tasks, workers)
+    try:
+        with StoreWriter(directory, *shapes) as writer:
+            for result in tqdm(results, total=len(tasks), desc="prepare", unit="eye"):
+                if isinstance(result, _Failed):
+                    if not skip_bad:
+                        raise result.error()
+                    log.warning("quarantined %s", result.error())
+                    quarantine.append(
+                        {"case_id": result.case_id, "path": result.path, "reason": result.reason}
+                    )
+                    continue
+                writer.append(result.fundus, result.oct)
+                rows.append(_Row.of(result))  # pixels now live in the writer's buffer only
+            digest = writer.close()
+    finally:
+        # Stop the worker pool now, not whenever a traceback holding the generator is freed.
+        results.close()
+    return rows, digest
+
+
+def _prepare_summary(
+    out: Path,
+    scan: ScanResult,
+    manifest: pd.DataFrame,
+    meta: dict[str, Any],
+    n_quarantined: int,
+) -> dict[str, Any]:
+    class_names = list(scan.class_names)
+    counts = manifest["label"].value_counts()
+    return {
+        "store": str(out),
+        "source": scan.source,
+        "disease": scan.disease,
+        "n_cases": len(manifest),
+        "n_quarantined": n_quarantined,
+        "class_names": class_names,
+        "class_counts": {name: int(counts.get(i, 0)) for i, name in enumerate(class_names)},
+        "split_counts": split_counts(manifest),
+        "missing_fundus": int((~manifest["has_fundus"]).sum()),
+        "missing_oct": int((~manifest["has_oct"]).sum()),
+        "content_hash": meta["content_hash"],
+        "notes": list(getattr(scan, "notes", [])),
+    }
+
+
 def prepare_store(
     source: str,
     input_dir: Path,
@@ -510,42 +621,14 @@ def prepare_store(
     input_dir, out = Path(input_dir), Path(out)
     if not input_dir.exists():
         raise FileNotFoundError(f"{printable(input_dir)}: input directory does not exist")
-    fundus_size = int(cfg.fundus_size)
-    oct_shape = tuple(int(s) for s in cfg.oct_shape)
-    if fundus_size < 1 or len(oct_shape) != 3 or min(oct_shape) < 1:
-        raise ConfigError(
-            f"prepare: fundus_size {cfg.fundus_size} / oct_shape {cfg.oct_shape} are not sizes"
-        )
+    fundus_size, oct_shape = _sizes(cfg)
     _check_fractions(cfg.split_fractions)
     limits = limits_of(cfg)
-    with using_read_limits(limits):
-        if source == "auto":
-            from rima_core.data.sources import detect_source
-
-            source = detect_source(input_dir)
-        scan = resolve_source(source).scan(input_dir, disease)
+    source, scan = _scan(source, input_dir, disease, limits)
     class_names = list(scan.class_names)
-    if not scan.cases:
-        raise SourceError(f"{input_dir}: the {scan.source} source holds no cases")
-    cases = sorted(scan.cases, key=lambda c: c.case_id)
     quarantine: list[dict[str, Any]] = []
-    dups = _duplicates(cases)
-    if dups:
-        cid, refs = next(iter(dups.items()))
-        paths = ", ".join(str(_first_path(r)) for r in refs)
-        if not skip_bad:
-            raise CaseError(cid, f"duplicate case id ({len(refs)} cases: {paths})")
-        for cid, refs in dups.items():
-            log.warning("quarantined %d cases with the duplicate id %s", len(refs), printable(cid))
-            for r in refs:
-                quarantine.append(
-                    {
-                        "case_id": printable(cid),
-                        "path": _printable_path(_first_path(r)),
-                        "reason": "duplicate case id",
-                    }
-                )
-        cases = [c for c in cases if c.case_id not in dups]
+    cases = sorted(scan.cases, key=lambda c: c.case_id)
+    cases = _without_duplicates(cases, skip_bad, quarantine)
     resolved_disease = scan.disease if scan.disease is not None else disease
     # Workers resolve the loader by the name given here (registered name or module path).
     tasks = [
@@ -561,37 +644,15 @@ def prepare_store(
         out,
     )
     fundus_shape = (fundus_size, fundus_size, 3)
-    rows: list[_Row] = []
     with atomic_dir(out) as tmp:
-        results = _decode_all(tasks, cfg.workers)
-        try:
-            with StoreWriter(tmp, fundus_shape, oct_shape) as writer:
-                for result in tqdm(results, total=len(tasks), desc="prepare", unit="eye"):
-                    if isinstance(result, _Failed):
-                        if not skip_bad:
-                            raise result.error()
-                        log.warning("quarantined %s", result.error())
-                        quarantine.append(
-                            {
-                                "case_id": result.case_id,
-                                "path": result.path,
-                                "reason": result.reason,
-                            }
-                        )
-                        continue
-                    writer.append(result.fundus, result.oct)
-                    rows.append(_Row.of(result))  # pixels now live in the writer's buffer only
-                digest = writer.close()
-        finally:
-            # Stop the worker pool now, not whenever a traceback holding the generator is freed.
-            results.close()
+        shapes = (fundus_shape, oct_shape)
+        rows, digest = _write_tensors(tmp, tasks, cfg.workers, shapes, skip_bad, quarantine)
         if not rows:
             raise SourceError(
                 f"{input_dir}: all {len(scan.cases)} cases are bad; first: "
                 f"{quarantine[0]['case_id']}: {quarantine[0]['reason']}"
             )
-        splits = _assign_splits(rows, cfg)
-        manifest = _manifest(rows, splits)
+        manifest = _manifest(rows, _assign_splits(rows, cfg))
         meta = write_manifest(
             tmp,
             manifest,
@@ -605,21 +666,7 @@ def prepare_store(
         if skip_bad:
             report = {"n_quarantined": len(quarantine), "cases": quarantine}
             (tmp / QUARANTINE_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    counts = manifest["label"].value_counts()
-    return {
-        "store": str(out),
-        "source": scan.source,
-        "disease": scan.disease,
-        "n_cases": len(manifest),
-        "n_quarantined": len(quarantine),
-        "class_names": class_names,
-        "class_counts": {name: int(counts.get(i, 0)) for i, name in enumerate(class_names)},
-        "split_counts": split_counts(manifest),
-        "missing_fundus": int((~manifest["has_fundus"]).sum()),
-        "missing_oct": int((~manifest["has_oct"]).sum()),
-        "content_hash": meta["content_hash"],
-        "notes": list(getattr(scan, "notes", [])),
-    }
+    return _prepare_summary(out, scan, manifest, meta, len(quarantine))
 
 
 def _assign_splits(rows: list[_Row], cfg: PrepareConfig) -> list[str]:

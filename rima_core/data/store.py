@@ -231,45 +231,6 @@ def write_manifest(
     return meta
 
 
-def write_store(
-    directory: str | Path,
-    manifest: pd.DataFrame,
-    fundus: np.ndarray,
-    oct: np.ndarray,
-    *,
-    source: str,
-    disease: str | None,
-    class_names: Sequence[str],
-    batch_rows: int | None = None,
-) -> dict[str, Any]:
-    """Write a whole store from in-memory arrays (small stores, tests, tools).
-
-    ``prepare`` streams rows through :class:`StoreWriter` instead. Rows whose ``has_*`` flag is
-    false are written as zeros whatever the array holds, keeping the "absent is zeros" rule in one
-    place.
-    """
-    if len(fundus) != len(manifest) or len(oct) != len(manifest):
-        raise ValueError(
-            f"{len(manifest)} manifest rows but {len(fundus)} fundus / {len(oct)} OCT rows"
-        )
-    has_f = manifest["has_fundus"].to_numpy(bool)
-    has_o = manifest["has_oct"].to_numpy(bool)
-    with StoreWriter(directory, fundus.shape[1:], oct.shape[1:], batch_rows) as writer:
-        for i in range(len(manifest)):
-            writer.append(fundus[i] if has_f[i] else None, oct[i] if has_o[i] else None)
-        digest = writer.close()
-    return write_manifest(
-        directory,
-        manifest,
-        tensor_digest=digest,
-        source=source,
-        disease=disease,
-        class_names=class_names,
-        fundus_shape=fundus.shape[1:],
-        oct_shape=oct.shape[1:],
-    )
-
-
 class TensorColumn:
     """An N-row uint8 tensor column over the store's record batches, numpy-like and read-only.
 
@@ -293,10 +254,6 @@ class TensorColumn:
     @property
     def ndim(self) -> int:
         return len(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape))
 
     def __len__(self) -> int:
         return self.shape[0]

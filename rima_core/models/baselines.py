@@ -20,29 +20,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rima_core.config import ModelConfig
-
-from .common import MLP, ModelOutput, check_inputs, encode_present, training_dropout, zero_loss
-from .encoders import build_encoder
+from .common import (
+    MLP,
+    ModelOutput,
+    available_modalities,
+    build_encoders,
+    check_inputs,
+    checked_dropout,
+    encode_present,
+    modality_encoder,
+    training_dropout,
+    zero_loss,
+)
+from .spec import RimaConfig
 
 
 class SingleModality(nn.Module):
     """Grade from one modality; a learned embedding stands in where that modality is missing."""
 
     def __init__(
-        self, mcfg: ModelConfig, n_classes: int, modality: str, *, pretrained: bool = True
+        self, cfg: RimaConfig, n_classes: int, modality: str, *, pretrained: bool = True
     ) -> None:
         super().__init__()
-        if modality not in ("fundus", "oct"):
-            raise ValueError(f"modality must be 'fundus' or 'oct', got {modality!r}")
         self.modality = modality
-        if modality == "fundus":
-            kind, dim, weights = mcfg.fundus_encoder, mcfg.fundus_dim, mcfg.fundus_weights
-        else:
-            kind, dim, weights = mcfg.oct_encoder, mcfg.oct_dim, mcfg.oct_weights
-        self.encoder = build_encoder(kind, dim, weights if pretrained else None)
+        self.encoder = modality_encoder(cfg, modality, pretrained)
+        dim = self.encoder.out_dim
         self.missing = nn.Parameter(torch.randn(dim) * 0.02)
-        self.head = MLP(dim, mcfg.hidden_dim, n_classes, mcfg.dropout)
+        self.head = MLP(dim, cfg.hidden_dim, n_classes, cfg.dropout)
 
     def forward(
         self,
@@ -67,23 +71,16 @@ class LateFusion(nn.Module):
 
     def __init__(
         self,
-        mcfg: ModelConfig,
+        cfg: RimaConfig,
         n_classes: int,
         *,
         modality_dropout: float = 0.0,
         pretrained: bool = True,
     ) -> None:
         super().__init__()
-        if not 0.0 <= modality_dropout < 1.0:
-            raise ValueError(f"model.modality_dropout must be in [0, 1), got {modality_dropout}")
-        self.modality_dropout = modality_dropout
-        self.fundus_encoder = build_encoder(
-            mcfg.fundus_encoder, mcfg.fundus_dim, mcfg.fundus_weights if pretrained else None
-        )
-        self.oct_encoder = build_encoder(
-            mcfg.oct_encoder, mcfg.oct_dim, mcfg.oct_weights if pretrained else None
-        )
-        self.head = MLP(mcfg.fundus_dim + mcfg.oct_dim, mcfg.hidden_dim, n_classes, mcfg.dropout)
+        self.modality_dropout = checked_dropout(modality_dropout)
+        self.fundus_encoder, self.oct_encoder = build_encoders(cfg, pretrained)
+        self.head = MLP(cfg.fundus_dim + cfg.oct_dim, cfg.hidden_dim, n_classes, cfg.dropout)
 
     def forward(
         self,
@@ -93,9 +90,7 @@ class LateFusion(nn.Module):
         has_oct: torch.Tensor,
         labels: torch.Tensor | None = None,
     ) -> ModelOutput:
-        has_f, has_o = check_inputs(fundus, oct, has_fundus, has_oct)
-        stats: dict[str, float] = {}
-        has_f, has_o = training_dropout(self.training, self.modality_dropout, has_f, has_o, stats)
+        has_f, has_o, stats = available_modalities(self, fundus, oct, has_fundus, has_oct)
         f = encode_present(self.fundus_encoder, fundus, has_f)  # zeros where absent
         o = encode_present(self.oct_encoder, oct, has_o)
         logits = self.head(torch.cat([f, o.to(f.dtype)], dim=1))
@@ -125,28 +120,14 @@ class Imputation(nn.Module):
     sees imputed features in training even when the training data are complete.
     """
 
-    def __init__(
-        self,
-        mcfg: ModelConfig,
-        n_classes: int,
-        *,
-        modality_dropout: float = 0.0,
-        pretrained: bool = True,
-    ) -> None:
+    def __init__(self, cfg: RimaConfig, n_classes: int, *, pretrained: bool = True) -> None:
         super().__init__()
-        if not 0.0 <= modality_dropout < 1.0:
-            raise ValueError(f"model.modality_dropout must be in [0, 1), got {modality_dropout}")
-        d_f, d_o, hidden = mcfg.fundus_dim, mcfg.oct_dim, mcfg.hidden_dim
-        self.modality_dropout = modality_dropout
-        self.fundus_encoder = build_encoder(
-            mcfg.fundus_encoder, d_f, mcfg.fundus_weights if pretrained else None
-        )
-        self.oct_encoder = build_encoder(
-            mcfg.oct_encoder, d_o, mcfg.oct_weights if pretrained else None
-        )
+        d_f, d_o, hidden = cfg.fundus_dim, cfg.oct_dim, cfg.hidden_dim
+        self.modality_dropout = checked_dropout(cfg.modality_dropout)
+        self.fundus_encoder, self.oct_encoder = build_encoders(cfg, pretrained)
         self.imp_fo = MLP(d_f, hidden, d_o)  # fundus features -> OCT features
         self.imp_of = MLP(d_o, hidden, d_f)  # OCT features -> fundus features
-        self.head = MLP(d_f + d_o, hidden, n_classes, mcfg.dropout)
+        self.head = MLP(d_f + d_o, hidden, n_classes, cfg.dropout)
 
     def forward(
         self,
@@ -197,18 +178,13 @@ class Distillation(nn.Module):
     temperature = 2.0
     alpha = 0.5
 
-    def __init__(self, mcfg: ModelConfig, n_classes: int, *, pretrained: bool = True) -> None:
+    def __init__(self, cfg: RimaConfig, n_classes: int, *, pretrained: bool = True) -> None:
         super().__init__()
-        d_f, d_o, hidden = mcfg.fundus_dim, mcfg.oct_dim, mcfg.hidden_dim
-        self.fundus_encoder = build_encoder(
-            mcfg.fundus_encoder, d_f, mcfg.fundus_weights if pretrained else None
-        )
-        self.oct_encoder = build_encoder(
-            mcfg.oct_encoder, d_o, mcfg.oct_weights if pretrained else None
-        )
-        self.teacher = MLP(d_f + d_o, hidden, n_classes, mcfg.dropout)
-        self.student_f = MLP(d_f, hidden, n_classes, mcfg.dropout)
-        self.student_o = MLP(d_o, hidden, n_classes, mcfg.dropout)
+        d_f, d_o, hidden = cfg.fundus_dim, cfg.oct_dim, cfg.hidden_dim
+        self.fundus_encoder, self.oct_encoder = build_encoders(cfg, pretrained)
+        self.teacher = MLP(d_f + d_o, hidden, n_classes, cfg.dropout)
+        self.student_f = MLP(d_f, hidden, n_classes, cfg.dropout)
+        self.student_o = MLP(d_o, hidden, n_classes, cfg.dropout)
 
     def forward(
         self,

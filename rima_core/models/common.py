@@ -1,5 +1,5 @@
-"""Pieces every model shares: the output record, input checks, modality dropout, and encoding
-only the rows that have a modality while keeping the batch order.
+"""Pieces every model shares: the output record, input checks, modality dropout, the encoders,
+and encoding only the rows that have a modality while keeping the batch order.
 
 Keeping these in one place is what makes the models interchangeable for the engine: the same
 availability rules (an eye with neither modality is an input error; modality dropout never drops
@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from .encoders import build_encoder
+from .spec import RimaConfig
 
 
 class MissingModalityError(ValueError):
@@ -91,6 +94,50 @@ def training_dropout(
     kept_f, kept_o = modality_dropout(has_f, has_o, p)
     stats["modality_dropped"] = float(((kept_f != has_f) | (kept_o != has_o)).float().mean())
     return kept_f, kept_o
+
+
+def available_modalities(
+    model: nn.Module,
+    fundus: torch.Tensor,
+    oct: torch.Tensor,
+    has_fundus: torch.Tensor,
+    has_oct: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """The modalities ``model`` may use for each eye, and a fresh stats record.
+
+    :func:`check_inputs`, then in training the model's ``modality_dropout``, whose dropped
+    fraction is the first entry of the stats.
+    """
+    has_f, has_o = check_inputs(fundus, oct, has_fundus, has_oct)
+    stats: dict[str, float] = {}
+    has_f, has_o = training_dropout(model.training, model.modality_dropout, has_f, has_o, stats)
+    return has_f, has_o, stats
+
+
+def checked_dropout(p: float) -> float:
+    """``p`` if it is a usable modality-dropout rate (1 would drop a modality of every eye)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"model.modality_dropout must be in [0, 1), got {p}")
+    return p
+
+
+def modality_encoder(cfg: RimaConfig, modality: str, pretrained: bool) -> nn.Module:
+    """The encoder of ``modality`` ("fundus" or "oct"); ``pretrained=False`` ignores the local
+    weights file named in ``cfg`` (the caller will load every parameter itself)."""
+    if modality == "fundus":
+        kind, dim, weights = cfg.fundus_encoder, cfg.fundus_dim, cfg.fundus_weights
+    elif modality == "oct":
+        kind, dim, weights = cfg.oct_encoder, cfg.oct_dim, cfg.oct_weights
+    else:
+        raise ValueError(f"modality must be 'fundus' or 'oct', got {modality!r}")
+    return build_encoder(kind, dim, weights if pretrained else None)
+
+
+def build_encoders(cfg: RimaConfig, pretrained: bool) -> tuple[nn.Module, nn.Module]:
+    """The fundus and the OCT encoder, built in that order (the order of their random
+    initialisation, so a seed gives the same weights in every model)."""
+    fundus = modality_encoder(cfg, "fundus", pretrained)
+    return fundus, modality_encoder(cfg, "oct", pretrained)
 
 
 def encode_present(encoder: nn.Module, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Res2Net-50 (26w x 4s), the paper's fundus backbone, defined here because timm cannot be
-imported beside this torch (its torchvision import fails; see STACK_NOTES).
+imported beside this torch (its torchvision import fails; see docs/method.md, "Backbones").
 
 Parameter names follow the reference Res2Net release (``conv1``, ``bn1``, ``layerN.i.convs.j``,
 ``bns.j``, ``conv3``, ``downsample.0/1``), which timm's ``res2net50_26w_4s`` shares, so their

@@ -1,7 +1,7 @@
 """RIMA: align fundus and OCT features with labeled optimal transport, stand in for a missing
 modality with its translation from the present one, and fuse asymmetrically.
 
-One training step (DESIGN.md "The method"):
+One training step (docs/method.md):
 
 1. encode the present modalities (only the rows that have them; batch order is kept) and
    standardise each modality's features with running statistics (model buffers),
@@ -49,17 +49,17 @@ from torch import nn
 from torch.func import functional_call
 
 from rima_core import ot
-from rima_core.config import ModelConfig, OTConfig
 
 from .common import (
     MLP,
     ModelOutput,
-    check_inputs,
+    available_modalities,
+    build_encoders,
+    checked_dropout,
     encode_present,
-    training_dropout,
     zero_loss,
 )
-from .encoders import build_encoder
+from .spec import RimaConfig
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class FundusBranch(nn.Module):
 
 
 class RIMA(nn.Module):
-    """RIMA and its ablations (one class, flags):
+    """RIMA and its ablations (one class; the switches of its :class:`RimaConfig`):
 
     - ``class_ot=False`` (``rima_no_class_ot``): no GW. The translators' targets come from the
       *pairing* coupling (mass 1/n_pairs between the two features of each eye that has both
@@ -156,42 +156,25 @@ class RIMA(nn.Module):
       lack a modality.
     """
 
-    def __init__(
-        self,
-        mcfg: ModelConfig,
-        ocfg: OTConfig,
-        n_classes: int,
-        *,
-        class_ot: bool = True,
-        feature_ot: bool = True,
-        missing_paths: bool = True,
-        pretrained: bool = True,
-    ) -> None:
+    def __init__(self, cfg: RimaConfig, n_classes: int, *, pretrained: bool = True) -> None:
         super().__init__()
-        if ocfg.target not in OT_TARGETS:
-            raise ValueError(f"ot.target must be one of {OT_TARGETS}, got {ocfg.target!r}")
-        d_f, d_o, hidden = mcfg.fundus_dim, mcfg.oct_dim, mcfg.hidden_dim
-        p = mcfg.modality_dropout if missing_paths else 0.0
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"model.modality_dropout must be in [0, 1), got {p}")
-        self.class_ot = class_ot
-        self.feature_ot = feature_ot
-        self.modality_dropout = p
-        self.path_weight = mcfg.missing_path_weight if missing_paths else 0.0
-        self.consistency_weight = mcfg.consistency_weight if missing_paths else 0.0
-        self.ocfg = ocfg
+        if cfg.target not in OT_TARGETS:
+            raise ValueError(f"ot.target must be one of {OT_TARGETS}, got {cfg.target!r}")
+        d_f, d_o, hidden = cfg.fundus_dim, cfg.oct_dim, cfg.hidden_dim
+        paths = cfg.missing_paths
+        self.cfg = cfg
+        self.class_ot = cfg.class_ot
+        self.feature_ot = cfg.feature_ot
+        self.modality_dropout = checked_dropout(cfg.modality_dropout if paths else 0.0)
+        self.path_weight = cfg.missing_path_weight if paths else 0.0
+        self.consistency_weight = cfg.consistency_weight if paths else 0.0
 
-        self.fundus_encoder = build_encoder(
-            mcfg.fundus_encoder, d_f, mcfg.fundus_weights if pretrained else None
-        )
-        self.oct_encoder = build_encoder(
-            mcfg.oct_encoder, d_o, mcfg.oct_weights if pretrained else None
-        )
+        self.fundus_encoder, self.oct_encoder = build_encoders(cfg, pretrained)
         self.fundus_stats = RunningStandardizer(d_f)
         self.oct_stats = RunningStandardizer(d_o)
         self.g_fo = MLP(d_f, hidden, d_o)  # standardised fundus -> standardised OCT
         self.g_of = MLP(d_o, hidden, d_f)  # standardised OCT -> standardised fundus
-        if feature_ot:
+        if cfg.feature_ot:
             # Initialised to the independent coupling 1/(d_o·d_f), the coupling of "no
             # knowledge"; the first OT estimate replaces it outright (_update_feature_coupling).
             self.register_buffer("T_v", torch.full((d_o, d_f), 1.0 / (d_o * d_f)))
@@ -199,11 +182,11 @@ class RIMA(nn.Module):
             self.oct_to_fundus = None
         else:
             self.oct_to_fundus = nn.Linear(d_o, d_f, bias=False)
-        self.fundus_branch = FundusBranch(d_f, mcfg.heads, mcfg.dropout)
-        self.oct_branch = OctBranch(d_o, hidden, mcfg.dropout)
+        self.fundus_branch = FundusBranch(d_f, cfg.heads, cfg.dropout)
+        self.oct_branch = OctBranch(d_o, hidden, cfg.dropout)
         d_cat = self.fundus_branch.out_dim + self.oct_branch.out_dim
         self.head = nn.Sequential(
-            nn.LayerNorm(d_cat), nn.Dropout(mcfg.dropout), nn.Linear(d_cat, n_classes)
+            nn.LayerNorm(d_cat), nn.Dropout(cfg.dropout), nn.Linear(d_cat, n_classes)
         )
 
     # ---------------------------------------------------------------------------------------
@@ -271,9 +254,7 @@ class RIMA(nn.Module):
         has_oct: torch.Tensor,
         labels: torch.Tensor | None = None,
     ) -> ModelOutput:
-        has_f, has_o = check_inputs(fundus, oct, has_fundus, has_oct)
-        stats: dict[str, float] = {}
-        has_f, has_o = training_dropout(self.training, self.modality_dropout, has_f, has_o, stats)
+        has_f, has_o, stats = available_modalities(self, fundus, oct, has_fundus, has_oct)
         f, o = self.encode(fundus, oct, has_f, has_o)
         logits = self.fuse(f, o, has_f, has_o)
 
@@ -344,7 +325,7 @@ class RIMA(nn.Module):
                     labels.index_select(0, idx_f),
                     od,
                     labels.index_select(0, idx_o),
-                    epsilon=self.ocfg.gw_epsilon,
+                    epsilon=self.cfg.gw_epsilon,
                 )
                 stats["gw_iterations"] = float(info["iterations"])
                 stats["gw_marginal_error"] = float(info["marginal_error"])
@@ -369,7 +350,7 @@ class RIMA(nn.Module):
         stats["translation_loss_fo"] = float(loss_fo.detach())
         stats["translation_loss_of"] = float(loss_of.detach())
         stats["ot_rows_aligned"] = (rows_fo + rows_of) / (fd.shape[0] + od.shape[0])
-        return self.ocfg.loss_weight * (loss_fo + loss_of)
+        return self.cfg.loss_weight * (loss_fo + loss_of)
 
     @staticmethod
     def _pairing_coupling(
@@ -397,7 +378,7 @@ class RIMA(nn.Module):
         mass = T.sum(dim=1)
         keep = (mass > 1e-6 * mass.max()).nonzero().flatten()
         Tk, mk = T.index_select(0, keep), mass.index_select(0, keep)
-        if self.ocfg.target == "sample":
+        if self.cfg.target == "sample":
             target = tgt.index_select(0, torch.multinomial(Tk / mk[:, None], 1).flatten())
         else:
             target = (Tk @ tgt) / mk[:, None]
@@ -423,10 +404,10 @@ class RIMA(nn.Module):
         with ``ot.feature_momentum``. A convex combination of couplings with the same uniform
         marginals is again such a coupling.
         """
-        tv = ot.feature_coupling(od, fd, T.T, epsilon=self.ocfg.feature_epsilon)
+        tv = ot.feature_coupling(od, fd, T.T, epsilon=self.cfg.feature_epsilon)
         if not bool(torch.isfinite(tv).all()):
             log.warning("feature-wise OT returned non-finite values; T_v not updated this batch")
             return
-        m = self.ocfg.feature_momentum if int(self.T_v_updates) > 0 else 0.0
+        m = self.cfg.feature_momentum if int(self.T_v_updates) > 0 else 0.0
         self.T_v.mul_(m).add_(tv.to(self.T_v.dtype), alpha=1.0 - m)
         self.T_v_updates += 1

@@ -1,4 +1,5 @@
-"""Helpers shared by the source loaders: the scan result, pixel decoding and label sheets.
+"""Helpers shared by the source loaders: the scan result, folder scans and label sheets (pixel
+decoding, shared with serving, is in rima_core/data/pixels.py).
 
 Every loader must turn the same kinds of damage (unreadable file, wrong rank, odd dtype,
 malformed label sheet) into the same :class:`CaseError` / :class:`SourceError` messages, so
@@ -60,75 +61,6 @@ def child_dir(parent: Path, *names: str) -> Path | None:
     return None
 
 
-def to_uint8(arr: np.ndarray, case_id: str, path: str | Path, what: str) -> np.ndarray:
-    """Bring pixel data to uint8 without changing what an 8-bit export would have held.
-
-    Rules, in order: uint8 is kept; values already within 0..255 (integers, or floats that are
-    not all within 0..1) are rounded; floats within 0..1 are multiplied by 255; anything else
-    (16-bit scanners, signed or calibrated NIfTI) is min-max scaled to 0..255 per array.
-    Non-finite values are an error: they mean a broken export, not a dark pixel.
-    """
-    if arr.dtype == np.uint8:
-        return arr
-    if arr.dtype == bool or arr.size == 0:
-        raise CaseError(
-            case_id, f"{what} has unusable dtype {arr.dtype} / size {arr.size}", str(path)
-        )
-    if arr.dtype.kind not in "iuf":  # complex would silently lose its imaginary part
-        raise CaseError(case_id, f"{what} is not real numeric (dtype {arr.dtype})", str(path))
-    data = arr.astype(np.float64, copy=False)
-    if not np.isfinite(data).all():
-        raise CaseError(case_id, f"{what} contains NaN or infinite values", str(path))
-    lo, hi = float(data.min()), float(data.max())
-    is_int = np.issubdtype(arr.dtype, np.integer)
-    if lo >= 0.0 and hi <= 255.0 and (is_int or hi > 1.0):
-        return np.rint(data).astype(np.uint8)
-    if lo >= 0.0 and hi <= 1.0:
-        return np.rint(data * 255.0).astype(np.uint8)
-    if hi == lo:
-        return np.zeros(arr.shape, np.uint8)
-    log.debug("case %s: %s min-max scaled from [%g, %g] to uint8", case_id, what, lo, hi)
-    return np.rint((data - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-
-
-def as_fundus(arr: np.ndarray, case_id: str, path: str | Path) -> np.ndarray:
-    """A fundus as H×W (grey) or H×W×3 uint8; reject anything that is not an image."""
-    a = np.asarray(arr)
-    if a.ndim == 3 and a.shape[-1] == 1:
-        a = a[..., 0]
-    elif a.ndim == 3 and a.shape[-1] == 4:
-        a = a[..., :3]  # drop alpha
-    elif a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3, 4):
-        a = np.moveaxis(a, 0, -1)  # channels-first export
-        if a.shape[-1] == 1:
-            a = a[..., 0]
-    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] == 3)):
-        raise CaseError(
-            case_id,
-            f"fundus has shape {a.shape}; expected H×W (grey) or H×W×3 (rank 2 or 3)",
-            str(path),
-        )
-    if min(a.shape[:2]) < 2:
-        raise CaseError(case_id, f"fundus has degenerate shape {a.shape}", str(path))
-    return np.ascontiguousarray(to_uint8(a, case_id, path, "fundus"))
-
-
-def as_oct(arr: np.ndarray, case_id: str, path: str | Path) -> np.ndarray:
-    """An OCT volume as D×H×W uint8 (B-scans first); reject other ranks."""
-    a = np.asarray(arr)
-    while a.ndim > 3 and a.shape[-1] == 1:  # e.g. NIfTI with a trailing singleton time axis
-        a = a[..., 0]
-    if a.ndim != 3:
-        raise CaseError(
-            case_id,
-            f"OCT volume has rank {a.ndim} (shape {a.shape}); expected 3 (D×H×W)",
-            str(path),
-        )
-    if min(a.shape) < 1:
-        raise CaseError(case_id, f"OCT volume has an empty axis (shape {a.shape})", str(path))
-    return np.ascontiguousarray(to_uint8(a, case_id, path, "OCT volume"))
-
-
 def read_image(path: Path, case_id: str, mode: str | None = None) -> np.ndarray:
     """Decode one image file fully (truncation is detected here, not later in a worker).
 
@@ -145,6 +77,24 @@ def ascii_int(name: str) -> int | None:
     """``"0042"`` -> 42; None for anything else. ``str.isdigit`` is not enough: ``"²"`` and
     other Unicode digits pass it and then break ``int()``."""
     return int(name) if name.isascii() and name.isdigit() else None
+
+
+def case_folders(images: Path, problems: dict[int, str]) -> dict[int, Path]:
+    """The case folders under ``images``: integer id -> folder, for folder names of ASCII digits.
+
+    Two folders with one id (``7`` and ``007``) make that eye a problem, recorded in
+    ``problems`` (id -> reason) for ``prepare`` to report or quarantine; the first is kept.
+    """
+    folders: dict[int, Path] = {}
+    for child in sorted(images.iterdir()):
+        key = ascii_int(child.name)
+        if key is None or not child.is_dir():
+            continue
+        if key in folders:
+            problems.setdefault(key, f"duplicate id: folders {folders[key].name} and {child.name}")
+            continue
+        folders[key] = child
+    return folders
 
 
 _INT_RE = re.compile(r"^\s*(\d+)(?:\.0*)?\s*$")

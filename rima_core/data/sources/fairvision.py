@@ -1,6 +1,6 @@
 """Harvard FairVision (Harvard-30k AMD / DR / Glaucoma) npz trees, and the synthetic phantom.
 
-Layout (DATASETS.md §1): ``<root>/<Disease>/<Split>/data_XXXXX.npz`` with split folders spelled
+Layout (docs/datasets.md §1): ``<root>/<Disease>/<Split>/data_XXXXX.npz`` with split folders spelled
 ``Training/Validation/Test``, ``train/val/test`` or ``training/validation/test``; ``<root>`` may
 also be the disease folder itself. One npz per eye; the npz holds the pixels, the label and the
 demographic attributes. The optional summary CSV (``data_summary_<disease>.csv``, in ``ReadMe/``
@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from rima_core.data.pixels import as_fundus, as_oct
 from rima_core.data.safe_read import UnsafeInputError, npz_keys, read_npz
-from rima_core.data.sources._common import ScanResult, as_fundus, as_oct, split_of
+from rima_core.data.sources._common import ScanResult, split_of
 from rima_core.data.types import CaseError, CaseRef, RawCase, SourceError, read_limits
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ CLASS_NAMES: dict[str, list[str]] = {
 }
 _FOLDER_DISEASE = {"amd": "amd", "dr": "dr", "glaucoma": "glaucoma", "synthetic": "synthetic"}
 
-# Literature label maps (DATASETS.md §1). AMD late = any advanced-atrophic or wet form.
+# Literature label maps (docs/datasets.md §1). AMD late = any advanced-atrophic or wet form.
 _AMD_MAP = {
     "not.in.icd.table": 0,
     "no.amd.diagnosis": 0,

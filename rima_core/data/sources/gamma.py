@@ -1,6 +1,6 @@
 """GAMMA (MICCAI 2021 glaucoma grading): a one-hot label sheet, colour fundus JPEGs, OCT B-scans.
 
-Layout (DATASETS.md §2)::
+Layout (docs/datasets.md §2)::
 
     <root>/training/glaucoma_grading_training_GT.xlsx            data, non, early, mid_advanced
     <root>/training/multi-modality_images/<id>/<id>.jpg          colour fundus, any size
@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from rima_core.data.pixels import as_fundus, as_oct
 from rima_core.data.sources._common import (
     ScanResult,
-    as_fundus,
-    as_oct,
-    ascii_int,
+    case_folders,
     child_dir,
     read_image,
     read_onehot_sheet,
@@ -87,15 +86,7 @@ def scan(root: Path, disease: str = "auto") -> ScanResult:
         sheet, "data", CLASS_NAMES, case_name=lambda k: f"{k:04d}", bad=problems
     )
 
-    folders: dict[int, Path] = {}
-    for child in sorted(images.iterdir()):
-        key = ascii_int(child.name)
-        if key is None or not child.is_dir():
-            continue
-        if key in folders:
-            problems.setdefault(key, f"duplicate id: folders {folders[key].name} and {child.name}")
-            continue
-        folders[key] = child
+    folders = case_folders(images, problems)
     unlabelled = sorted(set(folders) - set(labels) - set(problems))
     notes = []
     if unlabelled:

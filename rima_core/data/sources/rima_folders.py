@@ -1,6 +1,6 @@
 """RIMA-style preprocessed folders, as the method's authors feed their code.
 
-Layout (DATASETS.md §3)::
+Layout (docs/datasets.md §3)::
 
     <base>/train.xlsx                              column ``data`` (int id) + one-hot class columns
     <base>/Image/<id>/data_<id>_fundus.png         8-bit grey fundus
@@ -16,7 +16,7 @@ as D×H×W, i.e. B-scans along the first voxel axis. That is what the authors' c
 (``nib.Nifti1Image(oct_bscans)`` straight from a FairVision D×H×W array). Copies written with the
 ITK/SimpleITK convention (slices on the last axis, x before y) need ``NIFTI_TO_DHW = (2, 1, 0)``.
 Intensities: a uint8 volume is kept; any other dtype goes through
-:func:`rima_core.data.sources._common.to_uint8` (0..255 data rounded, 0..1 data times 255,
+:func:`rima_core.data.pixels.to_uint8` (0..255 data rounded, 0..1 data times 255,
 anything else min-max scaled per volume).
 """
 
@@ -28,11 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from rima_core.data import safe_read
+from rima_core.data.pixels import as_fundus, as_oct
 from rima_core.data.sources._common import (
     ScanResult,
-    as_fundus,
-    as_oct,
-    ascii_int,
+    case_folders,
     child_dir,
     read_image,
     read_onehot_sheet,
@@ -125,15 +124,7 @@ def scan(root: Path, disease: str = "auto") -> ScanResult:
     assert class_names is not None
     single = len(sheets) == 1
 
-    folders: dict[int, Path] = {}
-    for child in sorted(images.iterdir()):
-        key = ascii_int(child.name)
-        if key is None or not child.is_dir():
-            continue
-        if key in folders:
-            problems.setdefault(key, f"duplicate id: folders {folders[key].name} and {child.name}")
-            continue
-        folders[key] = child
+    folders = case_folders(images, problems)
     notes = []
     unlabelled = sorted(set(folders) - set(labels) - set(problems))
     if unlabelled:
