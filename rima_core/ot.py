@@ -625,6 +625,12 @@ def _check_iterations(**counts: int) -> None:
         raise OTInputError(f"{', '.join(bad)} must be >= 1")
 
 
+def _check_relax(relax: float) -> None:
+    """Over-relaxation ω must lie in [1, 2): Sinkhorn with ω >= 2 need not converge."""
+    if not 1.0 <= relax < 2.0:
+        raise OTInputError(f"relax must lie in [1, 2), got {relax!r}")
+
+
 def _sinkhorn_log_dict(res: _SinkhornResult) -> dict[str, Any]:
     return {
         "iterations": res.iterations,
@@ -656,6 +662,7 @@ def sinkhorn(
     ``T``). Stabilised scaling iterations, with the log-domain fallback of ``log_domain``
     (module docstring); the solve stops when the L1 error of the row marginal is <= ``tol``
     (tested every ``check_every`` iterations). ``relax`` over-relaxes the updates (1 = plain).
+    ``num_threads``: the thread policy (module docstring).
 
     Returns ``T`` in the caller's type/device/dtype (numpy iff ``cost`` is numpy); with ``log``
     also ``{iterations, marginal_error, converged, log_domain, absorptions, f, g}``, where the
@@ -673,8 +680,7 @@ def sinkhorn(
         )
     eps = _check_epsilon(epsilon)
     _check_iterations(max_iter=max_iter, check_every=check_every)
-    if not 1.0 <= relax < 2.0:
-        raise OTInputError(f"relax must lie in [1, 2), got {relax!r}")
+    _check_relax(relax)
     dtype = _compute_dtype(ct, at, bt)
     origin = _Origin(origin_is_numpy, ct.dtype if ct.is_floating_point() else dtype, device)
     ct, at, bt = ct.to(dtype), at.to(dtype), bt.to(dtype)
@@ -819,6 +825,7 @@ def labeled_gw(
     its row marginal is <= ``inner_tol`` (tested every ``check_every`` iterations; with the
     one test of the change of ``T`` per outer step, the only host syncs inside the loops).
     ``log_domain``: None = automatic fallback, True = always, False = never (raise instead).
+    ``num_threads``: the thread policy (module docstring; one thread at batch sizes).
 
     Returns ``T`` (n_x × n_z) in the caller's type/device/dtype and, with ``log`` (the default
     here, unlike the other solvers: a caller needs ``n_shared_classes`` to know whether ``T``
@@ -929,7 +936,8 @@ def feature_coupling(
     (tested every ``check_every`` iterations; the columns are exact after the last update).
     ``relax``: over-relaxation ω of the Sinkhorn updates (1 = plain Sinkhorn); it drops back
     to 1 by itself as soon as the error stops decreasing. ``log_domain`` as in
-    :func:`labeled_gw`. The two d_x × d_z scratch matrices live in ``workspace``
+    :func:`labeled_gw`; ``num_threads`` the thread policy (module docstring: torch's count at
+    the paper's sizes). The two d_x × d_z scratch matrices live in ``workspace``
     (``DEFAULT_WORKSPACE`` when None); the returned matrix is always a fresh tensor.
 
     Returns ``T_v`` in the caller's type/device/dtype (numpy iff ``x`` is numpy) and, with
@@ -947,8 +955,7 @@ def feature_coupling(
         )
     eps = _check_epsilon(epsilon)
     _check_iterations(max_iter=max_iter, check_every=check_every)
-    if not 1.0 <= relax < 2.0:
-        raise OTInputError(f"relax must lie in [1, 2), got {relax!r}")
+    _check_relax(relax)
     dtype = _compute_dtype(xt, zt)
     origin = _Origin(origin_is_numpy, _output_dtype(xt, zt, dtype), device)
     d_x, d_z = xt.shape[1], zt.shape[1]
