@@ -8,7 +8,7 @@ entropic GW on the masked, warm-started, row/column-shifted kernel; the feature 
 over-relaxed Sinkhorn solve) and the same stopping rules, so both do the same number of
 iterations and the ratio of their times measures implementation cost only. It has none of the
 library's guards (no absorption, no log-domain fallback, no input checks): at the benchmark's
-shapes and epsilons neither is needed, which :func:`benchmarks.speed.bench_ot` checks through the
+shapes and epsilons neither is needed, which ``benchmarks/speed.py`` checks through the
 iteration counts and the L1 distance between the two couplings it reports.
 """
 

@@ -481,3 +481,19 @@ def test_explicit_workspace_is_reused_and_a_busy_one_is_not_shared() -> None:
             assert other is not ws
         assert torch.equal(feature_coupling(x, z, t, workspace=ws), first)
         assert ws.matrix("feature_kernel", (16, 10), torch.float32, x.device) is buf
+
+
+def test_numpy_benchmark_reference_solves_the_same_problem() -> None:
+    """``benchmarks/ot_reference.py`` is the speed yardstick: it must do the same work."""
+    from benchmarks import ot_reference
+
+    x, lx, z, lz = _clusters(36, n_x=12, n_z=12, d_x=40, d_z=24)
+    x, z = np.abs(x).astype(np.float32), np.abs(z).astype(np.float32)
+    t, info = labeled_gw(x, lx, z, lz)
+    t_ref, its = ot_reference.labeled_gw(x, lx, z, lz)
+    assert its == info["iterations"]
+    assert np.abs(t - t_ref).sum() < 1e-4
+    tv, tv_log = feature_coupling(x, z, t, log=True)
+    tv_ref, tv_its = ot_reference.feature_coupling(x, z, t)
+    assert tv_its == tv_log["iterations"]
+    assert np.abs(tv - tv_ref).sum() < 1e-4
