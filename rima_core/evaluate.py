@@ -290,6 +290,8 @@ def _score_split(
     temperature = model_temperature(model)
     ev = cfg.evaluate
     out: dict[str, Any] = {
+        "split": split,
+        "class_names": class_names,
         "scenarios": scenarios,
         "metrics": {},
         "predictions": {},
@@ -466,6 +468,36 @@ def _dump_metrics(obj: dict[str, dict[str, float]]) -> str:
     return json.dumps(clean, indent=2, allow_nan=False) + "\n"
 
 
+def _write_figures(
+    folder: Path,
+    test: dict[str, Any],
+    temperature: float,
+    curve: pd.DataFrame,
+    equity: pd.DataFrame,
+    confusion: tuple[str, np.ndarray],
+) -> None:
+    """The PNGs of the evaluated split: reliability per scenario, the missing-rate curve, equity
+    and the confusion matrix of ``confusion = (scenario, counts)``."""
+    split, class_names = test["split"], test["class_names"]
+    (folder / "reliability").mkdir()
+    for scenario, preds in test["raw"].items():
+        plot_reliability(
+            preds.y_true,
+            preds.logits,
+            temperature,
+            f"{split} / {scenario}",
+            folder / "reliability" / f"{scenario}.png",
+        )
+    if len(curve):
+        _plot_rate_curve(curve, folder / "rate_curve.png")
+    if len(equity):
+        _plot_equity(equity, folder / "equity.png")
+    conf_scenario, conf_matrix = confusion
+    _plot_confusion(
+        conf_matrix, class_names, f"{split} / {conf_scenario}", folder / "confusion.png"
+    )
+
+
 def _head_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, float | None]]:
     return {s: {k: _clean(m[k]) for k in ("qwk", "accuracy", "auc")} for s, m in metrics.items()}
 
@@ -537,22 +569,7 @@ def evaluate(
         (tmp / SELECTION_DIR / "metrics.json").write_text(_dump_metrics(val["metrics"]))
         for scenario, frame in val["predictions"].items():
             frame.to_parquet(tmp / SELECTION_DIR / "predictions" / f"{scenario}.parquet")
-        (tmp / "reliability").mkdir()
-        for scenario, preds in test["raw"].items():
-            plot_reliability(
-                preds.y_true,
-                preds.logits,
-                spec.temperature,
-                f"{split} / {scenario}",
-                tmp / "reliability" / f"{scenario}.png",
-            )
-        if len(curve):
-            _plot_rate_curve(curve, tmp / "rate_curve.png")
-        if len(equity):
-            _plot_equity(equity, tmp / "equity.png")
-        _plot_confusion(
-            conf_matrix, class_names, f"{split} / {conf_scenario}", tmp / "confusion.png"
-        )
+        _write_figures(tmp, test, spec.temperature, curve, equity, (conf_scenario, conf_matrix))
         summary = {
             "model": str(model_path),
             "model_name": spec.name,

@@ -511,6 +511,78 @@ def _summary(
     }
 
 
+@dataclass
+class _Run:
+    """What every epoch of one training run uses; :meth:`epoch` trains and records one."""
+
+    cfg: Config
+    spec: Any
+    model: nn.Module
+    opt: _Optimisation
+    device: torch.device
+    dtype: torch.dtype | None
+    train_ds: Any
+    val_loaders: dict[str, Any]
+    out_dir: Path
+    tracker: MetricsSink
+
+    def epoch(
+        self, epoch: int, progress: _Progress, fingerprint: dict[str, Any]
+    ) -> dict[str, float]:
+        """Train one epoch, validate, keep the model if it is the best so far, then write the
+        checkpoint and history and report; returns the validation metrics."""
+        from rima_core.data.dataset import make_loader
+        from rima_core.models import save_model
+
+        tc, rt = self.cfg.train, self.cfg.runtime
+        metric = tc.selection_metric
+        t0 = time.perf_counter()
+        loader = make_loader(
+            self.train_ds,
+            batch_size=tc.batch_size,
+            shuffle=True,
+            num_workers=rt.num_workers,
+            seed=epoch_seed(rt.seed, epoch),
+            pin_memory=self.device.type == "cuda",
+        )
+        desc = f"epoch {epoch}/{tc.epochs}"
+        model, device, dtype = self.model, self.device, self.dtype
+        train_stats = _train_one_epoch(model, loader, self.opt, device, dtype, tc.grad_clip, desc)
+        t1 = time.perf_counter()
+        val_metrics = validation_metrics(
+            model, self.val_loaders, device, dtype, self.spec.class_names
+        )
+        t2 = time.perf_counter()
+        improved = _select(progress, epoch, metric, val_metrics, model)
+        if improved:
+            save_model(model, self.spec, self.out_dir / "model.pt")
+        progress.stopped_early = tc.patience > 0 and progress.stale >= tc.patience
+        progress.stopped_early = progress.stopped_early and epoch < tc.epochs
+        lr = self.opt.scheduler.get_last_lr()[0]
+        row = _epoch_row(epoch, lr, train_stats, val_metrics, progress.best["epoch"], (t0, t1, t2))
+        progress.history.append(row)
+        progress.epoch = epoch
+        _save_checkpoint(
+            self.out_dir / "checkpoint.pt", model, self.opt, progress, fingerprint, self.spec
+        )
+        _write_history(progress.history, self.out_dir / "history.csv")
+        self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        log.info(
+            "epoch %d/%d: loss %.4f, val %s %.4f%s (%.1f s, OT %.0f%%)",
+            epoch,
+            tc.epochs,
+            row["train_loss"],
+            metric,
+            val_metrics[metric],
+            " *" if improved else "",
+            row["epoch_seconds"],
+            100 * row["ot_share"],
+        )
+        if progress.stopped_early:
+            log.info("early stop: no %s improvement for %d epochs", metric, progress.stale)
+        return val_metrics
+
+
 def train(
     store: str | Path,
     masks: str | Path | pd.DataFrame,
@@ -596,51 +668,13 @@ def train(
         )
         for scenario in val_scenarios
     }
-    metric = tc.selection_metric
-    _check_metric(metric, spec.n_classes)
+    _check_metric(tc.selection_metric, spec.n_classes)
+    run = _Run(cfg, spec, model, opt, device, dtype, train_ds, val_loaders, out_dir, tracker)
     t_run = time.perf_counter()
     for epoch in range(progress.epoch + 1, tc.epochs + 1):
         if progress.stopped_early:
             break
-        t0 = time.perf_counter()
-        loader = make_loader(
-            train_ds,
-            batch_size=tc.batch_size,
-            shuffle=True,
-            num_workers=rt.num_workers,
-            seed=epoch_seed(rt.seed, epoch),
-            pin_memory=pin,
-        )
-        desc = f"epoch {epoch}/{tc.epochs}"
-        train_stats = _train_one_epoch(model, loader, opt, device, dtype, tc.grad_clip, desc)
-        t1 = time.perf_counter()
-        val_metrics = validation_metrics(model, val_loaders, device, dtype, spec.class_names)
-        t2 = time.perf_counter()
-        improved = _select(progress, epoch, metric, val_metrics, model)
-        if improved:
-            save_model(model, spec, model_path)
-        progress.stopped_early = tc.patience > 0 and progress.stale >= tc.patience
-        progress.stopped_early = progress.stopped_early and epoch < tc.epochs
-        lr = opt.scheduler.get_last_lr()[0]
-        row = _epoch_row(epoch, lr, train_stats, val_metrics, progress.best["epoch"], (t0, t1, t2))
-        progress.history.append(row)
-        progress.epoch = epoch
-        _save_checkpoint(ckpt_path, model, opt, progress, fingerprint, spec)
-        _write_history(progress.history, out_dir / "history.csv")
-        tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-        log.info(
-            "epoch %d/%d: loss %.4f, val %s %.4f%s (%.1f s, OT %.0f%%)",
-            epoch,
-            tc.epochs,
-            row["train_loss"],
-            metric,
-            val_metrics[metric],
-            " *" if improved else "",
-            row["epoch_seconds"],
-            100 * row["ot_share"],
-        )
-        if progress.stopped_early:
-            log.info("early stop: no %s improvement for %d epochs", metric, progress.stale)
+        val_metrics = run.epoch(epoch, progress, fingerprint)
         if epoch_callback is not None:
             epoch_callback(epoch, val_metrics)
 
