@@ -1,19 +1,32 @@
-"""Shared fixtures: a tiny dataset built through the real data flow (synth -> prepare -> masks).
+"""Shared fixtures and test settings.
 
-Built once per test session (a few seconds) and treated as read-only by the tests; a test that
-needs to change a config gets its own copy from :func:`tiny_cfg`.
+- The tiny settings: ``configs/tiny.yaml`` (the smoke-run profile) plus a few test-only values,
+  as ``section.key=value`` overrides (:data:`TINY_OVERRIDES`) so subprocesses take them too.
+- A tiny dataset built through the real data flow (synth -> prepare -> masks), once per test
+  session (a few seconds) and read-only; a test that changes a config takes :func:`tiny_cfg`.
+- MLflow isolation: :func:`clear_mlflow_env` / :func:`mlflow_free_env` (the one place that
+  decides which variables a test must not inherit), and the ``cfg`` fixture, a config on a
+  fresh MLflow store (``tests.servers.mlflow_test_config`` for other scopes).
+- Markers derived from the code (:func:`pytest_collection_modifyitems`): ``servers`` on a test
+  that starts a server, itself or through a fixture, ``kfp`` on the Kubeflow tests; so
+  ``pytest -m "not slow and not servers and not kfp"`` runs the fast core.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
+import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from rima_core.config import Config, load_config
 
@@ -21,24 +34,88 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
+TINY_PROFILE = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def profile_overrides(path: Path) -> list[str]:
+    """A profile file as ``section.key=value`` overrides (values as JSON, which YAML reads)."""
+    data = yaml.safe_load(path.read_text()) or {}
+    return [f"{s}.{k}={json.dumps(v)}" for s, values in data.items() for k, v in values.items()]
+
+
 TINY_OVERRIDES = [
-    "synth.n_eyes=90",
-    "synth.fundus_size=32",
-    "synth.oct_shape=[16, 16, 16]",
-    "prepare.fundus_size=32",
-    "prepare.oct_shape=[16, 16, 16]",
-    "prepare.workers=1",
-    "missing.sweep=[0.5, 1.0]",
-    # a small model so a training epoch takes well under a second
-    "model.fundus_dim=32",
-    "model.oct_dim=48",
-    "model.hidden_dim=32",
-    "model.heads=2",
-    "train.epochs=2",
-    "train.batch_size=16",
+    *profile_overrides(TINY_PROFILE),
+    # never a GPU by chance: tests compare numbers across runs bit for bit
     "runtime.device=cpu",
-    "runtime.eval_batch_size=32",
+    # 90 eyes, not 60: every grade appears several times in the val and test splits
+    "synth.n_eyes=90",
+    # two rates keep each evaluation short (rate 0 is the complete scenario, scored anyway)
+    "missing.sweep=[0.5, 1.0]",
 ]
+
+
+# --- markers ----------------------------------------------------------------------------------
+
+# Calls that start a server process (tests/servers.py) or compile/run the Kubeflow pipeline.
+SERVER_CALLS = ("moto_server(", "mlflow_server(", "model_server(")
+KFP_CALLS = ("local.init(", "compile_pipeline(", "compiler.Compiler(", "run_local(")
+
+
+@functools.cache
+def _source(func: Callable[..., Any]) -> str:
+    try:
+        return inspect.getsource(func)
+    except (OSError, TypeError):
+        return ""
+
+
+def _calls(item: pytest.Item, calls: tuple[str, ...]) -> bool:
+    """Whether the test function or any fixture it uses (directly or not) makes one of
+    ``calls``."""
+    funcs = [getattr(item, "function", None)]
+    info = getattr(item, "_fixtureinfo", None)
+    if info is not None:
+        funcs += [d.func for defs in info.name2fixturedefs.values() for d in defs]
+    return any(c in _source(f) for f in funcs if f is not None for c in calls)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _calls(item, SERVER_CALLS):
+            item.add_marker(pytest.mark.servers)
+        if item.module.__name__.rpartition(".")[2].startswith("test_kfp") or _calls(
+            item, KFP_CALLS
+        ):
+            item.add_marker(pytest.mark.kfp)
+
+
+# --- MLflow isolation ----------------------------------------------------------------------------
+
+
+def mlflow_free_env(base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """An environment for a subprocess: ``base`` (default ``os.environ``) without any
+    ``MLFLOW_*`` variable (a store, run or experiment an earlier test or the user chose), with
+    telemetry off and ``extra`` on top."""
+    env = {k: v for k, v in (os.environ if base is None else base).items()}
+    env = {k: v for k, v in env.items() if not k.startswith("MLFLOW_")}
+    return {**env, "MLFLOW_DISABLE_TELEMETRY": "true", **extra}
+
+
+def clear_mlflow_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's environment as :func:`mlflow_free_env` (restored after the test)."""
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
+    """The MLflow test config: defaults on a fresh SQLite store in ``tmp_path``, experiment and
+    registered model both ``rima-test``, no MLflow environment left from outside. (A module that
+    needs more settings overrides it, requesting this one.)"""
+    from tests.servers import mlflow_test_config
+
+    return mlflow_test_config(tmp_path, monkeypatch, "rima-test", "rima-test")
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +146,7 @@ class TinyData:
 
 
 def tiny_config(extra: list[str] | None = None) -> Config:
-    """Embedded defaults with the tiny-data overrides (params.yaml of the checkout is ignored)."""
+    """Embedded defaults with the tiny settings (params.yaml of the checkout is ignored)."""
     return load_config(None, overrides=[*TINY_OVERRIDES, *(extra or [])])
 
 

@@ -221,10 +221,9 @@ def model_server(
 def mlflow_test_config(tmp_path: Path, monkeypatch, experiment: str, model_name: str | None = None):  # type: ignore[no-untyped-def]
     """A Config on a fresh SQLite MLflow store in tmp_path, with no MLflow env left from outside."""
     from rima_core.config import Config
+    from tests.conftest import clear_mlflow_env
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    clear_mlflow_env(monkeypatch)
     c = Config()
     c.mlflow.tracking_uri = sqlite_uri(tmp_path)
     c.mlflow.experiment = experiment

@@ -19,6 +19,7 @@ import yaml
 
 from rima_core.cli import build_parser
 from rima_core.config import Config, load_config
+from tests.conftest import mlflow_free_env
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["prepare", "validate", "simulate-missing", "tune", "train", "evaluate", "register"]
@@ -26,13 +27,8 @@ STAGES = ["prepare", "validate", "simulate-missing", "tune", "train", "evaluate"
 
 def _env() -> dict[str, str]:
     """The venv's `rima` and `dvc` first on PATH; MLflow/Optuna destinations from params only."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(DVC_NO_ANALYTICS="1", GX_ANALYTICS_ENABLED="false")
-    for key in [k for k in env if k.startswith("MLFLOW_")]:  # e.g. an experiment id set by
-        env.pop(key)  # an earlier test's MLflow run would point at another store
-    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
-    return env
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return mlflow_free_env(PATH=path, DVC_NO_ANALYTICS="1", GX_ANALYTICS_ENABLED="false")
 
 
 def _run(args: list[str], cwd: Path, timeout: float = 900) -> str:

@@ -13,31 +13,19 @@ import pytest
 import yaml
 
 from components import build_components
+from tests.conftest import TINY_PROFILE, clear_mlflow_env, profile_overrides
 
 # kfp.local warns that the project's image is not used: intended (the venv has what it holds)
 pytestmark = pytest.mark.filterwarnings("ignore:You may be attemping:RuntimeWarning")
 
+# the tiny profile, shorter still: the whole pipeline runs as one subprocess per task
 TINY = [
-    "synth.n_eyes=60",
-    "synth.fundus_size=32",
-    "synth.oct_shape=[16, 16, 16]",
-    "prepare.fundus_size=32",
-    "prepare.oct_shape=[16, 16, 16]",
-    "prepare.workers=1",
-    "missing.sweep=[0.5, 1.0]",
-    "model.fundus_dim=32",
-    "model.oct_dim=48",
-    "model.hidden_dim=32",
-    "model.heads=2",
-    "train.epochs=2",
-    "train.batch_size=16",
-    "train.patience=2",
+    *profile_overrides(TINY_PROFILE),
     "runtime.device=cpu",
+    "missing.sweep=[0.5, 1.0]",
     "tune.epochs=1",
     "tune.n_trials=2",
-    "tune.workers=2",
-    "tune.pruner_startup_trials=1",
-    "runtime.eval_batch_size=32",
+    "tune.workers=2",  # two parallel tune tasks share the study
 ]
 
 
@@ -45,9 +33,8 @@ TINY = [
 def local_runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     from kfp import local
 
-    for var in ("MLFLOW_TRACKING_URI", "RIMA_OPTUNA_STORAGE", "MLFLOW_RUN_ID"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    clear_mlflow_env(monkeypatch)
+    monkeypatch.delenv("RIMA_OPTUNA_STORAGE", raising=False)
     monkeypatch.setenv("GX_ANALYTICS_ENABLED", "false")
     monkeypatch.chdir(tmp_path)  # relative SQLite URLs land here, never in the checkout
     root = tmp_path / "kfp"

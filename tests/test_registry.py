@@ -17,14 +17,14 @@ import pytest
 
 from rima_core import registry, steps
 from rima_core.config import Config
-from tests.servers import mlflow_test_config
 
 NAME = "rima-test"
 
 
 @pytest.fixture
-def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
-    c = mlflow_test_config(tmp_path, monkeypatch, "rima-test", NAME)
+def cfg(cfg: Config) -> Config:
+    c = cfg
+    assert c.mlflow.model_name == NAME
     c.promote.metric = "qwk"
     c.promote.scenario = "mixed"
     c.promote.margin = 0.01

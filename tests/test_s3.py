@@ -20,6 +20,7 @@ import pytest
 
 from rima_core import registry, serving
 from rima_core.config import Config
+from tests.conftest import clear_mlflow_env
 from tests.servers import S3_ENV, Server, mlflow_server, moto_server, sqlite_uri
 from tests.test_serving import tiny_model
 
@@ -81,9 +82,9 @@ def _register_load_predict(cfg: Config, tmp_path: Path) -> dict:
 
 
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_S3_ENDPOINT_URL", *S3_ENV):
+    clear_mlflow_env(monkeypatch)
+    for key in S3_ENV:
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def test_direct_s3_artifact_location(

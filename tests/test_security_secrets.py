@@ -21,7 +21,7 @@ from rima_core.redact import (
     redact_text,
     redact_url,
 )
-from tests.conftest import TINY_OVERRIDES, TinyData
+from tests.conftest import TINY_OVERRIDES, TinyData, clear_mlflow_env, mlflow_free_env
 from tests.servers import sqlite_uri
 
 DB_PASSWORD = "Db-Pa55word-7f3a"
@@ -128,8 +128,7 @@ def test_training_run_leaks_no_password(tiny_data: TinyData, tmp_path: Path) -> 
     import mlflow
 
     uri = sqlite_uri(tmp_path)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env.pop("MLFLOW_RUN_ID", None)
+    env = mlflow_free_env(MLFLOW_TRACKING_URI=uri)
     out = tmp_path / "model"
     sets = [
         *TINY_OVERRIDES,
@@ -209,7 +208,7 @@ def test_pod_storage_from_the_secret_is_masked_in_mlflow(
     from rima_core.remote_config import OPTUNA_STORAGE_ENV, load_task_config, write_config
 
     uri = sqlite_uri(tmp_path)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    clear_mlflow_env(monkeypatch)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv(OPTUNA_STORAGE_ENV, STORAGE)
     resolved = tmp_path / "config.yaml"

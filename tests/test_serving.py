@@ -191,11 +191,6 @@ def test_pip_requirements_are_pinned_and_cover_the_serving_imports(model_pt: Pat
     assert {"torch", "mlflow", "PIL", "nibabel"} <= third_party  # the check saw the real imports
 
 
-@pytest.fixture
-def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
-    return mlflow_test_config(tmp_path, monkeypatch, "rima-serving-test", "rima-serving-test")
-
-
 def test_log_load_predict_pyfunc(cfg: Config, model_pt: Path, tmp_path: Path) -> None:
     import mlflow
 
@@ -572,11 +567,10 @@ def test_done_means_end_to_end(
 
     from rima_core import cli, steps
     from rima_core.data import open_store
-    from tests.conftest import tiny_config
+    from tests.conftest import clear_mlflow_env, tiny_config
     from tests.servers import model_server
 
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
-        monkeypatch.delenv(key, raising=False)
+    clear_mlflow_env(monkeypatch)
     uri = sqlite_uri(tmp_path)
     name = "rima-e2e"
     mlflow_sets = [

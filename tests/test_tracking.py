@@ -14,12 +14,8 @@ import pytest
 
 from rima_core import tracking
 from rima_core.config import Config, MlflowConfig
-from tests.servers import mlflow_test_config, sqlite_uri
-
-
-@pytest.fixture
-def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
-    return mlflow_test_config(tmp_path, monkeypatch, "rima-test")
+from tests.conftest import clear_mlflow_env
+from tests.servers import sqlite_uri
 
 
 def _store(tmp_path: Path, content_hash: str) -> Path:
@@ -187,8 +183,7 @@ def test_mlflow_own_env_copies_do_not_outlive_configure(
     taken for the user's choice and a later step logged into an old store."""
     import mlflow
 
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
-        monkeypatch.delenv(name, raising=False)
+    clear_mlflow_env(monkeypatch)
     cfgs = []
     for name in ("a", "b", "c"):
         (tmp_path / name).mkdir()
@@ -318,8 +313,7 @@ def test_copied_workspace_logs_into_its_own_artifacts(
 
     import mlflow
 
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
-        monkeypatch.delenv(name, raising=False)
+    clear_mlflow_env(monkeypatch)
     cfg = Config()
     cfg.mlflow.tracking_uri = "sqlite:///mlflow.db"  # the default: relative to the workspace
     cfg.mlflow.experiment = "portable"

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from rima_core import cli, steps, tracking
-from tests.conftest import TINY_OVERRIDES, TinyData
+from tests.conftest import TINY_OVERRIDES, TinyData, clear_mlflow_env, mlflow_free_env
 from tests.servers import mlflow_test_config, sqlite_uri
 
 EPOCHS = 4
@@ -56,8 +56,7 @@ def test_sigkill_then_resume_continues_the_same_run(tiny_data: TinyData, tmp_pat
     import mlflow
 
     uri = sqlite_uri(tmp_path)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env.pop("MLFLOW_RUN_ID", None)
+    env = mlflow_free_env(MLFLOW_TRACKING_URI=uri)
     out = tmp_path / "model"
     log1 = tmp_path / "first.log"
     with open(log1, "wb") as sink:
@@ -180,7 +179,7 @@ def test_evaluate_bad_input_leaves_no_run(
 ) -> None:
     import mlflow
 
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    clear_mlflow_env(monkeypatch)
     uri = sqlite_uri(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     model = tmp_path / "model.pt"
