@@ -22,20 +22,19 @@ from torch import nn
 
 from .common import (
     MLP,
+    EyeModel,
+    Inputs,
     ModelOutput,
-    available_modalities,
     build_encoders,
-    check_inputs,
     checked_dropout,
     encode_present,
     modality_encoder,
-    training_dropout,
     zero_loss,
 )
 from .spec import RimaConfig
 
 
-class SingleModality(nn.Module):
+class SingleModality(EyeModel):
     """Grade from one modality; a learned embedding stands in where that modality is missing."""
 
     def __init__(
@@ -48,17 +47,9 @@ class SingleModality(nn.Module):
         self.missing = nn.Parameter(torch.randn(dim) * 0.02)
         self.head = MLP(dim, cfg.hidden_dim, n_classes, cfg.dropout)
 
-    def forward(
-        self,
-        fundus: torch.Tensor,
-        oct: torch.Tensor,
-        has_fundus: torch.Tensor,
-        has_oct: torch.Tensor,
-        labels: torch.Tensor | None = None,
-    ) -> ModelOutput:
-        has_f, has_o = check_inputs(fundus, oct, has_fundus, has_oct)
-        x, present = (fundus, has_f) if self.modality == "fundus" else (oct, has_o)
-        feats = encode_present(self.encoder, x, present)
+    def grade(self, x: Inputs) -> ModelOutput:
+        images, present = (x.fundus, x.has_f) if self.modality == "fundus" else (x.oct, x.has_o)
+        feats = encode_present(self.encoder, images, present)
         feats = torch.where(present[:, None], feats, self.missing.to(feats.dtype))
         logits = self.head(feats)
         return ModelOutput(
@@ -66,7 +57,7 @@ class SingleModality(nn.Module):
         )
 
 
-class LateFusion(nn.Module):
+class LateFusion(EyeModel):
     """Concatenate both features (zeros for a missing one) and classify."""
 
     def __init__(
@@ -82,18 +73,10 @@ class LateFusion(nn.Module):
         self.fundus_encoder, self.oct_encoder = build_encoders(cfg, pretrained)
         self.head = MLP(cfg.fundus_dim + cfg.oct_dim, cfg.hidden_dim, n_classes, cfg.dropout)
 
-    def forward(
-        self,
-        fundus: torch.Tensor,
-        oct: torch.Tensor,
-        has_fundus: torch.Tensor,
-        has_oct: torch.Tensor,
-        labels: torch.Tensor | None = None,
-    ) -> ModelOutput:
-        has_f, has_o, stats = available_modalities(self, fundus, oct, has_fundus, has_oct)
-        f = encode_present(self.fundus_encoder, fundus, has_f)  # zeros where absent
-        o = encode_present(self.oct_encoder, oct, has_o)
-        logits = self.head(torch.cat([f, o.to(f.dtype)], dim=1))
+    def grade(self, x: Inputs) -> ModelOutput:
+        stats: dict[str, float] = {}
+        f, o = self.encode_both(self.dropped(x, stats))  # zeros where absent or dropped
+        logits = self.head(torch.cat([f, o], dim=1))
         return ModelOutput(logits, zero_loss(logits), stats)
 
 
@@ -107,7 +90,7 @@ def _unexplained_variance(pred: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return mse / target.var(dim=0, unbiased=False).mean().clamp_min(1e-6)
 
 
-class Imputation(nn.Module):
+class Imputation(EyeModel):
     """Fill in the missing modality's *features* with a learned regressor, then late fusion.
 
     The imputation family the paper argues against: ``imp_fo`` (fundus -> OCT features) and
@@ -129,22 +112,13 @@ class Imputation(nn.Module):
         self.imp_of = MLP(d_o, hidden, d_f)  # OCT features -> fundus features
         self.head = MLP(d_f + d_o, hidden, n_classes, cfg.dropout)
 
-    def forward(
-        self,
-        fundus: torch.Tensor,
-        oct: torch.Tensor,
-        has_fundus: torch.Tensor,
-        has_oct: torch.Tensor,
-        labels: torch.Tensor | None = None,
-    ) -> ModelOutput:
-        has_f, has_o = check_inputs(fundus, oct, has_fundus, has_oct)
-        f = encode_present(self.fundus_encoder, fundus, has_f)
-        o = encode_present(self.oct_encoder, oct, has_o).to(f.dtype)
+    def grade(self, x: Inputs) -> ModelOutput:
+        f, o = self.encode_both(x)
         pred_o = self.imp_fo(f.detach())
         pred_f = self.imp_of(o.detach())
         aux = zero_loss(f)
         stats: dict[str, float] = {}
-        both = has_f & has_o
+        both = x.has_f & x.has_o
         # The regressors learn from every real pair, before modality dropout hides one side
         # from the head (the dropped feature is only a detached regression target).
         if self.training and int(both.sum()) >= 2:
@@ -153,7 +127,8 @@ class Imputation(nn.Module):
             aux = loss_fo + loss_of
             stats["imputation_loss_fo"] = float(loss_fo.detach())
             stats["imputation_loss_of"] = float(loss_of.detach())
-        has_f, has_o = training_dropout(self.training, self.modality_dropout, has_f, has_o, stats)
+        x = self.dropped(x, stats)
+        has_f, has_o = x.has_f, x.has_o
         f_in = torch.where(has_f[:, None], f, pred_f.detach().to(f.dtype))
         o_in = torch.where(has_o[:, None], o, pred_o.detach().to(o.dtype))
         logits = self.head(torch.cat([f_in, o_in], dim=1))
@@ -161,7 +136,7 @@ class Imputation(nn.Module):
         return ModelOutput(logits, aux, stats)
 
 
-class Distillation(nn.Module):
+class Distillation(EyeModel):
     """A complete-data teacher and two single-modality students on shared encoders.
 
     The distillation family the paper argues against: the teacher (an MLP on both features)
@@ -186,17 +161,9 @@ class Distillation(nn.Module):
         self.student_f = MLP(d_f, hidden, n_classes, cfg.dropout)
         self.student_o = MLP(d_o, hidden, n_classes, cfg.dropout)
 
-    def forward(
-        self,
-        fundus: torch.Tensor,
-        oct: torch.Tensor,
-        has_fundus: torch.Tensor,
-        has_oct: torch.Tensor,
-        labels: torch.Tensor | None = None,
-    ) -> ModelOutput:
-        has_f, has_o = check_inputs(fundus, oct, has_fundus, has_oct)
-        f = encode_present(self.fundus_encoder, fundus, has_f)
-        o = encode_present(self.oct_encoder, oct, has_o).to(f.dtype)
+    def grade(self, x: Inputs) -> ModelOutput:
+        f, o = self.encode_both(x)
+        has_f, has_o, labels = x.has_f, x.has_o, x.labels
         both = has_f & has_o
         teacher = self.teacher(torch.cat([f, o], dim=1))
         stud_f = self.student_f(f)

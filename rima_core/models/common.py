@@ -1,5 +1,6 @@
-"""Pieces every model shares: the output record, input checks, modality dropout, the encoders,
-and encoding only the rows that have a modality while keeping the batch order.
+"""Pieces every model shares: the base class that holds the calling convention and the input
+checks (:class:`EyeModel`), the output record, modality dropout, the encoders, and encoding only
+the rows that have a modality while keeping the batch order.
 
 Keeping these in one place is what makes the models interchangeable for the engine: the same
 availability rules (an eye with neither modality is an input error; modality dropout never drops
@@ -8,7 +9,8 @@ both) and the same per-sample bookkeeping apply to RIMA, its ablations and the b
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -96,22 +98,56 @@ def training_dropout(
     return kept_f, kept_o
 
 
-def available_modalities(
-    model: nn.Module,
-    fundus: torch.Tensor,
-    oct: torch.Tensor,
-    has_fundus: torch.Tensor,
-    has_oct: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """The modalities ``model`` may use for each eye, and a fresh stats record.
+@dataclass
+class Inputs:
+    """One checked batch: the images and each eye's availability as bool vectors on the images'
+    device (after modality dropout, when the model applies it)."""
 
-    :func:`check_inputs`, then in training the model's ``modality_dropout``, whose dropped
-    fraction is the first entry of the stats.
+    fundus: torch.Tensor  # (B, 3, H, W)
+    oct: torch.Tensor  # (B, 1, D, H, W)
+    has_f: torch.Tensor  # (B,)
+    has_o: torch.Tensor  # (B,)
+    labels: torch.Tensor | None  # (B,) in training; None at inference
+
+
+class EyeModel(nn.Module, ABC):
+    """Base of every model: the engine's calling convention, with the input checks done once.
+
+    Subclasses implement :meth:`grade` on the checked batch and set ``modality_dropout`` if they
+    train with it (:meth:`dropped`).
     """
-    has_f, has_o = check_inputs(fundus, oct, has_fundus, has_oct)
-    stats: dict[str, float] = {}
-    has_f, has_o = training_dropout(model.training, model.modality_dropout, has_f, has_o, stats)
-    return has_f, has_o, stats
+
+    modality_dropout: float = 0.0
+
+    def forward(
+        self,
+        fundus: torch.Tensor,
+        oct: torch.Tensor,
+        has_fundus: torch.Tensor,
+        has_oct: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        has_f, has_o = check_inputs(fundus, oct, has_fundus, has_oct)
+        return self.grade(Inputs(fundus, oct, has_f, has_o, labels))
+
+    @abstractmethod
+    def grade(self, x: Inputs) -> ModelOutput:
+        """Logits, auxiliary loss and stats for the checked batch ``x``."""
+
+    def dropped(self, x: Inputs, stats: dict[str, float]) -> Inputs:
+        """``x`` after this model's modality dropout (training mode only; see
+        :func:`training_dropout`)."""
+        has_f, has_o = training_dropout(
+            self.training, self.modality_dropout, x.has_f, x.has_o, stats
+        )
+        return replace(x, has_f=has_f, has_o=has_o)
+
+    def encode_both(self, x: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fundus and OCT features of the eyes that have them (zeros elsewhere), in one dtype,
+        from the ``fundus_encoder`` and ``oct_encoder`` of models that have both."""
+        f = encode_present(self.fundus_encoder, x.fundus, x.has_f)
+        o = encode_present(self.oct_encoder, x.oct, x.has_o)
+        return f, o.to(f.dtype)
 
 
 def checked_dropout(p: float) -> float:

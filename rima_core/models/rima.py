@@ -52,8 +52,9 @@ from rima_core import ot
 
 from .common import (
     MLP,
+    EyeModel,
+    Inputs,
     ModelOutput,
-    available_modalities,
     build_encoders,
     checked_dropout,
     encode_present,
@@ -141,7 +142,7 @@ class FundusBranch(nn.Module):
         return self.norm(self.block(tokens).mean(dim=1))
 
 
-class RIMA(nn.Module):
+class RIMA(EyeModel):
     """RIMA and its ablations (one class; the switches of its :class:`RimaConfig`):
 
     - ``class_ot=False`` (``rima_no_class_ot``): no GW. The translators' targets come from the
@@ -246,21 +247,16 @@ class RIMA(nn.Module):
         z_o = self.oct_branch(o_used, pred_o)
         return self.head(torch.cat([z_f, z_o], dim=1))
 
-    def forward(
-        self,
-        fundus: torch.Tensor,
-        oct: torch.Tensor,
-        has_fundus: torch.Tensor,
-        has_oct: torch.Tensor,
-        labels: torch.Tensor | None = None,
-    ) -> ModelOutput:
-        has_f, has_o, stats = available_modalities(self, fundus, oct, has_fundus, has_oct)
-        f, o = self.encode(fundus, oct, has_f, has_o)
+    def grade(self, x: Inputs) -> ModelOutput:
+        stats: dict[str, float] = {}
+        x = self.dropped(x, stats)
+        has_f, has_o = x.has_f, x.has_o
+        f, o = self.encode(x.fundus, x.oct, has_f, has_o)
         logits = self.fuse(f, o, has_f, has_o)
 
         aux = zero_loss(f)
-        if self.training and labels is not None:
-            labels = labels.reshape(-1)
+        if self.training and x.labels is not None:
+            labels = x.labels.reshape(-1)
             aux = self._alignment(f, o, has_f, has_o, labels, stats)
             aux = aux + self._missing_paths(f, o, has_f & has_o, labels, logits, stats)
         return ModelOutput(logits=logits, aux_loss=aux, stats=stats)
