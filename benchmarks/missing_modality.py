@@ -561,7 +561,15 @@ def ablation_deltas(long: pd.DataFrame, methods: list[str], settings: list[str])
 # report
 
 
-def _cell(summary: pd.DataFrame, setting: str, method: str, scenario: str, metric: str) -> str:
+def _cell(
+    summary: pd.DataFrame,
+    setting: str,
+    method: str,
+    scenario: str,
+    metric: str,
+    n_seeds: int | None = None,
+) -> str:
+    """``mean ± std``; with `` (n=k)`` when the cell has fewer seeds than ``n_seeds``."""
     row = summary[
         (summary["setting"] == setting)
         & (summary["method"] == method)
@@ -570,7 +578,27 @@ def _cell(summary: pd.DataFrame, setting: str, method: str, scenario: str, metri
     ]
     if row.empty or not np.isfinite(row["mean"].iloc[0]):
         return "–"
-    return f"{row['mean'].iloc[0]:.3f} ± {row['std'].iloc[0]:.3f}"
+    text = f"{row['mean'].iloc[0]:.3f} ± {row['std'].iloc[0]:.3f}"
+    k = int(row["n_seeds"].iloc[0])
+    return text if n_seeds is None or k >= n_seeds else f"{text} (n={k})"
+
+
+def _missing_runs_lines(records: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """One report line per method whose planned runs are not all in ``records`` (so a table
+    computed from fewer seeds says so)."""
+    have = {(r["regime"], r["training"], r["method"], int(r["seed"])) for r in records}
+    lines = []
+    for m in args.methods:
+        lacking = [
+            f"{setting_name(r, t)} seed {s}"
+            for r in args.regimes
+            for t in args.training
+            for s in args.seeds
+            if (r, t, m, s) not in have
+        ]
+        if lacking:
+            lines.append(f"- **not run:** `{m}`: {', '.join(lacking)}")
+    return [*lines, ""] if lines else []
 
 
 def render(
@@ -612,6 +640,7 @@ def render(
         f"{np.mean([r['loadavg_1min_before'] for r in runs]) if runs else float('nan'):.1f} on "
         f"{os.cpu_count()} CPUs).",
         "",
+        *_missing_runs_lines(records, args),
         f"## Acceptance criteria (mean test QWK): {n_pass} pass, {n_fail} fail, "
         f"{len(checks) - n_pass - n_fail} skipped",
         "",
@@ -653,7 +682,7 @@ def render(
             "| --- | --- |" + " ---: |" * len(names),
         ]
         for (st, method), _ in diag.groupby(["setting", "method"], sort=False):
-            cells = [_cell(summary, st, method, "diagnostics", n) for n in names]
+            cells = [_cell(summary, st, method, "diagnostics", n, len(seeds)) for n in names]
             lines.append(f"| {st} | `{method}` | " + " | ".join(cells) + " |")
         lines.append("")
 
@@ -665,7 +694,7 @@ def render(
     ]
     for method in args.methods:
         for scenario in MAIN:
-            cells = [_cell(summary, st, method, scenario, "qwk") for st in settings]
+            cells = [_cell(summary, st, method, scenario, "qwk", len(seeds)) for st in settings]
             lines.append(f"| `{method}` | {scenario} | " + " | ".join(cells) + " |")
     lines.append("")
     for st in settings:
@@ -677,7 +706,7 @@ def render(
                 "| --- |" + " ---: |" * len(SCENARIOS),
             ]
             for method in args.methods:
-                cells = [_cell(summary, st, method, s, metric) for s, _ in SCENARIOS]
+                cells = [_cell(summary, st, method, s, metric, len(seeds)) for s, _ in SCENARIOS]
                 lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
             lines.append("")
     lines += [
@@ -793,6 +822,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help="data, models, results.jsonl")
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results")
     ap.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
+    ap.add_argument(
+        "--report-from",
+        type=Path,
+        default=None,
+        metavar="RESULTS_JSONL",
+        help="run nothing: write the report from this results.jsonl (e.g. one whose protocol "
+        "hash an unrelated config refactoring changed, or a grid run in parts); runs of the "
+        "selected seeds/regimes/methods that it lacks are listed as missing",
+    )
     args = ap.parse_args(argv)
     if args.jobs < 1 or args.threads < 1:
         ap.error("--jobs and --threads must be >= 1")
@@ -815,7 +853,9 @@ def protocol_dir(args: argparse.Namespace, base: Config) -> Path:
     edit, say to ``evaluate:``, must not throw away a half-finished benchmark)."""
     values = base.to_dict()
     protocol = {
-        "config": {k: values[k] for k in ("synth", "prepare", "missing", "model", "ot", "train")},
+        "config": {
+            k: values[k] for k in ("synth", "prepare", "missing", "model", "ot", "train", "runtime")
+        },
         "epochs": args.epochs,
         "patience": args.patience,
         "n_eyes": args.n_eyes,
@@ -836,6 +876,13 @@ def main(argv: list[str] | None = None) -> None:
     args.n_eyes = args.n_eyes or base.synth.n_eyes
     args.patience = base.train.patience if args.patience is None else args.patience
     common = [*args.overrides, f"synth.n_eyes={args.n_eyes}", f"train.patience={args.patience}"]
+    if args.report_from is not None:
+        if not args.report_from.is_file():
+            sys.exit(f"--report-from {args.report_from}: no such file")
+        records = list(read_results(args.report_from).values())
+        for c in write_outputs(records, args):
+            print(c.line())
+        return
     work = protocol_dir(args, base)
     work.mkdir(parents=True, exist_ok=True)
     results_path = work / "results.jsonl"
