@@ -148,7 +148,7 @@ def _plot_confusion(conf: np.ndarray, class_names: list[str], title: str, path: 
     plt.close(fig)
 
 
-def _check_compatible(spec: Any, st: Any, model_path: Path, store: Path) -> None:
+def check_compatible(spec: Any, st: Any, model_path: Path, store: Path) -> None:
     if list(spec.class_names) != list(st.class_names):
         raise EngineError(
             f"{model_path}: trained for classes {spec.class_names}, but {store} has "
@@ -381,7 +381,7 @@ def _load_inputs(
     except ValueError as exc:  # not a model file, or weights that do not fit their spec
         raise EngineError(str(exc)) from exc
     model.to(device)
-    _check_compatible(spec, st, model_path, store)
+    check_compatible(spec, st, model_path, store)
     return model, spec, st, mask_df, device, dtype
 
 

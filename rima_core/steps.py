@@ -243,7 +243,7 @@ def check_evaluate_inputs(
     from rima_core.data import open_store
     from rima_core.data.masks import load_masks
     from rima_core.engine import EngineError, resolve_device
-    from rima_core.evaluate import _check_compatible
+    from rima_core.evaluate import check_compatible
     from rima_core.models import load_model
 
     model, store = Path(model), Path(store)
@@ -263,7 +263,7 @@ def check_evaluate_inputs(
         _, spec = load_model(model, map_location="cpu")
     except ValueError as exc:  # torch's own explanation runs over several lines: keep the first
         raise EngineError(str(exc).splitlines()[0]) from exc
-    _check_compatible(spec, st, model, store)
+    check_compatible(spec, st, model, store)
 
 
 def tune(
