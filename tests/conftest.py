@@ -9,7 +9,9 @@
   fresh MLflow store (``tests.servers.mlflow_test_config`` for other scopes).
 - Markers derived from the code (:func:`pytest_collection_modifyitems`): ``servers`` on a test
   that starts a server, itself or through a fixture, ``kfp`` on the Kubeflow tests; so
-  ``pytest -m "not slow and not servers and not kfp"`` runs the fast core.
+  ``pytest -m "not slow and not servers and not kfp"`` runs the fast core; ``trains`` on a
+  test that trains or tunes a model, so ``-m "not slow and not servers and not kfp and not
+  trains"`` is the core without training (data, OT, models' forward, config, metrics).
 """
 
 from __future__ import annotations
@@ -59,6 +61,21 @@ TINY_OVERRIDES = [
 # Calls that start a server process (tests/servers.py) or compile/run the Kubeflow pipeline.
 SERVER_CALLS = ("moto_server(", "mlflow_server(", "model_server(")
 KFP_CALLS = ("local.init(", "compile_pipeline(", "compiler.Compiler(", "run_local(")
+# Calls that train or tune a model (the engine's epochs dominate the fast suite's time); the CLI
+# forms are the argument lists a test hands to `rima` or `cli.main`.
+TRAIN_CALLS = (
+    " train(",
+    "(train(",
+    " tune(",
+    "steps.train(",
+    "steps.tune(",
+    "steps._train_run(",
+    "train_eval_register(",
+    "_trained(",
+    "_train_cmd(",
+    '"train",',
+    '"tune",',
+)
 
 
 @functools.cache
@@ -87,6 +104,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item, KFP_CALLS
         ):
             item.add_marker(pytest.mark.kfp)
+        if _calls(item, TRAIN_CALLS):
+            item.add_marker(pytest.mark.trains)
 
 
 # --- MLflow isolation ----------------------------------------------------------------------------
