@@ -108,6 +108,122 @@ def calibrate_model(
     return report
 
 
+# Path pooling (models/rima.py, step 7): weights searched in [0, PATH_WEIGHT_MAX]; fewer complete
+# validation eyes than MIN_PATH_EYES (or a single class among them) leaves the model's weights
+# as they are, since three weights fitted on a handful of eyes would be noise.
+PATH_WEIGHT_MAX = 10.0
+MIN_PATH_EYES = 20
+
+
+def pooled_nll(log_probs: np.ndarray, y_true: np.ndarray, weights: np.ndarray) -> float:
+    """NLL of the labels under ``softmax(Σ_k weights_k · log_probs_k)``; log_probs is (P, n, K)."""
+    return nll(np.tensordot(np.asarray(weights, dtype=np.float64), log_probs, axes=1), y_true)
+
+
+def fit_path_weights(log_probs: np.ndarray, y_true: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """Non-negative path weights minimising the validation NLL of the pooled prediction.
+
+    L-BFGS-B from ``start`` (the model's current weights) within ``[0, PATH_WEIGHT_MAX]``; the
+    result is kept only if it is no worse than ``start``, so fitting can never make a model's
+    validation likelihood worse. The NLL is convex in the weights (a log-linear model), so the
+    search finds the optimum rather than a local dip.
+    """
+    from scipy.optimize import minimize
+
+    lp = np.asarray(log_probs, dtype=np.float64)
+    y = np.asarray(y_true, dtype=np.int64)
+    start = np.asarray(start, dtype=np.float64)
+    if lp.ndim != 3 or lp.shape[1] != y.shape[0] or lp.shape[0] != start.shape[0]:
+        raise ValueError(
+            f"need (P, n, K) log-probabilities, n labels and P weights, got {lp.shape}, "
+            f"{y.shape} and {start.shape}"
+        )
+    if not np.all(np.isfinite(lp)):
+        raise ValueError("path log-probabilities contain NaN or infinite values")
+    onehot = np.eye(lp.shape[2])[y]
+
+    def loss_grad(w: np.ndarray) -> tuple[float, np.ndarray]:
+        z = np.tensordot(w, lp, axes=1)
+        z = z - z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        loss = -np.log(np.clip(p[np.arange(len(y)), y], 1e-300, None)).mean()
+        grad = np.einsum("pnk,nk->p", lp, p - onehot) / len(y)
+        return float(loss), grad
+
+    res = minimize(
+        loss_grad, start, jac=True, method="L-BFGS-B", bounds=[(0.0, PATH_WEIGHT_MAX)] * len(start)
+    )
+    w = np.asarray(res.x, dtype=np.float64)
+    return w if pooled_nll(lp, y, w) <= pooled_nll(lp, y, start) else start
+
+
+def calibrate_paths(
+    model: Any, loaders: Any | dict[str, Any], device: Any, dtype: Any = None
+) -> dict | None:
+    """Fit a RIMA model's ``path_weights`` on the complete eyes of the validation loader(s).
+
+    ``None`` for a model without paths to pool. Eyes seen in several selection scenarios count
+    once (by store row). Sets the weights on the model (they are a buffer, so ``model.pt`` keeps
+    them) and returns what was fitted, on how many eyes, and the NLL before and after. Called
+    where training ends, after model selection and before :func:`calibrate_model`, whose
+    temperature then scales the pooled logits.
+    """
+    import torch
+
+    from rima_core.engine import autocast, eval_mode, to_device
+    from rima_core.models.common import Inputs, check_inputs
+
+    if not hasattr(model, "complete_eye_log_probs"):
+        return None
+    parts = loaders.values() if isinstance(loaders, dict) else [loaders]
+    seen: set[int] = set()
+    lps, ys = [], []
+    with eval_mode(model):
+        for loader in parts:
+            for batch in loader:
+                b = to_device(batch, device)
+                has_f, has_o = check_inputs(b["fundus"], b["oct"], b["has_fundus"], b["has_oct"])
+                with autocast(device, dtype):
+                    lp, rows = model.complete_eye_log_probs(
+                        Inputs(b["fundus"], b["oct"], has_f, has_o, None)
+                    )
+                index = batch["index"].numpy()[rows.cpu().numpy()]
+                new = np.array([int(i) not in seen for i in index], dtype=bool)
+                seen.update(int(i) for i in index)
+                lps.append(lp.float().cpu().numpy()[:, new])
+                ys.append(batch["label"].numpy()[rows.cpu().numpy()][new])
+    start = model.path_weights.detach().cpu().double().numpy()
+    paths = list(model.PATHS)
+    y = np.concatenate(ys) if ys else np.zeros(0, dtype=np.int64)
+    report: dict[str, Any] = {"paths": paths, "n_eyes": len(y)}
+    if len(y) < MIN_PATH_EYES or len(np.unique(y)) < 2:
+        log.info(
+            "path pooling: %d complete validation eye(s) with %d class(es); weights kept at %s",
+            len(y),
+            len(np.unique(y)),
+            start.tolist(),
+        )
+        return {**report, "fitted": False, "weights": dict(zip(paths, start.tolist(), strict=True))}
+    lp = np.concatenate(lps, axis=1)
+    w = fit_path_weights(lp, y, start)
+    model.path_weights.copy_(torch.as_tensor(w, dtype=model.path_weights.dtype))
+    report.update(
+        fitted=True,
+        weights=dict(zip(paths, w.tolist(), strict=True)),
+        nll_before=pooled_nll(lp, y, start),
+        nll_after=pooled_nll(lp, y, w),
+    )
+    log.info(
+        "path pooling on %d complete validation eyes: weights %s, NLL %.4f -> %.4f",
+        len(y),
+        ", ".join(f"{p}={v:.3f}" for p, v in report["weights"].items()),
+        report["nll_before"],
+        report["nll_after"],
+    )
+    return report
+
+
 def reliability_bins(
     y_true: np.ndarray, proba: np.ndarray, n_bins: int = ECE_BINS
 ) -> dict[str, np.ndarray]:

@@ -155,6 +155,9 @@ class TrainConfig:
     selection_metric: str = "qwk"
     # validation scenario used for model selection; "mean" = the mean over the main scenarios
     selection_scenario: str = "mean"
+    # after selection, fit how a complete eye's prediction pools the full / fundus-only /
+    # OCT-only paths, on the validation split (RIMA; models/rima.py); false = the full path alone
+    pool_paths: bool = True
 
 
 @dataclass

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
 # train.* / runtime.* keys that may change between a killed run and its resume without changing
 # the result.
-RESUMABLE_KEYS = frozenset({"out_dir", "num_workers", "patience"})
+RESUMABLE_KEYS = frozenset({"out_dir", "num_workers", "patience", "pool_paths"})
 
 
 class MetricsSink(Protocol):
@@ -681,14 +681,20 @@ def train(
     if progress.best["state_dict"] is None:
         raise RuntimeError(f"{out_dir}: no epoch was trained (train.epochs={tc.epochs})")
     model.load_state_dict(progress.best["state_dict"])
-    from rima_core.calibration import calibrate_model  # T changes no argmax: QWK/weights as chosen
+    from rima_core.calibration import calibrate_model, calibrate_paths
 
+    # both fitted on validation after selection; T changes no argmax, the path weights may
+    pooling = calibrate_paths(model, val_loaders, device, dtype) if tc.pool_paths else None
     calibration = calibrate_model(model, val_loaders, device, dtype)
     spec.temperature = calibration["temperature"]
     save_model(model, spec, model_path)
     _alignment_report(model, store, mask_df, out_dir / "alignment.json", tracker)
     counts = {"n_parameters": n_params, "n_train": n_train, "n_val": n_val}
     summary = _summary(cfg, spec, progress, counts, device, dtype, calibration["temperature"])
+    if pooling is not None:
+        summary["path_pooling"] = pooling
+        if pooling["fitted"]:
+            tracker.log_metrics({f"path_weight_{k}": v for k, v in pooling["weights"].items()})
     summary["run_seconds_this_session"] = time.perf_counter() - t_run
     write_summary(out_dir, summary)
     return summary

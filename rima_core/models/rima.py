@@ -17,7 +17,10 @@ One training step (docs/method.md):
 6. missing-modality paths trained on purpose: for every eye that has both modalities, the fusion
    is also run with the fundus replaced by its translation from the OCT and with the OCT
    replaced by its translation from the fundus; each such path gets cross-entropy and a
-   consistency term towards the (detached) full prediction.
+   consistency term towards the (detached) full prediction,
+7. after training (not a training step): the weights ``path_weights`` with which a complete eye's
+   prediction combines the log-probabilities of its three paths (full, fundus-only, OCT-only)
+   are fitted on the validation split (:func:`rima_core.calibration.calibrate_paths`).
 
 Why standardise: encoder features are non-negative (ReLU/GELU outputs), so raw cosine similarity
 between any two of them is high and a cosine loss is satisfied by matching the mean direction
@@ -33,6 +36,17 @@ The encoders still receive cross-entropy through the translated features.
 Why the explicit missing paths: with modality dropout alone only a small share of training eyes
 (dropout rate × 1/2 per modality) ever takes a missing path, and the head learns to lean on the
 stronger modality; a fused model that has the fundus then grades worse than a fundus-only model.
+
+Why combine the paths for complete eyes: the full path sees both real modalities, and when one of
+them is weak its encoder fits the training labels (a 3-D encoder memorises a few hundred volumes
+easily), so on training data the weak modality looks reliable and the fusion leans on it; on new
+eyes the full path then grades worse than its own fundus-only path. The two single-modality paths
+are trained on purpose (step 6) and their errors differ, so a log-linear pool of the three
+(a product of experts; with weights 0/1/1 it is the Bayes combination of two conditionally
+independent views) is more accurate than any one of them. The weights must be fitted on eyes the
+network did not train on (on training eyes the over-fitted full path would win), hence the
+validation split, after model selection, like the temperature. Default ``(1, 0, 0)`` is the full
+path alone, which is what training uses and what older models do.
 
 Nothing is ever grouped by label, so row i of every tensor is eye i throughout (the authors'
 release regrouped samples by label and fused translations with the wrong eye).
@@ -65,6 +79,9 @@ from .spec import RimaConfig
 log = logging.getLogger(__name__)
 
 OT_TARGETS = ("barycentric", "sample")
+# The paths a complete eye's prediction pools, in the order of the ``path_weights`` buffer.
+PATHS = ("full", "fundus_only", "oct_only")
+DEFAULT_PATH_WEIGHTS = (1.0, 0.0, 0.0)  # the full path alone
 
 
 class RunningStandardizer(nn.Module):
@@ -157,6 +174,8 @@ class RIMA(EyeModel):
       lack a modality.
     """
 
+    PATHS = PATHS
+
     def __init__(self, cfg: RimaConfig, n_classes: int, *, pretrained: bool = True) -> None:
         super().__init__()
         if cfg.target not in OT_TARGETS:
@@ -189,6 +208,13 @@ class RIMA(EyeModel):
         self.head = nn.Sequential(
             nn.LayerNorm(d_cat), nn.Dropout(cfg.dropout), nn.Linear(d_cat, n_classes)
         )
+        # fitted after training (module docstring, step 7); saved with the weights
+        self.register_buffer("path_weights", torch.tensor(DEFAULT_PATH_WEIGHTS))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        # models saved before the path weights existed predicted with the full path alone
+        state_dict.setdefault(prefix + "path_weights", torch.tensor(DEFAULT_PATH_WEIGHTS))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---------------------------------------------------------------------------------------
     # features and fusion
@@ -259,7 +285,46 @@ class RIMA(EyeModel):
             labels = x.labels.reshape(-1)
             aux = self._alignment(f, o, has_f, has_o, labels, stats)
             aux = aux + self._missing_paths(f, o, has_f & has_o, labels, logits, stats)
+        logits = self.pool_paths(f, o, has_f & has_o, logits)
         return ModelOutput(logits=logits, aux_loss=aux, stats=stats)
+
+    # ---------------------------------------------------------------------------------------
+    # complete eyes: the pooled paths (module docstring, step 7)
+
+    def path_log_probs(self, f: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """(paths, B, K) log-probabilities of the paths in :data:`PATHS`, every row treated as
+        complete (so only rows that have both modalities mean anything)."""
+        ones = torch.ones(f.shape[0], dtype=torch.bool, device=f.device)
+        masks = {"full": (ones, ones), "fundus_only": (ones, ~ones), "oct_only": (~ones, ones)}
+        return torch.stack(
+            [F.log_softmax(self.fuse(f, o, *masks[p]).float(), dim=1) for p in PATHS]
+        )
+
+    def pool_paths(
+        self, f: torch.Tensor, o: torch.Tensor, both: torch.Tensor, full_logits: torch.Tensor
+    ) -> torch.Tensor:
+        """``full_logits`` with the rows of complete eyes replaced by ``Σ_k w_k log p_k``.
+
+        With the default weights (the full path alone) the logits are returned untouched, so
+        training and older models compute exactly what they did before the pooling existed.
+        """
+        w = self.path_weights
+        if torch.equal(w, torch.tensor(DEFAULT_PATH_WEIGHTS, device=w.device, dtype=w.dtype)):
+            return full_logits
+        idx = both.nonzero().flatten()
+        if idx.numel() == 0:
+            return full_logits
+        lp = self.path_log_probs(f.index_select(0, idx), o.index_select(0, idx))
+        pooled = (w.to(lp.dtype)[:, None, None] * lp).sum(dim=0)
+        return full_logits.index_copy(0, idx, pooled.to(full_logits.dtype))
+
+    @torch.no_grad()
+    def complete_eye_log_probs(self, x: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(paths, n, K) path log-probabilities of the batch's complete eyes, and their rows;
+        what :func:`rima_core.calibration.calibrate_paths` fits the weights on."""
+        f, o = self.encode(x.fundus, x.oct, x.has_f, x.has_o)
+        idx = (x.has_f & x.has_o).nonzero().flatten()
+        return self.path_log_probs(f.index_select(0, idx), o.index_select(0, idx)), idx
 
     # ---------------------------------------------------------------------------------------
     # training objectives
