@@ -585,6 +585,20 @@ URL = matches(r"[A-Za-z][A-Za-z0-9+.\-]*://.*", "a URL (scheme://...)")
 ENCODERS_2D = ("small_cnn2d", "res2net50")
 ENCODERS_3D = ("small_cnn3d", "resnet10_3d")
 OT_TARGETS = ("barycentric", "sample")
+# registered source formats and their aliases (rima_core.data.sources.SOURCES / ALIASES)
+SOURCE_NAMES = ("rima", "gamma", "fairvision", "rima_folders", "harvard", "synthetic")
+# a plug-in format: the dotted path of a module with scan()/load() (data/prepare.resolve_source)
+PLUGIN_SOURCE = matches(
+    r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+", "a dotted module path"
+)
+
+
+def source_name(v: Any) -> str | None:
+    if v == "auto" or v in SOURCE_NAMES or PLUGIN_SOURCE(v) is None:
+        return None
+    return f"must be one of {['auto', *SOURCE_NAMES]} or a dotted module path (a plug-in format)"
+
+
 METRICS = (
     "accuracy", "auc", "balanced_accuracy", "ece", "f1_macro", "f1_weighted", "kappa", "nll", "qwk",
 )  # fmt: skip
@@ -592,7 +606,7 @@ METRIC = one_of(*METRICS)
 SPLITS = ("train", "val", "test")
 
 RULES: dict[str, Check] = {
-    "data.source": one_of("fairvision", "gamma", "rima", "auto"),
+    "data.source": source_name,
     "data.disease": one_of("amd", "dr", "glaucoma", "synthetic", "auto"),
     "synth.n_eyes": integer(1),
     "synth.seed": SEED,

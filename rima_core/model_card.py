@@ -41,6 +41,24 @@ MISSING_MODALITY = (
 )
 
 
+def pooling_lines(pooling: dict[str, Any] | None, val: str) -> list[str]:
+    """How a complete eye's prediction combines the model's paths (train_summary.json's
+    ``path_pooling``, written by RIMA training); nothing for a model without paths."""
+    if not pooling:
+        return []
+    weights = " / ".join(f"{p} {_num(w)}" for p, w in pooling.get("weights", {}).items())
+    if not pooling.get("fitted"):
+        return [
+            f"- Complete eyes: path weights left at {weights} ({pooling.get('n_eyes', '?')} "
+            f"complete {val} eyes were too few to fit them)."
+        ]
+    return [
+        f"- Complete eyes: the prediction pools the model's paths with weights {weights}, "
+        f"fitted on {pooling.get('n_eyes', '?')} complete {val} eyes after selection (NLL "
+        f"{_num(pooling.get('nll_before'))} → {_num(pooling.get('nll_after'))})."
+    ]
+
+
 def has_card_inputs(eval_dir: str | Path) -> bool:
     """Whether ``eval_dir`` holds every table the card is built from."""
     return all((Path(eval_dir) / f).is_file() for f in CARD_FILES)
@@ -127,6 +145,7 @@ def build_model_card(
         f"(`{train.get('selection_scenario', cfg.train.selection_scenario)}`).",
         f"- Promotion decides on the {val} split ({cfg.promote.metric}, `{cfg.promote.scenario}`);"
         f" the {test} split below is reported, never selected on.",
+        *pooling_lines(train.get("path_pooling"), val),
         "",
         f"## Metrics ({test} split, {level:.0%} bootstrap interval over eyes, "
         f"{boot.get('resamples', cfg.evaluate.bootstrap)} resamples)",

@@ -631,6 +631,16 @@ def _check_relax(relax: float) -> None:
         raise OTInputError(f"relax must lie in [1, 2), got {relax!r}")
 
 
+def _check_solver_options(epsilon: float, relax: float | None = None, **counts: int) -> float:
+    """The option checks every solver makes (one place, so the solvers cannot drift apart);
+    returns ``epsilon`` as a float."""
+    eps = _check_epsilon(epsilon)
+    _check_iterations(**counts)
+    if relax is not None:
+        _check_relax(relax)
+    return eps
+
+
 def _sinkhorn_log_dict(res: _SinkhornResult) -> dict[str, Any]:
     return {
         "iterations": res.iterations,
@@ -678,9 +688,7 @@ def sinkhorn(
             f"sinkhorn: expected a (n,), b (m,), cost (n, m); got {tuple(at.shape)}, "
             f"{tuple(bt.shape)}, {tuple(ct.shape)}"
         )
-    eps = _check_epsilon(epsilon)
-    _check_iterations(max_iter=max_iter, check_every=check_every)
-    _check_relax(relax)
+    eps = _check_solver_options(epsilon, relax, max_iter=max_iter, check_every=check_every)
     dtype = _compute_dtype(ct, at, bt)
     origin = _Origin(origin_is_numpy, ct.dtype if ct.is_floating_point() else dtype, device)
     ct, at, bt = ct.to(dtype), at.to(dtype), bt.to(dtype)
@@ -836,10 +844,11 @@ def labeled_gw(
     should skip its OT loss.
     """
     xt, zt, lx, lz, origin = _gw_inputs(x, labels_x, z, labels_z)
-    eps = _check_epsilon(epsilon)
+    eps = _check_solver_options(
+        epsilon, max_iter=max_iter, inner_max_iter=inner_max_iter, check_every=check_every
+    )
     if class_mass not in CLASS_MASS_RULES:
         raise OTInputError(f"class_mass must be one of {CLASS_MASS_RULES}, got {class_mass!r}")
-    _check_iterations(max_iter=max_iter, inner_max_iter=inner_max_iter, check_every=check_every)
     n_x, n_z = xt.shape[0], zt.shape[0]
     info: dict[str, Any] = {
         "iterations": 0,
@@ -953,9 +962,7 @@ def feature_coupling(
             f"T: expected shape ({xt.shape[0]}, {zt.shape[0]}) to couple x and z, "
             f"got {tuple(tt.shape)}"
         )
-    eps = _check_epsilon(epsilon)
-    _check_iterations(max_iter=max_iter, check_every=check_every)
-    _check_relax(relax)
+    eps = _check_solver_options(epsilon, relax, max_iter=max_iter, check_every=check_every)
     dtype = _compute_dtype(xt, zt)
     origin = _Origin(origin_is_numpy, _output_dtype(xt, zt, dtype), device)
     d_x, d_z = xt.shape[1], zt.shape[1]

@@ -21,10 +21,12 @@ from rima_core.config import (
     MOVED,
     OT_TARGETS,
     RULES,
+    SOURCE_NAMES,
     Config,
     ConfigError,
     config_from_dict,
     load_config,
+    validate_config,
     with_values,
 )
 
@@ -73,6 +75,7 @@ BAD_VALUES = [
     ("runtime.eval_batch_size=0", "runtime.eval_batch_size"),
     ("promote.tolerance=-0.1", "promote.tolerance"),
     ("data.source=kaggle", "data.source"),
+    ("data.source=my_formats.", "data.source"),
 ]
 
 
@@ -247,6 +250,7 @@ def test_name_lists_agree_with_their_sources() -> None:
     """config keeps light copies of names owned by torch/sklearn modules; they must agree."""
     import numpy as np
 
+    from rima_core.data.sources import ALIASES, SOURCES
     from rima_core.metrics import classification_metrics
     from rima_core.models.encoders import FUNDUS_ENCODERS, OCT_ENCODERS
     from rima_core.models.rima import OT_TARGETS as MODEL_OT_TARGETS
@@ -254,6 +258,12 @@ def test_name_lists_agree_with_their_sources() -> None:
     assert tuple(ENCODERS_2D) == tuple(FUNDUS_ENCODERS)
     assert tuple(ENCODERS_3D) == tuple(OCT_ENCODERS)
     assert tuple(OT_TARGETS) == tuple(MODEL_OT_TARGETS)
+    assert set(SOURCE_NAMES) == set(SOURCES) | set(ALIASES)
     names = classification_metrics(np.arange(3), np.eye(3), ["a", "b", "c"])
     plain = {k for k in names if "/" not in k and k != "n_samples"}
     assert set(METRICS) == plain
+
+
+@pytest.mark.parametrize("source", ["auto", "gamma", "harvard", "my_group.formats.export_v2"])
+def test_data_source_accepts_registered_names_aliases_and_plugin_modules(source: str) -> None:
+    validate_config(load_config(None, overrides=[f"data.source={source}"]))
