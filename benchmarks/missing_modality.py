@@ -85,7 +85,13 @@ INCOMPLETE_RATES = (0.25, 0.25)  # fundus, OCT missing among training eyes that 
 RIMA = "rima"
 SINGLES = ("fundus_only", "oct_only")
 # the fused methods RIMA must match on every missing scenario (the ablations are reported apart)
-FUSED_BASELINES = ("late_fusion_zero", "late_fusion_dropout", "imputation", "distillation")
+FUSED_BASELINES = (
+    "late_fusion_zero",
+    "late_fusion_dropout",
+    "imputation",
+    "imputation_paths",
+    "distillation",
+)
 MAIN = ("complete", "fundus_missing", "oct_missing", "mixed")
 # (scenario in the masks, column title) of the report tables
 SCENARIOS = (

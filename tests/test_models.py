@@ -568,7 +568,7 @@ def _grads(module: nn.Module) -> float:
     return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
 
 
-@pytest.mark.parametrize("name", ["imputation", "distillation"])
+@pytest.mark.parametrize("name", ["imputation", "imputation_paths", "distillation"])
 def test_new_baselines_train_and_grade_an_eye_missing_either_modality(name: str) -> None:
     model = make_model(name, modality_dropout=0.3).train()
     b = make_batch(*MIXED)
@@ -635,6 +635,53 @@ def test_imputation_trains_with_modality_dropout() -> None:
     model = make_model("imputation", modality_dropout=0.9).train()
     out = run(model, make_batch([1] * 8, [1] * 8))
     assert out.stats["modality_dropped"] > 0 and out.stats["imputed_fraction"] > 0
+
+
+def test_imputation_paths_trains_each_imputed_path_of_complete_eyes() -> None:
+    """The path terms exist only in imputation_paths, come from complete eyes, are RIMA's
+    CE + consistency with RIMA's weights, and train the head (not the regressors)."""
+    b = make_batch(*MIXED)
+    torch.manual_seed(0)
+    plain = make_model("imputation").train()
+    paths = copy.deepcopy(plain)
+    paths.path_weight, paths.consistency_weight = MCFG.missing_path_weight, 0.0
+    out_plain, out_paths = run(plain, b), run(paths, b)
+    s = out_paths.stats
+    assert "path_ce_fundus_only" not in out_plain.stats
+    regression = s["imputation_loss_fo"] + s["imputation_loss_of"]
+    path_ce = s["path_ce_fundus_only"] + s["path_ce_oct_only"]
+    assert float(out_paths.aux_loss.detach()) == pytest.approx(
+        regression + MCFG.missing_path_weight * path_ce, rel=1e-5
+    )
+    # by hand: the fundus-only path of the complete eyes is the head on [f, imputed OCT]
+    both = b["has_fundus"] & b["has_oct"]
+    paths.eval()
+    with torch.no_grad():
+        f = paths.fundus_encoder(b["fundus"][both])
+        logits = paths.head(torch.cat([f, paths.imp_fo(f)], dim=1))
+    assert float(F.cross_entropy(logits, b["label"][both])) == pytest.approx(
+        s["path_ce_fundus_only"], rel=1e-4
+    )
+    paths.train()
+    paths.zero_grad()
+    model = make_model("imputation_paths").train()
+    assert (model.path_weight, model.consistency_weight) == (
+        MCFG.missing_path_weight,
+        MCFG.consistency_weight,
+    )
+    no_paths = copy.deepcopy(model)
+    no_paths.path_weight = no_paths.consistency_weight = 0.0
+    complete = make_batch([1] * 6, [1] * 6)
+    run(model, complete).aux_loss.backward()
+    run(no_paths, complete).aux_loss.backward()
+    assert _grads(model.head) > 0 and _grads(no_paths.head) == 0  # the path terms train the head
+    # imputed inputs are detached: the regressors get the regression gradient and nothing more
+    for name in ("imp_fo", "imp_of"):
+        for p, q in zip(
+            getattr(model, name).parameters(), getattr(no_paths, name).parameters(), strict=True
+        ):
+            torch.testing.assert_close(p.grad, q.grad)
+    assert "path_ce_oct_only" not in run(model, make_batch([1, 1, 0], [0, 0, 1])).stats
 
 
 def test_distillation_routes_teacher_or_student_and_distils() -> None:

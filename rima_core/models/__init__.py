@@ -50,6 +50,7 @@ BUILDERS: dict[str, Builder] = {
         c, k, modality_dropout=c.modality_dropout, pretrained=pre
     ),
     "imputation": lambda c, k, pre: Imputation(c, k, pretrained=pre),
+    "imputation_paths": lambda c, k, pre: Imputation(c, k, train_paths=True, pretrained=pre),
     "distillation": lambda c, k, pre: Distillation(c, k, pretrained=pre),
 }
 MODEL_NAMES = tuple(BUILDERS)

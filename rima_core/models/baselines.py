@@ -10,6 +10,10 @@
   even when the training set is complete.
 - ``imputation``: a missing modality's features regressed from the present one's, then late
   fusion (the imputation family the paper argues against).
+- ``imputation_paths``: the same, with RIMA's explicit missing-path training (every complete
+  eye also graded from each modality plus the other's imputed feature, with cross-entropy and a
+  consistency term), so the comparison with RIMA isolates the OT alignment and the asymmetric
+  fusion rather than the path training.
 - ``distillation``: a complete-data teacher and single-modality students trained jointly by
   online distillation (the knowledge-distillation family the paper argues against).
 """
@@ -101,12 +105,26 @@ class Imputation(EyeModel):
     feature detached as well, so cross-entropy never turns the regressors into classifiers. The
     head (concat + MLP) is trained with modality dropout (``model.modality_dropout``) so it
     sees imputed features in training even when the training data are complete.
+
+    ``train_paths=True`` (``imputation_paths``) adds RIMA's missing-path terms with RIMA's
+    weights (``model.missing_path_weight``, ``model.consistency_weight``): for every eye that
+    has both modalities, the head also grades [fundus, imputed OCT] and [imputed fundus, OCT],
+    each with cross-entropy and a KL term towards the detached full prediction.
     """
 
-    def __init__(self, cfg: RimaConfig, n_classes: int, *, pretrained: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: RimaConfig,
+        n_classes: int,
+        *,
+        train_paths: bool = False,
+        pretrained: bool = True,
+    ) -> None:
         super().__init__()
         d_f, d_o, hidden = cfg.fundus_dim, cfg.oct_dim, cfg.hidden_dim
         self.modality_dropout = checked_dropout(cfg.modality_dropout)
+        self.path_weight = cfg.missing_path_weight if train_paths else 0.0
+        self.consistency_weight = cfg.consistency_weight if train_paths else 0.0
         self.fundus_encoder, self.oct_encoder = build_encoders(cfg, pretrained)
         self.imp_fo = MLP(d_f, hidden, d_o)  # fundus features -> OCT features
         self.imp_of = MLP(d_o, hidden, d_f)  # OCT features -> fundus features
@@ -129,11 +147,38 @@ class Imputation(EyeModel):
             stats["imputation_loss_of"] = float(loss_of.detach())
         x = self.dropped(x, stats)
         has_f, has_o = x.has_f, x.has_o
-        f_in = torch.where(has_f[:, None], f, pred_f.detach().to(f.dtype))
-        o_in = torch.where(has_o[:, None], o, pred_o.detach().to(o.dtype))
+        pred_f, pred_o = pred_f.detach().to(f.dtype), pred_o.detach().to(o.dtype)
+        f_in = torch.where(has_f[:, None], f, pred_f)
+        o_in = torch.where(has_o[:, None], o, pred_o)
         logits = self.head(torch.cat([f_in, o_in], dim=1))
         stats["imputed_fraction"] = float((~(has_f & has_o)).float().mean())
+        if self.training and self.path_weight > 0 and x.labels is not None and bool(both.any()):
+            aux = aux + self._missing_paths(f, o, pred_f, pred_o, both, x.labels, stats)
         return ModelOutput(logits, aux, stats)
+
+    def _missing_paths(
+        self,
+        f: torch.Tensor,
+        o: torch.Tensor,
+        pred_f: torch.Tensor,
+        pred_o: torch.Tensor,
+        both: torch.Tensor,
+        labels: torch.Tensor,
+        stats: dict[str, float],
+    ) -> torch.Tensor:
+        """Cross-entropy + KL towards the full prediction of each imputed path of the complete
+        eyes (the real pairs, before modality dropout), as RIMA trains its missing paths."""
+        f, o, pred_f, pred_o = f[both], o[both], pred_f[both], pred_o[both]
+        y = labels.reshape(-1)[both]
+        target = F.log_softmax(self.head(torch.cat([f, o], dim=1)).detach().float(), dim=1)
+        total = zero_loss(f).float()
+        for name, feats in (("fundus", (f, pred_o)), ("oct", (pred_f, o))):
+            logp = F.log_softmax(self.head(torch.cat(feats, dim=1)).float(), dim=1)
+            ce = F.nll_loss(logp, y)
+            kl = F.kl_div(logp, target, log_target=True, reduction="batchmean")
+            stats[f"path_ce_{name}_only"] = float(ce.detach())
+            total = total + self.path_weight * ce + self.consistency_weight * kl
+        return total
 
 
 class Distillation(EyeModel):
