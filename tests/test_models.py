@@ -623,11 +623,24 @@ def test_imputation_regressors_learn_from_regression_only_and_fill_the_gap() -> 
     with torch.no_grad():
         out = run(model, partial, labels=False).logits
         f = model.fundus_encoder(partial["fundus"][1:2])
-        expected = model.head(torch.cat([f, model.imp_fo(f)], dim=1))
-        torch.testing.assert_close(out[1:2], expected)
+        torch.testing.assert_close(out[1:2], model.head(torch.cat([f, model.imp_fo(f)], dim=1)))
         o = model.oct_encoder(partial["oct"][2:3])
-        expected = model.head(torch.cat([model.imp_of(o), o], dim=1))
-        torch.testing.assert_close(out[2:3], expected)
+        torch.testing.assert_close(out[2:3], model.head(torch.cat([model.imp_of(o), o], dim=1)))
+
+
+def test_imputation_loss_stays_bounded_with_few_nearly_identical_pairs() -> None:
+    """Incomplete training data: a batch may hold two complete eyes with almost the same
+    features. Normalising by those two rows' variance made the loss ~10³ and stalled training;
+    the variance of every row that has the modality keeps it the unexplained variance."""
+    model = make_model("imputation").train()
+    b = make_batch([1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 1, 1, 1, 1], seed=5)
+    normal = run(model, b).stats
+    for key in ("fundus", "oct"):
+        b[key][1] = b[key][0] + 1e-4  # the two complete eyes: near-identical images
+    near = run(model, b).stats
+    for key in ("imputation_loss_fo", "imputation_loss_of"):
+        # the paired rows' variance is ~1e-9 here: dividing by it would multiply the loss ~1e6
+        assert 0 < near[key] < 10 * normal[key], (key, near[key], normal[key])
 
 
 def test_imputation_trains_with_modality_dropout() -> None:

@@ -84,27 +84,37 @@ class LateFusion(EyeModel):
         return ModelOutput(logits, zero_loss(logits), stats)
 
 
-def _unexplained_variance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """MSE divided by the target's variance (about 1 for a regressor that predicts the mean).
+def _unexplained_variance(
+    pred: torch.Tensor, target: torch.Tensor, population: torch.Tensor
+) -> torch.Tensor:
+    """MSE divided by the mean per-dimension variance of ``population`` (every row of the batch
+    that has the target modality): about 1 for a regressor that predicts the mean.
 
     Scale-free, so the regression term stays O(1) whatever the encoders' feature scale, and a
-    global gradient clip is not dominated by it."""
-    target = target.float()
-    mse = F.mse_loss(pred.float(), target)
-    return mse / target.var(dim=0, unbiased=False).mean().clamp_min(1e-6)
+    global gradient clip is not dominated by it; the variance comes from all the modality's rows,
+    not the few paired ones, so two near-identical pairs cannot make the denominator vanish.
+    """
+    mse = F.mse_loss(pred.float(), target.float())
+    return mse / population.float().var(dim=0, unbiased=False).mean().clamp_min(1e-6)
 
 
 class Imputation(EyeModel):
     """Fill in the missing modality's *features* with a learned regressor, then late fusion.
 
     The imputation family the paper argues against: ``imp_fo`` (fundus -> OCT features) and
-    ``imp_of`` (OCT -> fundus) are MLPs regressed (MSE relative to the target variance) on the
-    eyes that have both modalities (all of them: modality dropout only hides a feature from the
-    head, so in training both features of such an eye are encoded). Inputs and targets are
-    detached, so the regression never shapes the encoders, and the head reads the imputed
-    feature detached as well, so cross-entropy never turns the regressors into classifiers. The
-    head (concat + MLP) is trained with modality dropout (``model.modality_dropout``) so it
-    sees imputed features in training even when the training data are complete.
+    ``imp_of`` (OCT -> fundus) are MLPs regressed (MSE) on the eyes that have both modalities
+    (all of them: modality dropout only hides a feature from the head, so in training both
+    features of such an eye are encoded). Inputs and targets are detached, so the regression
+    never shapes the encoders, and the head reads the imputed feature detached as well, so
+    cross-entropy never turns the regressors into classifiers. The head (concat + MLP) is
+    trained with modality dropout (``model.modality_dropout``) so it sees imputed features in
+    training even when the training data are complete.
+
+    The regression loss is the MSE divided by the target modality's feature variance over all
+    eyes of the batch that have it (:func:`_unexplained_variance`). An earlier version divided
+    by the variance of the paired rows alone, which blew up whenever a batch held few complete
+    eyes (incomplete training data): the loss reached 10³, dominated the global gradient clip
+    and stalled the whole network.
 
     ``train_paths=True`` (``imputation_paths``) adds RIMA's missing-path terms with RIMA's
     weights (``model.missing_path_weight``, ``model.consistency_weight``): for every eye that
@@ -140,8 +150,8 @@ class Imputation(EyeModel):
         # The regressors learn from every real pair, before modality dropout hides one side
         # from the head (the dropped feature is only a detached regression target).
         if self.training and int(both.sum()) >= 2:
-            loss_fo = _unexplained_variance(pred_o[both], o[both].detach())
-            loss_of = _unexplained_variance(pred_f[both], f[both].detach())
+            loss_fo = _unexplained_variance(pred_o[both], o[both].detach(), o[x.has_o].detach())
+            loss_of = _unexplained_variance(pred_f[both], f[both].detach(), f[x.has_f].detach())
             aux = loss_fo + loss_of
             stats["imputation_loss_fo"] = float(loss_fo.detach())
             stats["imputation_loss_of"] = float(loss_of.detach())
