@@ -71,8 +71,11 @@ TUNED: dict[str, str] = {
 # tune.* keys that set the budget or the plumbing, not what a trial measures: changing them
 # keeps the study (a bigger n_trials continues it).
 _BUDGET_KEYS = frozenset({"out_dir", "storage", "study_name", "n_trials", "timeout_s", "workers"})
-# train.* keys a trial overrides or that do not change its result.
-_TRIAL_OVERRIDDEN = frozenset({"out_dir", "epochs", "lr", "selection_metric", "selection_scenario"})
+# train.* keys a trial overrides or that do not change its result. A trial's value is its best
+# validation metric, measured before any path pooling, so a trial skips the pooling fit.
+_TRIAL_OVERRIDDEN = frozenset(
+    {"out_dir", "epochs", "lr", "selection_metric", "selection_scenario", "pool_paths"}
+)
 # A dead worker's trial is failed (and retried once) after this long without a heartbeat.
 HEARTBEAT_S = 15
 GRACE_S = 60
@@ -116,6 +119,7 @@ def trial_config(cfg: Config, params: Mapping[str, float]) -> Config:
             "train.epochs": tc.epochs,
             "train.selection_scenario": tc.scenario,
             "train.selection_metric": tc.metric,
+            "train.pool_paths": False,
         },
         "trial",
     )

@@ -19,6 +19,7 @@ import yaml
 
 from rima_core.cli import build_parser
 from rima_core.config import Config, load_config
+from rima_core.tune import _TRIAL_OVERRIDDEN
 from tests.conftest import mlflow_free_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,10 +221,8 @@ STAGE_READS: dict[str, list[str]] = {
     "evaluate": ["evaluate", "runtime", "promote.scenario"],
     "register": ["mlflow", "promote"],
 }
-# tune: the values a trial sets itself (tune.epochs, the sampled lr, tune's target)
-OVERRIDDEN = {
-    "tune": {"train.epochs", "train.lr", "train.selection_metric", "train.selection_scenario"}
-}
+# tune: the values a trial sets itself (tune.epochs, the sampled lr, tune's target, no pooling)
+OVERRIDDEN = {"tune": {f"train.{key}" for key in _TRIAL_OVERRIDDEN}}
 
 
 def _module_path(module: str) -> Path | None:
