@@ -567,6 +567,58 @@ def acceptance_checks(
     return checks
 
 
+WORST_SCENARIOS = ("fundus_missing", "oct_missing", "mixed")
+
+
+def worst_runs(long: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
+    """Per method and scenario with a modality missing: the lowest test QWK of any run (every
+    setting and seed) and where it happened. A mean over seeds hides a method that collapses on
+    one dataset in five; a clinic meets that dataset."""
+    qwk = long[(long["metric"] == "qwk") & long["scenario"].isin(WORST_SCENARIOS)].dropna(
+        subset=["value"]
+    )
+    rows = []
+    for method in methods:
+        for scenario in WORST_SCENARIOS:
+            runs = qwk[(qwk["method"] == method) & (qwk["scenario"] == scenario)]
+            if runs.empty:
+                continue
+            low = runs.loc[runs["value"].idxmin()]
+            rows.append(
+                {
+                    "method": method,
+                    "scenario": scenario,
+                    "min_qwk": float(low["value"]),
+                    "setting": low["setting"],
+                    "seed": int(low["seed"]),
+                    "n_runs": len(runs),
+                }
+            )
+    return pd.DataFrame(
+        rows, columns=["method", "scenario", "min_qwk", "setting", "seed", "n_runs"]
+    )
+
+
+def worst_run_lines(long: pd.DataFrame, methods: list[str]) -> list[str]:
+    worst = worst_runs(long, methods)
+    if worst.empty:
+        return []
+    lines = [
+        "## Worst run: the lowest test QWK of any setting and seed",
+        "",
+        "| method | " + " | ".join(WORST_SCENARIOS) + " |",
+        "| --- |" + " ---: |" * len(WORST_SCENARIOS),
+    ]
+    for method, g in worst.groupby("method", sort=False):
+        by = {r.scenario: r for r in g.itertuples()}
+        cells = [
+            f"{by[s].min_qwk:.3f} ({by[s].setting} seed {by[s].seed})" if s in by else "–"
+            for s in WORST_SCENARIOS
+        ]
+        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def ablation_deltas(long: pd.DataFrame, methods: list[str], settings: list[str]) -> pd.DataFrame:
     """rima − each ablation, test QWK, per setting and main scenario: mean over seeds (paired:
     same data and seed) with its sample std and the number of seeds where rima is higher."""
@@ -701,6 +753,7 @@ def render(
         "",
         *[f"- {c.line()}" for c in checks],
         "",
+        *worst_run_lines(long, args.methods),
         "## Ablations: rima − ablation, test QWK (mean ± std over seeds; seeds where rima is "
         "higher)",
         "",

@@ -1,6 +1,6 @@
 """The missing-modality benchmark's acceptance checks (benchmarks/missing_modality.py): PASS/FAIL
 on the means over seeds, and the margin seed by seed that says whether a verdict is larger than
-the seeds' spread."""
+the seeds' spread; the worst run, which a mean hides."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from benchmarks.missing_modality import (
     acceptance_checks,
     long_table,
     summarise,
+    worst_run_lines,
+    worst_runs,
 )
 
 SETTING = "default/complete"
@@ -67,3 +69,19 @@ def test_seeds_are_paired_by_number_and_one_seed_shows_no_spread() -> None:
     bare = acceptance_checks(summarise(long_table(records)), [SETTING])
     assert [c.status for c in bare] == [c.status for c in checks.values()]
     assert all(c.per_seed == [] for c in bare)
+
+
+def test_worst_run_names_the_collapse_a_mean_hides() -> None:
+    records = [_record(RIMA, seed, 0.8) for seed in range(5)]
+    records += [_record("imputation_paths", seed, 0.85) for seed in range(4)]
+    records.append(_record("imputation_paths", 4, 0.15))  # one dataset in five collapses
+    long = long_table(records)
+    worst = worst_runs(long, [RIMA, "imputation_paths", "distillation"])
+    assert set(worst["scenario"]) == {"fundus_missing", "oct_missing", "mixed"}
+    row = worst[(worst["method"] == "imputation_paths") & (worst["scenario"] == "oct_missing")]
+    assert row["min_qwk"].item() == pytest.approx(0.15) and row["seed"].item() == 4
+    assert row["setting"].item() == SETTING and row["n_runs"].item() == 5
+    assert "distillation" not in set(worst["method"])  # never ran: no row, no made-up value
+    lines = worst_run_lines(long, [RIMA, "imputation_paths"])
+    assert f"| `imputation_paths` | 0.150 ({SETTING} seed 4) |" in "\n".join(lines)
+    assert worst_run_lines(long_table([]), [RIMA]) == []
