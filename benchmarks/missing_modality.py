@@ -489,15 +489,19 @@ def _check(
     )
 
 
-def per_seed_qwk(long: pd.DataFrame, setting: str, method: str, scenario: str) -> pd.Series:
-    """Test QWK of one method in one setting and scenario, indexed by seed."""
-    rows = long[
-        (long["setting"] == setting)
-        & (long["method"] == method)
-        & (long["scenario"] == scenario)
-        & (long["metric"] == "qwk")
-    ]
-    return rows.set_index("seed")["value"].dropna()
+def qwk_by_seed(long: pd.DataFrame, setting: str) -> pd.DataFrame:
+    """Test QWK of one setting: index (seed, scenario), one column per method. Rows of one
+    seed are the same data and training seed, so differences along a row are paired."""
+    qwk = long[(long["metric"] == "qwk") & (long["setting"] == setting)]
+    return qwk.pivot_table(index=["seed", "scenario"], columns="method", values="value")
+
+
+def seed_values(block: pd.DataFrame, method: str, scenario: str) -> pd.Series:
+    """One method's per-seed values in one scenario of a :func:`qwk_by_seed` block (empty when
+    the method or scenario did not run)."""
+    if method not in block.columns or scenario not in block.index.get_level_values("scenario"):
+        return pd.Series(dtype=float)
+    return block[method].xs(scenario, level="scenario").dropna()
 
 
 def acceptance_checks(
@@ -511,13 +515,14 @@ def acceptance_checks(
         def q(method: str, scenario: str, st: str = st) -> float:
             return mean_of(summary, st, method, scenario)
 
-        def pair(method: str, scenario: str, st: str = st) -> tuple[pd.Series, pd.Series] | None:
-            if long is None:
+        block = None if long is None else qwk_by_seed(long, st)
+
+        def pair(
+            method: str, scenario: str, block: pd.DataFrame | None = block
+        ) -> tuple[pd.Series, pd.Series] | None:
+            if block is None:
                 return None
-            return (
-                per_seed_qwk(long, st, RIMA, scenario),
-                per_seed_qwk(long, st, method, scenario),
-            )
+            return seed_values(block, RIMA, scenario), seed_values(block, method, scenario)
 
         checks.append(
             _check(
@@ -623,20 +628,13 @@ def ablation_deltas(long: pd.DataFrame, methods: list[str], settings: list[str])
     """rima − each ablation, test QWK, per setting and main scenario: mean over seeds (paired:
     same data and seed) with its sample std and the number of seeds where rima is higher."""
     rows = []
-    qwk = long[long["metric"] == "qwk"]
     for st in settings:
-        block = qwk[qwk["setting"] == st].pivot_table(
-            index=["seed", "scenario"], columns="method", values="value"
-        )
-        if RIMA not in block.columns:
-            continue
+        block = qwk_by_seed(long, st)
         for abl in ablations(methods):
-            if abl not in block.columns:
-                continue
             for scenario in MAIN:
-                if scenario not in block.index.get_level_values("scenario"):
-                    continue
-                d = (block[RIMA] - block[abl]).xs(scenario, level="scenario").dropna()
+                d = (
+                    seed_values(block, RIMA, scenario) - seed_values(block, abl, scenario)
+                ).dropna()
                 if d.empty:
                     continue
                 rows.append(
