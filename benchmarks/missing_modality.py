@@ -457,8 +457,30 @@ class Check:
         if len(self.per_seed) > 1:
             clear = sum(m >= -1e-12 for m in self.per_seed)
             seeds = " / ".join(f"{m:+.3f}" for m in self.per_seed)
-            text += f"; per seed {seeds}: {clear} of {len(self.per_seed)} clear it"
+            text += (
+                f"; per seed {seeds}: {clear} of {len(self.per_seed)} clear it, "
+                f"paired standard error {self.standard_error:.3f}"
+            )
         return text + ")"
+
+    @property
+    def standard_error(self) -> float:
+        """Standard error of the mean paired margin: the seeds' spread of the margin over
+        sqrt(seeds). A margin within about two of these of zero is within the seeds' noise
+        (the test split is small), which a PASS/FAIL on the mean does not say."""
+        if len(self.per_seed) < 2:
+            return float("nan")
+        return float(np.std(self.per_seed, ddof=1) / np.sqrt(len(self.per_seed)))
+
+
+def within_noise(checks: list[Check], n_se: float = 2.0) -> list[Check]:
+    """The checks whose mean margin lies within ``n_se`` paired standard errors of zero: their
+    PASS or FAIL would flip on other seeds as easily as not."""
+    return [
+        c
+        for c in checks
+        if np.isfinite(c.standard_error) and abs(c.rima - c.threshold) <= n_se * c.standard_error
+    ]
 
 
 def _check(
@@ -721,6 +743,8 @@ def render(
     selection = sorted({r.get("selection", "?") for r in runs})
     n_pass = sum(c.status == "PASS" for c in checks)
     n_fail = sum(c.status == "FAIL" for c in checks)
+    judged = [c for c in checks if c.status != "SKIP" and len(c.per_seed) > 1]
+    close = within_noise(judged)
     regimes_text = "; ".join(
         f"`{r}`: {', '.join(f'`{o}`' for o in PHANTOM_REGIMES[r]) or 'params.yaml as is'}"
         for r in args.regimes
@@ -748,6 +772,11 @@ def render(
         *_missing_runs_lines(records, args),
         f"## Acceptance criteria (mean test QWK): {n_pass} pass, {n_fail} fail, "
         f"{len(checks) - n_pass - n_fail} skipped",
+        "",
+        "Each line: the criterion on the means over seeds, then the margin seed by seed (paired: "
+        "same data and training seed) and the standard error of its mean. A margin within two "
+        f"standard errors of zero is within the seeds' noise: {len(close)} of the "
+        f"{len(judged)} margins ({sum(c.status == 'FAIL' for c in close)} of the fails).",
         "",
         *[f"- {c.line()}" for c in checks],
         "",

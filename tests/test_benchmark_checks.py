@@ -4,6 +4,8 @@ the seeds' spread; the worst run, which a mean hides."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from benchmarks.missing_modality import (
@@ -12,6 +14,7 @@ from benchmarks.missing_modality import (
     acceptance_checks,
     long_table,
     summarise,
+    within_noise,
     worst_run_lines,
     worst_runs,
 )
@@ -49,6 +52,11 @@ def test_each_check_carries_its_margin_seed_by_seed() -> None:
     assert fused.status == "PASS"
     assert fused.per_seed == pytest.approx([-0.015, 0.105, -0.015])
     assert "per seed -0.015 / +0.105 / -0.015: 1 of 3 clear it" in fused.line()
+    # its noise: sample std of the margins (0.0693) over sqrt(3) seeds
+    assert fused.standard_error == pytest.approx(0.04)
+    assert "paired standard error 0.040" in fused.line()
+    # its mean margin +0.025 is within two of those of zero: the PASS is within the seeds' noise
+    assert fused in within_noise([fused]) and within_noise([fused], n_se=0.5) == []
     # the best single modality is chosen by its mean (oct_only 0.733 > fundus_only 0.600) and
     # paired with rima seed by seed
     best = checks["complete: rima >= best single modality + 0.03"]
@@ -64,6 +72,7 @@ def test_seeds_are_paired_by_number_and_one_seed_shows_no_spread() -> None:
     missing = checks["OCT missing: rima >= fundus_only - 0.02"]
     assert missing.status == "FAIL" and missing.per_seed == pytest.approx([-0.08])
     assert "per seed" not in missing.line()  # a single seed has no spread to show
+    assert math.isnan(missing.standard_error) and "standard error" not in missing.line()
     # without the per-seed table the verdicts are the same, with no per-seed margins
     records = [_record(m, 0, v[0]) for m, v in values.items()]
     bare = acceptance_checks(summarise(long_table(records)), [SETTING])
