@@ -144,18 +144,26 @@ def bench_config(params: str, seed: int, epochs: int, overrides: list[str]) -> C
     return cfg
 
 
-def incomplete_train_rows(manifest: pd.DataFrame, cfg: MissingConfig) -> pd.DataFrame:
+def incomplete_train_rows(
+    manifest: pd.DataFrame,
+    cfg: MissingConfig,
+    rates: tuple[float, float] | list[float] = INCOMPLETE_RATES,
+) -> pd.DataFrame:
     """Train-split mask rows of the ``incomplete`` training regime (``train_incomplete``).
 
     The same seeded ``mixed`` construction as the evaluation masks (exact counts, never both
-    missing), with the training rates.
+    missing), with the training rates ``rates`` (fundus, OCT missing).
     """
     from rima_core.data.masks import scenario_mask
 
     rows = manifest[manifest["split"] == "train"]
-    rates = MissingConfig(seed=cfg.seed, mixed=list(INCOMPLETE_RATES))
+    train_cfg = MissingConfig(seed=cfg.seed, mixed=list(rates))
     keep_f, keep_o = scenario_mask(
-        rows["has_fundus"].to_numpy(bool), rows["has_oct"].to_numpy(bool), "train", "mixed", rates
+        rows["has_fundus"].to_numpy(bool),
+        rows["has_oct"].to_numpy(bool),
+        "train",
+        "mixed",
+        train_cfg,
     )
     return pd.DataFrame(
         {
@@ -168,7 +176,9 @@ def incomplete_train_rows(manifest: pd.DataFrame, cfg: MissingConfig) -> pd.Data
     ).astype({"case_id": "string", "split": "string", "scenario": "string"})
 
 
-def prepare_data(data_dir: Path, cfg: Config) -> tuple[Path, Path]:
+def prepare_data(
+    data_dir: Path, cfg: Config, incomplete_rates: tuple[float, float] | list[float]
+) -> tuple[Path, Path]:
     """Phantom -> store -> masks for one (phantom regime, seed); each product reused if there."""
     from rima_core.data import open_store
     from rima_core.data.masks import build_masks
@@ -184,7 +194,10 @@ def prepare_data(data_dir: Path, cfg: Config) -> tuple[Path, Path]:
     if not masks.exists():
         manifest = open_store(store).manifest
         table = pd.concat(
-            [build_masks(manifest, cfg.missing), incomplete_train_rows(manifest, cfg.missing)],
+            [
+                build_masks(manifest, cfg.missing),
+                incomplete_train_rows(manifest, cfg.missing, incomplete_rates),
+            ],
             ignore_index=True,
         )
         with atomic_file(masks) as tmp:
@@ -757,8 +770,8 @@ def render(
         f"Seeds {seeds} (each seed = its own generated dataset *and* training seed); "
         f"{args.n_eyes} eyes per dataset (60/20/20 split); phantom regimes: {regimes_text}. "
         f"Training regimes: `complete` (training eyes keep what the source has) and `incomplete` "
-        f"(of the training eyes with both modalities, {INCOMPLETE_RATES[0]:.0%} lose the fundus "
-        f"and {INCOMPLETE_RATES[1]:.0%} the OCT). Every method trained for at most "
+        f"(of the training eyes with both modalities, {args.incomplete_rates[0]:.0%} lose the "
+        f"fundus and {args.incomplete_rates[1]:.0%} the OCT). Every method trained for at most "
         f"{args.epochs} epochs (early-stopping patience {args.patience}), model selection on "
         f"the **validation** split by {', '.join(selection)}; scores on the **test** split. "
         f"Cells: mean ± sample std over seeds. Extra overrides: "
@@ -941,6 +954,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=TRAININGS,
         help="training regimes: complete and/or incomplete training data",
     )
+    ap.add_argument(
+        "--incomplete-rates",
+        type=float,
+        nargs=2,
+        default=list(INCOMPLETE_RATES),
+        metavar=("FUNDUS", "OCT"),
+        help="incomplete training regime: the share of the training eyes with both modalities "
+        "that lose the fundus / the OCT (e.g. 0.45 0.45 leaves 10%% of them paired)",
+    )
     ap.add_argument("--epochs", type=int, default=12, help="training budget, every method")
     ap.add_argument("--patience", type=int, default=None, help="default: params.yaml")
     ap.add_argument("--n-eyes", type=int, default=None, help="default: params.yaml synth.n_eyes")
@@ -969,6 +991,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.jobs < 1 or args.threads < 1:
         ap.error("--jobs and --threads must be >= 1")
+    if min(args.incomplete_rates) < 0 or sum(args.incomplete_rates) > 1:
+        ap.error("--incomplete-rates must be >= 0 and sum to at most 1 (an eye loses one modality)")
     args.command = "python benchmarks/missing_modality.py" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:])
     )
@@ -996,7 +1020,7 @@ def protocol_dir(args: argparse.Namespace, base: Config) -> Path:
         "n_eyes": args.n_eyes,
         "overrides": sorted(args.overrides),
         "regimes": {r: PHANTOM_REGIMES[r] for r in sorted(PHANTOM_REGIMES)},
-        "incomplete_rates": INCOMPLETE_RATES,
+        "incomplete_rates": list(args.incomplete_rates),
         "sweep": SWEEP,
     }
     digest = hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:10]
@@ -1036,7 +1060,9 @@ def main(argv: list[str] | None = None) -> None:
             if not pending:
                 continue
             cfg = bench_config(args.params, seed, args.epochs, overrides)
-            store, masks = prepare_data(work / regime / f"seed{seed}" / "data", cfg)
+            store, masks = prepare_data(
+                work / regime / f"seed{seed}" / "data", cfg, args.incomplete_rates
+            )
             for training, method in pending:
                 run_dir = work / regime / f"seed{seed}" / training / method
                 jobs.append(
