@@ -147,7 +147,7 @@ def bench_config(params: str, seed: int, epochs: int, overrides: list[str]) -> C
 def incomplete_train_rows(
     manifest: pd.DataFrame,
     cfg: MissingConfig,
-    rates: tuple[float, float] | list[float] = INCOMPLETE_RATES,
+    rates: tuple[float, float] | list[float],
 ) -> pd.DataFrame:
     """Train-split mask rows of the ``incomplete`` training regime (``train_incomplete``).
 
@@ -488,12 +488,9 @@ class Check:
 
 def within_noise(checks: list[Check], n_se: float = 2.0) -> list[Check]:
     """The checks whose mean margin lies within ``n_se`` paired standard errors of zero: their
-    PASS or FAIL would flip on other seeds as easily as not."""
-    return [
-        c
-        for c in checks
-        if np.isfinite(c.standard_error) and abs(c.rima - c.threshold) <= n_se * c.standard_error
-    ]
+    PASS or FAIL would flip on other seeds as easily as not. A check without a spread (one seed,
+    or skipped) has a NaN standard error and is never among them."""
+    return [c for c in checks if abs(c.rima - c.threshold) <= n_se * c.standard_error]
 
 
 def _check(
@@ -617,26 +614,14 @@ def worst_runs(long: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
     qwk = long[(long["metric"] == "qwk") & long["scenario"].isin(WORST_SCENARIOS)].dropna(
         subset=["value"]
     )
-    rows = []
-    for method in methods:
-        for scenario in WORST_SCENARIOS:
-            runs = qwk[(qwk["method"] == method) & (qwk["scenario"] == scenario)]
-            if runs.empty:
-                continue
-            low = runs.loc[runs["value"].idxmin()]
-            rows.append(
-                {
-                    "method": method,
-                    "scenario": scenario,
-                    "min_qwk": float(low["value"]),
-                    "setting": low["setting"],
-                    "seed": int(low["seed"]),
-                    "n_runs": len(runs),
-                }
-            )
-    return pd.DataFrame(
-        rows, columns=["method", "scenario", "min_qwk", "setting", "seed", "n_runs"]
-    )
+    qwk = qwk[qwk["method"].isin(methods)]
+    groups = qwk.groupby(["method", "scenario"])["value"]
+    low = qwk.loc[groups.idxmin()].set_index(["method", "scenario"])
+    low["n_runs"] = groups.size()
+    order = [(m, s) for m in methods for s in WORST_SCENARIOS if (m, s) in low.index]
+    worst = low.loc[order].reset_index().rename(columns={"value": "min_qwk"})
+    worst["seed"] = worst["seed"].astype(int)
+    return worst[["method", "scenario", "min_qwk", "setting", "seed", "n_runs"]]
 
 
 def worst_run_lines(long: pd.DataFrame, methods: list[str]) -> list[str]:
@@ -756,7 +741,7 @@ def render(
     selection = sorted({r.get("selection", "?") for r in runs})
     n_pass = sum(c.status == "PASS" for c in checks)
     n_fail = sum(c.status == "FAIL" for c in checks)
-    judged = [c for c in checks if c.status != "SKIP" and len(c.per_seed) > 1]
+    judged = [c for c in checks if np.isfinite(c.standard_error)]
     close = within_noise(judged)
     regimes_text = "; ".join(
         f"`{r}`: {', '.join(f'`{o}`' for o in PHANTOM_REGIMES[r]) or 'params.yaml as is'}"
