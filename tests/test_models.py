@@ -592,6 +592,14 @@ def test_new_baselines_train_and_grade_an_eye_missing_either_modality(name: str)
     assert float(out.aux_loss) == 0.0
 
 
+def _imputed_by_hand(feats, src_stats, regressor, dst_stats) -> torch.Tensor:
+    """The imputation written out: standardise with the running mean and the pooled running
+    variance, regress, map back to the target's raw feature space."""
+    src_scale = (src_stats.var.mean() + src_stats.eps).sqrt()
+    dst_scale = (dst_stats.var.mean() + dst_stats.eps).sqrt()
+    return regressor((feats - src_stats.mean) / src_scale) * dst_scale + dst_stats.mean
+
+
 def test_imputation_regressors_learn_from_regression_only_and_fill_the_gap() -> None:
     model = make_model("imputation").train()
     b = make_batch([1] * 6, [1] * 6)
@@ -623,15 +631,17 @@ def test_imputation_regressors_learn_from_regression_only_and_fill_the_gap() -> 
     with torch.no_grad():
         out = run(model, partial, labels=False).logits
         f = model.fundus_encoder(partial["fundus"][1:2])
-        torch.testing.assert_close(out[1:2], model.head(torch.cat([f, model.imp_fo(f)], dim=1)))
+        imputed_o = _imputed_by_hand(f, model.fundus_stats, model.imp_fo, model.oct_stats)
+        torch.testing.assert_close(out[1:2], model.head(torch.cat([f, imputed_o], dim=1)))
         o = model.oct_encoder(partial["oct"][2:3])
-        torch.testing.assert_close(out[2:3], model.head(torch.cat([model.imp_of(o), o], dim=1)))
+        imputed_f = _imputed_by_hand(o, model.oct_stats, model.imp_of, model.fundus_stats)
+        torch.testing.assert_close(out[2:3], model.head(torch.cat([imputed_f, o], dim=1)))
 
 
 def test_imputation_loss_stays_bounded_with_few_nearly_identical_pairs() -> None:
     """Incomplete training data: a batch may hold two complete eyes with almost the same
     features. Normalising by those two rows' variance made the loss ~10³ and stalled training;
-    the variance of every row that has the modality keeps it the unexplained variance."""
+    in the running-standardised spaces the loss does not depend on which rows are paired."""
     model = make_model("imputation").train()
     b = make_batch([1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 1, 1, 1, 1], seed=5)
     normal = run(model, b).stats
@@ -641,6 +651,30 @@ def test_imputation_loss_stays_bounded_with_few_nearly_identical_pairs() -> None
     for key in ("imputation_loss_fo", "imputation_loss_of"):
         # the paired rows' variance is ~1e-9 here: dividing by it would multiply the loss ~1e6
         assert 0 < near[key] < 10 * normal[key], (key, near[key], normal[key])
+
+
+def test_imputation_loss_is_scale_free_for_uncentred_features() -> None:
+    """Encoder features are non-negative with a mean far above their spread. Regressing raw
+    features started the loss at ~1 + mean²/variance (10²–10⁴ in benchmark runs), which
+    dominated the global gradient clip. Standardised, an offset of 50 changes nothing: the loss
+    of an untrained regressor stays near 1 (it predicts about the mean)."""
+    b = make_batch(*MIXED)
+    losses = {}
+    for offset in (0.0, 50.0):
+        torch.manual_seed(0)
+        model = make_model("imputation").train()
+        for encoder in (model.fundus_encoder, model.oct_encoder):
+            encoder.register_forward_hook(lambda _m, _i, out, c=offset: out + c)
+        s = run(model, b).stats
+        losses[offset] = s["imputation_loss_fo"] + s["imputation_loss_of"]
+    assert losses[50.0] == pytest.approx(losses[0.0], rel=1e-3), losses
+    assert 0.5 < losses[50.0] < 6.0, losses  # two terms, each about 1 (a few pairs per batch)
+    # the imputed feature is back in the raw (offset) space the head reads
+    model.eval()
+    with torch.no_grad():
+        f = model.fundus_encoder(b["fundus"])
+        imputed = _imputed_by_hand(f, model.fundus_stats, model.imp_fo, model.oct_stats)
+    assert float(imputed.mean()) > 25.0
 
 
 def test_imputation_trains_with_modality_dropout() -> None:
@@ -671,7 +705,8 @@ def test_imputation_paths_trains_each_imputed_path_of_complete_eyes() -> None:
     paths.eval()
     with torch.no_grad():
         f = paths.fundus_encoder(b["fundus"][both])
-        logits = paths.head(torch.cat([f, paths.imp_fo(f)], dim=1))
+        imputed_o = _imputed_by_hand(f, paths.fundus_stats, paths.imp_fo, paths.oct_stats)
+        logits = paths.head(torch.cat([f, imputed_o], dim=1))
     assert float(F.cross_entropy(logits, b["label"][both])) == pytest.approx(
         s["path_ce_fundus_only"], rel=1e-4
     )

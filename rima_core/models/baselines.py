@@ -29,6 +29,7 @@ from .common import (
     EyeModel,
     Inputs,
     ModelOutput,
+    RunningStandardizer,
     build_encoders,
     checked_dropout,
     encode_present,
@@ -84,18 +85,27 @@ class LateFusion(EyeModel):
         return ModelOutput(logits, zero_loss(logits), stats)
 
 
-def _unexplained_variance(
+def _standardised(stats: RunningStandardizer, x: torch.Tensor) -> torch.Tensor:
+    """``x`` centred per dimension by the running mean and divided by one pooled scale (the root
+    of the mean running variance): one scale, so a unit with near-zero variance so far cannot
+    blow up when it wakes; :func:`_raw` is the inverse."""
+    return (x - stats.mean.to(x.dtype)) * torch.rsqrt(stats.var.mean() + stats.eps).to(x.dtype)
+
+
+def _raw(stats: RunningStandardizer, z: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_standardised`: a prediction back in the raw space the head reads."""
+    return z * torch.sqrt(stats.var.mean() + stats.eps).to(z.dtype) + stats.mean.to(z.dtype)
+
+
+def _unexplained_share(
     pred: torch.Tensor, target: torch.Tensor, population: torch.Tensor
 ) -> torch.Tensor:
-    """MSE divided by the mean per-dimension variance of ``population`` (every row of the batch
-    that has the target modality): about 1 for a regressor that predicts the mean.
-
-    Scale-free, so the regression term stays O(1) whatever the encoders' feature scale, and a
-    global gradient clip is not dominated by it; the variance comes from all the modality's rows,
-    not the few paired ones, so two near-identical pairs cannot make the denominator vanish.
-    """
-    mse = F.mse_loss(pred.float(), target.float())
-    return mse / population.float().var(dim=0, unbiased=False).mean().clamp_min(1e-6)
+    """MSE of ``pred`` against ``target`` divided by the mean squared norm per dimension of
+    ``population`` (every standardised row of the batch that has the target modality): about 1
+    for a regressor that predicts the running mean, however far the encoders have moved since
+    the running statistics last caught up (early in training they lag by many batch spreads)."""
+    scale = population.detach().float().pow(2).mean().clamp_min(1e-6)
+    return F.mse_loss(pred.float(), target.float()) / scale
 
 
 class Imputation(EyeModel):
@@ -110,11 +120,17 @@ class Imputation(EyeModel):
     trained with modality dropout (``model.modality_dropout``) so it sees imputed features in
     training even when the training data are complete.
 
-    The regression loss is the MSE divided by the target modality's feature variance over all
-    eyes of the batch that have it (:func:`_unexplained_variance`). An earlier version divided
-    by the variance of the paired rows alone, which blew up whenever a batch held few complete
-    eyes (incomplete training data): the loss reached 10³, dominated the global gradient clip
-    and stalled the whole network.
+    The regressors work in standardised feature spaces (running statistics, the same in training
+    and at inference; :func:`_standardised`): ``imp_fo`` maps standardised fundus features to
+    standardised OCT features and its output is mapped back to the raw OCT space the head reads.
+    The loss is the unexplained share (:func:`_unexplained_share`), about 1 for a regressor that
+    predicts the mean whatever the encoders' feature scale. Earlier versions regressed raw
+    features: dividing the MSE by the paired rows' variance blew up with few complete eyes in a
+    batch; dividing by all rows' variance still started at about 1 + mean²/variance, because
+    encoder features are non-negative with a mean far above their spread (10²–10⁴ in the first
+    epoch of the benchmark runs), so the regression dominated the global gradient clip and
+    stalled the network. Batch statistics in training (BatchNorm's rule) stalled the head in
+    the tests: the imputed features then move with every batch.
 
     ``train_paths=True`` (``imputation_paths``) adds RIMA's missing-path terms with RIMA's
     weights (``model.missing_path_weight``, ``model.consistency_weight``): for every eye that
@@ -136,25 +152,34 @@ class Imputation(EyeModel):
         self.path_weight = cfg.missing_path_weight if train_paths else 0.0
         self.consistency_weight = cfg.consistency_weight if train_paths else 0.0
         self.fundus_encoder, self.oct_encoder = build_encoders(cfg, pretrained)
-        self.imp_fo = MLP(d_f, hidden, d_o)  # fundus features -> OCT features
-        self.imp_of = MLP(d_o, hidden, d_f)  # OCT features -> fundus features
+        self.fundus_stats = RunningStandardizer(d_f)
+        self.oct_stats = RunningStandardizer(d_o)
+        self.imp_fo = MLP(d_f, hidden, d_o)  # standardised fundus -> standardised OCT
+        self.imp_of = MLP(d_o, hidden, d_f)  # standardised OCT -> standardised fundus
         self.head = MLP(d_f + d_o, hidden, n_classes, cfg.dropout)
 
     def grade(self, x: Inputs) -> ModelOutput:
         f, o = self.encode_both(x)
-        pred_o = self.imp_fo(f.detach())
-        pred_f = self.imp_of(o.detach())
+        if self.training:
+            self.fundus_stats.update(f[x.has_f])
+            self.oct_stats.update(o[x.has_o])
+        zf, zo = (
+            _standardised(self.fundus_stats, f.detach()),
+            _standardised(self.oct_stats, o.detach()),
+        )
+        zo_hat, zf_hat = self.imp_fo(zf), self.imp_of(zo)  # standardised predictions
         aux = zero_loss(f)
         stats: dict[str, float] = {}
         both = x.has_f & x.has_o
         # The regressors learn from every real pair, before modality dropout hides one side
         # from the head (the dropped feature is only a detached regression target).
         if self.training and int(both.sum()) >= 2:
-            loss_fo = _unexplained_variance(pred_o[both], o[both].detach(), o[x.has_o].detach())
-            loss_of = _unexplained_variance(pred_f[both], f[both].detach(), f[x.has_f].detach())
+            loss_fo = _unexplained_share(zo_hat[both], zo[both], zo[x.has_o])
+            loss_of = _unexplained_share(zf_hat[both], zf[both], zf[x.has_f])
             aux = loss_fo + loss_of
             stats["imputation_loss_fo"] = float(loss_fo.detach())
             stats["imputation_loss_of"] = float(loss_of.detach())
+        pred_o, pred_f = _raw(self.oct_stats, zo_hat), _raw(self.fundus_stats, zf_hat)
         x = self.dropped(x, stats)
         has_f, has_o = x.has_f, x.has_o
         pred_f, pred_o = pred_f.detach().to(f.dtype), pred_o.detach().to(o.dtype)

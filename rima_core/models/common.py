@@ -1,6 +1,6 @@
 """Pieces every model shares: the base class that holds the calling convention and the input
-checks (:class:`EyeModel`), the output record, modality dropout, the encoders, and encoding only
-the rows that have a modality while keeping the batch order.
+checks (:class:`EyeModel`), the output record, modality dropout, the encoders, encoding only
+the rows that have a modality while keeping the batch order, and running feature standardisation.
 
 Keeping these in one place is what makes the models interchangeable for the engine: the same
 availability rules (an eye with neither modality is an input error; modality dropout never drops
@@ -188,6 +188,36 @@ def encode_present(encoder: nn.Module, x: torch.Tensor, present: torch.Tensor) -
         return x.new_zeros(batch, encoder.out_dim)
     feats = encoder(x.index_select(0, idx))
     return feats.new_zeros(batch, feats.shape[1]).index_copy(0, idx, feats)
+
+
+class RunningStandardizer(nn.Module):
+    """Per-dimension running mean and variance of a feature space (buffers, saved with the model).
+
+    Updated from each training batch's present rows with momentum ``momentum`` (the first update
+    replaces the initial zeros/ones, as BatchNorm's cumulative start would); applied the same way
+    in training and at inference, so a translation learned in training means the same at test.
+    """
+
+    def __init__(self, dim: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.eps = eps
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("var", torch.ones(dim))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        if x.shape[0] < 2:
+            return
+        x = x.detach().float()
+        m = self.momentum if int(self.updates) > 0 else 1.0
+        self.mean.lerp_(x.mean(0), m)
+        self.var.lerp_(x.var(0, unbiased=True), m)
+        self.updates += 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) * torch.rsqrt(self.var + self.eps).to(x.dtype)
 
 
 class MLP(nn.Module):

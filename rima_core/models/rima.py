@@ -69,6 +69,7 @@ from .common import (
     EyeModel,
     Inputs,
     ModelOutput,
+    RunningStandardizer,
     build_encoders,
     checked_dropout,
     encode_present,
@@ -82,36 +83,6 @@ OT_TARGETS = ("barycentric", "sample")
 # The paths a complete eye's prediction pools, in the order of the ``path_weights`` buffer.
 PATHS = ("full", "fundus_only", "oct_only")
 DEFAULT_PATH_WEIGHTS = (1.0, 0.0, 0.0)  # the full path alone
-
-
-class RunningStandardizer(nn.Module):
-    """Per-dimension running mean and variance of a feature space (buffers, saved with the model).
-
-    Updated from each training batch's present rows with momentum ``momentum`` (the first update
-    replaces the initial zeros/ones, as BatchNorm's cumulative start would); applied the same way
-    in training and at inference, so a translation learned in training means the same at test.
-    """
-
-    def __init__(self, dim: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.momentum = momentum
-        self.eps = eps
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("var", torch.ones(dim))
-        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
-
-    @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        if x.shape[0] < 2:
-            return
-        x = x.detach().float()
-        m = self.momentum if int(self.updates) > 0 else 1.0
-        self.mean.lerp_(x.mean(0), m)
-        self.var.lerp_(x.var(0, unbiased=True), m)
-        self.updates += 1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean.to(x.dtype)) * torch.rsqrt(self.var + self.eps).to(x.dtype)
 
 
 class OctBranch(nn.Module):
