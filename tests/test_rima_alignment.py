@@ -130,6 +130,41 @@ def test_a_path_loss_equals_cross_entropy_of_the_fusion_with_one_modality_remove
     assert out.stats["path_ce_oct_only"] == pytest.approx(float(ce_o), rel=1e-4)
 
 
+def test_path_terms_weigh_each_complete_eye_like_the_main_cross_entropy() -> None:
+    """The path terms are their mean over the complete eyes times the share of the batch's eyes
+    that are complete in the data: with 2 complete eyes of 8, 2/8 of the mean. As a mean alone,
+    2 eyes weighed as much as the whole batch's cross-entropy, which stalled training on mostly
+    unpaired data."""
+    b = complete_batch(n=8)
+    # complete: eyes 0, 1; fundus only: 2, 3, 7; OCT only: 4, 5, 6
+    b["has_fundus"] = torch.tensor([1, 1, 1, 1, 0, 0, 0, 1], dtype=torch.bool)
+    b["has_oct"] = torch.tensor([1, 1, 0, 0, 1, 1, 1, 0], dtype=torch.bool)
+    for consistency in (0.0, 0.5):
+        model = make_rima(consistency_weight=consistency, missing_path_weight=1.0).train()
+        model.cfg = replace(model.cfg, loss_weight=0.0)  # only the path terms are auxiliary
+        model.fundus_branch.block.dropout.p = 0.0
+        out = _training_aux(model, b)
+        s = out.stats
+        ce = s["path_ce_fundus_only"] + s["path_ce_oct_only"]
+        if consistency == 0.0:
+            assert float(out.aux_loss.detach()) == pytest.approx(2 / 8 * ce, rel=1e-5)
+        else:  # the KL terms are scaled by the same share: aux - share·CE is share·c·KL >= 0
+            assert float(out.aux_loss.detach()) >= 2 / 8 * ce - 1e-6
+    # Complete training data: the share is 1 even where modality dropout hides a modality (the
+    # share counts the data's pairs, as inverted dropout compensates), so the terms are the
+    # plain means over the eyes left complete.
+    complete = complete_batch(n=16)
+    model = make_rima(consistency_weight=0.0, missing_path_weight=1.0, modality_dropout=0.5)
+    model.train().cfg = replace(model.cfg, loss_weight=0.0)
+    model.fundus_branch.block.dropout.p = 0.0
+    out = _training_aux(model, complete)
+    s = out.stats
+    assert out.stats["modality_dropped"] > 0
+    assert float(out.aux_loss.detach()) == pytest.approx(
+        s["path_ce_fundus_only"] + s["path_ce_oct_only"], rel=1e-5
+    )
+
+
 def test_cross_entropy_never_trains_the_translators() -> None:
     b = complete_batch()
     model = make_rima().train()

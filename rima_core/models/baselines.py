@@ -135,7 +135,8 @@ class Imputation(EyeModel):
     ``train_paths=True`` (``imputation_paths``) adds RIMA's missing-path terms with RIMA's
     weights (``model.missing_path_weight``, ``model.consistency_weight``): for every eye that
     has both modalities, the head also grades [fundus, imputed OCT] and [imputed fundus, OCT],
-    each with cross-entropy and a KL term towards the detached full prediction.
+    each with cross-entropy and a KL term towards the detached full prediction, times the
+    complete eyes' share of the batch (as RIMA weighs them).
     """
 
     def __init__(
@@ -203,6 +204,7 @@ class Imputation(EyeModel):
     ) -> torch.Tensor:
         """Cross-entropy + KL towards the full prediction of each imputed path of the complete
         eyes (the real pairs, before modality dropout), as RIMA trains its missing paths."""
+        share = float(both.float().mean())  # paired share of the batch, weighed as RIMA does
         f, o, pred_f, pred_o = f[both], o[both], pred_f[both], pred_o[both]
         y = labels.reshape(-1)[both]
         target = F.log_softmax(self.head(torch.cat([f, o], dim=1)).detach().float(), dim=1)
@@ -212,7 +214,7 @@ class Imputation(EyeModel):
             ce = F.nll_loss(logp, y)
             kl = F.kl_div(logp, target, log_target=True, reduction="batchmean")
             stats[f"path_ce_{name}_only"] = float(ce.detach())
-            total = total + self.path_weight * ce + self.consistency_weight * kl
+            total = total + share * self.path_weight * ce + share * self.consistency_weight * kl
         return total
 
 

@@ -246,6 +246,7 @@ class RIMA(EyeModel):
 
     def grade(self, x: Inputs) -> ModelOutput:
         stats: dict[str, float] = {}
+        paired_share = float((x.has_f & x.has_o).float().mean())  # in the data, before dropout
         x = self.dropped(x, stats)
         has_f, has_o = x.has_f, x.has_o
         f, o = self.encode(x.fundus, x.oct, has_f, has_o)
@@ -255,7 +256,8 @@ class RIMA(EyeModel):
         if self.training and x.labels is not None:
             labels = x.labels.reshape(-1)
             aux = self._alignment(f, o, has_f, has_o, labels, stats)
-            aux = aux + self._missing_paths(f, o, has_f & has_o, labels, logits, stats)
+            both = has_f & has_o
+            aux = aux + self._missing_paths(f, o, both, paired_share, labels, logits, stats)
         logits = self.pool_paths(f, o, has_f & has_o, logits)
         return ModelOutput(logits=logits, aux_loss=aux, stats=stats)
 
@@ -305,6 +307,7 @@ class RIMA(EyeModel):
         f: torch.Tensor,
         o: torch.Tensor,
         both: torch.Tensor,
+        paired_share: float,
         labels: torch.Tensor,
         full_logits: torch.Tensor,
         stats: dict[str, float],
@@ -313,6 +316,15 @@ class RIMA(EyeModel):
 
         The consistency term (KL of each path's prediction from the detached full prediction)
         teaches a path what the full model would say, not only the hard label.
+
+        Both terms are means over the complete eyes (``both``, after modality dropout) times
+        ``paired_share``, the share of the batch's eyes that have both modalities in the data.
+        So each complete eye's paths weigh about as much as one eye's main cross-entropy (a
+        mean over the whole batch), and the eyes modality dropout hid are compensated, as
+        inverted dropout rescales: with complete training data the share is 1 and the terms are
+        the plain means. Without the share, a batch with 3 complete eyes of 32 (mostly unpaired
+        training data) gave those 3 eyes the weight of the whole batch's cross-entropy, and
+        training stalled at chance for half the epoch budget.
         """
         idx = both.nonzero().flatten()
         if self.path_weight <= 0 or idx.numel() == 0:
@@ -320,13 +332,15 @@ class RIMA(EyeModel):
         f, o, y = f.index_select(0, idx), o.index_select(0, idx), labels.index_select(0, idx)
         target = F.log_softmax(full_logits.index_select(0, idx).detach().float(), dim=1)
         ones = torch.ones_like(idx, dtype=torch.bool)
+        # share 1.0 multiplies exactly: complete training data train bit-identically to before
+        w_ce, w_kl = paired_share * self.path_weight, paired_share * self.consistency_weight
         total = zero_loss(f)
         for name, hf, ho in (("fundus", ones, ~ones), ("oct", ~ones, ones)):
             logp = F.log_softmax(self.fuse(f, o, hf, ho).float(), dim=1)
             ce = F.nll_loss(logp, y)
             kl = F.kl_div(logp, target, log_target=True, reduction="batchmean")
             stats[f"path_ce_{name}_only"] = float(ce.detach())
-            total = total + self.path_weight * ce + self.consistency_weight * kl
+            total = total + w_ce * ce + w_kl * kl
         return total
 
     def _alignment(
