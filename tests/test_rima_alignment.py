@@ -150,7 +150,7 @@ def test_path_terms_weigh_each_complete_eye_like_the_main_cross_entropy() -> Non
             assert float(out.aux_loss.detach()) == pytest.approx(2 / 8 * ce, rel=1e-5)
         else:  # the KL terms are scaled by the same share: aux - share·CE is share·c·KL >= 0
             assert float(out.aux_loss.detach()) >= 2 / 8 * ce - 1e-6
-    # Complete training data: the share is 1 even where modality dropout hides a modality (the
+    # An all-paired batch: the share is 1 even where modality dropout hides a modality (the
     # share counts the data's pairs, as inverted dropout compensates), so the terms are the
     # plain means over the eyes left complete.
     complete = complete_batch(n=16)

@@ -321,10 +321,10 @@ class RIMA(EyeModel):
         ``paired_share``, the share of the batch's eyes that have both modalities in the data.
         So each complete eye's paths weigh about as much as one eye's main cross-entropy (a
         mean over the whole batch), and the eyes modality dropout hid are compensated, as
-        inverted dropout rescales: with complete training data the share is 1 and the terms are
-        the plain means. Without the share, a batch with 3 complete eyes of 32 (mostly unpaired
-        training data) gave those 3 eyes the weight of the whole batch's cross-entropy, and
-        training stalled at chance for half the epoch budget.
+        inverted dropout rescales; in a batch whose eyes all have both modalities the share is
+        1 and the terms are the plain means. Without the share, a batch with 3 complete eyes of
+        32 (mostly unpaired training data) gave those 3 eyes the weight of the whole batch's
+        cross-entropy, and training stalled at chance for half the epoch budget.
         """
         idx = both.nonzero().flatten()
         if self.path_weight <= 0 or idx.numel() == 0:
@@ -332,7 +332,7 @@ class RIMA(EyeModel):
         f, o, y = f.index_select(0, idx), o.index_select(0, idx), labels.index_select(0, idx)
         target = F.log_softmax(full_logits.index_select(0, idx).detach().float(), dim=1)
         ones = torch.ones_like(idx, dtype=torch.bool)
-        # share 1.0 multiplies exactly: complete training data train bit-identically to before
+        # a share of 1.0 multiplies exactly: an all-paired batch trains as before this weighting
         w_ce, w_kl = paired_share * self.path_weight, paired_share * self.consistency_weight
         total = zero_loss(f)
         for name, hf, ho in (("fundus", ones, ~ones), ("oct", ~ones, ones)):
