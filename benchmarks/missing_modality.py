@@ -51,6 +51,7 @@ import multiprocessing
 import os
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,11 +238,26 @@ class HistoryTracker:
         self.rows.append({"step": step, **metrics})
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, watch_parent: bool = False) -> None:
     import torch
 
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    if watch_parent:
+        threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, poll_seconds: float = 2.0) -> None:
+    """End this worker process once the benchmark process that started it is gone.
+
+    Killing the benchmark (SIGTERM, SIGKILL) does not stop a process pool's workers: they went
+    on training the runs already handed to them for over half an hour, with no one to record
+    the results, taking the cores from the restarted benchmark and writing into the run
+    directories it resumes. A worker is re-parented when its parent dies, which this notices.
+    """
+    while os.getppid() == parent:
+        time.sleep(poll_seconds)
+    os._exit(1)
 
 
 def diagnostics(
@@ -1115,7 +1131,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         ctx = multiprocessing.get_context("spawn")  # no forked torch/BLAS thread state
         with cf.ProcessPoolExecutor(
-            args.jobs, mp_context=ctx, initializer=_worker_init, initargs=(args.threads,)
+            args.jobs, mp_context=ctx, initializer=_worker_init, initargs=(args.threads, True)
         ) as pool:
             futures = {pool.submit(run_job, job): job for job in jobs}
             for k, fut in enumerate(cf.as_completed(futures), 1):
