@@ -246,7 +246,7 @@ class RIMA(EyeModel):
 
     def grade(self, x: Inputs) -> ModelOutput:
         stats: dict[str, float] = {}
-        paired_share = float((x.has_f & x.has_o).float().mean())  # in the data, before dropout
+        paired = x.has_f & x.has_o  # in the data, before modality dropout
         x = self.dropped(x, stats)
         has_f, has_o = x.has_f, x.has_o
         f, o = self.encode(x.fundus, x.oct, has_f, has_o)
@@ -256,6 +256,7 @@ class RIMA(EyeModel):
         if self.training and x.labels is not None:
             labels = x.labels.reshape(-1)
             aux = self._alignment(f, o, has_f, has_o, labels, stats)
+            paired_share = float(paired.float().mean())  # a host sync: training only
             both = has_f & has_o
             aux = aux + self._missing_paths(f, o, both, paired_share, labels, logits, stats)
         logits = self.pool_paths(f, o, has_f & has_o, logits)
