@@ -1,43 +1,42 @@
 """Missing-modality benchmark: every model under every scenario, phantom regime and training
-regime, several seeds, with the issue's acceptance criteria checked on the numbers.
+regime, several seeds, against the Bayes ceiling of the data, with paired, Holm-corrected
+verdicts.
 
-Why: the product's claim is that RIMA keeps grading well when a modality is absent. That claim
-is only worth the comparison behind it, so this script trains every model in
-``rima_core.models.MODEL_NAMES`` (RIMA, its ablations, the single-modality references, late
-fusion, imputation and distillation) with the *same* engine, budget and data, selects each on
-the validation split only (``train.selection_scenario``), and scores the **test** split under
-``complete``, ``fundus_missing`` / ``oct_missing`` (100 %), ``mixed`` (30 % / 30 %) and the
-missing-rate sweeps.
+Why: the product's claim is that RIMA keeps grading well when a modality is absent, and that its
+optimal transport is what makes it so. Both claims are only worth the comparison behind them, so
+this script trains every model in ``rima_core.models.MODEL_NAMES`` (RIMA, its ablations and
+controls, the single-modality references, late fusion, imputation and distillation) with the
+*same* engine, budget, validation sweep and data, selects each on the validation split only, and
+scores the **test** split under ``complete``, ``fundus_missing`` / ``oct_missing`` (100 %),
+``mixed`` (30 % / 30 %) and the missing-rate sweeps. The oracle (the Bayes-optimal grade from the
+generator's latent views, ``rima_core/data/oracle.py``) is scored on the same eyes, so every table
+says how far each model is from what the data allows.
 
-Settings (one column of the results table each) = phantom regime × training regime:
-
-* phantom regimes (:data:`PHANTOM_REGIMES`): ``default`` (the default phantom, where the OCT is
-  the easier modality) and ``fundus_strong`` (``synth.fundus_signal`` / ``synth.oct_signal``
-  make the fundus clearly the stronger modality), so a method is not tuned to one regime;
-* training regimes: ``complete`` (training eyes keep what the source has) and ``incomplete``
-  (of the training eyes with both modalities, 25 % lose the fundus and 25 % lose the OCT).
+The protocol (phantom regimes, training regimes, the settings of each grid, the sweep) is written
+once in ``benchmarks/bench_grid.py``; aggregation, statistics and the report are in
+``benchmarks/bench_report.py`` and ``benchmarks/bench_stats.py``.
 
 A seed ``s`` fixes the data (``synth.seed``, ``prepare.seed``, ``missing.seed``) *and* the
-training (``runtime.seed``), so the spread over seeds covers both sources of variance.
+training (``runtime.seed``), so the spread over seeds covers both sources of variance, and every
+method of one (setting, seed) is paired with every other.
 
-Runs go ``--jobs`` at a time, each in its own process with one torch thread (on a small shared
-machine threaded ops stall). The benchmark is resumable: every finished run appends one line to
-``<work>/<protocol>/results.jsonl`` and a restarted benchmark skips the runs found there (a
-killed training run resumes from its checkpoint). ``<protocol>`` hashes the budget, sizes and
-overrides, so a changed protocol starts afresh; after changing the *code*, pass a new ``--work``
-or delete that directory.
+Runs go ``--jobs`` at a time, each in its own process with one torch thread. The benchmark is
+resumable: every finished run appends one line to ``<work>/<protocol>/results.jsonl``, and a
+restarted benchmark skips the runs found there or in ``<out>/missing_modality_results.jsonl`` (the
+committed state) with the same protocol id. ``<protocol>`` hashes what defines one run (budget,
+sizes, overrides, regime tables and the code the runs execute), so results of other code never
+mix in; the grid, seeds and sweep only choose which runs are planned.
 
-For RIMA-family models, if ``rima_core.diagnostics.alignment_diagnostics`` exists its numbers
-(linear-probe QWK per feature space, centred cosine of translations, coupling concentrations)
-are recorded per run and summarised in the report.
-
-    python benchmarks/missing_modality.py                  # the full benchmark (see --help)
-    python benchmarks/missing_modality.py --quick          # smoke run: tiny data, 1 seed, 1 epoch
+    python benchmarks/missing_modality.py                  # the full grid (see --help)
+    python benchmarks/missing_modality.py --quick          # the development grid
+    python benchmarks/missing_modality.py --smoke          # smoke run: tiny data, 1 seed, 1 epoch
 
 Writes into ``--out`` (default ``benchmarks/results``): ``missing_modality.csv`` (mean test
-metrics, one column per setting), ``missing_modality_long.csv`` (every seed, long form),
-``missing_modality_runs.csv`` (one row per run: timing, selection, diagnostics),
-``missing_modality_checks.json`` and ``missing_modality.md`` (report with the PASS/FAIL list).
+metrics, one column per setting), ``missing_modality_long.csv`` (every seed, long form, the
+oracle as a method), ``missing_modality_runs.csv`` (one row per run, every sweep candidate),
+``missing_modality_comparisons.csv`` (paired differences, standard errors, Holm p-values and
+verdicts), ``missing_modality_checks.json``, ``missing_modality_results.jsonl`` (the state) and
+``missing_modality.md`` (the report).
 """
 
 from __future__ import annotations
@@ -49,89 +48,89 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rima_core.atomic import atomic_file, write_text  # noqa: E402
+from benchmarks.bench_grid import (  # noqa: E402
+    BASE_VARIANT,
+    GRIDS,
+    LR_FACTORS,
+    PHANTOM_REGIMES,
+    TRAINING_REGIMES,
+    methods_of,
+    settings_of,
+    variants,
+)
+from benchmarks.bench_report import (  # noqa: E402
+    RIMA,
+    ablations,
+    setting_name,
+    write_outputs,
+)
+from benchmarks.bench_scoring import ORACLE, oracle_test_metrics, scenario_metrics  # noqa: E402
+from rima_core.atomic import atomic_file  # noqa: E402
 from rima_core.config import Config, MissingConfig, load_config  # noqa: E402
 from rima_core.models import MODEL_NAMES  # noqa: E402
 
 log = logging.getLogger("benchmarks.missing_modality")
 
 RESULTS = ROOT / "benchmarks" / "results"
+STATE_FILE = "missing_modality_results.jsonl"
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "rima_bench" / "missing_modality"
-
-# Phantom regime -> config overrides of that regime's data. `fundus_strong`: the fundus view of
-# the severity is 2x less noisy, the OCT view 2x noisier than in the default phantom (where
-# equal noise still lets the OCT dominate: its cues are easier to read).
-PHANTOM_REGIMES: dict[str, list[str]] = {
-    "default": [],
-    "fundus_strong": ["synth.fundus_signal=2.0", "synth.oct_signal=0.5"],
-}
-TRAININGS = ("complete", "incomplete")
-TRAIN_INCOMPLETE = "train_incomplete"
-INCOMPLETE_RATES = (0.25, 0.25)  # fundus, OCT missing among training eyes that have both
-
-RIMA = "rima"
-SINGLES = ("fundus_only", "oct_only")
-# the fused methods RIMA must match on every missing scenario (the ablations are reported apart)
-FUSED_BASELINES = (
-    "late_fusion_zero",
-    "late_fusion_dropout",
-    "imputation",
-    "imputation_paths",
-    "distillation",
-)
-MAIN = ("complete", "fundus_missing", "oct_missing", "mixed")
-# (scenario in the masks, column title) of the report tables
-SCENARIOS = (
-    ("complete", "complete"),
-    ("fundus_missing", "fundus 100%"),
-    ("oct_missing", "OCT 100%"),
-    ("mixed", "mixed 30/30"),
-    ("fundus_missing@0.5", "fundus 50%"),
-    ("oct_missing@0.25", "OCT 25%"),
-    ("oct_missing@0.5", "OCT 50%"),
-    ("oct_missing@0.75", "OCT 75%"),
-)
 SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0)
-METRICS = ("qwk", "accuracy", "f1_macro", "auc")
-MISSING_MARGIN = 0.02  # rima >= single modality - this, with that modality's partner missing
-COMPLETE_GAIN = 0.03  # rima >= best single modality + this, on complete data
-FUSED_MARGIN = 0.005  # rima >= every other fused method - this, on missing scenarios
-QUICK = {"n_eyes": 90, "epochs": 1, "seeds": [0]}
+SMOKE = {"n_eyes": 90, "epochs": 1, "seeds": [0]}
+DEFAULT_SEEDS = list(range(5))
+DEFAULT_ABLATION_SEEDS = list(range(10))  # rima, its ablations and controls: the OT's verdicts
+QUICK_SEEDS, QUICK_ABLATION_SEEDS = list(range(3)), list(range(5))  # the development grid
+# The code a run executes: its digest is part of the protocol, so a change to any of it starts a
+# new results file instead of mixing numbers of two programs.
+CODE = (
+    "rima_core/models",
+    "rima_core/data/synthetic.py",
+    "rima_core/data/oracle.py",
+    "rima_core/data/masks.py",
+    "rima_core/data/prepare.py",
+    "rima_core/data/dataset.py",
+    "rima_core/data/store.py",
+    "rima_core/ot.py",
+    "rima_core/train.py",
+    "rima_core/engine.py",
+    "rima_core/calibration.py",
+    "rima_core/metrics.py",
+    "rima_core/diagnostics.py",
+    "benchmarks/bench_scoring.py",
+)
 DIAG_PREFIX = "diag/"
 
 
-def ablations(methods: list[str]) -> list[str]:
-    """RIMA's ablations among ``methods``: every other ``rima_*`` model name."""
-    return [m for m in methods if m.startswith(RIMA + "_")]
-
-
-def setting_name(regime: str, training: str) -> str:
-    return f"{regime}/{training}"
+def train_scenario(training: str) -> str:
+    """Mask scenario of a training regime's training rows (``complete``: the source's own)."""
+    return "complete" if TRAINING_REGIMES[training].rates is None else f"train_{training}"
 
 
 # ---------------------------------------------------------------------------------------------
 # configuration and data
 
 
-def bench_config(params: str, seed: int, epochs: int, overrides: list[str]) -> Config:
+def bench_config(
+    params: str, seed: int, epochs: int, overrides: list[str], train_multiplier: int = 1
+) -> Config:
     """params.yaml with the benchmark's overrides and fixed protocol on top.
 
     The scenario definitions are pinned here (not read from params.yaml) because the table's
-    column titles promise them.
+    column titles promise them. ``train_multiplier`` > 1 (the learning-curve point) generates
+    that many times the training eyes with the validation and test sizes unchanged.
     """
     cfg = load_config(params, overrides=overrides)
     cfg.synth.seed = cfg.prepare.seed = cfg.missing.seed = cfg.runtime.seed = seed
@@ -139,6 +138,12 @@ def bench_config(params: str, seed: int, epochs: int, overrides: list[str]) -> C
     cfg.missing.mixed = [0.3, 0.3]
     cfg.missing.sweep = list(SWEEP)
     cfg.train.epochs = epochs
+    if train_multiplier != 1:
+        tr, va, te = cfg.synth.split_fractions
+        total = tr * train_multiplier + va + te
+        cfg.synth.n_eyes = round(cfg.synth.n_eyes * total)
+        cfg.synth.split_fractions = [tr * train_multiplier / total, va / total, te / total]
+        cfg.synth.split_fractions[0] = 1.0 - sum(cfg.synth.split_fractions[1:])
     # the phantom's sizes are the store's sizes
     cfg.prepare.fundus_size = cfg.synth.fundus_size
     cfg.prepare.oct_shape = list(cfg.synth.oct_shape)
@@ -149,8 +154,9 @@ def incomplete_train_rows(
     manifest: pd.DataFrame,
     cfg: MissingConfig,
     rates: tuple[float, float] | list[float],
+    scenario: str = "train_incomplete",
 ) -> pd.DataFrame:
-    """Train-split mask rows of the ``incomplete`` training regime (``train_incomplete``).
+    """Train-split mask rows of an incomplete training regime (scenario ``scenario``).
 
     The same seeded ``mixed`` construction as the evaluation masks (exact counts, never both
     missing), with the training rates ``rates`` (fundus, OCT missing).
@@ -170,17 +176,26 @@ def incomplete_train_rows(
         {
             "case_id": rows["case_id"].to_numpy(),
             "split": "train",
-            "scenario": TRAIN_INCOMPLETE,
+            "scenario": scenario,
             "has_fundus": keep_f,
             "has_oct": keep_o,
         }
     ).astype({"case_id": "string", "split": "string", "scenario": "string"})
 
 
+def training_rates(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
+    """The rates of every training regime that has them (``--incomplete-rates`` sets
+    ``incomplete``'s)."""
+    rates = {t: r.rates for t, r in TRAINING_REGIMES.items() if r.rates is not None}
+    rates["incomplete"] = tuple(args.incomplete_rates)
+    return rates
+
+
 def prepare_data(
-    data_dir: Path, cfg: Config, incomplete_rates: tuple[float, float] | list[float]
+    data_dir: Path, cfg: Config, rates: dict[str, tuple[float, float]]
 ) -> tuple[Path, Path]:
-    """Phantom -> store -> masks for one (phantom regime, seed); each product reused if there."""
+    """Phantom -> store -> masks for one (phantom regime, seed, data size); each product reused
+    if there. The masks hold every training regime's training rows."""
     from rima_core.data import open_store
     from rima_core.data.masks import build_masks
     from rima_core.data.prepare import prepare_store
@@ -197,13 +212,37 @@ def prepare_data(
         table = pd.concat(
             [
                 build_masks(manifest, cfg.missing),
-                incomplete_train_rows(manifest, cfg.missing, incomplete_rates),
+                *[
+                    incomplete_train_rows(manifest, cfg.missing, r, f"train_{t}")
+                    for t, r in sorted(rates.items())
+                ],
             ],
             ignore_index=True,
         )
         with atomic_file(masks) as tmp:
             table.to_parquet(tmp, index=False)
     return store, masks
+
+
+def oracle_record(
+    regime: str, training: str, seed: int, cfg: Config, store: Path, masks: Path
+) -> dict[str, Any]:
+    """The oracle's record of one (setting, seed): the same test eyes and scenarios as the
+    learned models, graded from the generator's latent views."""
+    from rima_core.data import open_store
+
+    manifest = open_store(store).manifest
+    test = oracle_test_metrics(cfg.synth, manifest, pd.read_parquet(masks), seed=seed)
+    return {
+        "regime": regime,
+        "training": training,
+        "method": ORACLE,
+        "seed": seed,
+        "variant": BASE_VARIANT,
+        "test": test,
+        "run": {},
+        "diagnostics": {},
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,14 +257,16 @@ class Job:
     seed: int
     params: str
     epochs: int
-    overrides: tuple[str, ...]  # every override of this run's config, regime ones included
+    overrides: tuple[str, ...]  # every override of this run's config, regime and variant ones
     store: str
     masks: str
     run_dir: str
+    variant: str = BASE_VARIANT
+    train_multiplier: int = 1
 
     @property
-    def key(self) -> tuple[str, str, str, int]:
-        return (self.regime, self.training, self.method, self.seed)
+    def key(self) -> tuple[str, str, str, int, str]:
+        return (self.regime, self.training, self.method, self.seed, self.variant)
 
 
 class HistoryTracker:
@@ -288,13 +329,11 @@ def diagnostics(
 def score_test(
     model_path: Path, store: str, masks: pd.DataFrame, cfg: Config
 ) -> dict[str, dict[str, float]]:
-    """Test metrics of every scenario in ``masks``: the scoring of ``rima_core.evaluate``
-    (``engine.predict`` + ``metrics.classification_metrics`` on each scenario's eyes) without
-    the files ``evaluate()`` writes around it (bootstrap intervals, subgroup and equity tables,
-    plots), which the benchmark never reads and which cost more than a training run here."""
+    """Test metrics of every scenario in ``masks``: ``engine.predict`` on each scenario's eyes,
+    scored by ``bench_scoring.scenario_metrics`` (the oracle's scoring too), without the files
+    ``evaluate()`` writes around it, which the benchmark never reads."""
     from rima_core.data.dataset import EyeDataset, make_loader
     from rima_core.engine import amp_dtype, predict, resolve_device
-    from rima_core.metrics import classification_metrics
     from rima_core.models import load_model
 
     device = resolve_device(cfg.runtime.device)
@@ -310,7 +349,9 @@ def score_test(
             pin_memory=device.type == "cuda",
         )
         preds = predict(model, loader, device, dtype, desc=f"test/{scenario}", progress=False)
-        out[str(scenario)] = classification_metrics(preds.y_true, preds.proba, spec.class_names)
+        out[str(scenario)] = scenario_metrics(
+            preds.y_true, preds.proba, spec.class_names, seed=cfg.runtime.seed
+        )
     return out
 
 
@@ -319,9 +360,9 @@ def run_job(job: Job) -> dict[str, Any]:
     from rima_core.train import train
 
     run_dir = Path(job.run_dir)
-    cfg = bench_config(job.params, job.seed, job.epochs, list(job.overrides))
+    cfg = bench_config(job.params, job.seed, job.epochs, list(job.overrides), job.train_multiplier)
     cfg.model.name = job.method
-    cfg.missing.train_scenario = TRAIN_INCOMPLETE if job.training == "incomplete" else "complete"
+    cfg.missing.train_scenario = train_scenario(job.training)
     masks = pd.read_parquet(job.masks)
     tracker = HistoryTracker()
     load_before = os.getloadavg()[0]
@@ -336,7 +377,8 @@ def run_job(job: Job) -> dict[str, Any]:
         "training": job.training,
         "method": job.method,
         "seed": job.seed,
-        "test": {s: {m: v.get(m) for m in METRICS} for s, v in test.items()},
+        "variant": job.variant,
+        "test": test,
         "run": {
             "epochs_run": summary.get("epochs_run"),
             "best_epoch": summary.get("best_epoch"),
@@ -346,6 +388,8 @@ def run_job(job: Job) -> dict[str, Any]:
             "selection": f"{cfg.train.selection_metric}@{cfg.train.selection_scenario}",
             "mean_epoch_seconds": summary.get("mean_epoch_seconds"),
             "ot_share": summary.get("ot_share"),
+            "temperature": summary.get("temperature"),
+            "path_weights": (summary.get("path_pooling") or {}).get("weights"),
             "train_seconds": t1 - t0,
             "eval_seconds": t2 - t1,
             "diag_seconds": time.perf_counter() - t2,
@@ -360,9 +404,23 @@ def run_job(job: Job) -> dict[str, Any]:
 # the partial results file
 
 
-def read_results(path: Path) -> dict[tuple[str, str, str, int], dict[str, Any]]:
-    """Finished runs by key; a torn last line (a kill mid-write) is ignored, not fatal."""
-    out: dict[tuple[str, str, str, int], dict[str, Any]] = {}
+def _key(rec: dict[str, Any]) -> tuple[str, str, str, int, str]:
+    return (
+        rec["regime"],
+        rec["training"],
+        rec["method"],
+        int(rec["seed"]),
+        rec.get("variant", BASE_VARIANT),
+    )
+
+
+def read_results(
+    path: Path, protocol: str | None = None
+) -> dict[tuple[str, str, str, int, str], dict[str, Any]]:
+    """Finished runs by key (regime, training, method, seed, variant); a torn last line (a kill
+    mid-write) is ignored, not fatal. With ``protocol``, records of another protocol are
+    skipped (they were measured with other code or another budget)."""
+    out: dict[tuple[str, str, str, int, str], dict[str, Any]] = {}
     if not path.exists():
         return out
     for n, line in enumerate(path.read_text().splitlines(), 1):
@@ -370,9 +428,13 @@ def read_results(path: Path) -> dict[tuple[str, str, str, int], dict[str, Any]]:
             continue
         try:
             rec = json.loads(line)
-            out[(rec["regime"], rec["training"], rec["method"], int(rec["seed"]))] = rec
+            key = _key(rec)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             log.warning("%s:%d: unreadable result line ignored (that run will be redone)", path, n)
+            continue
+        if protocol is not None and rec.get("protocol") != protocol:
+            continue
+        out[key] = rec
     return out
 
 
@@ -391,580 +453,56 @@ def _qwk(record: dict[str, Any], scenario: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# aggregation
-
-
-def long_table(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """``regime, training, setting, method, seed, scenario, metric, value`` (test split); the
-    diagnostics as scenario ``diagnostics``."""
-    rows = []
-    for rec in records:
-        base = {
-            "regime": rec["regime"],
-            "training": rec["training"],
-            "setting": setting_name(rec["regime"], rec["training"]),
-            "method": rec["method"],
-            "seed": int(rec["seed"]),
-        }
-        for scenario, values in rec["test"].items():
-            for metric in METRICS:
-                v = values.get(metric)
-                rows.append(
-                    {
-                        **base,
-                        "scenario": scenario,
-                        "metric": metric,
-                        "value": np.nan if v is None else float(v),
-                    }
-                )
-        for name, v in rec.get("diagnostics", {}).items():
-            rows.append({**base, "scenario": "diagnostics", "metric": name, "value": float(v)})
-    cols = ["regime", "training", "setting", "method", "seed", "scenario", "metric", "value"]
-    return pd.DataFrame(rows, columns=cols)
-
-
-def summarise(long: pd.DataFrame) -> pd.DataFrame:
-    """Mean, sample std (ddof 1; 0 for one seed), seed count and per-seed values of each cell."""
-    keys = ["regime", "training", "setting", "method", "scenario", "metric"]
-    return (
-        long.sort_values("seed")
-        .groupby(keys, sort=False)["value"]
-        .agg(
-            mean="mean",
-            std=lambda v: float(v.std(ddof=1)) if v.notna().sum() > 1 else 0.0,
-            n_seeds="count",
-            values=lambda v: " ".join(f"{x:.4f}" for x in v),
-        )
-        .reset_index()
-    )
-
-
-def wide_table(summary: pd.DataFrame, settings: list[str]) -> pd.DataFrame:
-    """Mean over seeds: one row per (metric, scenario, method), one column per setting."""
-    wide = summary.pivot_table(
-        index=["metric", "scenario", "method"], columns="setting", values="mean", sort=False
-    )
-    return wide.reindex(columns=[s for s in settings if s in wide.columns]).reset_index()
-
-
-def mean_of(
-    summary: pd.DataFrame, setting: str, method: str, scenario: str, metric: str = "qwk"
-) -> float:
-    row = summary[
-        (summary["setting"] == setting)
-        & (summary["method"] == method)
-        & (summary["scenario"] == scenario)
-        & (summary["metric"] == metric)
-    ]
-    return float(row["mean"].iloc[0]) if len(row) else float("nan")
-
-
-# ---------------------------------------------------------------------------------------------
-# acceptance criteria
-
-
-@dataclass
-class Check:
-    setting: str
-    criterion: str
-    rima: float
-    reference: float  # the threshold's reference value (a baseline's mean QWK)
-    threshold: float  # rima must reach this
-    status: str  # PASS | FAIL | SKIP
-    # the margin seed by seed (same data, same training seed): rima - (reference + offset); the
-    # criterion is on the means, this shows whether a margin is larger than the seeds' spread
-    per_seed: list[float] = field(default_factory=list)
-
-    def line(self) -> str:
-        if self.status == "SKIP":
-            return f"SKIP {self.setting}: {self.criterion} (a method or scenario did not run)"
-        text = (
-            f"{self.status} {self.setting}: {self.criterion}: rima {self.rima:.3f} vs "
-            f"threshold {self.threshold:.3f} (reference {self.reference:.3f}, "
-            f"margin {self.rima - self.threshold:+.3f}"
-        )
-        if len(self.per_seed) > 1:
-            clear = sum(m >= -1e-12 for m in self.per_seed)
-            seeds = " / ".join(f"{m:+.3f}" for m in self.per_seed)
-            text += (
-                f"; per seed {seeds}: {clear} of {len(self.per_seed)} clear it, "
-                f"paired standard error {self.standard_error:.3f}"
-            )
-        return text + ")"
-
-    @property
-    def standard_error(self) -> float:
-        """Standard error of the mean paired margin: the seeds' spread of the margin over
-        sqrt(seeds). A margin within about two of these of zero is within the seeds' noise
-        (the test split is small), which a PASS/FAIL on the mean does not say."""
-        if len(self.per_seed) < 2:
-            return float("nan")
-        return float(np.std(self.per_seed, ddof=1) / np.sqrt(len(self.per_seed)))
-
-
-def within_noise(checks: list[Check], n_se: float = 2.0) -> list[Check]:
-    """The checks whose mean margin lies within ``n_se`` paired standard errors of zero: their
-    PASS or FAIL would flip on other seeds as easily as not. A check without a spread (one seed,
-    or skipped) has a NaN standard error and is never among them."""
-    return [c for c in checks if abs(c.rima - c.threshold) <= n_se * c.standard_error]
-
-
-def _check(
-    setting: str,
-    criterion: str,
-    rima: float,
-    reference: float,
-    offset: float,
-    paired: tuple[pd.Series, pd.Series] | None = None,
-) -> Check:
-    """``paired``: rima's and the reference method's per-seed values, for :attr:`Check.per_seed`."""
-    threshold = reference + offset
-    if not (np.isfinite(rima) and np.isfinite(reference)):
-        return Check(setting, criterion, rima, reference, threshold, "SKIP")
-    per_seed: list[float] = []
-    if paired is not None:
-        mine, ref = paired
-        both = mine.index.intersection(ref.index)
-        per_seed = [float(mine[s] - (ref[s] + offset)) for s in sorted(both)]
-    return Check(
-        setting,
-        criterion,
-        rima,
-        reference,
-        threshold,
-        "PASS" if rima >= threshold - 1e-12 else "FAIL",
-        per_seed,
-    )
-
-
-def qwk_by_seed(long: pd.DataFrame, setting: str) -> pd.DataFrame:
-    """Test QWK of one setting: index (seed, scenario), one column per method. Rows of one
-    seed are the same data and training seed, so differences along a row are paired."""
-    qwk = long[(long["metric"] == "qwk") & (long["setting"] == setting)]
-    return qwk.pivot_table(index=["seed", "scenario"], columns="method", values="value")
-
-
-def seed_values(block: pd.DataFrame, method: str, scenario: str) -> pd.Series:
-    """One method's per-seed values in one scenario of a :func:`qwk_by_seed` block (empty when
-    the method or scenario did not run)."""
-    if method not in block.columns or scenario not in block.index.get_level_values("scenario"):
-        return pd.Series(dtype=float)
-    return block[method].xs(scenario, level="scenario").dropna()
-
-
-def acceptance_checks(
-    summary: pd.DataFrame, settings: list[str], long: pd.DataFrame | None = None
-) -> list[Check]:
-    """The issue's "done means", on mean test QWK, in every setting; with ``long`` (the per-seed
-    table) each check also carries its margin seed by seed."""
-    checks: list[Check] = []
-    for st in settings:
-
-        def q(method: str, scenario: str, st: str = st) -> float:
-            return mean_of(summary, st, method, scenario)
-
-        block = None if long is None else qwk_by_seed(long, st)
-
-        def pair(
-            method: str, scenario: str, block: pd.DataFrame | None = block
-        ) -> tuple[pd.Series, pd.Series] | None:
-            if block is None:
-                return None
-            return seed_values(block, RIMA, scenario), seed_values(block, method, scenario)
-
-        checks.append(
-            _check(
-                st,
-                f"OCT missing: rima >= fundus_only - {MISSING_MARGIN}",
-                q(RIMA, "oct_missing"),
-                q("fundus_only", "oct_missing"),
-                -MISSING_MARGIN,
-                pair("fundus_only", "oct_missing"),
-            )
-        )
-        checks.append(
-            _check(
-                st,
-                f"fundus missing: rima >= oct_only - {MISSING_MARGIN}",
-                q(RIMA, "fundus_missing"),
-                q("oct_only", "fundus_missing"),
-                -MISSING_MARGIN,
-                pair("oct_only", "fundus_missing"),
-            )
-        )
-        singles = [q(m, "complete") for m in SINGLES]
-        best = max(singles) if all(np.isfinite(singles)) else float("nan")
-        best_method = SINGLES[int(np.argmax(singles))] if np.isfinite(best) else SINGLES[0]
-        checks.append(
-            _check(
-                st,
-                f"complete: rima >= best single modality + {COMPLETE_GAIN}",
-                q(RIMA, "complete"),
-                best,
-                COMPLETE_GAIN,
-                pair(best_method, "complete"),
-            )
-        )
-        for scenario in ("fundus_missing", "oct_missing", "mixed"):
-            for other in FUSED_BASELINES:
-                checks.append(
-                    _check(
-                        st,
-                        f"{scenario}: rima >= {other} - {FUSED_MARGIN}",
-                        q(RIMA, scenario),
-                        q(other, scenario),
-                        -FUSED_MARGIN,
-                        pair(other, scenario),
-                    )
-                )
-    return checks
-
-
-WORST_SCENARIOS = ("fundus_missing", "oct_missing", "mixed")
-
-
-def worst_runs(long: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
-    """Per method and scenario with a modality missing: the lowest test QWK of any run (every
-    setting and seed) and where it happened. A mean over seeds hides a method that collapses on
-    one dataset in five; a clinic meets that dataset."""
-    qwk = long[(long["metric"] == "qwk") & long["scenario"].isin(WORST_SCENARIOS)].dropna(
-        subset=["value"]
-    )
-    qwk = qwk[qwk["method"].isin(methods)]
-    groups = qwk.groupby(["method", "scenario"])["value"]
-    low = qwk.loc[groups.idxmin()].set_index(["method", "scenario"])
-    low["n_runs"] = groups.size()
-    order = [(m, s) for m in methods for s in WORST_SCENARIOS if (m, s) in low.index]
-    worst = low.loc[order].reset_index().rename(columns={"value": "min_qwk"})
-    worst["seed"] = worst["seed"].astype(int)
-    return worst[["method", "scenario", "min_qwk", "setting", "seed", "n_runs"]]
-
-
-def worst_run_lines(long: pd.DataFrame, methods: list[str]) -> list[str]:
-    worst = worst_runs(long, methods)
-    if worst.empty:
-        return []
-    lines = [
-        "## Worst run: the lowest test QWK of any setting and seed",
-        "",
-        "| method | " + " | ".join(WORST_SCENARIOS) + " |",
-        "| --- |" + " ---: |" * len(WORST_SCENARIOS),
-    ]
-    for method, g in worst.groupby("method", sort=False):
-        by = {r.scenario: r for r in g.itertuples()}
-        cells = [
-            f"{by[s].min_qwk:.3f} ({by[s].setting} seed {by[s].seed})" if s in by else "–"
-            for s in WORST_SCENARIOS
-        ]
-        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
-    return [*lines, ""]
-
-
-def ablation_deltas(long: pd.DataFrame, methods: list[str], settings: list[str]) -> pd.DataFrame:
-    """rima − each ablation, test QWK, per setting and main scenario: mean over seeds (paired:
-    same data and seed) with its sample std and the number of seeds where rima is higher."""
-    rows = []
-    for st in settings:
-        block = qwk_by_seed(long, st)
-        for abl in ablations(methods):
-            for scenario in MAIN:
-                d = (
-                    seed_values(block, RIMA, scenario) - seed_values(block, abl, scenario)
-                ).dropna()
-                if d.empty:
-                    continue
-                rows.append(
-                    {
-                        "setting": st,
-                        "ablation": abl,
-                        "scenario": scenario,
-                        "delta_mean": float(d.mean()),
-                        "delta_std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
-                        "rima_higher": int((d > 0).sum()),
-                        "n_seeds": len(d),
-                    }
-                )
-    return pd.DataFrame(
-        rows,
-        columns=[
-            "setting",
-            "ablation",
-            "scenario",
-            "delta_mean",
-            "delta_std",
-            "rima_higher",
-            "n_seeds",
-        ],
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# report
-
-
-def _cell(
-    summary: pd.DataFrame,
-    setting: str,
-    method: str,
-    scenario: str,
-    metric: str,
-    n_seeds: int | None = None,
-) -> str:
-    """``mean ± std``; with `` (n=k)`` when the cell has fewer seeds than ``n_seeds``."""
-    row = summary[
-        (summary["setting"] == setting)
-        & (summary["method"] == method)
-        & (summary["scenario"] == scenario)
-        & (summary["metric"] == metric)
-    ]
-    if row.empty or not np.isfinite(row["mean"].iloc[0]):
-        return "–"
-    text = f"{row['mean'].iloc[0]:.3f} ± {row['std'].iloc[0]:.3f}"
-    k = int(row["n_seeds"].iloc[0])
-    return text if n_seeds is None or k >= n_seeds else f"{text} (n={k})"
-
-
-def _missing_runs_lines(records: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
-    """One report line per method whose planned runs are not all in ``records`` (so a table
-    computed from fewer seeds says so)."""
-    have = {(r["regime"], r["training"], r["method"], int(r["seed"])) for r in records}
-    lines = []
-    for m in args.methods:
-        lacking = [
-            f"{setting_name(r, t)} seed {s}"
-            for r in args.regimes
-            for t in args.training
-            for s in args.seeds
-            if (r, t, m, s) not in have
-        ]
-        if lacking:
-            lines.append(f"- **not run:** `{m}`: {', '.join(lacking)}")
-    return [*lines, ""] if lines else []
-
-
-def render(
-    summary: pd.DataFrame,
-    long: pd.DataFrame,
-    records: list[dict[str, Any]],
-    checks: list[Check],
-    deltas: pd.DataFrame,
-    args: argparse.Namespace,
-    settings: list[str],
-) -> str:
-    seeds = sorted(long["seed"].unique().tolist()) if len(long) else []
-    runs = [r["run"] for r in records]
-    wall = sum(r["train_seconds"] + r["eval_seconds"] + r.get("diag_seconds", 0.0) for r in runs)
-    selection = sorted({r.get("selection", "?") for r in runs})
-    n_pass = sum(c.status == "PASS" for c in checks)
-    n_fail = sum(c.status == "FAIL" for c in checks)
-    judged = [c for c in checks if np.isfinite(c.standard_error)]
-    close = within_noise(judged)
-    regimes_text = "; ".join(
-        f"`{r}`: {', '.join(f'`{o}`' for o in PHANTOM_REGIMES[r]) or 'params.yaml as is'}"
-        for r in args.regimes
-    )
-    lines = [
-        "# Missing-modality benchmark (synthetic phantom)",
-        "",
-        f"Command: `{args.command}`",
-        "",
-        f"Seeds {seeds} (each seed = its own generated dataset *and* training seed); "
-        f"{args.n_eyes} eyes per dataset (60/20/20 split); phantom regimes: {regimes_text}. "
-        f"Training regimes: `complete` (training eyes keep what the source has) and `incomplete` "
-        f"(of the training eyes with both modalities, {args.incomplete_rates[0]:.0%} lose the "
-        f"fundus and {args.incomplete_rates[1]:.0%} the OCT). Every method trained for at most "
-        f"{args.epochs} epochs (early-stopping patience {args.patience}), model selection on "
-        f"the **validation** split by {', '.join(selection)}; scores on the **test** split. "
-        f"Cells: mean ± sample std over seeds. Extra overrides: "
-        f"{', '.join(f'`{o}`' for o in args.overrides) or 'none'}.",
-        "",
-        f"{len(records)} runs, {wall / 60:.1f} min of run time in total, {args.jobs} at a time "
-        f"with {args.threads} torch thread(s) each (mean 1-min load average at run starts: "
-        f"{np.mean([r['loadavg_1min_before'] for r in runs]) if runs else float('nan'):.1f} on "
-        f"{os.cpu_count()} CPUs).",
-        "",
-        *_missing_runs_lines(records, args),
-        f"## Acceptance criteria (mean test QWK): {n_pass} pass, {n_fail} fail, "
-        f"{len(checks) - n_pass - n_fail} skipped",
-        "",
-        "Each line: the criterion on the means over seeds, then the margin seed by seed (paired: "
-        "same data and training seed) and the standard error of its mean. A margin within two "
-        f"standard errors of zero is within the seeds' noise: {len(close)} of the "
-        f"{len(judged)} margins ({sum(c.status == 'FAIL' for c in close)} of the fails).",
-        "",
-        *[f"- {c.line()}" for c in checks],
-        "",
-        *worst_run_lines(long, args.methods),
-        "## Ablations: rima − ablation, test QWK (mean ± std over seeds; seeds where rima is "
-        "higher)",
-        "",
-    ]
-    if len(deltas):
-        abls = list(dict.fromkeys(deltas["ablation"]))
-        lines += [
-            "| setting | scenario | " + " | ".join(f"− `{a}`" for a in abls) + " |",
-            "| --- | --- |" + " ---: |" * len(abls),
-        ]
-        for (st, scenario), g in deltas.groupby(["setting", "scenario"], sort=False):
-            cells = []
-            for a in abls:
-                r = g[g["ablation"] == a]
-                cells.append(
-                    "–"
-                    if r.empty
-                    else f"{r['delta_mean'].iloc[0]:+.3f} ± "
-                    f"{r['delta_std'].iloc[0]:.3f} ({r['rima_higher'].iloc[0]}/"
-                    f"{r['n_seeds'].iloc[0]})"
-                )
-            lines.append(f"| {st} | {scenario} | " + " | ".join(cells) + " |")
-    else:
-        lines.append("(no ablation ran alongside `rima`)")
-    lines.append("")
-
-    diag = summary[summary["scenario"] == "diagnostics"]
-    if len(diag):
-        names = list(dict.fromkeys(diag["metric"]))
-        lines += [
-            "## Alignment diagnostics (test split; mean ± std over seeds)",
-            "",
-            "| setting | method | " + " | ".join(n.removeprefix(DIAG_PREFIX) for n in names) + " |",
-            "| --- | --- |" + " ---: |" * len(names),
-        ]
-        for (st, method), _ in diag.groupby(["setting", "method"], sort=False):
-            cells = [_cell(summary, st, method, "diagnostics", n, len(seeds)) for n in names]
-            lines.append(f"| {st} | `{method}` | " + " | ".join(cells) + " |")
-        lines.append("")
-
-    lines += [
-        "## Test QWK per setting (mean over seeds)",
-        "",
-        "| method | scenario | " + " | ".join(settings) + " |",
-        "| --- | --- |" + " ---: |" * len(settings),
-    ]
-    for method in args.methods:
-        for scenario in MAIN:
-            cells = [_cell(summary, st, method, scenario, "qwk", len(seeds)) for st in settings]
-            lines.append(f"| `{method}` | {scenario} | " + " | ".join(cells) + " |")
-    lines.append("")
-    for st in settings:
-        for metric, title in (("qwk", "quadratic kappa"), ("auc", "AUC")):
-            lines += [
-                f"## {title} — {st}",
-                "",
-                "| method | " + " | ".join(t for _, t in SCENARIOS) + " |",
-                "| --- |" + " ---: |" * len(SCENARIOS),
-            ]
-            for method in args.methods:
-                cells = [_cell(summary, st, method, s, metric, len(seeds)) for s, _ in SCENARIOS]
-                lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
-            lines.append("")
-    lines += [
-        "## Runs",
-        "",
-        "| setting | method | mean epochs run | mean best epoch | mean s/epoch | OT share |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
-    ]
-    frame = pd.DataFrame(
-        [
-            {**r["run"], "setting": setting_name(r["regime"], r["training"]), "method": r["method"]}
-            for r in records
-        ]
-    )
-    if len(frame):
-        for (st, method), g in frame.groupby(["setting", "method"], sort=False):
-            share = g["ot_share"].astype(float).mean()
-            lines.append(
-                f"| {st} | `{method}` | {g['epochs_run'].mean():.1f} | "
-                f"{g['best_epoch'].mean():.1f} | {g['mean_epoch_seconds'].mean():.2f} | "
-                f"{share:.1%} |"
-            )
-    lines.append("")
-    return "\n".join(lines)
-
-
-def runs_table(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per run: its keys, run facts, test QWK per main scenario and diagnostics."""
-    rows = []
-    for rec in records:
-        row = {k: rec[k] for k in ("regime", "training", "method", "seed")}
-        row.update(rec["run"])
-        for scenario in MAIN:
-            row[f"qwk/{scenario}"] = (rec["test"].get(scenario) or {}).get("qwk")
-        row.update(rec.get("diagnostics", {}))
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def write_outputs(records: list[dict[str, Any]], args: argparse.Namespace) -> list[Check]:
-    settings = [setting_name(r, t) for r in args.regimes for t in args.training]
-    wanted = {
-        (r, t, m, s)
-        for r in args.regimes
-        for t in args.training
-        for m in args.methods
-        for s in args.seeds
-    }
-    records = [
-        r for r in records if (r["regime"], r["training"], r["method"], int(r["seed"])) in wanted
-    ]
-    long = long_table(records)
-    summary = summarise(long)
-    checks = acceptance_checks(summary, settings, long)
-    deltas = ablation_deltas(long, args.methods, settings)
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out / "missing_modality.csv") as tmp:
-        wide_table(summary, settings).to_csv(tmp, index=False, float_format="%.6g")
-    with atomic_file(out / "missing_modality_long.csv") as tmp:
-        long.to_csv(tmp, index=False, float_format="%.6g")
-    with atomic_file(out / "missing_modality_runs.csv") as tmp:
-        runs_table(records).to_csv(tmp, index=False, float_format="%.6g")
-    payload = {
-        "checks": [c.__dict__ for c in checks],
-        "ablations": deltas.to_dict(orient="records"),
-        "n_pass": sum(c.status == "PASS" for c in checks),
-        "n_fail": sum(c.status == "FAIL" for c in checks),
-    }
-    write_text(out / "missing_modality_checks.json", json.dumps(payload, indent=2) + "\n")
-    write_text(
-        out / "missing_modality.md", render(summary, long, records, checks, deltas, args, settings)
-    )
-    return checks
-
-
-# ---------------------------------------------------------------------------------------------
 # driver
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--grid", default="full", choices=list(GRIDS), help="settings to run")
+    ap.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help=f"every method (default {DEFAULT_SEEDS})"
+    )
+    ap.add_argument(
+        "--ablation-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help=f"rima, its ablations and controls (default {DEFAULT_ABLATION_SEEDS})",
+    )
     ap.add_argument("--methods", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
     ap.add_argument(
         "--regimes",
         nargs="+",
-        default=list(PHANTOM_REGIMES),
+        default=None,
         choices=list(PHANTOM_REGIMES),
-        help="phantom regimes",
+        help="phantom regimes (default: the grid's)",
     )
     ap.add_argument(
         "--training",
         nargs="+",
-        default=list(TRAININGS),
-        choices=TRAININGS,
-        help="training regimes: complete and/or incomplete training data",
+        default=None,
+        choices=list(TRAINING_REGIMES),
+        help="training regimes (default: the grid's)",
     )
     ap.add_argument(
         "--incomplete-rates",
         type=float,
         nargs=2,
-        default=list(INCOMPLETE_RATES),
+        default=list(TRAINING_REGIMES["incomplete"].rates),
         metavar=("FUNDUS", "OCT"),
-        help="incomplete training regime: the share of the training eyes with both modalities "
-        "that lose the fundus / the OCT (e.g. 0.45 0.45 leaves 10%% of them paired)",
+        help="the `incomplete` training regime: the share of the training eyes with both "
+        "modalities that lose the fundus / the OCT",
     )
-    ap.add_argument("--epochs", type=int, default=12, help="training budget, every method")
+    ap.add_argument(
+        "--lr-factors",
+        type=float,
+        nargs="+",
+        default=None,
+        help="the validation sweep's learning rates, as factors of train.lr (every method; "
+        f"default {list(LR_FACTORS)}, --smoke: [1])",
+    )
+    ap.add_argument("--epochs", type=int, default=16, help="training budget, every method")
     ap.add_argument("--patience", type=int, default=None, help="default: params.yaml")
     ap.add_argument("--n-eyes", type=int, default=None, help="default: params.yaml synth.n_eyes")
     ap.add_argument("--jobs", type=int, default=2, help="training processes run in parallel")
@@ -979,38 +517,67 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help="data, models, results.jsonl")
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results")
-    ap.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
+    ap.add_argument("--quick", action="store_true", help="the development grid (--grid quick)")
+    ap.add_argument("--smoke", action="store_true", help=f"smoke run: {SMOKE}")
+    ap.add_argument(
+        "--max-runs",
+        type=int,
+        default=None,
+        help="stop after this many new training runs (a partial grid; rerun to resume)",
+    )
     ap.add_argument(
         "--report-from",
         type=Path,
         default=None,
         metavar="RESULTS_JSONL",
-        help="run nothing: write the report from this results.jsonl (e.g. one whose protocol "
-        "hash an unrelated config refactoring changed, or a grid run in parts); runs of the "
-        "selected seeds/regimes/methods that it lacks are listed as missing",
+        help="run nothing: write the report from this results file; planned runs that it "
+        "lacks are listed as not run yet",
     )
     args = ap.parse_args(argv)
     if args.jobs < 1 or args.threads < 1:
         ap.error("--jobs and --threads must be >= 1")
     if min(args.incomplete_rates) < 0 or sum(args.incomplete_rates) > 1:
         ap.error("--incomplete-rates must be >= 0 and sum to at most 1 (an eye loses one modality)")
+    if args.lr_factors is not None and any(f <= 0 for f in args.lr_factors):
+        ap.error("--lr-factors must be positive")
     args.command = "python benchmarks/missing_modality.py" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:])
     )
     if args.quick:
-        args.seeds, args.epochs = QUICK["seeds"], QUICK["epochs"]
-        args.n_eyes = args.n_eyes or QUICK["n_eyes"]
-        args.work = args.work / "quick"
+        args.grid = "quick"
+    quick = args.grid == "quick"
+    if args.seeds is None:
+        args.seeds = QUICK_SEEDS if quick else DEFAULT_SEEDS
+    if args.ablation_seeds is None:
+        args.ablation_seeds = QUICK_ABLATION_SEEDS if quick else DEFAULT_ABLATION_SEEDS
+    if args.smoke:
+        args.seeds = args.ablation_seeds = SMOKE["seeds"]
+        args.epochs = SMOKE["epochs"]
+        args.n_eyes = args.n_eyes or SMOKE["n_eyes"]
+        args.lr_factors = args.lr_factors or [1.0]
+        args.work = args.work / "smoke"
         args.out = args.out or args.work
     args.out = args.out or RESULTS
+    args.lr_factors = args.lr_factors or list(LR_FACTORS)
     return args
 
 
-def protocol_dir(args: argparse.Namespace, base: Config) -> Path:
-    """Work directory of this protocol: runs of another budget/size/override never mix in.
+def code_digest(root: Path = ROOT) -> str:
+    """SHA-256 over the source files a run executes (:data:`CODE`), path and bytes."""
+    h = hashlib.sha256()
+    for entry in CODE:
+        path = root / entry
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        for f in files:
+            if f.exists():
+                h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
 
-    Hashes the config sections a run depends on (not the whole params file: an unrelated
-    edit, say to ``evaluate:``, must not throw away a half-finished benchmark)."""
+
+def protocol_id(args: argparse.Namespace, base: Config) -> str:
+    """The id of this protocol: runs of another budget, size, override, regime definition or
+    code never mix in. Hashes the config sections a run depends on (not the whole params file:
+    an unrelated edit, say to ``evaluate:``, must not throw away a half-finished benchmark)."""
     values = base.to_dict()
     protocol = {
         "config": {
@@ -1020,12 +587,58 @@ def protocol_dir(args: argparse.Namespace, base: Config) -> Path:
         "patience": args.patience,
         "n_eyes": args.n_eyes,
         "overrides": sorted(args.overrides),
-        "regimes": {r: PHANTOM_REGIMES[r] for r in sorted(PHANTOM_REGIMES)},
+        "regimes": {r: list(PHANTOM_REGIMES[r].overrides) for r in sorted(PHANTOM_REGIMES)},
+        "trainings": {
+            t: [r.rates, r.train_multiplier] for t, r in sorted(TRAINING_REGIMES.items())
+        },
         "incomplete_rates": list(args.incomplete_rates),
         "sweep": SWEEP,
+        "code": code_digest(),
     }
-    digest = hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:10]
-    return args.work / f"protocol-{digest}"
+    return hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def protocol_dir(args: argparse.Namespace, base: Config) -> Path:
+    return args.work / f"protocol-{protocol_id(args, base)}"
+
+
+def plan_keys(args: argparse.Namespace) -> list[tuple[str, str, str, int, str]]:
+    """Every run (regime, training, method, seed, sweep variant) the selected grid asks for,
+    the oracle included; rima, its ablations and controls run on the ablation seeds, every other
+    method on the seeds."""
+    ot_family = {RIMA, *ablations(list(MODEL_NAMES))}
+    keys = []
+    for regime, training in settings_of(args.grid, args.regimes, args.training):
+        methods = methods_of(training, args.methods)
+        for seed in sorted(set(args.seeds) | set(args.ablation_seeds)):
+            keys.append((regime, training, ORACLE, seed, BASE_VARIANT))
+            for m in methods:
+                seeds = args.ablation_seeds if m in ot_family else args.seeds
+                if seed in seeds:
+                    keys += [
+                        (regime, training, m, seed, v.name)
+                        for v in variants(m, 1.0, tuple(args.lr_factors))
+                    ]
+    return keys
+
+
+def report_context(args: argparse.Namespace) -> dict[str, Any]:
+    plan = plan_keys(args)
+    return {
+        "command": args.command,
+        "settings": [
+            setting_name(r, t) for r, t in settings_of(args.grid, args.regimes, args.training)
+        ],
+        "methods": [ORACLE, *args.methods],
+        "plan": plan,
+        "epochs": args.epochs,
+        "patience": args.patience,
+        "n_eyes": args.n_eyes,
+        "jobs": args.jobs,
+        "threads": args.threads,
+        "overrides": args.overrides,
+        "lr_factors": args.lr_factors,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1040,58 +653,74 @@ def main(argv: list[str] | None = None) -> None:
         if not args.report_from.is_file():
             sys.exit(f"--report-from {args.report_from}: no such file")
         records = list(read_results(args.report_from).values())
-        for c in write_outputs(records, args):
+        for c in write_outputs(records, args.out, report_context(args)):
             print(c.line())
         return
-    work = protocol_dir(args, base)
+    protocol = protocol_id(args, base)
+    work = args.work / f"protocol-{protocol}"
     work.mkdir(parents=True, exist_ok=True)
     results_path = work / "results.jsonl"
-    done = read_results(results_path)
+    done = read_results(results_path, protocol)
+    # the committed state: runs of this protocol finished on an earlier machine or session
+    for key, rec in read_results(args.out / STATE_FILE, protocol).items():
+        if key not in done:
+            append_result(results_path, rec)
+            done[key] = rec
+    rates = training_rates(args)
 
+    plan = plan_keys(args)
     jobs: list[Job] = []
-    for seed in args.seeds:
-        for regime in args.regimes:
-            overrides = [*common, *PHANTOM_REGIMES[regime]]
-            pending = [
-                (t, m)
-                for t in args.training
-                for m in args.methods
-                if (regime, t, m, seed) not in done
-            ]
-            if not pending:
-                continue
-            cfg = bench_config(args.params, seed, args.epochs, overrides)
-            store, masks = prepare_data(
-                work / regime / f"seed{seed}" / "data", cfg, args.incomplete_rates
+    data_cache: dict[tuple[str, int, int], tuple[Path, Path, Config]] = {}
+
+    def data_for(regime: str, seed: int, multiplier: int) -> tuple[Path, Path, Config]:
+        key = (regime, seed, multiplier)
+        if key not in data_cache:
+            overrides = [*common, *PHANTOM_REGIMES[regime].overrides]
+            cfg = bench_config(args.params, seed, args.epochs, overrides, multiplier)
+            folder = "data" if multiplier == 1 else f"data_x{multiplier}"
+            store, masks = prepare_data(work / regime / f"seed{seed}" / folder, cfg, rates)
+            data_cache[key] = (store, masks, cfg)
+        return data_cache[key]
+
+    # seed-major order: a partial grid holds whole seeds, whose methods are all paired
+    sweep = {
+        m: {v.name: v for v in variants(m, base.train.lr, tuple(args.lr_factors))}
+        for m in args.methods
+    }
+    for regime, training, method, seed, variant in sorted(plan, key=lambda k: (k[3],)):
+        multiplier = TRAINING_REGIMES[training].train_multiplier
+        if (regime, training, method, seed, variant) in done:
+            continue
+        store, masks, cfg = data_for(regime, seed, multiplier)
+        if method == ORACLE:
+            rec = oracle_record(regime, training, seed, cfg, store, masks)
+            rec["protocol"] = protocol
+            append_result(results_path, rec)
+            done[_key(rec)] = rec
+            continue
+        v = sweep[method][variant]
+        jobs.append(
+            Job(
+                regime,
+                training,
+                method,
+                seed,
+                str(args.params),
+                args.epochs,
+                (*common, *PHANTOM_REGIMES[regime].overrides, *v.overrides),
+                str(store),
+                str(masks),
+                str(work / regime / f"seed{seed}" / training / method / v.name),
+                v.name,
+                multiplier,
             )
-            for training, method in pending:
-                run_dir = work / regime / f"seed{seed}" / training / method
-                jobs.append(
-                    Job(
-                        regime,
-                        training,
-                        method,
-                        seed,
-                        str(args.params),
-                        args.epochs,
-                        tuple(overrides),
-                        str(store),
-                        str(masks),
-                        str(run_dir),
-                    )
-                )
-    total = len(jobs) + sum(
-        1
-        for k in done
-        if k[0] in args.regimes
-        and k[1] in args.training
-        and k[2] in args.methods
-        and k[3] in args.seeds
-    )
+        )
+    if args.max_runs is not None:
+        jobs = jobs[: args.max_runs]
     log.info(
-        "%d runs in the plan, %d done earlier, %d to run (%d at a time) in %s",
-        total,
-        total - len(jobs),
+        "protocol %s: %d planned cells, %d training runs to run now (%d at a time) in %s",
+        protocol,
+        len(plan),
         len(jobs),
         args.jobs,
         work,
@@ -1101,12 +730,13 @@ def main(argv: list[str] | None = None) -> None:
     failures: list[tuple[Job, BaseException]] = []
 
     def finished(job: Job, record: dict[str, Any], k: int) -> None:
+        record["protocol"] = protocol
         append_result(results_path, record)
         done[job.key] = record
         elapsed = time.perf_counter() - t_start
         r = record["run"]
         log.info(
-            "[%d/%d] %s %s seed %d %s: test QWK complete %.3f / OCT missing %.3f / fundus "
+            "[%d/%d] %s %s seed %d %s %s: test QWK complete %.3f / OCT missing %.3f / fundus "
             "missing %.3f; %.0f s (ETA %.0f min)",
             k,
             len(jobs),
@@ -1114,35 +744,42 @@ def main(argv: list[str] | None = None) -> None:
             job.training,
             job.seed,
             job.method,
+            job.variant,
             *(_qwk(record, s) for s in ("complete", "oct_missing", "fundus_missing")),
             r["train_seconds"] + r["eval_seconds"],
             elapsed / k * (len(jobs) - k) / 60,
         )
 
-    if args.jobs == 1:
-        _worker_init(args.threads)
-        logging.getLogger().setLevel(logging.INFO)
-        for k, job in enumerate(jobs, 1):
-            try:
-                finished(job, run_job(job), k)
-            except Exception as exc:  # one failed run must not lose the others
-                log.exception("run %s failed", job.key)
-                failures.append((job, exc))
-    else:
-        ctx = multiprocessing.get_context("spawn")  # no forked torch/BLAS thread state
-        with cf.ProcessPoolExecutor(
-            args.jobs, mp_context=ctx, initializer=_worker_init, initargs=(args.threads, True)
-        ) as pool:
-            futures = {pool.submit(run_job, job): job for job in jobs}
-            for k, fut in enumerate(cf.as_completed(futures), 1):
-                job = futures[fut]
+    try:
+        if args.jobs == 1:
+            _worker_init(args.threads)
+            logging.getLogger().setLevel(logging.INFO)
+            for k, job in enumerate(jobs, 1):
                 try:
-                    finished(job, fut.result(), k)
-                except Exception as exc:
-                    log.error("run %s failed: %s", job.key, exc)
+                    finished(job, run_job(job), k)
+                except Exception as exc:  # one failed run must not lose the others
+                    log.exception("run %s failed", job.key)
                     failures.append((job, exc))
+        else:
+            ctx = multiprocessing.get_context("spawn")  # no forked torch/BLAS thread state
+            with cf.ProcessPoolExecutor(
+                args.jobs, mp_context=ctx, initializer=_worker_init, initargs=(args.threads, True)
+            ) as pool:
+                futures = {pool.submit(run_job, job): job for job in jobs}
+                for k, fut in enumerate(cf.as_completed(futures), 1):
+                    job = futures[fut]
+                    try:
+                        finished(job, fut.result(), k)
+                    except Exception as exc:
+                        log.error("run %s failed: %s", job.key, exc)
+                        failures.append((job, exc))
+    finally:
+        # the state travels with the report: a later session resumes from it
+        args.out.mkdir(parents=True, exist_ok=True)
+        with atomic_file(args.out / STATE_FILE) as tmp:
+            shutil.copyfile(results_path, tmp)
 
-    checks = write_outputs(list(done.values()), args)
+    checks = write_outputs(list(done.values()), args.out, report_context(args))
     for c in checks:
         print(c.line())
     n_pass = sum(c.status == "PASS" for c in checks)

@@ -41,7 +41,8 @@ def promote(config: Input[Artifact], version: str, decision: Output[Markdown]) -
     from rima_core.remote_config import load_task_config
     from rima_core.reports import promotion_markdown
 
-    result = steps.promote(load_task_config(config.path))
+    # this run's version, not a newer challenger another run registered meanwhile
+    result = steps.promote(load_task_config(config.path), version=version or None)
     text = promotion_markdown(result)
     if str(result["challenger"]) != str(version):
         # another run registered a newer challenger between this run's register and promote

@@ -61,6 +61,9 @@ CREDENTIAL_ENV: dict[str, tuple[str, ...]] = {
     ),
 }
 S3_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# Prefix of the cluster options (--image, --gpu-node-selector) in check_no_credentials' names:
+# they are written into the package as they are, so they are checked like the config.
+CLUSTER_OPTIONS = "--"
 
 
 def check_no_credentials(values: dict[str, Any], secret_name: str) -> None:
@@ -77,6 +80,9 @@ def check_no_credentials(values: dict[str, Any], secret_name: str) -> None:
         return
     hints = []
     for key in found:
+        if key.startswith(CLUSTER_OPTIONS):
+            hints.append(f"{key} (a cluster option: name the image or node without credentials)")
+            continue
         env = CREDENTIAL_ENV.get(key.split("[", 1)[0], S3_CREDENTIAL_ENV)
         hints.append(f"{key} (put it in secret {secret_name!r} as {' / '.join(env)})")
     raise ConfigError(
@@ -85,6 +91,17 @@ def check_no_credentials(values: dict[str, Any], secret_name: str) -> None:
         + ". Remove it from params/profile/--set: pods read credentials from the Kubernetes "
         "secret as environment variables (python -m pipelines compile --secret NAME)"
     )
+
+
+def _cluster_values(opts: ClusterOptions) -> dict[str, Any]:
+    """The cluster options that are written into the package verbatim, by their CLI names."""
+    from components.image import rima_image
+
+    return {
+        f"{CLUSTER_OPTIONS}image": rima_image(opts.image),
+        **{f"{CLUSTER_OPTIONS}gpu-node-selector {k}": v for k, v in opts.gpu_node_selector.items()},
+        **{f"{CLUSTER_OPTIONS}gpu-node-selector key {k}": k for k in opts.gpu_node_selector},
+    }
 
 
 def _register_min_metric(cfg: Config) -> float:
@@ -158,6 +175,7 @@ def compile_pipeline(
     cfg = load_config(params, profile, overrides)
     check_no_credentials(cfg.to_dict(), opts.secret_name)  # names the config key
     check_no_credentials({"pipeline": arguments}, opts.secret_name)  # and any other way in
+    check_no_credentials(_cluster_values(opts), opts.secret_name)  # image, node selector
     pipeline = build_pipeline(options)
     if out.suffix not in (".yaml", ".yml", ".json"):
         raise ValueError(f"{out}: the pipeline package must end in .yaml (or .json)")

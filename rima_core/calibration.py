@@ -108,9 +108,10 @@ def calibrate_model(
     return report
 
 
-# Path pooling (models/rima.py, step 7): weights searched in [0, PATH_WEIGHT_MAX]; fewer complete
-# validation eyes than MIN_PATH_EYES (or a single class among them) leaves the model's weights
-# as they are, since three weights fitted on a handful of eyes would be noise.
+# Path pooling (models/rima.py, step 7; models/common.py, PathPooling): weights searched in
+# [0, PATH_WEIGHT_MAX]; fewer complete validation eyes than MIN_PATH_EYES (or a single class
+# among them) leaves the model's weights as they are, since three weights fitted on a handful of
+# eyes would be noise.
 PATH_WEIGHT_MAX = 10.0
 MIN_PATH_EYES = 20
 
@@ -161,13 +162,16 @@ def fit_path_weights(log_probs: np.ndarray, y_true: np.ndarray, start: np.ndarra
 def calibrate_paths(
     model: Any, loaders: Any | dict[str, Any], device: Any, dtype: Any = None
 ) -> dict | None:
-    """Fit a RIMA model's ``path_weights`` on the complete eyes of the validation loader(s).
+    """Fit a model's ``path_weights`` on the complete eyes of the validation loader(s).
 
-    ``None`` for a model without paths to pool. Eyes seen in several selection scenarios count
-    once (by store row). Sets the weights on the model (they are a buffer, so ``model.pt`` keeps
-    them) and returns what was fitted, on how many eyes, and the NLL before and after. Called
-    where training ends, after model selection and before :func:`calibrate_model`, whose
-    temperature then scales the pooled logits.
+    The models that pool paths are those with ``complete_eye_log_probs``
+    (:class:`rima_core.models.common.PathPooling`): the RIMA family and the imputation
+    baselines, whose complete eyes have the same three paths (full, fundus + a stand-in for the
+    OCT, OCT + a stand-in for the fundus). ``None`` for a model without paths to pool. Eyes
+    seen in several selection scenarios count once (by store row). Sets the weights on the model
+    (they are a buffer, so ``model.pt`` keeps them) and returns what was fitted, on how many
+    eyes, and the NLL before and after. Called where training ends, after model selection and
+    before :func:`calibrate_model`, whose temperature then scales the pooled logits.
     """
     import torch
 

@@ -14,9 +14,9 @@ import logging
 import re
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
-from rima_core.config import Config, ConfigError, load_config
+from rima_core.config import Config, ConfigError, load_config, load_yaml
 from rima_core.data.sources import ALIASES, SOURCES
 from rima_core.data.sources.fairvision import DISEASES
 from rima_core.data.types import CaseError, SourceError
@@ -69,14 +69,22 @@ def _cmd_synth(args: argparse.Namespace) -> Any:
 
 def _cmd_prepare(args: argparse.Namespace) -> Any:
     from rima_core import steps
+    from rima_core.config import with_values
 
     cfg = _config(args)
+    if args.source is not None:
+        # checked like data.source: a plug-in module must be registered before it is imported
+        try:
+            cfg = with_values(cfg, {"data.source": args.source}, "params")
+        except ConfigError as exc:
+            reason = str(exc).split(": ", 1)[-1].rsplit(", got ", 1)[0]
+            raise ConfigError(f"--source {args.source}: {reason}") from None
     try:
         return steps.prepare(
             input_dir=args.input or cfg.data.raw_dir,
             out=args.out or cfg.prepare.store_dir,
             cfg=cfg,
-            source=args.source,
+            source=cfg.data.source,
             disease=args.disease,
             skip_bad=True if args.skip_bad else None,
         )
@@ -110,13 +118,17 @@ def _cmd_simulate_missing(args: argparse.Namespace) -> Any:
 
 
 def _source_name(text: str) -> str:
-    """``--source``: a registered source (or alias), ``auto``, or a dotted module path, which
-    prepare imports as a plug-in format."""
+    """``--source``: a built-in source (or alias), ``auto``, a ``rima.sources`` entry-point
+    name, or a dotted module path listed in ``data.plugins`` (checked once params are read)."""
+    from rima_core.config import registered_plugins
+
     if text == "auto" or "." in text or text.lower() in SOURCES or text.lower() in ALIASES:
+        return text
+    if text in registered_plugins():
         return text
     raise argparse.ArgumentTypeError(
         f"unknown source {text!r}: expected one of {', '.join(SOURCES)}, auto, "
-        "or a dotted module path (a plug-in format)"
+        "or a registered plug-in (data.plugins, or a rima.sources entry point)"
     )
 
 
@@ -137,8 +149,9 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
         type=_source_name,
         default=None,
         metavar="SOURCE",
-        help=f"source format: {', '.join(SOURCES)}, auto, or a dotted module path with "
-        "scan()/load() (a plug-in format); default: data.source",
+        help=f"source format: {', '.join(SOURCES)}, auto, or a registered plug-in (a module "
+        "with scan()/load() listed in data.plugins, or a rima.sources entry point); "
+        "default: data.source",
     )
     p.add_argument("--disease", choices=[*DISEASES, "auto"], default=None)
     p.add_argument("--input", default=None)
@@ -284,7 +297,7 @@ def _cmd_params(args: argparse.Namespace) -> Any:
     load_config(None, args.profile_file)  # schema check: a typo fails here, not in a stage
     from pathlib import Path
 
-    raw = yaml.safe_load(Path(args.profile_file).read_text()) or {}
+    raw = load_yaml(Path(args.profile_file).read_text()) or {}
     for key, value in _flatten(raw).items():
         print(f"++{key}={_dvc_value(value)}")
     return None
@@ -477,11 +490,53 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """Every (sub)command parser gets :class:`_HelpFormatter` (subparsers inherit the class)."""
+    """Every (sub)command parser gets :class:`_HelpFormatter` (subparsers inherit the class),
+    and errors that say what the user probably meant: the closest command for a mistyped one,
+    and for an unknown ``--flag`` the ``--set section.key=value`` that sets it."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        words = [a for a in getattr(self, "_argv", []) if not a.startswith("-")]
+        super().error(message + _hint(message, words[0] if words else self.prog))
+
+
+def _hint(message: str, command: str) -> str:
+    """A "did you mean" for argparse's invalid-choice and unrecognized-arguments errors."""
+    import difflib
+
+    from rima_core.config import Config
+
+    choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if choice:
+        options = re.findall(r"'([^']*)'", choice.group(2))
+        close = difflib.get_close_matches(choice.group(1), options, n=1, cutoff=0.5)
+        return f"; did you mean '{close[0]}'?" if close else ""
+    flags = re.findall(r"--([A-Za-z][\w-]*)", message)
+    if "unrecognized arguments" not in message or not flags:
+        return ""
+    command = command.split()[-1].replace("-", "_")
+    keys: dict[str, list[str]] = {}
+    for section, values in Config().to_dict().items():
+        for key in values:
+            keys.setdefault(key.replace("_", "-"), []).append(section)
+    for flag in flags:
+        close = difflib.get_close_matches(flag, list(keys), n=1, cutoff=0.75)
+        if close:
+            sections = keys[close[0]]
+            section = command if command in sections else sections[0]
+            key = close[0].replace("-", "_")
+            return (
+                "; settings are changed with --set SECTION.KEY=VALUE, "
+                f"e.g. --set {section}.{key}=..."
+            )
+    return "; settings are changed with --set SECTION.KEY=VALUE (see `rima params show`)"
 
 
 def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -555,7 +610,20 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     except (ConfigError, CaseError, SourceError, StepFailed, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2
+    except OSError as exc:  # disk full, permissions, ...: the environment's, not a bug
+        log.error("%s", _os_error_line(exc))
+        return 1
     return 0
+
+
+def _os_error_line(exc: OSError) -> str:
+    """One line for an OSError: what failed, on which file, and why (no traceback)."""
+    import errno
+
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    where = f" ({exc.filename})" if exc.filename else ""
+    hint = "; free some space and rerun" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return f"{type(exc).__name__}{where}: {reason}{hint}"
 
 
 if __name__ == "__main__":

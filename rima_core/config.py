@@ -33,11 +33,21 @@ class ConfigError(ValueError):
     """A params file or override that does not fit the schema."""
 
 
+# Field metadata of a setting that can carry a credential (a URL with ``user:password@``, a
+# presigned query): every serialisation of a config (MLflow params, the logged model's
+# config.json, `rima params show`) masks it by construction through rima_core.redact, and
+# `python -m pipelines compile` refuses it. See secret_keys().
+SECRET = {"secret": True}
+
+
 @dataclass
 class DataConfig:
-    raw_dir: str = "data/raw"
-    source: str = "auto"  # fairvision | gamma | rima | auto
+    raw_dir: str = field(default="data/raw", metadata=SECRET)  # may be a presigned URL
+    source: str = "auto"  # fairvision | gamma | rima | auto | a registered plug-in
     disease: str = "auto"  # FairVision only: amd | dr | glaucoma | synthetic | auto
+    # Plug-in source formats (dotted module paths with scan()/load()) that data.source may name;
+    # a module listed nowhere (here or as a `rima.sources` entry point) is never imported.
+    plugins: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -56,6 +66,11 @@ class SynthConfig:
     # easier modality to read); fundus_signal > oct_signal makes the fundus the stronger one.
     fundus_signal: float = 1.0
     oct_signal: float = 1.0
+    # Phantom regimes, all off by default (synthetic.py's docstring says which clinical property
+    # each stands for; rima_core/data/oracle.py gives each one's Bayes ceiling):
+    anatomy: str = "none"  # none | shared: a lesion-focus location both modalities see
+    private_latent: str = "none"  # none | oct | fundus: a graded latent one modality sees best
+    site_shift: str = "none"  # none | fundus | oct: the test split's acquisition style differs
 
 
 @dataclass
@@ -115,6 +130,11 @@ class ModelConfig:
     # of their consistency (KL) with the full prediction (see models/rima.py)
     missing_path_weight: float = 1.0
     consistency_weight: float = 0.5
+    # distillation: the students' loss on eyes with both modalities is
+    # (1 - alpha) * CE + alpha * T^2 * KL(student_T || teacher_T) (models/baselines.py); a
+    # benchmark sweeps them (e.g. alpha in {0.3, 0.7}, T in {1, 3}) and selects on validation
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
     fundus_weights: str | None = None  # local path to pretrained weights; never downloaded
     oct_weights: str | None = None
 
@@ -163,7 +183,7 @@ class TrainConfig:
 @dataclass
 class TuneConfig:
     out_dir: str = "reports/tune"
-    storage: str = "sqlite:///optuna.db"
+    storage: str = field(default="sqlite:///optuna.db", metadata=SECRET)
     study_name: str = "rima"
     n_trials: int = 8
     timeout_s: float | None = None
@@ -200,13 +220,13 @@ class EvaluateConfig:
 
 @dataclass
 class MlflowConfig:
-    tracking_uri: str = "sqlite:///mlflow.db"
+    tracking_uri: str = field(default="sqlite:///mlflow.db", metadata=SECRET)
     experiment: str = "rima-synthetic"
     model_name: str = "rima"
     # where a new experiment stores artifacts: "s3://bucket/prefix" for direct S3 (the client then
     # needs MLFLOW_S3_ENDPOINT_URL off AWS); null = `mlartifacts/` beside a SQLite file, or the
     # server's choice for an http(s) tracking URI
-    artifact_location: str | None = None
+    artifact_location: str | None = field(default=None, metadata=SECRET)
 
 
 @dataclass
@@ -250,6 +270,19 @@ class Config:
             for key, value in values.items():
                 out[f"{section}.{key}"] = value
         return out
+
+
+def secret_keys() -> frozenset[str]:
+    """``section.key`` of every setting declared :data:`SECRET` in the schema."""
+    return _SECRET_KEYS
+
+
+_SECRET_KEYS = frozenset(
+    f"{section.name}.{f.name}"
+    for section in dataclasses.fields(Config)
+    for f in dataclasses.fields(section.default_factory())  # type: ignore[misc]
+    if f.metadata.get("secret")
+)
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -304,12 +337,27 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def did_you_mean(wrong: list[str], known: Any) -> str:
+    """`` (did you mean 'lr'?)`` for the closest known name of each wrong one, or ``""``."""
+    import difflib
+
+    pairs = []
+    for w in wrong:
+        close = difflib.get_close_matches(str(w), sorted(map(str, known)), n=1, cutoff=0.6)
+        if close:
+            pairs.append(f"{w!r} -> {close[0]!r}" if len(wrong) > 1 else repr(close[0]))
+    return f" (did you mean {', '.join(pairs)}?)" if pairs else ""
+
+
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
+        hints = did_you_mean(sorted(unknown), names)
+        raise ConfigError(
+            f"{where}: unknown key(s) {sorted(unknown)}{hints}; known: {sorted(names)}"
+        )
     kwargs = {}
     for name, value in values.items():
         tp = hints[name]
@@ -361,6 +409,49 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader (no Python tags) that also refuses a key given twice in one mapping
+    (PyYAML keeps the last silently; DVC refuses the file), naming the key and both lines."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges may repeat keys
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} on line {key_node.start_mark.line + 1} "
+                    f"(first on line {first + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``text`` parsed by :class:`StrictLoader`."""
+    return yaml.load(text, Loader=StrictLoader)
+
+
+def yaml_error(exc: yaml.YAMLError) -> str:
+    """A YAML error as one line (PyYAML's messages span several, with a code excerpt)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        if exc.problem.startswith("duplicate key"):
+            where = ""
+        context = f"{exc.context}: " if exc.context else ""
+        return " ".join(f"{context}{exc.problem}{where}".split())
+    return " ".join(str(exc).split())
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """``train.lr=3e-4`` -> ``{"train": {"lr": 3e-4}}`` (value parsed as YAML)."""
     if "=" not in text:
@@ -369,16 +460,30 @@ def parse_override(text: str) -> dict[str, Any]:
     parts = dotted.strip().split(".")
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"override {text!r}: the key must be section.key")
-    return {parts[0]: {parts[1]: yaml.safe_load(raw)}}
+    try:
+        value = load_yaml(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"override {dotted.strip()}: not a valid value: {yaml_error(exc)}"
+        ) from None
+    return {parts[0]: {parts[1]: value}}
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_bytes().decode("utf-8")) or {}
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: no such params file") from exc
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a params file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {yaml_error(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
@@ -593,10 +698,42 @@ PLUGIN_SOURCE = matches(
 )
 
 
+# Installed packages register plug-in formats under this entry-point group (name = module path)
+SOURCE_ENTRY_POINTS = "rima.sources"
+
+
+def registered_plugins() -> dict[str, str]:
+    """Plug-in formats installed packages register: entry-point name -> module path. Read from
+    package metadata only; nothing is imported."""
+    import importlib.metadata
+
+    try:
+        eps = importlib.metadata.entry_points(group=SOURCE_ENTRY_POINTS)
+    except Exception:  # broken metadata of some installed package: no plug-ins from it
+        return {}
+    return {ep.name: ep.value.split(":", 1)[0].strip() for ep in eps}
+
+
 def source_name(v: Any) -> str | None:
     if v == "auto" or v in SOURCE_NAMES or PLUGIN_SOURCE(v) is None:
         return None
+    if isinstance(v, str) and v in registered_plugins():
+        return None
     return f"must be one of {['auto', *SOURCE_NAMES]} or a dotted module path (a plug-in format)"
+
+
+def _source_registered(cfg: Config) -> tuple[str, str] | None:
+    """A dotted ``data.source`` must be registered: listed in data.plugins or an entry point."""
+    source = cfg.data.source
+    if PLUGIN_SOURCE(source) is not None or source in SOURCE_NAMES:
+        return None
+    if source in cfg.data.plugins or source in registered_plugins().values():
+        return None
+    return (
+        "data.source",
+        f"plug-in module {source!r} is not registered (not imported): list it under "
+        f"data.plugins, or register it as a {SOURCE_ENTRY_POINTS!r} entry point",
+    )
 
 
 METRICS = (
@@ -607,6 +744,7 @@ SPLITS = ("train", "val", "test")
 
 RULES: dict[str, Check] = {
     "data.source": source_name,
+    "data.plugins": each(PLUGIN_SOURCE),
     "data.disease": one_of("amd", "dr", "glaucoma", "synthetic", "auto"),
     "synth.n_eyes": integer(1),
     "synth.seed": SEED,
@@ -619,6 +757,9 @@ RULES: dict[str, Check] = {
     "synth.split_fractions": SPLIT_FRACTIONS,
     "synth.fundus_signal": POSITIVE,
     "synth.oct_signal": POSITIVE,
+    "synth.anatomy": one_of("none", "shared"),
+    "synth.private_latent": one_of("none", "oct", "fundus"),
+    "synth.site_shift": one_of("none", "fundus", "oct"),
     "prepare.fundus_size": integer(1),
     "prepare.oct_shape": SHAPE_3D,
     "prepare.split_fractions": SPLIT_FRACTIONS,
@@ -648,6 +789,8 @@ RULES: dict[str, Check] = {
     "model.modality_dropout": PROBABILITY,
     "model.missing_path_weight": NON_NEGATIVE,
     "model.consistency_weight": NON_NEGATIVE,
+    "model.distill_alpha": FRACTION,
+    "model.distill_temperature": POSITIVE,
     "ot.gw_epsilon": POSITIVE,
     "ot.feature_epsilon": POSITIVE,
     "ot.loss_weight": NON_NEGATIVE,
@@ -718,6 +861,13 @@ def _missing_fractions(cfg: Config) -> tuple[str, str] | None:
     return None
 
 
+def _one_graded_latent(cfg: Config) -> tuple[str, str] | None:
+    # the grade's score has one extra latent at most (synthetic.py: GRADE_SCORES)
+    if cfg.synth.anatomy != "none" and cfg.synth.private_latent != "none":
+        return "synth.private_latent", "must be 'none' when synth.anatomy is on (one at a time)"
+    return None
+
+
 def _warmup_within_epochs(cfg: Config) -> tuple[str, str] | None:
     if cfg.train.warmup_epochs > cfg.train.epochs:
         return "train.warmup_epochs", f"must be <= train.epochs ({cfg.train.epochs})"
@@ -734,8 +884,10 @@ def _warmup_within_trials(cfg: Config) -> tuple[str, str] | None:
 
 # Checks over several keys: each returns (the key to name, the reason) or None.
 CROSS_RULES: list[typing.Callable[[Config], tuple[str, str] | None]] = [
+    _source_registered,
     _class_weights_match,
     _missing_fractions,
+    _one_graded_latent,
     _warmup_within_epochs,
     _warmup_within_trials,
 ]

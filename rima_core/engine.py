@@ -26,6 +26,23 @@ class EngineError(ValueError):
     CUDA device, a resume against changed settings, a model that does not fit the store)."""
 
 
+class NonFiniteOutputError(EngineError, FloatingPointError):
+    """The model gave a NaN/inf logit for some eyes: an error naming them, never a grade.
+
+    ``rows`` are the ``index`` values (rows in the store, or positions in a served batch) of the
+    eyes whose output is not finite, in loader order. A FloatingPointError too, so a tuning
+    trial whose model diverged into NaN fails like one whose loss did, and the search goes on.
+    """
+
+    def __init__(self, desc: str, rows: list[int]) -> None:
+        self.rows = rows
+        shown = ", ".join(str(r) for r in rows[:10]) + (" ..." if len(rows) > 10 else "")
+        super().__init__(
+            f"{desc}: the model's output is not finite (NaN or infinity) for {len(rows)} eye(s), "
+            f"row(s) {shown}; no grade is given for non-finite outputs"
+        )
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU. Asking for CUDA without one is an error."""
     if name == "auto":
@@ -145,6 +162,9 @@ def predict(
     Probabilities are ``softmax(logits / T)``: ``temperature`` if given, else the model's own
     calibration temperature (:func:`model_temperature`, set by ``load_model`` from the spec), so
     evaluation and serving apply the fitted calibration without knowing about it.
+
+    A NaN or infinite logit (a diverged or damaged model) raises :class:`NonFiniteOutputError`
+    naming the rows: argmax over NaN would silently grade the eye as class 0.
     """
     t = model_temperature(model) if temperature is None else float(temperature)
     if not (math.isfinite(t) and t > 0):
@@ -165,11 +185,16 @@ def predict(
             parts["ho"].append(batch["has_oct"].numpy())
     if not parts["p"]:
         raise ValueError(f"{desc}: the loader yielded no batches (empty split?)")
+    logits_all = np.concatenate(parts["z"])
+    bad = ~np.isfinite(logits_all).all(axis=1)
+    if bad.any():
+        index = np.concatenate(parts["index"])
+        raise NonFiniteOutputError(desc, [int(i) for i in index[bad]])
     return Predictions(
         index=np.concatenate(parts["index"]),
         y_true=np.concatenate(parts["y"]),
         proba=np.concatenate(parts["p"]),
         has_fundus=np.concatenate(parts["hf"]).astype(bool),
         has_oct=np.concatenate(parts["ho"]).astype(bool),
-        logits=np.concatenate(parts["z"]),
+        logits=logits_all,
     )

@@ -21,10 +21,14 @@ model is what :func:`register` registers, so a version's source run is the run t
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import math
+import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +256,109 @@ def _description_limit(text: str) -> str:
     return text if len(text) <= 5000 else text[:4990] + "\n…"
 
 
+TRAIN_SUMMARY = "train_summary.json"
+SELECTION_SPLIT = "val"  # the only split promotion compares on
+
+
+def check_complete(model_dir: str | Path) -> str:
+    """The hash of ``model_dir/model.pt`` when training marked it complete, else RegistryError.
+
+    ``rima train`` writes ``"complete": true`` and the weights' sha256 into ``train_summary.json``
+    only after selection and calibration; a ``model.pt`` left by a killed run (an early epoch's
+    weights, no temperature) has no such summary, or one of another model file.
+    """
+    from rima_core.serving import model_file
+
+    path = Path(model_dir) / TRAIN_SUMMARY if Path(model_dir).is_dir() else None
+    sha = model_sha256(model_dir)
+    try:
+        summary = json.loads(path.read_text()) if path is not None else None
+    except (OSError, ValueError):
+        summary = None
+    if not isinstance(summary, dict) or summary.get("complete") is not True:
+        raise RegistryError(
+            f"{model_file(model_dir)}: training did not finish ({TRAIN_SUMMARY} does not mark it "
+            "complete): a killed run's model is never registered; run `rima train` to the end"
+        )
+    if summary.get(TAG_MODEL_SHA) != sha:
+        raise RegistryError(
+            f"{model_file(model_dir)}: its sha256 {sha[:12]} is not the one training finished "
+            f"with ({str(summary.get(TAG_MODEL_SHA))[:12]}, {TRAIN_SUMMARY}): the file changed "
+            "after training; train again"
+        )
+    return sha
+
+
+def _lock_key(name: str) -> int:
+    """A stable signed 64-bit key for PostgreSQL's advisory lock of one registered model."""
+    digest = hashlib.sha256(f"rima-registry:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+@contextlib.contextmanager
+def registry_lock(cfg: Config, name: str) -> Iterator[str]:
+    """Serialise registry changes of model ``name`` across processes; yields how.
+
+    With a database tracking store the lock lives beside the data: PostgreSQL's advisory lock on
+    its own connection (released by the server if the process dies), a file lock for a SQLite
+    database (in the temp folder, keyed by the database's path). An MLflow server offers no
+    lock: then promotion relies on its compare-and-set check alone (:func:`promote`).
+    """
+    uri = tracking.tracking_uri(cfg.mlflow)
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme == "sqlite":
+        import fcntl
+
+        db = tracking.sqlite_path(uri)
+        if db is None:  # in-memory: one process
+            yield "none"
+            return
+        # in the temp folder (SQLite is one machine's), keyed by the database: no file to ignore
+        import tempfile
+
+        key = hashlib.sha256(f"{db.resolve()}\0{name}".encode()).hexdigest()[:24]
+        lock = Path(tempfile.gettempdir()) / f"rima-registry-{key}.lock"
+        with lock.open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield "file"
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        return
+    if scheme in ("postgresql", "postgres"):
+        import sqlalchemy
+        from sqlalchemy.pool import NullPool
+
+        engine = sqlalchemy.create_engine(uri, poolclass=NullPool)
+        key = _lock_key(name)
+        try:
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                try:
+                    yield "postgresql"
+                finally:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        finally:
+            engine.dispose()
+        return
+    yield "none"
+
+
+def _same_version(client: Any, name: str, sha: str, train_run: str | None) -> Any | None:
+    """An existing version of ``name`` of the same weights and training run (a retried
+    register), or None."""
+    page = None
+    while True:
+        found = client.search_model_versions(f"name = '{name}'", page_token=page)
+        for mv in found:
+            tags = mv.tags or {}
+            if tags.get(TAG_MODEL_SHA) == sha and tags.get("train_run_id") == train_run:
+                return mv
+        page = getattr(found, "token", None)
+        if not page:
+            return None
+
+
 def register(
     model_dir: str | Path,
     metrics_json: str | Path,
@@ -269,20 +376,76 @@ def register(
     ``track=False``, or against another store) is the model logged here, from the ``register``
     run, with a warning. ``description`` (e.g. a model card) replaces the default
     :func:`version_description`; ``tags`` go on the version too (within the tag budget).
+
+    Refused (RegistryError) unless training marked ``model_dir`` complete with these weights
+    (:func:`check_complete`). Idempotent: a version of the same weights and training run that
+    already exists (a retried task) is returned as it is, not registered twice; the check and
+    the registration run under :func:`registry_lock`.
     """
-    import mlflow
-
-    from rima_core import serving
-
     metrics = read_metrics(metrics_json)
     name = cfg.mlflow.model_name
     primary = metrics.get(cfg.promote.scenario, {}).get(cfg.promote.metric)
+    sha = check_complete(model_dir)
     ok, gate = registration_gate(metrics, cfg)
     result: dict[str, Any] = {"model_name": name, "primary_metric": primary, "gate": gate}
     if not ok:
         log.warning("%s: not registered: %s", name, gate)
         return {**result, "registered": False, "version": None}
     logged = find_logged_model(model_dir, cfg)
+    client = _client(cfg)
+    with registry_lock(cfg, name):
+        train_run = (tags or {}).get("train_run_id") or (
+            logged.source_run_id if logged is not None else None
+        )
+        existing = _same_version(client, name, sha, train_run)
+        if existing is not None:  # a retried task: the first attempt registered it
+            log.info("%s v%s holds these weights: not registered again", name, existing.version)
+            if _alias_version(client, name, CHALLENGER) is None:
+                set_challenger(client, name, existing.version)
+            return {
+                **result,
+                "registered": True,
+                "version": str(existing.version),
+                "alias": CHALLENGER,
+                "model_uri": f"models:/{name}/{existing.version}",
+                "logged_model": existing.source,
+                "source_run_id": existing.run_id,
+                "run_id": None,
+                "existing": True,
+            }
+        return _register_new(
+            model_dir, metrics_json, metrics, cfg, store, tags, description, logged, sha, result
+        )
+
+
+def _alias_version(client: Any, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def _register_new(
+    model_dir: str | Path,
+    metrics_json: str | Path,
+    metrics: dict[str, dict[str, float]],
+    cfg: Config,
+    store: str | Path | None,
+    tags: dict[str, str] | None,
+    description: str | None,
+    logged: Any,
+    sha: str,
+    result: dict[str, Any],
+) -> dict[str, Any]:
+    import mlflow
+
+    from rima_core import serving
+
+    name = cfg.mlflow.model_name
     with tracking.start_run(cfg, "register", store=store, tags=tags, log_params=False) as run:
         if logged is None:
             log.warning(
@@ -310,7 +473,7 @@ def register(
         data_hash = source_tags.get(tracking.TAG_DATA_HASH)
         version_tags = {
             **headline_tags(metrics, cfg),
-            TAG_MODEL_SHA: model_sha256(model_dir),
+            TAG_MODEL_SHA: sha,
             **{
                 k: source_tags[k]
                 for k in (tracking.TAG_GIT_COMMIT, tracking.TAG_DATA_HASH)
@@ -424,7 +587,16 @@ def log_selection(metrics_json: str | Path, cfg: Config) -> dict[str, str]:
             path,
         )
         return {}
-    tags = selection_tags(read_metrics(path), cfg, split=cfg.evaluate.selection_split)
+    split = evaluated_selection_split(metrics_json)
+    if split is None:
+        log.warning(
+            "%s: no %s beside it saying which split evaluate scored: this version cannot be "
+            "compared with a champion",
+            path,
+            EVAL_SUMMARY,
+        )
+        return {}
+    tags = selection_tags(read_metrics(path), cfg, split=split)
     preds = path.parent / "predictions" / f"{cfg.promote.scenario}.parquet"
     run = mlflow.active_run()
     for table in ("scores.csv", "subgroups.csv", "equity.csv", "calibration.csv"):
@@ -432,10 +604,26 @@ def log_selection(metrics_json: str | Path, cfg: Config) -> dict[str, str]:
             mlflow.log_artifact(str(path.parent.parent / table), artifact_path="evaluation")
     if run is not None and preds.is_file():
         mlflow.log_artifact(str(preds), artifact_path="evaluation/selection")
+        # runs:/ resolves against the store's artifact root wherever the workspace lives now
         tags[TAG_SELECTION_PREDICTIONS] = (
-            f"{run.info.artifact_uri.rstrip('/')}/evaluation/selection/{preds.name}"
+            f"runs:/{run.info.run_id}/evaluation/selection/{preds.name}"
         )
     return tags
+
+
+EVAL_SUMMARY = "eval_summary.json"
+
+
+def evaluated_selection_split(metrics_json: str | Path) -> str | None:
+    """The split evaluate actually scored into ``val/metrics.json``: ``selection_split`` of the
+    ``eval_summary.json`` it wrote beside ``metrics_json`` (not this process's config, which may
+    differ from the evaluation's), or None when there is no such record."""
+    try:
+        summary = json.loads((Path(metrics_json).parent / EVAL_SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+    split = summary.get("selection_split") if isinstance(summary, dict) else None
+    return split if isinstance(split, str) else None
 
 
 def _selection_from_tags(tags: dict[str, str], who: str) -> tuple[dict[str, Any] | None, str]:
@@ -450,6 +638,12 @@ def _selection_from_tags(tags: dict[str, str], who: str) -> tuple[dict[str, Any]
     metrics = record.get("metrics") if isinstance(record, dict) else None
     if not isinstance(metrics, dict) or not all(isinstance(v, dict) for v in metrics.values()):
         return None, f"{who}'s {TAG_SELECTION} tag is not {{scenario: {{metric: value}}}}"
+    split = record.get("split")
+    if split != SELECTION_SPLIT:
+        return None, (
+            f"{who}'s metrics were evaluated on the {split!r} split, not {SELECTION_SPLIT!r}: "
+            "promotion compares validation with validation only"
+        )
     return metrics, ""
 
 
@@ -561,8 +755,26 @@ def _read_selection_predictions(tags: dict[str, str], who: str, dst: Path) -> An
     uri = tags.get(TAG_SELECTION_PREDICTIONS)
     if not uri:
         raise RegistryError(f"{who} has no validation predictions ({TAG_SELECTION_PREDICTIONS})")
-    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst / who))
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=portable_artifact_uri(uri), dst_path=str(dst / who)
+    )
     return pd.read_parquet(local)
+
+
+_RUN_ARTIFACT = re.compile(r"/(?P<run>[0-9a-f]{32})/artifacts/(?P<path>.+)$")
+
+
+def portable_artifact_uri(uri: str) -> str:
+    """``runs:/RUN/PATH`` for an absolute ``file://.../RUN/artifacts/PATH`` that no longer exists
+    (a tag written before the workspace moved); any other URI as it is."""
+    if not uri.startswith("file://"):
+        return uri
+    from urllib.parse import unquote, urlsplit
+
+    if Path(unquote(urlsplit(uri).path)).exists():
+        return uri
+    m = _RUN_ARTIFACT.search(uri)
+    return f"runs:/{m.group('run')}/{m.group('path')}" if m else uri
 
 
 def significance(
@@ -666,15 +878,76 @@ def skipped_promotion(
     }
 
 
-def promote(cfg: Config, dry_run: bool = False) -> dict[str, Any]:
-    """Move ``@champion`` to ``@challenger`` if the evidence says so; record the decision.
+def verify_version(name: str, mv: Any) -> str | None:
+    """Why version ``mv`` of ``name`` could not be served, or None: its files are downloaded
+    (as ``models:/NAME@champion`` would be) and, when the version records the weights' sha256,
+    its ``model.pt`` must have that hash."""
+    import tempfile
 
-    ``dry_run`` computes and returns the same comparison and decision but changes nothing.
+    import mlflow
+
+    from rima_core.redact import redact_text
+
+    with tempfile.TemporaryDirectory(prefix="rima-verify-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{mv.version}", dst_path=tmp
+            )
+        except Exception as exc:  # missing files, unreachable store: the version is unusable
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            return f"its files cannot be downloaded ({type(exc).__name__}: {redact_text(first)})"
+        files = [f for f in Path(local).rglob("*") if f.is_file()]
+        if not files:
+            return "it has no files (deleted after registration?)"
+        expected = (mv.tags or {}).get(TAG_MODEL_SHA)
+        if expected:
+            weights = [f for f in files if f.name == "model.pt"]
+            if not weights:
+                return "its model.pt is missing"
+            if all(_file_sha256(f) != expected for f in weights):
+                return f"its model.pt does not have the registered sha256 {expected[:12]}"
+    return None
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class PromotionConflict(RegistryError):
+    """Another promotion changed ``@champion`` while this one decided: nothing was changed by
+    this one (run it again to decide against the new champion)."""
+
+
+def promote(cfg: Config, dry_run: bool = False, version: str | None = None) -> dict[str, Any]:
+    """Move ``@champion`` to the challenger if the evidence says so; record the decision.
+
+    ``version`` is the version to decide on (the one ``register`` just registered); default:
+    ``@challenger``. ``dry_run`` computes and returns the same comparison and decision but
+    changes nothing.
+
+    Two promotions never interleave: the decision runs under :func:`registry_lock`, reading the
+    champion inside it, and the alias is moved by compare-and-set (the champion re-read before
+    and after setting it); a promotion that loses a race raises :class:`PromotionConflict` and
+    tags nothing. The challenger's files are verified (:func:`verify_version`) before the alias
+    moves, so ``models:/NAME@champion`` always loads.
     """
-    from mlflow.exceptions import MlflowException
-
     client = _client(cfg)
     name = cfg.mlflow.model_name
+    lock = contextlib.nullcontext("none") if dry_run else registry_lock(cfg, name)
+    with lock:
+        return _promote(client, cfg, name, dry_run, version)
+
+
+def _promote(
+    client: Any, cfg: Config, name: str, dry_run: bool, version: str | None
+) -> dict[str, Any]:
+    from mlflow.exceptions import MlflowException
+
+    from rima_core.redact import redact_text
 
     def by_alias(alias: str) -> Any:
         try:
@@ -684,7 +957,9 @@ def promote(cfg: Config, dry_run: bool = False) -> dict[str, Any]:
                 return None
             raise
 
-    challenger = by_alias(CHALLENGER)
+    challenger = (
+        by_alias(CHALLENGER) if version is None else client.get_model_version(name, str(version))
+    )
     if challenger is None:
         raise RegistryError(
             f"registered model {name!r} has no @{CHALLENGER} version to promote "
@@ -703,7 +978,10 @@ def promote(cfg: Config, dry_run: bool = False) -> dict[str, Any]:
         "table": [],
     }
     if champion is None:
-        promote_it, reason = True, "no champion yet"
+        record, why = _selection_from_tags(challenger.tags, "challenger")
+        promote_it, reason = (
+            (True, "no champion yet") if record else (False, f"not comparable: {why}")
+        )
     elif str(champion.version) == str(challenger.version):
         promote_it, reason = False, f"version {challenger.version} is already the champion"
     else:
@@ -719,6 +997,11 @@ def promote(cfg: Config, dry_run: bool = False) -> dict[str, Any]:
                 reason = note
             else:
                 reason = f"{reason}, but not significantly ({note}: the interval is not above 0)"
+    if promote_it:
+        broken = verify_version(name, challenger)
+        if broken is not None:
+            promote_it = False
+            reason = f"version {challenger.version} cannot be served: {broken}"
     result.update(
         decision="promote" if promote_it else "keep",
         promoted=promote_it and not dry_run,
@@ -731,16 +1014,16 @@ def promote(cfg: Config, dry_run: bool = False) -> dict[str, Any]:
     decision = "promoted" if promote_it else "refused"
     if str(challenger.version) == result["champion_before"]:
         decision = "already_champion"
+    if promote_it:
+        _move_champion(client, name, str(challenger.version), result["champion_before"])
     tags = {
         TAG_DECISION: decision,
-        TAG_REASON: reason,
+        TAG_REASON: redact_text(reason),
         TAG_COMPARED_TO: result["champion_before"] or "none",
         TAG_DECIDED_AT: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, str(challenger.version), key, value)
-    if promote_it:
-        client.set_registered_model_alias(name, CHAMPION, str(challenger.version))
     _describe_decision(client, name, str(challenger.version), decision, reason)
     log.info("%s v%s: %s (%s)", name, challenger.version, decision, reason)
     with tracking.start_run(
@@ -751,6 +1034,30 @@ def promote(cfg: Config, dry_run: bool = False) -> dict[str, Any]:
         mlflow.log_text(format_table(result), "promotion.txt")
         mlflow.log_dict(result, "promotion.json")
     return result
+
+
+def _move_champion(client: Any, name: str, version: str, before: str | None) -> None:
+    """Compare-and-set of ``@champion``: from ``before`` to ``version``, or PromotionConflict."""
+
+    def conflict(now: str | None, what: str) -> PromotionConflict:
+        return PromotionConflict(
+            f"{name}: another promotion {what} (@{CHAMPION} is now "
+            f"{'v' + now if now else 'unset'}, was {'v' + before if before else 'unset'} when "
+            f"v{version} was compared): this promotion changed nothing; run it again to decide "
+            "against the current champion"
+        )
+
+    now = _alias_version(client, name, CHAMPION)
+    if now != before:
+        raise conflict(now, "moved the champion while this one decided")
+    try:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    except Exception as exc:  # e.g. a unique-key violation: the same alias inserted twice at once
+        now = _alias_version(client, name, CHAMPION)
+        raise conflict(now, f"set the champion at the same time ({type(exc).__name__})") from exc
+    now = _alias_version(client, name, CHAMPION)
+    if now != version:
+        raise conflict(now, "set the champion at the same time")
 
 
 def _describe_decision(client: Any, name: str, version: str, decision: str, reason: str) -> None:

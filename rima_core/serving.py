@@ -157,6 +157,10 @@ class InputError(ValueError):
     """A request row that cannot be graded; the message names the row and the reason."""
 
 
+class ModelOutputError(InputError):
+    """The model's output for some rows is not finite (NaN/inf): an error, never a grade."""
+
+
 class _FileRefused(Exception):
     """A file a request named could not be used; ``detail`` is for the server log only."""
 
@@ -201,14 +205,16 @@ def _inside(path: Path, policy: InputPolicy) -> Path:
     return real
 
 
-def _npz_array(path: Path, key: str, max_bytes: int) -> np.ndarray:
+def _npz_array(path: Path, key: str, max_bytes: int, root: Path | None = None) -> np.ndarray:
     """The ``key`` array of a FairVision-style npz, or its only image-like array."""
     from rima_core.data.safe_read import npz_keys, read_npz
 
-    keys = npz_keys(path)
+    keys = npz_keys(path, root=root)
     if key in keys:
-        return read_npz(path, max_bytes=max_bytes, keys=[key])[key]
-    arrays = {k: a for k, a in read_npz(path, max_bytes=max_bytes).items() if a.ndim >= 2}
+        return read_npz(path, max_bytes=max_bytes, keys=[key], root=root)[key]
+    arrays = {
+        k: a for k, a in read_npz(path, max_bytes=max_bytes, root=root).items() if a.ndim >= 2
+    }
     if len(arrays) == 1:
         return next(iter(arrays.values()))
     raise _FileRefused(f"has no '{key}' array and not exactly one image array ({keys})")
@@ -222,15 +228,20 @@ def _read_file(path: Path, modality: str, policy: InputPolicy) -> np.ndarray:
     limit = policy.limits.of(modality)
     max_bytes = limit * 8  # float64 data of the largest allowed image
     real = _inside(path, policy)
+    # The name check above is a first filter; what counts is the descriptor each reader opens:
+    # a regular file (a FIFO is refused without waiting for a writer) whose real path lies in
+    # the root, so a folder swapped for a symlink after _inside cannot redirect the read.
+    root = None if policy.any_path else policy.file_root
     name = real.name.lower()
     if modality == "fundus" and name.endswith(_FUNDUS_IMAGE_SUFFIXES):
-        return safe_read.read_image(real, max_pixels=limit)
+        return safe_read.read_image(real, max_pixels=limit, root=root)
     if name.endswith(".npy"):
-        return safe_read.read_npy(real, max_bytes=max_bytes)
+        return safe_read.read_npy(real, max_bytes=max_bytes, root=root)
     if name.endswith(".npz"):
-        return _npz_array(real, FUNDUS_KEY if modality == "fundus" else OCT_KEY, max_bytes)
+        key = FUNDUS_KEY if modality == "fundus" else OCT_KEY
+        return _npz_array(real, key, max_bytes, root)
     if modality == "oct" and name.endswith((".nii", ".nii.gz")):
-        return _nifti_dhw(real, limit, max_bytes)
+        return _nifti_dhw(real, limit, max_bytes, root)
     if modality == "oct" and real.is_dir():
         return _bscan_folder(real, limit, policy)
     raise _FileRefused(
@@ -240,12 +251,12 @@ def _read_file(path: Path, modality: str, policy: InputPolicy) -> np.ndarray:
     )
 
 
-def _nifti_dhw(path: Path, limit: int, max_bytes: int) -> np.ndarray:
+def _nifti_dhw(path: Path, limit: int, max_bytes: int, root: Path | None = None) -> np.ndarray:
     """A NIfTI volume in the D×H×W order ``prepare`` uses for the RIMA folders."""
     from rima_core.data.safe_read import read_nifti
     from rima_core.data.sources.rima_folders import NIFTI_TO_DHW
 
-    data = read_nifti(path, max_bytes=max_bytes, max_voxels=limit)
+    data = read_nifti(path, max_bytes=max_bytes, max_voxels=limit, root=root)
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     return np.transpose(data, NIFTI_TO_DHW) if data.ndim == 3 else data
@@ -257,8 +268,9 @@ def _bscan_folder(folder: Path, limit: int, policy: InputPolicy) -> np.ndarray:
     from rima_core.data.sources.gamma import bscan_files
 
     scans, total = [], 0
+    root = None if policy.any_path else policy.file_root
     for f in bscan_files(folder):
-        scan = read_image(_inside(f, policy), max_pixels=max(limit - total, 1), mode="L")
+        scan = read_image(_inside(f, policy), max_pixels=max(limit - total, 1), mode="L", root=root)
         total += scan.size
         if total > limit:
             raise _FileRefused(f"B-scans hold more than {limit} pixels")
@@ -345,11 +357,31 @@ def decode(
             raise InputError(f"{row}: {modality} is not a rectangular array: {exc}") from None
     _check_size(int(arr.size), modality, row, policy)
     try:
-        return as_fundus(arr, row, "input") if modality == "fundus" else as_oct(arr, row, "input")
+        out = as_fundus(arr, row, "input") if modality == "fundus" else as_oct(arr, row, "input")
     except CaseError as exc:
         raise InputError(f"{row}: {modality}: {exc.reason}") from None
     except (ValueError, TypeError) as exc:  # e.g. a complex dtype
         raise InputError(f"{row}: {modality} has unusable values ({exc})") from None
+    _check_shape(out, modality, row)
+    return out
+
+
+def _check_shape(arr: np.ndarray, modality: str, row: str) -> None:
+    """The minimum sizes ``prepare`` applies (``prepare.min_fundus_size`` / ``min_oct_size``):
+    an eye the store would refuse is not graded either."""
+    from rima_core.data.types import ReadLimits
+
+    limits = ReadLimits()
+    if modality == "fundus" and min(arr.shape[:2]) < limits.min_fundus_size:
+        raise InputError(
+            f"{row}: fundus of shape {arr.shape} is below the minimum side of "
+            f"{limits.min_fundus_size} pixels (as prepare.min_fundus_size)"
+        )
+    if modality == "oct" and min(arr.shape) < limits.min_oct_size:
+        raise InputError(
+            f"{row}: oct of shape {arr.shape} is below the minimum axis of "
+            f"{limits.min_oct_size} (as prepare.min_oct_size)"
+        )
 
 
 def _dense(value: Any) -> np.ndarray:
@@ -430,6 +462,7 @@ class Predictor:
         :data:`INPUT_COLUMNS` are refused, not ignored: a misspelt ``fundus`` would otherwise
         silently grade the eye as OCT-only.
         """
+        from rima_core.engine import NonFiniteOutputError
         from rima_core.engine import predict as run_model
 
         policy = policy or InputPolicy.local()
@@ -477,7 +510,14 @@ class Predictor:
             fundus, oct = [d[0] for d in decoded], [d[1] for d in decoded]
             batch = self._tensors(fundus, oct)
             # logits become probabilities in engine.predict, the one place shared with evaluate
-            preds = run_model(self.model, [batch], self.device, progress=False)
+            try:
+                preds = run_model(self.model, [batch], self.device, progress=False)
+            except NonFiniteOutputError as exc:
+                bad = [names[start + int(i)] for i in exc.rows]
+                raise ModelOutputError(
+                    f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}: the model's output "
+                    "is not finite (NaN or infinity); no grade given (check the model file)"
+                ) from None
             probas.append(preds.proba)
         proba = np.concatenate(probas)
         out = pd.DataFrame(proba, columns=[f"p_{c}" for c in self.class_names], index=frame.index)
@@ -492,11 +532,76 @@ class Predictor:
 # --- the MLflow wrapper -----------------------------------------------------------------------
 
 
+_MAX_REPLY_CHARS = 500
+
+
+def one_line_reply(message: str) -> str:
+    """An error reply of the scoring server as one short line.
+
+    MLflow wraps a model's message as ``Failed to predict data '<the whole input table>'.
+    \nError: <message>`` and its parse errors append ``Input: <the request body>``; the reply
+    keeps the model's own message (or the first line of MLflow's), never the echoed input.
+    """
+    text = str(message)
+    if "\nError: " in text:
+        text = text.rsplit("\nError: ", 1)[-1]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    first = lines[0] if lines else "the request could not be read"
+    if len(first) > _MAX_REPLY_CHARS:
+        first = first[: _MAX_REPLY_CHARS - 3] + "..."
+    return first
+
+
+def _one_line_invocations(original: Any) -> Any:
+    """``mlflow.pyfunc.scoring_server.invocations`` with every failure a one-line reply: MLflow's
+    messages shortened (:func:`one_line_reply`) and stripped of stack traces, a request nested
+    too deeply to parse (a RecursionError in MLflow's JSON decoding, an HTTP 500 otherwise) and
+    any other parse failure an HTTP 400 whose details go to the server log."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import BAD_REQUEST
+
+    def invocations(data: Any, content_type: Any, model: Any, input_schema: Any) -> Any:
+        try:
+            return original(data, content_type, model, input_schema)
+        except MlflowException as exc:
+            exc.message = one_line_reply(exc.message)
+            exc.json_kwargs = {}  # MLflow puts a "stack_trace" here
+            raise
+        except RecursionError:
+            raise MlflowException(
+                "the request is nested too deeply to be a table of eyes", error_code=BAD_REQUEST
+            ) from None
+        except Exception:
+            ref = uuid.uuid4().hex[:12]
+            log.exception("request %s: could not be read", ref)
+            raise MlflowException(
+                f"the request could not be read (reference {ref} in the server log)",
+                error_code=BAD_REQUEST,
+            ) from None
+
+    invocations.rima_one_line = True  # type: ignore[attr-defined]
+    return invocations
+
+
+def install_one_line_replies() -> bool:
+    """Wrap the scoring server's request handler (when this process is one: ``mlflow models
+    serve`` imports it before loading the model); True when it is wrapped now or already was."""
+    import sys
+
+    server = sys.modules.get("mlflow.pyfunc.scoring_server")
+    handler = getattr(server, "invocations", None)
+    if handler is None:
+        return False
+    if not getattr(handler, "rima_one_line", False):
+        server.invocations = _one_line_invocations(handler)  # type: ignore[union-attr]
+    return True
+
+
 def pyfunc_class() -> type:
     """The PythonModel subclass, defined on first use so importing this module stays cheap."""
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
     class RimaPyfunc(mlflow.pyfunc.PythonModel):
         """Loads ``model.pt`` once per process; every failure becomes a short HTTP 400.
@@ -509,6 +614,7 @@ def pyfunc_class() -> type:
         def load_context(self, context: Any) -> None:
             device = os.environ.get("RIMA_DEVICE", "cpu")
             self.policy = InputPolicy.server()
+            install_one_line_replies()
             self.predictor = Predictor.from_file(context.artifacts[ARTIFACT_MODEL], device=device)
             log.info(
                 "pyfunc %s, request policy: files %s; limits %s (rima predict uses its own)",
@@ -523,6 +629,9 @@ def pyfunc_class() -> type:
             # response body; here a client gets one short message and the log gets the rest.
             try:
                 return self.predictor.predict(model_input, self.policy)
+            except ModelOutputError as exc:  # the model's fault, not the request's: HTTP 500
+                log.error("%s", exc)
+                raise MlflowException(str(exc), error_code=INTERNAL_ERROR) from None
             except InputError as exc:
                 raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
             except Exception:
@@ -630,7 +739,10 @@ def log_pyfunc(model_dir: str | Path, cfg: Any, name: str = "model") -> Any:
     from rima_core.models import load_model
 
     path = model_file(model_dir)
-    _, spec = load_model(path)  # fail here, not in the registry, if the file is not a model
+    try:
+        _, spec = load_model(path)  # fail here, not in the registry, if the file is not a model
+    except ValueError as exc:  # damaged weights, or a spec asking for more than the file holds
+        raise InputError(str(exc).splitlines()[0]) from None
     class_names = list(spec.class_names) or [str(i) for i in range(spec.n_classes)]
     with tempfile.TemporaryDirectory(prefix="rima-pyfunc-") as tmp:
         tmp_path = Path(tmp)
@@ -698,7 +810,10 @@ def predict_files(model_uri: str, input_path: str | Path, out: str | Path) -> di
     for col in ("fundus", "oct"):
         if col in frame.columns:
             frame[col] = [_resolve(v, input_path.parent) for v in frame[col]]
-    model = load(model_uri)
+    try:
+        model = load(model_uri)
+    except ValueError as exc:  # the version's model.pt is damaged or asks for too much memory
+        raise InputError(f"{model_uri}: {str(exc).splitlines()[0]}") from None
     try:
         predictor = model.unwrap_python_model().predictor
     except (AttributeError, ValueError) as exc:

@@ -329,8 +329,11 @@ def promote(
     dry_run: bool = False,
     out: str | Path | None = None,
     after: str | Path | None = None,
+    version: str | None = None,
 ) -> dict[str, Any]:
     """Move ``champion`` to the challenger only if it wins (see :mod:`rima_core.registry`).
+
+    ``version`` (or the version in ``after``) is the one decided on; default ``@challenger``.
 
     ``after`` is the summary ``register`` wrote (its ``--out``): when it says the model was not
     registered, the decision is "skip" (recorded, not an error), so a pipeline that runs
@@ -344,8 +347,10 @@ def promote(
     summary = json.loads(Path(after).read_text()) if after is not None else None
     if summary is not None and not summary.get("registered", False):
         result = skipped_promotion(cfg, summary, dry_run)
-    else:
-        result = _promote(cfg, dry_run=dry_run)
+    else:  # the version register registered, not whatever @challenger is by now
+        if version is None and summary is not None:
+            version = summary.get("version")
+        result = _promote(cfg, dry_run=dry_run, version=version)
     _write_json(out, result)
     return result
 

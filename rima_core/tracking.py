@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rima_core.config import Config, MlflowConfig
-from rima_core.redact import redact_config, redact_text
+from rima_core.redact import redact_config, redact_text, remember_config_secrets
 
 if TYPE_CHECKING:  # pragma: no cover
     import mlflow
@@ -447,6 +447,7 @@ def start_run(
     """
     import mlflow
 
+    remember_config_secrets(cfg.flat())  # masked verbatim in this run's tags and log lines
     configure(cfg.mlflow)
     all_tags: dict[str, str] = {TAG_STEP: step, **git_tags()}
     if data_hash is None and store is not None:

@@ -17,6 +17,7 @@ wall-clock numbers to ``timings.json`` rather than ``train_summary.json``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -321,9 +322,11 @@ class _Optimisation:
     def build(
         cls, model: nn.Module, cfg: Config, n_train: int, dtype: torch.dtype | None
     ) -> _Optimisation:
-        """AdamW with linear warm-up and cosine decay per step (:func:`lr_factor`)."""
+        """AdamW with linear warm-up and cosine decay per step (:func:`lr_factor`), over the
+        parameters that train (all of them, but for distillation's frozen teacher)."""
         tc = cfg.train
-        optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
         steps_per_epoch = math.ceil(n_train / tc.batch_size)
         total_steps = steps_per_epoch * tc.epochs
         warmup_steps = round(tc.warmup_epochs * steps_per_epoch)
@@ -525,6 +528,9 @@ class _Run:
     val_loaders: dict[str, Any]
     out_dir: Path
     tracker: MetricsSink
+    # where the best epoch's model is saved (None: nowhere, e.g. distillation's teacher stage,
+    # whose best weights live in its checkpoint)
+    model_file: str | None = "model.pt"
 
     def epoch(
         self, epoch: int, progress: _Progress, fingerprint: dict[str, Any]
@@ -554,8 +560,8 @@ class _Run:
         )
         t2 = time.perf_counter()
         improved = _select(progress, epoch, metric, val_metrics, model)
-        if improved:
-            save_model(model, self.spec, self.out_dir / "model.pt")
+        if improved and self.model_file is not None:
+            save_model(model, self.spec, self.out_dir / self.model_file)
         progress.stopped_early = tc.patience > 0 and progress.stale >= tc.patience
         progress.stopped_early = progress.stopped_early and epoch < tc.epochs
         lr = self.opt.scheduler.get_last_lr()[0]
@@ -629,12 +635,20 @@ def train(
     spec = model_spec(cfg, st)
     seed_everything(rt.seed)
     model = build_model(spec).to(device)
-    opt = _Optimisation.build(model, cfg, len(train_ds), dtype)
     pairs = [("train", cfg.missing.train_scenario)] + [("val", v) for v in val_scenarios]
     fingerprint = _fingerprint(
         cfg,
         {"data_hash": st.meta.get("content_hash"), "masks_digest": _masks_digest(mask_df, pairs)},
     )
+    teacher_summary = None
+    if spec.name == "distillation":
+        # stage 1: the complete-data teacher, trained alone, then frozen (models/baselines.py)
+        stage = _Stage(cfg, spec, device, dtype, tracker, fingerprint, resume)
+        teacher_summary = _train_teacher(model, store, mask_df, out_dir, stage)
+        model.freeze_teacher()
+        # stage 2 starts from the same RNG state however stage 1 ran (fresh, resumed, skipped)
+        seed_everything(rt.seed)
+    opt = _Optimisation.build(model, cfg, len(train_ds), dtype)
     if resume and ckpt_path.exists():
         progress = _resume(ckpt_path, fingerprint, model, opt)
     else:
@@ -691,13 +705,134 @@ def train(
     _alignment_report(model, store, mask_df, out_dir / "alignment.json", tracker)
     counts = {"n_parameters": n_params, "n_train": n_train, "n_val": n_val}
     summary = _summary(cfg, spec, progress, counts, device, dtype, calibration["temperature"])
+    if teacher_summary is not None:
+        summary["teacher"] = teacher_summary
     if pooling is not None:
         summary["path_pooling"] = pooling
         if pooling["fitted"]:
             tracker.log_metrics({f"path_weight_{k}": v for k, v in pooling["weights"].items()})
     summary["run_seconds_this_session"] = time.perf_counter() - t_run
+    # the mark `rima register` requires: training finished, with exactly these weights
+    summary["model_sha256"] = hashlib.sha256(model_path.read_bytes()).hexdigest()
+    summary["complete"] = True
     write_summary(out_dir, summary)
     return summary
+
+
+# distillation's teacher stage writes its checkpoint and history here, inside the run's out_dir
+TEACHER_DIR = "teacher"
+
+
+@dataclass
+class _Stage:
+    """What distillation's teacher stage shares with the run that starts it."""
+
+    cfg: Config
+    spec: Any
+    device: torch.device
+    dtype: torch.dtype | None
+    tracker: MetricsSink
+    fingerprint: dict[str, Any]
+    resume: bool
+
+
+class _Prefixed:
+    """A metrics sink that prefixes every key (the teacher stage's epochs log as
+    ``teacher_*``, so they do not collide with the students' epochs of the same number)."""
+
+    def __init__(self, sink: MetricsSink, prefix: str) -> None:
+        self.sink, self.prefix = sink, prefix
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.sink.log_metrics({self.prefix + k: v for k, v in metrics.items()}, step=step)
+
+
+def _complete_eyes(ds: Any) -> Any:
+    """A copy of the :class:`EyeDataset` ``ds`` reduced to its eyes with both modalities."""
+    keep = ds.has_fundus & ds.has_oct
+    out = copy.copy(ds)
+    for name in ("rows", "labels", "case_ids", "has_fundus", "has_oct"):
+        setattr(out, name, getattr(ds, name)[keep])
+    return out
+
+
+def _train_teacher(
+    model: nn.Module, store: str | Path, mask_df: pd.DataFrame, out_dir: Path, stage: _Stage
+) -> dict[str, Any]:
+    """Distillation's stage 1: train ``model.teacher`` alone on the training eyes that have both
+    modalities, for the run's epoch budget, with the same engine, optimiser, schedule, early
+    stopping and selection metric, selected on the complete validation eyes; load its best
+    weights into the model and return its summary.
+
+    Resumable like any run: its checkpoint and history are in ``out_dir/teacher``; a stage
+    that already finished is not trained again (``resume``), and a fresh stage removes a
+    student checkpoint left by an earlier run, whose teacher it would not match.
+    """
+    from rima_core.data.dataset import EyeDataset, make_loader
+
+    cfg, tc, rt = stage.cfg, stage.cfg.train, stage.cfg.runtime
+    stage_dir = out_dir / TEACHER_DIR
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    check_scenario(mask_df, "val", "complete", "distillation teacher selection")
+    train_ds = _complete_eyes(EyeDataset(store, mask_df, "train", cfg.missing.train_scenario))
+    val_ds = _complete_eyes(EyeDataset(store, mask_df, "val", "complete"))
+    if len(train_ds) == 0 or len(val_ds) == 0:
+        raise EngineError(
+            f"distillation: its teacher needs training and validation eyes with both "
+            f"modalities; have {len(train_ds)} and {len(val_ds)}"
+        )
+    teacher = model.teacher
+    opt = _Optimisation.build(teacher, cfg, len(train_ds), stage.dtype)
+    fingerprint = {**stage.fingerprint, "stage": "teacher"}
+    ckpt = stage_dir / "checkpoint.pt"
+    if stage.resume and ckpt.exists():
+        progress = _resume(ckpt, fingerprint, teacher, opt)
+    else:
+        progress = _Progress()
+        (out_dir / "checkpoint.pt").unlink(missing_ok=True)
+    log.info(
+        "distillation, stage 1: teacher on %d complete training eyes, selected on %d complete "
+        "validation eyes",
+        len(train_ds),
+        len(val_ds),
+    )
+    loader = make_loader(
+        val_ds,
+        batch_size=rt.eval_batch_size,
+        shuffle=False,
+        num_workers=rt.num_workers,
+        seed=rt.seed,
+        pin_memory=stage.device.type == "cuda",
+    )
+    run = _Run(
+        cfg,
+        stage.spec,
+        teacher,
+        opt,
+        stage.device,
+        stage.dtype,
+        train_ds,
+        {"complete": loader},
+        stage_dir,
+        _Prefixed(stage.tracker, "teacher_"),
+        model_file=None,
+    )
+    for epoch in range(progress.epoch + 1, tc.epochs + 1):
+        if progress.stopped_early:
+            break
+        run.epoch(epoch, progress, fingerprint)
+    if progress.best["state_dict"] is None:
+        raise RuntimeError(f"{stage_dir}: no teacher epoch was trained")
+    teacher.load_state_dict(progress.best["state_dict"])
+    log.info("distillation, stage 2: students distilled from the frozen teacher")
+    return {
+        "epochs_run": len(progress.history),
+        "stopped_early": progress.stopped_early,
+        "best_epoch": progress.best["epoch"],
+        "n_train": len(train_ds),
+        "n_val": len(val_ds),
+        "best_val_metrics": {k: _json_number(v) for k, v in progress.best["metrics"].items()},
+    }
 
 
 def _alignment_report(

@@ -11,6 +11,10 @@ import torch
 from torch import nn
 
 from rima_core.calibration import (
+    T_MAX,
+    T_MIN,
+    calibrate_model,
+    calibrate_paths,
     calibration_report,
     fit_temperature,
     nll,
@@ -20,6 +24,7 @@ from rima_core.calibration import (
 from rima_core.config import ModelConfig, OTConfig
 from rima_core.engine import model_temperature, predict, set_model_temperature
 from rima_core.models import (
+    MODEL_NAMES,
     ModelOutput,
     ModelSpec,
     RimaConfig,
@@ -137,3 +142,23 @@ def test_temperature_is_saved_with_the_model(tmp_path: Path) -> None:
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="temperature must be a positive number"):
             _spec(bad)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_model_is_calibrated_and_the_fused_ones_pool_their_paths(name: str) -> None:
+    """Training fits the temperature of every model (calibrate_model is model-agnostic) and
+    the path weights of every model whose complete eyes have three paths: the RIMA family and
+    the imputation baselines (calibrate_paths returns None for the others)."""
+    from tests.test_models import make_model
+    from tests.test_path_pooling import CPU, _loader
+
+    model = make_model(name)
+    loader = _loader(48, seed=3)
+    report = calibrate_model(model, {"val": loader}, CPU)
+    assert T_MIN <= report["temperature"] <= T_MAX
+    assert report["nll_after"] <= report["nll_before"] + 1e-9
+    pooling = calibrate_paths(model, {"val": loader}, CPU)
+    pools = name.startswith("rima") or name.startswith("imputation")
+    assert (pooling is not None) == pools, name
+    if pools:
+        assert pooling["n_eyes"] == 32 and pooling["fitted"]

@@ -78,15 +78,70 @@ def test_source_names_come_from_the_source_registry() -> None:
     assert exc.value.code == 2
 
 
-def test_a_plug_in_source_module_reaches_prepare(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_a_plug_in_source_module_must_be_registered_before_it_is_imported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The dotted path is not only parsed: prepare imports it, and a module without scan/load is
-    the user's error (exit 2), not an argparse rejection."""
+    """A dotted path passes argparse, but prepare imports it only when data.plugins lists it
+    (or a rima.sources entry point names it); listed but without scan/load is refused before
+    any file is read. Each is the user's error: exit 2, one line, no store."""
     from rima_core.cli import main
 
+    pkg = tmp_path / "lab_formats"
+    pkg.mkdir()
+    marker = tmp_path / "IMPORTED"
+    (pkg / "__init__.py").write_text("")
+    (pkg / "export.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
     argv = ["prepare", "--input", str(tmp_path), "--out", str(tmp_path / "store")]
+    argv += ["--params", str(tmp_path / "none.yaml")]
+    (tmp_path / "none.yaml").write_text("{}\n")
     with caplog.at_level(logging.ERROR, logger="rima"):
-        assert main([*argv, "--source", "json.decoder"]) == 2  # imports; no scan()/load()
-    assert "source module 'json.decoder' must define scan() and load()" in caplog.text
+        assert main([*argv, "--source", "lab_formats.export"]) == 2
+    assert "--source lab_formats.export: plug-in module 'lab_formats.export' is not" in caplog.text
+    assert "data.plugins" in caplog.text
+    assert not marker.exists() and "lab_formats.export" not in sys.modules
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="rima"):
+        rc = main(
+            [*argv, "--source", "lab_formats.export", "--set", "data.plugins=[lab_formats.export]"]
+        )
+    assert rc == 2
+    assert "source module 'lab_formats.export' must define scan() and load()" in caplog.text
+    assert marker.exists()  # registered: imported, then refused before reading the tree
     assert not (tmp_path / "store").exists()
+    sys.modules.pop("lab_formats.export", None)
+    sys.modules.pop("lab_formats", None)
+
+
+@pytest.mark.parametrize(
+    ("argv", "hint"),
+    [
+        (["trian"], "did you mean 'train'?"),
+        (["simulate-misisng"], "did you mean 'simulate-missing'?"),
+        (["train", "--epochs", "2"], "e.g. --set train.epochs=..."),
+        (["tune", "--epochs", "2"], "e.g. --set tune.epochs=..."),
+        (["evaluate", "--batch-size", "8"], "e.g. --set train.batch_size=..."),
+        (["train", "--zzz"], "settings are changed with --set SECTION.KEY=VALUE"),
+    ],
+)
+def test_a_mistyped_command_or_flag_says_what_was_meant(
+    argv: list[str], hint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert hint in err and "Traceback" not in err
+
+
+def test_a_mistyped_config_key_names_the_closest_one(tmp_path: Path) -> None:
+    from rima_core.config import ConfigError, load_config
+
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['lrr'\] \(did you mean 'lr'\?\)"):
+        load_config(str(root / "params.yaml"), overrides=["train.lrr=0.1"])
+    with pytest.raises(ConfigError, match=r"did you mean 'train'\?"):
+        load_config(str(root / "params.yaml"), overrides=["trian.lr=0.1"])
+    with pytest.raises(ConfigError) as far:
+        load_config(str(root / "params.yaml"), overrides=["train.qqqqq=1"])
+    assert "did you mean" not in str(far.value)  # nothing close: no guess

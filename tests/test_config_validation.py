@@ -266,4 +266,6 @@ def test_name_lists_agree_with_their_sources() -> None:
 
 @pytest.mark.parametrize("source", ["auto", "gamma", "harvard", "my_group.formats.export_v2"])
 def test_data_source_accepts_registered_names_aliases_and_plugin_modules(source: str) -> None:
-    validate_config(load_config(None, overrides=[f"data.source={source}"]))
+    # a plug-in module must be registered (data.plugins) to be named; see test_security_data
+    plugins = [f"data.plugins=[{source}]"] if "." in source else []
+    validate_config(load_config(None, overrides=[f"data.source={source}", *plugins]))

@@ -22,6 +22,7 @@ from rima_core.calibration import (
 )
 from rima_core.model_card import pooling_lines
 from rima_core.models import load_model, save_model
+from rima_core.models.common import Inputs
 from rima_core.models.rima import DEFAULT_PATH_WEIGHTS, PATHS
 from rima_core.train import train
 from tests.conftest import TinyData
@@ -183,6 +184,62 @@ def test_training_saves_the_fitted_weights(tiny_data: TinyData, tmp_path: Path, 
         assert pooling["nll_after"] <= pooling["nll_before"]
     else:
         assert pooling["n_eyes"] < MIN_PATH_EYES
+
+
+@pytest.mark.parametrize("name", ["imputation", "imputation_paths"])
+def test_imputation_pools_its_three_paths_like_rima(name: str) -> None:
+    """A complete eye of the imputation baselines has the same three paths (full, fundus +
+    imputed OCT, imputed fundus + OCT); fitted weights pool them, the default leaves the full
+    path untouched, and an eye missing a modality keeps its one path."""
+    model = make_model(name).eval()
+    b = make_batch(*MIXED)
+    hf, ho = b["has_fundus"], b["has_oct"]
+    both = hf & ho
+    assert model.path_weights.tolist() == list(DEFAULT_PATH_WEIGHTS)
+    assert tuple(model.PATHS) == PATHS
+    with torch.no_grad():
+        default = run(model, b, labels=False).logits
+        f = model.fundus_encoder(b["fundus"]) * hf[:, None]
+        o = model.oct_encoder(b["oct"]) * ho[:, None]
+        pred_f, pred_o = model.imputed(f, o)
+        f_in, o_in = torch.where(hf[:, None], f, pred_f), torch.where(ho[:, None], o, pred_o)
+        torch.testing.assert_close(default, model.head(torch.cat([f_in, o_in], 1)))
+        by_path = {
+            "full": model.head(torch.cat([f, o], 1)),
+            "fundus_only": model.head(torch.cat([f, pred_o], 1)),
+            "oct_only": model.head(torch.cat([pred_f, o], 1)),
+        }
+        w = torch.tensor([0.2, 0.9, 0.6])
+        model.path_weights.copy_(w)
+        pooled = run(model, b, labels=False).logits
+        lp, rows = model.complete_eye_log_probs(
+            Inputs(b["fundus"], b["oct"], hf, ho, None)  # what calibrate_paths reads
+        )
+    expected = sum(wk * F.log_softmax(by_path[p], 1) for wk, p in zip(w, PATHS, strict=True))
+    torch.testing.assert_close(pooled[both], expected[both], atol=1e-5, rtol=1e-5)
+    assert torch.equal(pooled[~both], default[~both])
+    assert rows.tolist() == both.nonzero().flatten().tolist()
+    for k, p in enumerate(PATHS):
+        torch.testing.assert_close(lp[k], F.log_softmax(by_path[p][both], 1), atol=1e-5, rtol=0)
+    # the fundus-only path of a complete eye is what an eye without its OCT gets
+    torch.testing.assert_close(by_path["fundus_only"][hf & ~ho], default[hf & ~ho])
+
+
+def test_calibrate_paths_fits_imputation_and_old_models_load(tmp_path: Path) -> None:
+    model = make_model("imputation_paths")
+    report = calibrate_paths(model, _loader(48, seed=3), CPU)
+    assert report is not None and report["fitted"] and report["n_eyes"] == 32
+    assert report["nll_after"] <= report["nll_before"]
+    assert model.path_weights.tolist() == pytest.approx([report["weights"][p] for p in PATHS])
+    spec = make_spec("imputation_paths")
+    save_model(model, spec, tmp_path / "model.pt")
+    loaded, _ = load_model(tmp_path / "model.pt")
+    assert loaded.path_weights.tolist() == pytest.approx(model.path_weights.tolist())
+    blob = torch.load(tmp_path / "model.pt", weights_only=True)
+    del blob["state_dict"]["path_weights"]  # saved before imputation pooled its paths
+    torch.save(blob, tmp_path / "old.pt")
+    old, _ = load_model(tmp_path / "old.pt")
+    assert old.path_weights.tolist() == list(DEFAULT_PATH_WEIGHTS)
 
 
 def test_model_card_states_the_pooling() -> None:

@@ -208,6 +208,26 @@ def _manifest_store(tmp_path: Path, content_hash: str) -> Path:
     return store
 
 
+def _mark_complete(model_dir: Path) -> None:
+    """The end of a finished `rima train`: the summary marking these weights complete."""
+    summary = {"complete": True, "model_sha256": registry.model_sha256(model_dir)}
+    (model_dir / "train_summary.json").write_text(json.dumps(summary))
+
+
+def _evaluation(tmp_path: Path, test: dict, selection: dict | None = None,
+                split: str = "val", name: str = "eval") -> Path:  # fmt: skip
+    """An evaluation folder as evaluate writes it: test ``metrics.json``, the selection split's
+    ``val/metrics.json`` and ``eval_summary.json`` saying which split that was; returns the
+    test ``metrics.json``."""
+    out = tmp_path / name
+    (out / "val").mkdir(parents=True)
+    (out / "metrics.json").write_text(json.dumps(test))
+    (out / "val" / "metrics.json").write_text(json.dumps(selection or test))
+    summary = {"split": "test", "selection_split": split}
+    (out / "eval_summary.json").write_text(json.dumps(summary))
+    return out / "metrics.json"
+
+
 def _trained(cfg: Config, tmp_path: Path, store: Path, seed: int = 0) -> tuple[Path, str]:
     """What steps.train does around the training loop: a training run that logs the model."""
     from rima_core import tracking
@@ -216,6 +236,7 @@ def _trained(cfg: Config, tmp_path: Path, store: Path, seed: int = 0) -> tuple[P
     model_dir = tmp_path / f"model-{seed}"
     model_dir.mkdir()
     tiny_model(model_dir / "model.pt", seed=seed)
+    _mark_complete(model_dir)
     with tracking.start_run(cfg, "train", store=store, dataset_context="training") as run:
         registry.log_trained_model(model_dir, cfg, {"best_val_metrics": {"qwk": 0.4}})
     return model_dir, run.info.run_id
@@ -226,8 +247,7 @@ def test_registered_version_comes_from_the_training_run(cfg: Config, tmp_path: P
 
     store = _manifest_store(tmp_path, "f" * 64)
     model_dir, train_run = _trained(cfg, tmp_path, store)
-    metrics_json = tmp_path / "metrics.json"
-    metrics_json.write_text(json.dumps(_eval_metrics(0.6)))
+    metrics_json = _evaluation(tmp_path, _eval_metrics(0.6))
 
     out = registry.register(model_dir, metrics_json, cfg, store=store)
     assert out["registered"] and out["source_run_id"] == train_run
@@ -308,6 +328,7 @@ def test_untracked_training_is_registered_from_the_register_run(
     model_dir = tmp_path / "untracked"
     model_dir.mkdir()
     tiny_model(model_dir / "model.pt", seed=3)
+    _mark_complete(model_dir)
     metrics_json = tmp_path / "metrics.json"
     metrics_json.write_text(json.dumps(_eval_metrics(0.3)))
     out = registry.register(model_dir, metrics_json, cfg)

@@ -7,7 +7,6 @@ has ``MLFLOW_S3_ENDPOINT_URL`` and credentials), an ``mlflow server`` proxying a
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -60,8 +59,10 @@ def _model_and_metrics(tmp_path: Path) -> tuple[Path, Path]:
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     tiny_model(model_dir / "model.pt")
-    metrics = tmp_path / "metrics.json"
-    metrics.write_text(json.dumps({"mixed": {"qwk": 0.5}, "complete": {"qwk": 0.6}}))
+    from tests.test_registry import _evaluation, _mark_complete
+
+    _mark_complete(model_dir)  # a finished training; validation metrics as evaluate writes them
+    metrics = _evaluation(tmp_path, {"mixed": {"qwk": 0.5}, "complete": {"qwk": 0.6}})
     return model_dir, metrics
 
 

@@ -4,6 +4,11 @@ Every ``rima prepare`` run here goes through the command line (``rima_core.cli.m
 subprocess for ``kill -9``) and is judged the way a user sees it: the exit code, one error line
 naming the case and the reason, no traceback, and either a whole store or none at all.
 
+The second round (at the end) adds what is not a damaged file: FIFOs, sockets, devices and
+folders where a file is expected, a folder swapped for a symlink while the server reads, a
+source module named by a parameter, the same eye in two splits, a model whose output is NaN,
+and params, model files and requests that used to end in a traceback.
+
 The kill test uses this module as a plug-in source (``scan``/``load`` below, addressed by its
 module path): its ``load`` announces itself and then blocks, so the test can SIGKILL the parent
 while workers are busy.
@@ -11,6 +16,7 @@ while workers are busy.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -18,17 +24,22 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
+import types
 import zipfile
 import zlib
 from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 import yaml
 
 from rima_core.atomic import pid_alive
@@ -545,3 +556,417 @@ def test_kill_9_of_prepare_takes_its_workers_and_next_run_cleans_up(tmp_path, ca
     assert not stale[0].exists()
     assert not list(tmp_path.glob(".store.tmp-*"))
     assert len(open_store(out).manifest) == 3
+
+
+# --- second round: special files, plug-ins, leakage, non-finite models, one-line errors -------
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int):  # type: ignore[no-untyped-def]
+    """Fail (instead of hanging the suite) when the block blocks, e.g. on a FIFO."""
+
+    def expired(signum, frame):  # type: ignore[no-untyped-def]
+        raise TimeoutError(f"blocked for more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _special(kind: str, path: Path, outside: Path) -> None:
+    """Replace ``path`` with a non-regular file of ``kind`` (the name stays the same)."""
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(path))
+        sock.close()
+    elif kind == "char_device":
+        path.symlink_to("/dev/zero")
+    elif kind == "fifo_via_symlink":
+        outside.mkdir(exist_ok=True)
+        os.mkfifo(outside / "pipe")
+        path.symlink_to(outside / "pipe")
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        raise AssertionError(kind)
+
+
+SPECIAL_KINDS = ["fifo", "socket", "char_device", "fifo_via_symlink", "folder"]
+
+
+@pytest.mark.parametrize("kind", SPECIAL_KINDS)
+@pytest.mark.parametrize("fmt", ["npz", "png", "nii"])
+def test_special_files_in_the_tree_are_refused_not_waited_for(
+    tmp_path, caplog, capsys, kind, fmt
+) -> None:
+    """The hostile-data fuzz over file kinds: a FIFO (or socket, device, folder) named like a
+    case's file is refused at once — exit 2 naming the case, or quarantined — never a hang."""
+    root = tmp_path / "raw"
+    if fmt == "npz":
+        victim, case = _fairvision(root)["data_00002"].path, "data_00002"
+    else:
+        folder = write_rima(root, n=3)["101"].path
+        name = "data_101_fundus.png" if fmt == "png" else "processed_data_101.nii"
+        victim, case = folder / name, "case 101"
+    _special(kind, victim, tmp_path / "outside")
+    out = tmp_path / "store"
+    with _deadline(60):
+        rc, errors, text = _prepare(caplog, capsys, root, out)
+        _assert_refused(rc, errors, text, out, case)
+        rc, _, text = _prepare(caplog, capsys, root, out, "--skip-bad")
+    assert rc == 0 and "Traceback" not in text
+    assert len(_quarantine(out)) == 1
+
+
+def test_safe_read_refuses_every_non_regular_file_by_descriptor(tmp_path) -> None:
+    os.mkfifo(tmp_path / "pipe.npy")
+    (tmp_path / "dir.npz").mkdir()
+    cases = [
+        (safe_read.read_npy, tmp_path / "pipe.npy", "FIFO"),
+        (safe_read.read_npz, tmp_path / "dir.npz", "folder"),
+        (safe_read.read_image, Path("/dev/zero"), "character device"),
+        (safe_read.read_nifti, tmp_path / "pipe.npy", "FIFO"),
+    ]
+    with _deadline(30):
+        for reader, path, kind in cases:
+            with pytest.raises(safe_read.UnsafeInputError, match=f"{kind}.*not a regular file"):
+                reader(path)
+
+
+def test_fifo_label_sheet_is_a_one_line_error(tmp_path, caplog, capsys) -> None:
+    root = tmp_path / "raw"
+    write_rima(root, n=3)
+    _special("fifo", root / "train.xlsx", tmp_path)
+    out = tmp_path / "store"
+    with _deadline(60):
+        rc, errors, text = _prepare(caplog, capsys, root, out, source="rima")
+    _assert_refused(rc, errors, text, out, "train.xlsx", "FIFO")
+
+
+def test_root_check_is_on_the_descriptor_so_a_swap_race_never_escapes(tmp_path) -> None:
+    """A thread swaps a folder under the server's root for a symlink to a folder outside, and
+    back, while the server reads a file in it 2,000 times: every read is the inside file or
+    the neutral refusal, never the outside file (a name check escaped 5 times in 2,000)."""
+    from rima_core import serving
+
+    root, outside = tmp_path / "root", tmp_path / "secret"
+    (root / "d").mkdir(parents=True)
+    outside.mkdir()
+    inside_vol = np.full((4, 8, 8), 10, np.uint8)
+    np.save(root / "d" / "x.npy", inside_vol)
+    np.save(outside / "x.npy", np.full((4, 8, 8), 250, np.uint8))
+    policy = serving.InputPolicy(serving.SERVE_LIMITS, file_root=root.resolve())
+    stop = threading.Event()
+
+    def swap() -> None:
+        real, link = root / "d_real", root / "d"
+        while not stop.is_set():
+            os.rename(link, real)
+            link.symlink_to(outside)
+            link.unlink()
+            os.rename(real, link)
+
+    swapper = threading.Thread(target=swap, daemon=True)
+    swapper.start()
+    outcomes = {"inside": 0, "refused": 0, "escaped": 0}
+    try:
+        for _ in range(2000):
+            try:
+                vol = serving.decode("d/x.npy", "oct", "row 0", policy)
+            except serving.InputError as exc:
+                assert str(exc) == serving._NEUTRAL.format(row="row 0", modality="oct")
+                outcomes["refused"] += 1
+                continue
+            outcomes["escaped" if int(vol.max()) == 250 else "inside"] += 1
+    finally:
+        stop.set()
+        swapper.join(10)
+    assert outcomes["escaped"] == 0, outcomes
+    assert outcomes["inside"] > 0, outcomes
+
+
+def test_server_answers_fifo_paths_at_once_and_keeps_serving(tmp_path) -> None:
+    """Six requests naming a FIFO under the root no longer block the server's threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rima_core import serving
+
+    root = tmp_path / "root"
+    root.mkdir()
+    os.mkfifo(root / "pipe.npy")
+    os.mkfifo(root / "pipe.png")
+    policy = serving.InputPolicy(serving.SERVE_LIMITS, file_root=root.resolve())
+
+    def ask(i: int) -> str:
+        modality, name = ("oct", "pipe.npy") if i % 2 else ("fundus", "pipe.png")
+        try:
+            serving.decode(name, modality, f"row {i}", policy)
+        except serving.InputError as exc:
+            return str(exc)
+        return "graded"
+
+    with _deadline(30), ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(ask, range(6)))
+    assert all("cannot be read" in a for a in answers), answers
+
+
+# --- plug-in sources are registered, never imported on a parameter's say-so --------------------
+
+
+@pytest.mark.parametrize("how", ["--source", "--set", "params"])
+def test_unregistered_source_module_is_never_imported(tmp_path, caplog, capsys, how) -> None:
+    """``data.source: venv.__main__`` used to run venv's command line and exit 0, no store."""
+    root = tmp_path / "raw"
+    _fairvision(root)
+    out = tmp_path / "store"
+    sys.modules.pop("venv.__main__", None)
+    if how == "--source":
+        rc, errors, text = _prepare(caplog, capsys, root, out, source="venv.__main__")
+    elif how == "--set":
+        rc, errors, text = _prepare(caplog, capsys, root, out, "--set", "data.source=venv.__main__")
+    else:
+        params = tmp_path / "hostile.yaml"
+        params.write_text("data:\n  source: venv.__main__\n")
+        caplog.clear()
+        argv = ["prepare", "--input", str(root), "--out", str(out), "--params", str(params)]
+        with caplog.at_level(logging.INFO):
+            rc = main(argv)
+        printed = capsys.readouterr()
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        text = printed.out + printed.err + caplog.text
+    _assert_refused(rc, errors, text, out, "venv.__main__", "not registered")
+    assert "venv.__main__" not in sys.modules
+    assert not (tmp_path / "venv").exists()
+
+
+def test_registered_plug_ins_run_and_need_scan_and_load(
+    tmp_path, caplog, capsys, monkeypatch
+) -> None:
+    import importlib.metadata
+
+    root = tmp_path / "raw"
+    _fairvision(root)
+    out = tmp_path / "store"
+    # an allow-listed module without scan()/load() is refused before any file is read
+    rc, errors, text = _prepare(
+        caplog, capsys, root, out, "--set", "data.plugins=[json.decoder]", source="json.decoder"
+    )
+    _assert_refused(rc, errors, text, out, "json.decoder", "must define scan() and load()")
+    # an allow-listed module with them runs
+    fv = "rima_core.data.sources.fairvision"
+    rc, errors, text = _prepare(
+        caplog, capsys, root, out, "--set", f"data.plugins=[{fv}]", source=fv
+    )
+    assert rc == 0 and not errors, text
+    shutil.rmtree(out)
+    # a `rima.sources` entry point registers a name for it
+    point = importlib.metadata.EntryPoint("lab_fv", fv, "rima.sources")
+    real = importlib.metadata.entry_points
+
+    def entry_points(**kw):  # type: ignore[no-untyped-def]
+        return [point] if kw.get("group") == "rima.sources" else real(**kw)
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    rc, errors, text = _prepare(caplog, capsys, root, out, source="lab_fv")
+    assert rc == 0 and not errors, text
+    assert len(open_store(out).manifest) == 3
+
+
+# --- leakage: the same eye in two splits ----------------------------------------------------
+
+
+@pytest.mark.slow  # prepare + the GX suite twice
+def test_identical_eye_copied_into_the_test_split_fails_validation(tmp_path, caplog, capsys):
+    root = tmp_path / "raw"
+    none = _params(tmp_path)
+    synth_params = ["--set", "synth.n_eyes=60", "--set", "synth.fundus_size=16"]
+    synth_params += ["--set", "synth.oct_shape=[8, 8, 8]"]
+    assert main(["data", "synth", "--out", str(root), "--params", str(none), *synth_params]) == 0
+    out, report = tmp_path / "store", tmp_path / "report.json"
+    validate = ["validate", "--store", str(out), "--report", str(report), "--params", str(none)]
+    rc, _, text = _prepare(caplog, capsys, root, out)
+    assert rc == 0, text
+    assert main(validate) == 0, capsys.readouterr()
+    train = sorted((root).glob("*/Training/*.npz"))[0]
+    test_dir = next(root.glob("*/Test"))
+    shutil.copy(train, test_dir / "data_09999.npz")  # the same eye under a new id
+    shutil.rmtree(out)
+    rc, _, text = _prepare(caplog, capsys, root, out)
+    assert rc == 0, text  # prepare cannot know; validation must
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert main(validate) == 2
+    line = next(x for x in caplog.text.splitlines() if "no_identical_image_across_splits" in x)
+    assert train.stem in line and "data_09999" in line, line
+    assert "Traceback" not in caplog.text
+
+
+# --- non-finite model outputs are errors, never grades ------------------------------------------
+
+
+class _NaNOnRows(torch.nn.Module):
+    """A model whose logits are NaN for the eyes at ``rows`` (positions in the batch)."""
+
+    def __init__(self, rows: set[int], k: int = 3) -> None:
+        super().__init__()
+        self.rows, self.k = rows, k
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, fundus, oct, has_fundus, has_oct, labels=None):  # type: ignore[no-untyped-def]
+        from rima_core.models import ModelOutput
+
+        logits = torch.zeros(len(fundus), self.k) + self.w
+        for r in self.rows:
+            if r < len(fundus):
+                logits[r] = float("nan")
+        return ModelOutput(logits=logits, aux_loss=None, stats={})
+
+
+def _nan_predictor(tmp_path: Path, rows: set[int]):  # type: ignore[no-untyped-def]
+    from rima_core import serving
+    from tests.test_serving import tiny_model
+
+    spec = serving.Predictor.from_file(tiny_model(tmp_path / "model.pt")).spec
+    return serving.Predictor(_NaNOnRows(rows), spec)
+
+
+def test_non_finite_outputs_are_an_error_naming_the_rows(tmp_path) -> None:
+    from rima_core import serving
+    from rima_core.engine import NonFiniteOutputError
+    from rima_core.engine import predict as engine_predict
+
+    batch = {
+        "fundus": torch.zeros(3, 3, 8, 8),
+        "oct": torch.zeros(3, 1, 4, 4, 4),
+        "has_fundus": torch.ones(3, dtype=torch.bool),
+        "has_oct": torch.ones(3, dtype=torch.bool),
+        "label": torch.zeros(3, dtype=torch.int64),
+        "index": torch.tensor([10, 11, 12]),
+    }
+    with pytest.raises(NonFiniteOutputError, match=r"row\(s\) 11") as err:
+        engine_predict(_NaNOnRows({1}), [batch], torch.device("cpu"), progress=False)
+    assert err.value.rows == [11]
+    predictor = _nan_predictor(tmp_path, {1})
+    vol = np.random.default_rng(0).integers(0, 255, (4, 8, 8), dtype=np.uint8)
+    eyes = pd.DataFrame({"case_id": ["ok", "broken"], "oct": [vol, vol]})
+    with pytest.raises(serving.ModelOutputError, match=r"case_id broken\): the model's output"):
+        predictor.predict(eyes)
+
+
+def test_rima_predict_with_a_non_finite_model_exits_2_naming_the_row(
+    tmp_path, caplog, capsys, monkeypatch
+) -> None:
+    from rima_core import serving
+
+    predictor = _nan_predictor(tmp_path, {0})
+    model = types.SimpleNamespace(
+        unwrap_python_model=lambda: types.SimpleNamespace(predictor=predictor)
+    )
+    monkeypatch.setattr(serving, "load", lambda uri: model)
+    np.save(tmp_path / "eye.npy", np.full((4, 8, 8), 90, np.uint8))
+    (tmp_path / "eyes.csv").write_text("case_id,oct\nnan-eye,eye.npy\n")
+    out = tmp_path / "pred.csv"
+    argv = ["predict", "--model", "models:/x@champion", "--input", str(tmp_path / "eyes.csv")]
+    argv += ["--out", str(out), "--params", str(_params(tmp_path))]
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        rc = main(argv)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert rc == 2 and len(errors) == 1 and "\n" not in errors[0], errors
+    assert "nan-eye" in errors[0] and "not finite" in errors[0]
+    assert not out.exists() and "Traceback" not in capsys.readouterr().err
+
+
+# --- one line, never a traceback ------------------------------------------------------------
+
+
+def _cli(caplog, capsys, argv: list[str]) -> tuple[int, list[str], str]:  # type: ignore[no-untyped-def]
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        rc = main(argv)
+    printed = capsys.readouterr()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    return rc, errors, printed.out + printed.err + caplog.text
+
+
+@pytest.mark.parametrize(
+    ("setup", "needle"),
+    [
+        ("python_tag", "could not determine a constructor"),
+        ("non_utf8", "not UTF-8"),
+        ("folder", "is a folder"),
+        ("duplicate_key", "duplicate key 'lr' on line 4 (first on line 2)"),
+    ],
+)
+def test_bad_params_are_one_line(tmp_path, caplog, capsys, setup, needle) -> None:
+    marker = tmp_path / "PWNED"
+    params = tmp_path / "params.yaml"
+    extra: list[str] = []
+    if setup == "python_tag":
+        params.write_text("{}\n")
+        extra = ["--set", f"train.lr=!!python/object/apply:os.system ['touch {marker}']"]
+    elif setup == "non_utf8":
+        params.write_bytes(b"train:\n  lr: 0.1 # caf\xe9\n")
+    elif setup == "folder":
+        params = tmp_path
+    else:
+        params.write_text("train:\n  lr: 0.1\n  epochs: 2\n  lr: 0.5\n")
+    rc, errors, text = _cli(caplog, capsys, ["params", "show", "--params", str(params), *extra])
+    assert rc == 2 and len(errors) == 1 and "\n" not in errors[0], errors
+    assert needle in errors[0]
+    assert "Traceback" not in text and not marker.exists()
+
+
+def test_disk_full_is_one_line(tmp_path, caplog, capsys, monkeypatch) -> None:
+    import errno
+
+    import rima_core.data.prepare as prepare_module
+
+    def full(directory, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+
+    monkeypatch.setattr(prepare_module, "write_manifest", full)
+    root = tmp_path / "raw"
+    _fairvision(root)
+    out = tmp_path / "store"
+    rc, errors, text = _prepare(caplog, capsys, root, out)
+    assert rc == 1 and len(errors) == 1 and "\n" not in errors[0], errors
+    assert "No space left on device" in errors[0] and "free some space" in errors[0]
+    assert "Traceback" not in text and not out.exists()
+
+
+def test_model_spec_asking_for_a_huge_layer_is_refused_before_allocating(tmp_path) -> None:
+    import tracemalloc
+
+    from rima_core.models import load_model
+    from tests.test_serving import tiny_model
+
+    path = tiny_model(tmp_path / "model.pt")
+    blob = torch.load(path, weights_only=True)
+    blob["spec"]["config"]["hidden_dim"] = 100_000  # a 40 GB layer
+    torch.save(blob, path)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="refused before allocating"):
+            load_model(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 200 << 20
+    from rima_core import serving
+    from rima_core.config import load_config
+
+    with pytest.raises(serving.InputError, match="refused before allocating"):  # rima register
+        serving.log_pyfunc(path.parent, load_config(None))
+    blob["spec"]["config"]["hidden_dim"] = 16
+    blob["spec"]["oct_shape"] = [100_000, 100_000, 100_000]  # the server would allocate this
+    torch.save(blob, path)
+    with pytest.raises(ValueError, match="oct_shape"):
+        load_model(path)

@@ -450,23 +450,27 @@ def root_server(logged_model, eye_files: dict):  # type: ignore[no-untyped-def]
         yield server
 
 
-def _invoke(server, records: list[dict]) -> tuple[int, dict, str]:  # type: ignore[no-untyped-def]
-    """POST dataframe_records; (status, JSON body, raw text). No reply may hold a stack trace."""
+def _post_body(server, body: bytes) -> tuple[int, dict, str]:  # type: ignore[no-untyped-def]
+    """POST a raw JSON body to /invocations; (status, JSON body, raw text)."""
     import urllib.error
     import urllib.request
 
     req = urllib.request.Request(
-        server.url + "/invocations",
-        data=json.dumps({"dataframe_records": records}).encode(),
-        headers={"Content-Type": "application/json"},
+        server.url + "/invocations", data=body, headers={"Content-Type": "application/json"}
     )
     try:
         with urllib.request.urlopen(req, timeout=120) as resp:
             status, text = resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
         status, text = exc.code, exc.read().decode()
-    assert "Traceback" not in text and "stack_trace" not in text, text[:2000]
     return status, json.loads(text), text
+
+
+def _invoke(server, records: list[dict]) -> tuple[int, dict, str]:  # type: ignore[no-untyped-def]
+    """POST dataframe_records; (status, JSON body, raw text). No reply may hold a stack trace."""
+    status, body, text = _post_body(server, json.dumps({"dataframe_records": records}).encode())
+    assert "Traceback" not in text and "stack_trace" not in text, text[:2000]
+    return status, body, text
 
 
 def _error(body: dict) -> str:
@@ -691,3 +695,75 @@ def test_done_means_end_to_end(
 
 def _list(value: object) -> object:
     return None if value is None else np.asarray(value).tolist()
+
+
+# --- one line, never a traceback: shapes, nesting, MLflow's echo -------------------------------
+
+
+def test_served_eyes_meet_the_prepare_shape_minimums(predictor: serving.Predictor) -> None:
+    """A 1×1×1 OCT (or a 3-pixel-wide fundus) is refused as in prepare, not graded."""
+    for column, value, needle in (
+        ("oct", np.full((1, 1, 1), 7, np.uint8), "below the minimum axis of 2"),
+        ("fundus", np.full((3, 40, 3), 9, np.uint8), "below the minimum side of 8"),
+    ):
+        with pytest.raises(serving.InputError, match=needle):
+            predictor.predict(pd.DataFrame({column: [value]}), serving.InputPolicy.server())
+
+
+def _fake_model(error: Exception | None = None):  # type: ignore[no-untyped-def]
+    import types
+
+    def predict(data, params=None):  # type: ignore[no-untyped-def]
+        if error is not None:
+            raise error
+        return pd.DataFrame({"grade": [0] * len(data)})
+
+    return types.SimpleNamespace(metadata=None, predict=predict)
+
+
+def test_scoring_server_replies_are_one_line() -> None:
+    """Through MLflow's own request handler: JSON nested 3,000 deep (an HTTP 500 with a
+    RecursionError before) is a one-line 400; a model's message is not wrapped in MLflow's echo
+    of the input table; a parse error does not echo the body; no stack trace travels."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc import scoring_server
+
+    handler = serving._one_line_invocations(scoring_server.invocations)
+    deep = '{"dataframe_records": ' + "[" * 3000 + "]" * 3000 + "}"
+    with pytest.raises(MlflowException) as err:
+        handler(deep, "application/json", _fake_model(), None)
+    assert err.value.get_http_status_code() == 400
+    assert err.value.message == "the request is nested too deeply to be a table of eyes"
+    rows = json.dumps(
+        {"dataframe_records": [{"case_id": f"eye{i}", "oct": None} for i in range(50)]}
+    )
+    model_error = MlflowException("row 3 (case_id eye3): oct is not a rectangular array")
+    with pytest.raises(MlflowException) as err:
+        handler(rows, "application/json", _fake_model(model_error), None)
+    assert err.value.message == "row 3 (case_id eye3): oct is not a rectangular array"
+    with pytest.raises(MlflowException) as err:
+        handler('{"dataframe_records": [1, 2,', "application/json", _fake_model(), None)
+    body = json.loads(err.value.serialize_as_json())
+    assert "\n" not in body["message"] and "Input" not in body["message"]
+    assert "stack_trace" not in body and err.value.get_http_status_code() == 400
+    with pytest.raises(MlflowException) as err:
+        handler(rows, "application/json", _fake_model(RuntimeError("boom\nsecret")), None)
+    body = json.loads(err.value.serialize_as_json())
+    assert "\n" not in body["message"] and "stack_trace" not in body
+    assert serving.one_line_reply("a\nb") == "a" and len(serving.one_line_reply("x" * 5000)) == 500
+
+
+@pytest.mark.slow
+def test_served_errors_are_one_line_400s(default_server) -> None:  # type: ignore[no-untyped-def]
+    def post(body: bytes) -> tuple[int, dict, str]:
+        return _post_body(default_server, body)
+
+    deep = b'{"dataframe_records": ' + b"[" * 3000 + b"]" * 3000 + b"}"
+    status, body, text = post(deep)
+    assert status == 400 and "nested too deeply" in body["message"], text[:500]
+    rows = [{"case_id": f"eye{i}", "oct": np.full((1, 1, 1), 5).tolist()} for i in range(3)]
+    status, body, text = post(json.dumps({"dataframe_records": rows}).encode())
+    assert status == 400 and "\n" not in body["message"] and "stack_trace" not in body
+    assert body["message"].startswith("row 0 (case_id eye0): oct of shape (1, 1, 1) is below")
+    status, body, text = post(b'{"dataframe_records": [1, 2,')
+    assert status == 400 and "\n" not in body["message"] and "dataframe_records" not in text

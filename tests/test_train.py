@@ -309,3 +309,90 @@ def test_resume_without_checkpoint_starts_fresh(
     assert again["epochs_run"] == 1 and again["best_epoch"] == summary["best_epoch"]
     after = _weights(tmp_path / "model.pt")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# --- distillation: teacher first, then students ----------------------------------------------
+
+
+def _distillation_cfg(tiny_data: TinyData) -> Config:
+    cfg = copy.deepcopy(tiny_data.cfg)
+    cfg.model.name = "distillation"
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny_data: TinyData, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("distilled")
+    train(tiny_data.store, tiny_data.masks, out, _distillation_cfg(tiny_data))
+    return out
+
+
+def test_distillation_trains_the_teacher_first_then_freezes_it(
+    distilled: Path, tiny_data: TinyData
+) -> None:
+    from rima_core.models import load_model
+
+    summary = json.loads((distilled / "train_summary.json").read_text())
+    teacher = summary["teacher"]
+    assert teacher["epochs_run"] == 2 and teacher["best_epoch"] in (1, 2)
+    # the teacher learns from (and is selected on) the eyes with both modalities only
+    masks = pd.read_parquet(tiny_data.masks)
+    from rima_core.data.dataset import EyeDataset
+
+    ds = EyeDataset(tiny_data.store, masks, "train", "complete")
+    assert teacher["n_train"] == int((ds.has_fundus & ds.has_oct).sum()) < summary["n_train"]
+    hist = pd.read_csv(distilled / "teacher" / "history.csv")
+    assert list(hist["epoch"]) == [1, 2] and "val_complete_qwk" not in hist
+    # stage 2 never moved the teacher: the saved model holds the teacher's selected epoch
+    ckpt = torch.load(distilled / "teacher" / "checkpoint.pt", weights_only=True)
+    best = ckpt["best"]["state_dict"]
+    saved = _weights(distilled / "model.pt")
+    for key, value in best.items():
+        assert torch.equal(saved[f"teacher.{key}"], value), key
+    # while the students did train, each with its own encoder
+    student = torch.load(distilled / "checkpoint.pt", weights_only=True)["model"]
+    assert not torch.equal(
+        student["student_f.encoder.proj.weight"], saved["teacher.fundus_encoder.proj.weight"]
+    )
+    model, _ = load_model(distilled / "model.pt")
+    assert model.student_f.encoder is not model.teacher.fundus_encoder
+    assert {"train_distill_kl", "train_student_ce"} <= set(pd.read_csv(distilled / "history.csv"))
+
+
+class _StopTeacher(RuntimeError):
+    pass
+
+
+def test_distillation_resumes_exactly_in_either_stage(
+    distilled: Path, tiny_data: TinyData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rima_core.train as engine
+
+    cfg = _distillation_cfg(tiny_data)
+    # killed in stage 2, after the students' first epoch
+    out = tmp_path / "students"
+    with pytest.raises(_Stop):
+        train(tiny_data.store, tiny_data.masks, out, cfg, epoch_callback=_stop_after(1))
+    train(tiny_data.store, tiny_data.masks, out, cfg, resume=True)
+    pd.testing.assert_frame_equal(_history(distilled), _history(out))
+    _assert_same_weights(distilled / "model.pt", out / "model.pt")
+
+    # killed in stage 1, after the teacher's first epoch
+    original = engine._Run.epoch
+
+    def epoch(self, n, progress, fingerprint):
+        metrics = original(self, n, progress, fingerprint)
+        if self.model_file is None and n == 1:
+            raise _StopTeacher
+        return metrics
+
+    out = tmp_path / "teacher"
+    monkeypatch.setattr(engine._Run, "epoch", epoch)
+    with pytest.raises(_StopTeacher):
+        train(tiny_data.store, tiny_data.masks, out, cfg)
+    assert not (out / "history.csv").exists()
+    monkeypatch.setattr(engine._Run, "epoch", original)
+    train(tiny_data.store, tiny_data.masks, out, cfg, resume=True)
+    pd.testing.assert_frame_equal(_history(distilled / "teacher"), _history(out / "teacher"))
+    pd.testing.assert_frame_equal(_history(distilled), _history(out))
+    _assert_same_weights(distilled / "model.pt", out / "model.pt")

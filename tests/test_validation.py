@@ -155,3 +155,25 @@ def test_strict_config_fails_clean_store(clean, tmp_path):
     result = validate_store(store, tmp_path / "r.json", cfg)
     assert not result["success"]
     assert _failed_checks(result) == {"split_fraction_at_least_minimum"}
+
+
+def test_identical_images_across_splits_fail_naming_both_cases(tmp_path):
+    """An eye copied under a new id into another split leaks it; the same pixels within one
+    split (or absent modalities, all zeros) are no leak."""
+    from tests.data_helpers import make_manifest
+
+    manifest = make_manifest(N)
+    fundus, oct = make_arrays(N)
+    last = N - 1  # test split
+    assert manifest["split"][0] == "train" and manifest["split"][last] == "test"
+    fundus[last], oct[last] = fundus[0], oct[0]  # eye0000 copied as eye0039
+    fundus[2] = fundus[1]  # both in train: not a leak
+    result, report = _validate(tmp_path, fundus=fundus, oct=oct)
+    assert _failed_checks(result) == {"no_identical_image_across_splits"}
+    line = next(f for f in result["failures"] if f.startswith("no_identical_image_across_splits"))
+    assert "eye0000" in line and "eye0039" in line and "4 offending" in line
+    entry = next(
+        e for e in report["expectations"] if e["check"] == "no_identical_image_across_splits"
+    )
+    assert {o["case_id"] for o in entry["offending"]} == {"eye0000", "eye0039"}
+    assert any(o["same_as"] == "eye0039 (test)" for o in entry["offending"])

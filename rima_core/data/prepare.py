@@ -18,7 +18,6 @@ the temporary store of a killed run is removed by the next run (:mod:`rima_core.
 from __future__ import annotations
 
 import ctypes
-import importlib
 import json
 import logging
 import multiprocessing
@@ -28,7 +27,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -164,23 +163,20 @@ class _Failed:
         return CaseError(self.case_id, self.reason, self.path)
 
 
-def resolve_source(name: str) -> ModuleType:
-    """A registered source name (``fairvision``, ``gamma``, ``rima``) or a dotted module path.
+def resolve_source(name: str, plugins: Collection[str] | None = None) -> ModuleType:
+    """A built-in source name (``fairvision``, ``gamma``, ``rima`` or an alias) or a plug-in.
 
-    The module path lets a group plug in its own export format (any module with ``scan`` and
-    ``load``) without editing this package.
+    A plug-in (a dotted module path with ``scan`` and ``load``, or a ``rima.sources`` entry-point
+    name) lets a group add its own export format without editing this package; with
+    ``plugins`` (``data.plugins``) an unregistered one is refused before it is imported
+    (:func:`rima_core.data.sources.load_plugin`). Configuration values (params, ``--set``,
+    ``--source``, Kubeflow parameters) are checked against the registry before they get here.
     """
-    if "." in name:
-        try:
-            module = importlib.import_module(name)
-        except ImportError as exc:
-            raise SourceError(f"source module {name!r} cannot be imported: {exc}") from exc
-        if not all(callable(getattr(module, f, None)) for f in ("scan", "load")):
-            raise SourceError(f"source module {name!r} must define scan() and load()")
-        return module
-    from rima_core.data.sources import get_source
+    from rima_core.data.sources import ALIASES, SOURCES, get_source, load_plugin
 
-    return get_source(name)
+    if name.lower() in SOURCES or name.lower() in ALIASES:
+        return get_source(name)
+    return load_plugin(name, plugins)
 
 
 def _first_path(ref: CaseRef) -> str | None:
@@ -507,15 +503,22 @@ def _sizes(cfg: PrepareConfig) -> tuple[int, tuple[int, int, int]]:
     return fundus_size, oct_shape  # type: ignore[return-value]
 
 
-def _scan(source: str, input_dir: Path, disease: str, limits: ReadLimits) -> tuple[str, ScanResult]:
+def _scan(
+    source: str,
+    input_dir: Path,
+    disease: str,
+    limits: ReadLimits,
+    plugins: Collection[str] | None = None,
+) -> tuple[str, ScanResult]:
     """The loader's listing of ``input_dir`` (``source="auto"``: the layout found there), and
-    the loader name the workers resolve."""
+    the loader name the workers resolve (a plug-in is vetted here, before any file is read)."""
     with using_read_limits(limits):
         if source == "auto":
             from rima_core.data.sources import detect_source
 
             source = detect_source(input_dir)
-        scan = resolve_source(source).scan(input_dir, disease)
+        module = resolve_source(source, plugins)
+        scan = module.scan(input_dir, disease)
     if not scan.cases:
         raise SourceError(f"{input_dir}: the {scan.source} source holds no cases")
     return source, scan
@@ -611,8 +614,13 @@ def prepare_store(
     cfg: PrepareConfig,
     disease: str = "auto",
     skip_bad: bool = False,
+    plugins: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """Build the store at ``out`` from the source tree ``input_dir``; returns a summary.
+
+    ``source`` is a built-in name, ``auto`` or a plug-in; ``plugins`` (``data.plugins``) is the
+    allow-list a plug-in must be on (or be a ``rima.sources`` entry point) before it is
+    imported; ``None``: the caller's code named the module itself.
 
     A bad case raises its :class:`CaseError` and leaves no store behind (an existing store at
     ``out`` is kept). With ``skip_bad`` the bad cases are listed in ``<out>/quarantine.json``
@@ -624,7 +632,7 @@ def prepare_store(
     fundus_size, oct_shape = _sizes(cfg)
     _check_fractions(cfg.split_fractions)
     limits = limits_of(cfg)
-    source, scan = _scan(source, input_dir, disease, limits)
+    source, scan = _scan(source, input_dir, disease, limits, plugins)
     class_names = list(scan.class_names)
     quarantine: list[dict[str, Any]] = []
     cases = sorted(scan.cases, key=lambda c: c.case_id)

@@ -18,21 +18,30 @@ Rules, shared by every reader:
   file's decompressed members together (so it bounds each member too), and a deflated member
   that inflates more than :data:`MAX_COMPRESSION_RATIO` times beyond
   :data:`RATIO_CHECK_FLOOR` bytes is refused as a zip bomb.
+- Files: every reader opens the name once, without blocking (a FIFO would hang a reader that
+  waits for a writer), and checks the opened descriptor, not the name: it must be a regular file
+  (FIFOs, sockets, devices and folders are refused) and, when the caller passes ``root``, its
+  real path must lie inside ``root`` (a symlink or folder swapped in between a name check and
+  the read cannot redirect it). All bytes are then read from that descriptor.
 - Errors: every refusal or damage is an :class:`UnsafeInputError` whose message names the file
   and the reason; callers turn it into their own per-case error.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import logging
 import math
+import os
 import pickle
+import stat
 import struct
 import warnings
 import zipfile
 import zlib
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -63,6 +72,87 @@ class UnsafeInputError(ValueError):
         self.path = str(path)
         self.reason = one_line(reason)  # library messages may span lines (nibabel's do)
         super().__init__(f"{printable(path)}: {self.reason}")
+
+
+# --- opening: regular files only, checked on the descriptor -------------------------------------
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a folder"),
+)
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def fd_real_path(fd: int) -> Path | None:
+    """The real path of an open descriptor (Linux ``/proc/self/fd``); None where unknown."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return None
+
+
+def _inside_root(fd: int, path: str | Path, root: Path) -> None:
+    """Refuse ``fd`` unless the file it is open on lies inside ``root`` (checked on the
+    descriptor: a symlink or folder swapped in after a name check cannot pass)."""
+    real = fd_real_path(fd)
+    if real is None:  # no /proc: the name's real path must be this very inode
+        try:
+            candidate = Path(os.path.realpath(path))
+            same = os.path.samestat(os.stat(candidate), os.fstat(fd))
+        except OSError:
+            same = False
+        if not same:
+            raise UnsafeInputError(path, "changed while it was opened")
+        real = candidate
+    if not real.is_relative_to(root):
+        raise UnsafeInputError(path, f"resolves to {real}, outside {root}")
+
+
+def open_regular(path: str | Path, *, root: str | Path | None = None) -> IO[bytes]:
+    """Open ``path`` for reading as a binary file object, refusing anything but a regular file.
+
+    The name is opened once with ``O_NONBLOCK`` (opening a FIFO does not wait for a writer),
+    then the descriptor is checked: ``fstat`` must say regular file and, with ``root``, its real
+    path must lie inside ``root``. Blocking mode is restored before it is returned.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    flags |= getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise UnsafeInputError(path, f"cannot read: {exc.strerror or exc}") from exc
+    except (ValueError, TypeError) as exc:  # NUL byte in the name
+        raise UnsafeInputError(path, f"cannot read: {exc}") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise UnsafeInputError(path, f"is {_kind(mode)}, not a regular file: refused")
+        if root is not None:
+            _inside_root(fd, path, Path(root))
+        fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fl & ~getattr(os, "O_NONBLOCK", 0))
+        return os.fdopen(fd, "rb")
+    except UnsafeInputError:
+        os.close(fd)
+        raise
+    except OSError as exc:
+        os.close(fd)
+        raise UnsafeInputError(path, f"cannot read: {exc.strerror or exc}") from exc
+
+
+@contextlib.contextmanager
+def _opened(path: str | Path, root: str | Path | None) -> Iterator[IO[bytes]]:
+    fp = open_regular(path, root=root)
+    try:
+        yield fp
+    finally:
+        fp.close()
 
 
 # --- restricted unpickling ----------------------------------------------------------------------
@@ -271,11 +361,16 @@ def _read_array(
     return out
 
 
-def read_npy(path: str | Path, *, max_bytes: int | None = DEFAULT_MAX_FILE_BYTES) -> np.ndarray:
+def read_npy(
+    path: str | Path,
+    *,
+    max_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
+    root: str | Path | None = None,
+) -> np.ndarray:
     """Read one ``.npy`` file under the module's rules (header checked before allocation)."""
     budget = _Budget(path, max_bytes)
     try:
-        with open(path, "rb") as fp:
+        with _opened(path, root) as fp:
             arr = _read_array(fp, budget, "array")
             _drain(fp, budget, "array")
             return arr
@@ -286,9 +381,9 @@ def read_npy(path: str | Path, *, max_bytes: int | None = DEFAULT_MAX_FILE_BYTES
 # --- .npz ---------------------------------------------------------------------------------------
 
 
-def _open_zip(path: str | Path) -> zipfile.ZipFile:
+def _open_zip(path: str | Path, fp: IO[bytes]) -> zipfile.ZipFile:
     try:
-        zf = zipfile.ZipFile(path)
+        zf = zipfile.ZipFile(fp)
     except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, struct.error) as exc:
         raise UnsafeInputError(
             path, f"unreadable or truncated npz (not a valid zip file): {exc}"
@@ -299,6 +394,13 @@ def _open_zip(path: str | Path) -> zipfile.ZipFile:
         zf.close()
         raise UnsafeInputError(path, f"npz has more than {MAX_NPZ_MEMBERS} members")
     return zf
+
+
+@contextlib.contextmanager
+def _zip(path: str | Path, root: str | Path | None) -> Iterator[zipfile.ZipFile]:
+    """The npz at ``path`` as an archive over the checked descriptor (both closed after)."""
+    with _opened(path, root) as fp, _open_zip(path, fp) as zf:
+        yield zf
 
 
 def _npy_members(zf: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
@@ -319,9 +421,9 @@ def _check_ratio(path: str | Path, what: str, compressed: int, inflated: int) ->
         )
 
 
-def npz_keys(path: str | Path) -> list[str]:
+def npz_keys(path: str | Path, *, root: str | Path | None = None) -> list[str]:
     """The array names in an npz, without decoding any array."""
-    with _open_zip(path) as zf:
+    with _zip(path, root) as zf:
         return sorted(_npy_members(zf))
 
 
@@ -331,17 +433,18 @@ def read_npz(
     max_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
     keys: Collection[str] | None = None,
     max_elements: int | None = None,
+    root: str | Path | None = None,
 ) -> dict[str, np.ndarray]:
     """Read the arrays of an npz (all, or only ``keys`` that are present) under the rules above.
 
     ``max_bytes`` caps the decompressed bytes of the members read, together; ``max_elements``
     (optional) caps the element count of each member, checked from its header. A member whose
     declared sizes disagree with its data, whose CRC fails or that inflates like a zip bomb is
-    refused.
+    refused. ``root`` (optional): the opened file must lie inside this folder.
     """
     budget = _Budget(path, max_bytes)
     out: dict[str, np.ndarray] = {}
-    with _open_zip(path) as zf:
+    with _zip(path, root) as zf:
         members = _npy_members(zf)
         wanted = sorted(members) if keys is None else sorted(k for k in keys if k in members)
         for key in wanted:
@@ -384,6 +487,7 @@ def read_image(
     *,
     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     mode: str | None = None,
+    root: str | Path | None = None,
 ) -> np.ndarray:
     """Decode one png/jpg/... fully, refusing more than ``max_pixels`` before decoding.
 
@@ -398,7 +502,7 @@ def read_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with _opened(path, root) as fp, Image.open(fp) as img:
                 width, height = img.size
                 if width * height > limit:
                     raise UnsafeInputError(
@@ -442,6 +546,7 @@ def read_nifti(
     *,
     max_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
     max_voxels: int | None = None,
+    root: str | Path | None = None,
 ) -> np.ndarray:
     """Read a NIfTI volume's voxels, checking header shape × dtype before any data is read.
 
@@ -456,7 +561,8 @@ def read_nifti(
     nib_log = logging.getLogger("nibabel.global")
     nib_log.addFilter(held)
     try:
-        data = _read_nifti(nib, path, max_bytes, max_voxels)
+        with _opened(path, root) as fp:
+            data = _read_nifti(nib, path, fp, max_bytes, max_voxels)
     finally:
         nib_log.removeFilter(held)
     for message in held.messages:
@@ -474,11 +580,29 @@ class _HeldRecords(logging.Filter):
         return False
 
 
+def _nifti_image(nib: Any, path: str | Path, fp: IO[bytes]) -> Any:
+    """The NIfTI-1/2 image of a single ``.nii`` / ``.nii.gz`` file read from ``fp`` (the
+    already-checked descriptor), never reopened by name."""
+    import gzip
+
+    from nibabel.fileholders import FileHolder
+
+    stream: IO[bytes] = fp
+    if str(path).lower().endswith(".gz"):
+        stream = gzip.GzipFile(fileobj=fp, mode="rb")  # type: ignore[assignment]
+    magic = stream.read(4)
+    stream.seek(0)
+    nifti2 = magic in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c")  # sizeof_hdr 540
+    klass = nib.Nifti2Image if nifti2 else nib.Nifti1Image
+    holder = FileHolder(fileobj=stream)
+    return klass.from_file_map({"header": holder, "image": holder})
+
+
 def _read_nifti(
-    nib: Any, path: str | Path, max_bytes: int | None, max_voxels: int | None
+    nib: Any, path: str | Path, fp: IO[bytes], max_bytes: int | None, max_voxels: int | None
 ) -> np.ndarray:
     try:
-        img = nib.load(str(path))
+        img = _nifti_image(nib, path, fp)
         header = img.header
         shape = tuple(int(s) for s in header.get_data_shape())
         dtype = np.dtype(header.get_data_dtype())

@@ -1,10 +1,11 @@
 """``validate``: a Great Expectations suite over the store; the pipeline stops on any failure.
 
 GX validates dataframes, so the store is first summarised into small tables — the manifest, eyes
-per split × class, split fractions, per-case pixel statistics, absent-modality maxima and one
-integrity row (recomputed vs recorded content hash). Each expectation carries a ``check`` name;
-the JSON report lists every one with its outcome and the offending case ids / values, so a failed
-run says *which* eyes to look at.
+per split × class, split fractions, per-case pixel statistics, absent-modality maxima, one
+integrity row (recomputed vs recorded content hash) and, per present image, the cases in other
+splits holding the very same pixels (an eye copied into the test split under a new id leaks
+it). Each expectation carries a ``check`` name; the JSON report lists every one with its outcome
+and the offending case ids / values, so a failed run says *which* eyes to look at.
 
 Pixel statistics are computed block by block over the memory map (a few MB at a time), in the
 same pass that recomputes the content hash, so validating a paper-sized store reads it once and
@@ -50,6 +51,12 @@ def _blocks(store: Store) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         start += len(f_chunk)
 
 
+def _row_hashes(block: np.ndarray) -> list[str]:
+    """A digest of each row's stored pixels (the resized image: identical eyes, identical bytes)."""
+    flat = np.ascontiguousarray(block.reshape(len(block), -1))
+    return [hashlib.blake2b(row.tobytes(), digest_size=16).hexdigest() for row in flat]
+
+
 def _block_stats(block: np.ndarray) -> dict[str, np.ndarray]:
     flat = block.reshape(len(block), -1)
     as_float = flat.astype(np.float32)
@@ -64,14 +71,18 @@ def _block_stats(block: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def pixel_statistics(store: Store) -> tuple[pd.DataFrame, str]:
-    """Per-case, per-modality mean/std/min/max (all rows) and the recomputed tensor digest."""
+    """Per-case, per-modality mean/std/min/max and pixel digest (``pixel_hash``; all rows) and
+    the recomputed tensor digest."""
     hasher = hashlib.sha256()
     parts: dict[str, list[dict[str, np.ndarray]]] = {m: [] for m in MODALITIES}
+    hashes: dict[str, list[str]] = {m: [] for m in MODALITIES}
     with tqdm(total=len(store), desc="pixel statistics", unit="eye") as bar:
         for _, f_block, o_block in _blocks(store):
             update_tensor_hash(hasher, f_block, o_block)
             parts["fundus"].append(_block_stats(f_block))
             parts["oct"].append(_block_stats(o_block))
+            hashes["fundus"].extend(_row_hashes(f_block))
+            hashes["oct"].extend(_row_hashes(o_block))
             bar.update(len(f_block))
     frames = []
     manifest = store.manifest
@@ -87,6 +98,7 @@ def pixel_statistics(store: Store) -> tuple[pd.DataFrame, str]:
                     "modality": modality,
                     "present": manifest[f"has_{modality}"].to_numpy(bool),
                     **stats,
+                    "pixel_hash": hashes[modality],
                 }
             )
         )
@@ -139,12 +151,46 @@ def _tables(store: Store, cfg: ValidateConfig) -> dict[str, pd.DataFrame]:
     )
     return {
         "manifest": manifest,
+        "duplicates": _cross_split_duplicates(pixels, manifest),
         "split_class": split_class,
         "splits": splits,
         "pixels": pixels[pixels["present"]].reset_index(drop=True),
         "absent": pixels[~pixels["present"]].reset_index(drop=True),
         "integrity": integrity,
     }
+
+
+def _cross_split_duplicates(pixels: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
+    """Per present image: the cases in OTHER splits whose image of that modality is pixel for
+    pixel the same (``same_as``, "id (split)"), and how many there are (``n_cross_split``).
+
+    Identical images within one split are no leak and are not counted.
+    """
+    present = pixels[pixels["present"]].reset_index(drop=True)
+    ids, split_names = manifest["case_id"].astype(str), manifest["split"].astype(str)
+    split_of = dict(zip(ids, split_names, strict=True))
+    splits = present["case_id"].map(split_of)
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, key in enumerate(zip(present["modality"], present["pixel_hash"], strict=True)):
+        groups.setdefault(key, []).append(i)
+    same_as: list[str] = [""] * len(present)
+    counts = np.zeros(len(present), dtype=np.int64)
+    for rows in groups.values():
+        if len(rows) < 2 or len({splits[i] for i in rows}) < 2:
+            continue
+        for i in rows:
+            others = [j for j in rows if splits[j] != splits[i]]
+            counts[i] = len(others)
+            same_as[i] = ", ".join(f"{present['case_id'][j]} ({splits[j]})" for j in others[:5])
+    return pd.DataFrame(
+        {
+            "case_id": present["case_id"].astype(object),
+            "modality": present["modality"],
+            "split": splits.astype(object),
+            "same_as": same_as,
+            "n_cross_split": counts,
+        }
+    )
 
 
 def _suites(k: int, n_rows: int, cfg: ValidateConfig) -> dict[str, list[Any]]:
@@ -171,6 +217,14 @@ def _suites(k: int, n_rows: int, cfg: ValidateConfig) -> dict[str, list[Any]]:
             ),
             gxe.ExpectColumnValuesToBeBetween(
                 column="n_modalities", min_value=1, max_value=2, meta=m("eye_has_a_modality")
+            ),
+        ],
+        "duplicates": [
+            gxe.ExpectColumnValuesToBeBetween(
+                column="n_cross_split",
+                min_value=0,
+                max_value=0,
+                meta=m("no_identical_image_across_splits"),
             ),
         ],
         "split_class": [
@@ -215,6 +269,7 @@ def _suites(k: int, n_rows: int, cfg: ValidateConfig) -> dict[str, list[Any]]:
 
 _INDEX_COLUMNS = {
     "manifest": ["case_id"],
+    "duplicates": ["case_id", "split", "modality", "same_as"],
     "split_class": ["split", "class_name"],
     "splits": ["split"],
     "pixels": ["case_id", "modality"],

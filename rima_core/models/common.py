@@ -10,6 +10,7 @@ both) and the same per-sample bookkeeping apply to RIMA, its ablations and the b
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -240,3 +241,52 @@ class MLP(nn.Module):
 def zero_loss(like: torch.Tensor) -> torch.Tensor:
     """A scalar 0 on the right device, for models/batches without an auxiliary objective."""
     return like.new_zeros(())
+
+
+# The paths a complete eye's prediction pools (models/rima.py, step 7), in the order of the
+# ``path_weights`` buffer: the full fusion, fundus + a stand-in for the OCT, OCT + a stand-in
+# for the fundus.
+PATHS = ("full", "fundus_only", "oct_only")
+DEFAULT_PATH_WEIGHTS = (1.0, 0.0, 0.0)  # the full path alone
+
+
+class PathPooling:
+    """Mixin of the models whose complete eyes have three paths (RIMA's family, imputation):
+    the ``path_weights`` buffer, its default for models saved before it existed, and the pooled
+    prediction ``softmax(Σ_k w_k log p_k)`` of a complete eye.
+
+    A model calls :meth:`init_path_weights` in ``__init__``, :meth:`pooled` on its logits, and
+    provides ``complete_eye_log_probs(inputs) -> ((paths, n, K) log-probabilities, rows)``, what
+    :func:`rima_core.calibration.calibrate_paths` fits the weights on.
+    """
+
+    PATHS = PATHS
+    path_weights: torch.Tensor
+
+    def init_path_weights(self) -> None:
+        self.register_buffer("path_weights", torch.tensor(DEFAULT_PATH_WEIGHTS))  # type: ignore[attr-defined]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # models saved before the path weights existed predicted with the full path alone
+        state_dict.setdefault(prefix + "path_weights", torch.tensor(DEFAULT_PATH_WEIGHTS))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
+
+    def pooled(
+        self,
+        full_logits: torch.Tensor,
+        both: torch.Tensor,
+        path_log_probs: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """``full_logits`` with the rows of complete eyes (``both``) replaced by
+        ``Σ_k w_k log p_k``; ``path_log_probs(idx)`` gives the (paths, len(idx), K)
+        log-probabilities of rows ``idx``. With the default weights (the full path alone) the
+        logits are returned untouched: training and older models compute what they did."""
+        w = self.path_weights
+        if torch.equal(w, torch.tensor(DEFAULT_PATH_WEIGHTS, device=w.device, dtype=w.dtype)):
+            return full_logits
+        idx = both.nonzero().flatten()
+        if idx.numel() == 0:
+            return full_logits
+        lp = path_log_probs(idx)
+        pooled = (w.to(lp.dtype)[:, None, None] * lp).sum(dim=0)
+        return full_logits.index_copy(0, idx, pooled.to(full_logits.dtype))

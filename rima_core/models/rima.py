@@ -65,10 +65,13 @@ from torch.func import functional_call
 from rima_core import ot
 
 from .common import (
+    DEFAULT_PATH_WEIGHTS,
     MLP,
+    PATHS,
     EyeModel,
     Inputs,
     ModelOutput,
+    PathPooling,
     RunningStandardizer,
     build_encoders,
     checked_dropout,
@@ -80,9 +83,7 @@ from .spec import RimaConfig
 log = logging.getLogger(__name__)
 
 OT_TARGETS = ("barycentric", "sample")
-# The paths a complete eye's prediction pools, in the order of the ``path_weights`` buffer.
-PATHS = ("full", "fundus_only", "oct_only")
-DEFAULT_PATH_WEIGHTS = (1.0, 0.0, 0.0)  # the full path alone
+__all__ = ["DEFAULT_PATH_WEIGHTS", "OT_TARGETS", "PATHS", "RIMA"]
 
 
 class OctBranch(nn.Module):
@@ -130,8 +131,9 @@ class FundusBranch(nn.Module):
         return self.norm(self.block(tokens).mean(dim=1))
 
 
-class RIMA(EyeModel):
-    """RIMA and its ablations (one class; the switches of its :class:`RimaConfig`):
+class RIMA(PathPooling, EyeModel):
+    """RIMA, its ablations and its OT controls (one class; the switches of its
+    :class:`RimaConfig`):
 
     - ``class_ot=False`` (``rima_no_class_ot``): no GW. The translators' targets come from the
       *pairing* coupling (mass 1/n_pairs between the two features of each eye that has both
@@ -143,9 +145,23 @@ class RIMA(EyeModel):
     - ``missing_paths=False`` (``rima_no_missing_paths``): neither the explicit missing-modality
       paths nor modality dropout; the missing path is then trained only by the eyes that really
       lack a modality.
+    - ``translators=False`` (``rima_no_translators``, with ``class_ot`` and ``feature_ot`` off):
+      the control without any OT. No translators: a missing modality (in the data, dropped by
+      modality dropout, or hidden on a complete eye's missing path) is a learned token per
+      modality (``missing_fundus``, ``missing_oct``: parameters in the standardised feature
+      space, trained by cross-entropy), and the fusion's "predicted" inputs are those tokens.
+      No class-wise OT and no translation loss (the coupling's only use is the translators'
+      targets). ``T_v`` is off as well, replaced by the learned linear map of
+      ``rima_no_feature_ot``: estimated from the pairing it would still be an OT component,
+      and the control is meant to measure what all the OT parts add together. Same encoders,
+      standardisation, fusion (three tokens), path training and path pooling as ``rima``.
+    - ``gw=False`` (``rima_flat_coupling``): the translators' targets come from the flat
+      within-class coupling (:meth:`flat_coupling`: each row's mass spread evenly over the
+      other side's rows of its class, with GW's class masses), so a fundus row's barycentric
+      target is the mean of the batch's same-class OCT features and vice versa; ``T_v`` is
+      estimated from that coupling. Everything else as ``rima``: what the GW structure adds
+      beyond class means.
     """
-
-    PATHS = PATHS
 
     def __init__(self, cfg: RimaConfig, n_classes: int, *, pretrained: bool = True) -> None:
         super().__init__()
@@ -156,6 +172,7 @@ class RIMA(EyeModel):
         self.cfg = cfg
         self.class_ot = cfg.class_ot
         self.feature_ot = cfg.feature_ot
+        self.translators = cfg.translators
         self.modality_dropout = checked_dropout(cfg.modality_dropout if paths else 0.0)
         self.path_weight = cfg.missing_path_weight if paths else 0.0
         self.consistency_weight = cfg.consistency_weight if paths else 0.0
@@ -163,8 +180,12 @@ class RIMA(EyeModel):
         self.fundus_encoder, self.oct_encoder = build_encoders(cfg, pretrained)
         self.fundus_stats = RunningStandardizer(d_f)
         self.oct_stats = RunningStandardizer(d_o)
-        self.g_fo = MLP(d_f, hidden, d_o)  # standardised fundus -> standardised OCT
-        self.g_of = MLP(d_o, hidden, d_f)  # standardised OCT -> standardised fundus
+        if cfg.translators:
+            self.g_fo = MLP(d_f, hidden, d_o)  # standardised fundus -> standardised OCT
+            self.g_of = MLP(d_o, hidden, d_f)  # standardised OCT -> standardised fundus
+        else:  # rima_no_translators: a learned stand-in per modality (class docstring)
+            self.missing_fundus = nn.Parameter(torch.randn(d_f) * 0.02)
+            self.missing_oct = nn.Parameter(torch.randn(d_o) * 0.02)
         if cfg.feature_ot:
             # Initialised to the independent coupling 1/(d_o·d_f), the coupling of "no
             # knowledge"; the first OT estimate replaces it outright (_update_feature_coupling).
@@ -180,12 +201,7 @@ class RIMA(EyeModel):
             nn.LayerNorm(d_cat), nn.Dropout(cfg.dropout), nn.Linear(d_cat, n_classes)
         )
         # fitted after training (module docstring, step 7); saved with the weights
-        self.register_buffer("path_weights", torch.tensor(DEFAULT_PATH_WEIGHTS))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
-        # models saved before the path weights existed predicted with the full path alone
-        state_dict.setdefault(prefix + "path_weights", torch.tensor(DEFAULT_PATH_WEIGHTS))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.init_path_weights()
 
     # ---------------------------------------------------------------------------------------
     # features and fusion
@@ -234,8 +250,17 @@ class RIMA(EyeModel):
         """Logits from standardised features; a missing modality is its translation.
 
         The "predicted" inputs are always translations; for an eye missing a modality they are
-        the round trip through the other.
+        the round trip through the other. Without translators (``rima_no_translators``) a
+        missing modality and every "predicted" input are the learned missing-modality tokens.
         """
+        if not self.translators:
+            tok_f = self.missing_fundus.to(f.dtype).expand_as(f)
+            tok_o = self.missing_oct.to(o.dtype).expand_as(o)
+            f_used = torch.where(has_f[:, None], f, tok_f)
+            o_used = torch.where(has_o[:, None], o, tok_o)
+            z_f = self.fundus_branch(f_used, self.oct_in_fundus_space(o_used), tok_f)
+            z_o = self.oct_branch(o_used, tok_o)
+            return self.head(torch.cat([z_f, z_o], dim=1))
         f_used = torch.where(has_f[:, None], f, self.translate(self.g_of, o))
         pred_o = self.translate(self.g_fo, f_used)
         o_used = torch.where(has_o[:, None], o, pred_o)
@@ -255,7 +280,8 @@ class RIMA(EyeModel):
         aux = zero_loss(f)
         if self.training and x.labels is not None:
             labels = x.labels.reshape(-1)
-            aux = self._alignment(f, o, has_f, has_o, labels, stats)
+            if self.translators:
+                aux = self._alignment(f, o, has_f, has_o, labels, stats)
             paired_share = float(paired.float().mean())  # a host sync: training only
             both = has_f & has_o
             aux = aux + self._missing_paths(f, o, both, paired_share, labels, logits, stats)
@@ -282,15 +308,11 @@ class RIMA(EyeModel):
         With the default weights (the full path alone) the logits are returned untouched, so
         training and older models compute exactly what they did before the pooling existed.
         """
-        w = self.path_weights
-        if torch.equal(w, torch.tensor(DEFAULT_PATH_WEIGHTS, device=w.device, dtype=w.dtype)):
-            return full_logits
-        idx = both.nonzero().flatten()
-        if idx.numel() == 0:
-            return full_logits
-        lp = self.path_log_probs(f.index_select(0, idx), o.index_select(0, idx))
-        pooled = (w.to(lp.dtype)[:, None, None] * lp).sum(dim=0)
-        return full_logits.index_copy(0, idx, pooled.to(full_logits.dtype))
+        return self.pooled(
+            full_logits,
+            both,
+            lambda idx: self.path_log_probs(f.index_select(0, idx), o.index_select(0, idx)),
+        )
 
     @torch.no_grad()
     def complete_eye_log_probs(self, x: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -366,7 +388,11 @@ class RIMA(EyeModel):
         device = f.device
         start = time.perf_counter()
         with torch.autocast(device_type=device.type, enabled=False):
-            if self.class_ot:
+            if self.class_ot and not self.cfg.gw:
+                T = self.flat_coupling(
+                    labels.index_select(0, idx_f), labels.index_select(0, idx_o), fd.dtype
+                )
+            elif self.class_ot:
                 T, info = ot.labeled_gw(
                     fd,
                     labels.index_select(0, idx_f),
@@ -412,6 +438,22 @@ class RIMA(EyeModel):
         if n_pairs:
             T[pos_f[paired], pos_o[paired]] = 1.0 / n_pairs
         return T
+
+    @staticmethod
+    def flat_coupling(
+        labels_f: torch.Tensor, labels_o: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The flat within-class coupling (``rima_flat_coupling``): ``T_ij = p_i q_j / w_c``
+        for rows i, j of one class c and 0 across classes, with the per-class balanced
+        marginals ``p, q`` and class masses ``w_c`` that the GW coupling has
+        (:func:`rima_core.ot.class_marginals`). It is the product coupling inside each class
+        (GW's coupling as epsilon grows), so a row's barycentric target is the mean of the
+        other side's rows of its class; a row whose class is absent there has no mass."""
+        mask, p, q = ot.class_marginals(labels_f, labels_o, dtype=dtype)
+        mask = mask.to(dtype)
+        class_mass = (mask * q[None, :]).sum(dim=1, keepdim=True)  # w_c of row i's class
+        T = mask * p[:, None] * q[None, :]
+        return torch.where(class_mass > 0, T / class_mass.clamp_min(torch.finfo(dtype).tiny), 0)
 
     def translation_targets(
         self, T: torch.Tensor, tgt: torch.Tensor

@@ -14,15 +14,32 @@ from typing import Any
 
 from rima_core.config import Config, ModelConfig, OTConfig
 
-# RIMA and its ablations: the switches each name turns off (models/rima.py). Every other model
-# name is a baseline, which reads no switch and keeps them all on.
+# RIMA, its ablations and its OT controls: the switches each name turns off (models/rima.py).
+# Every other model name is a baseline, which reads no switch and keeps them all on.
+# - rima_no_translators: no translators at all (hence no class-wise OT, whose only use is their
+#   targets) and no feature-wise OT either: a learned missing-modality token stands in for a
+#   missing modality, the OCT token of the fundus branch is a learned linear map (as in
+#   rima_no_feature_ot). Same fusion, same path training: the control without any OT.
+# - rima_flat_coupling: the translators' targets come from the flat within-class coupling
+#   (class means) instead of Gromov-Wasserstein; everything else as rima.
 RIMA_VARIANTS: dict[str, dict[str, bool]] = {
     "rima": {},
     "rima_no_feature_ot": {"feature_ot": False},
     "rima_no_class_ot": {"class_ot": False},
     "rima_no_missing_paths": {"missing_paths": False},
+    "rima_no_translators": {"translators": False, "class_ot": False, "feature_ot": False},
+    "rima_flat_coupling": {"gw": False},
 }
-SWITCHES = ("class_ot", "feature_ot", "missing_paths")
+SWITCHES = ("class_ot", "feature_ot", "missing_paths", "translators", "gw")
+# Keys added to RimaConfig after models were first saved, with the value a model saved before
+# them behaved as: a saved spec that lacks one gets it (every model then had all switches on and
+# the fixed online-distillation weights).
+ADDED_KEYS: dict[str, Any] = {
+    "translators": True,
+    "gw": True,
+    "distill_alpha": 0.5,
+    "distill_temperature": 2.0,
+}
 
 
 def variant_switches(name: str) -> dict[str, bool]:
@@ -51,6 +68,8 @@ class RimaConfig:
     modality_dropout: float
     missing_path_weight: float
     consistency_weight: float
+    distill_alpha: float
+    distill_temperature: float
     fundus_weights: str | None
     oct_weights: str | None
     # optimal transport (config section ``ot``)
@@ -63,6 +82,8 @@ class RimaConfig:
     class_ot: bool
     feature_ot: bool
     missing_paths: bool
+    translators: bool
+    gw: bool
 
     @classmethod
     def from_sections(cls, model: ModelConfig, ot: OTConfig, name: str | None = None) -> RimaConfig:
@@ -76,8 +97,10 @@ class RimaConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RimaConfig:
         """Rebuild from :func:`dataclasses.asdict` output (a saved spec), naming any key that
-        does not fit rather than failing on the first."""
+        does not fit rather than failing on the first. A key of :data:`ADDED_KEYS` that an
+        older spec lacks takes the value that model was trained with."""
         known = {f.name for f in fields(cls)}
+        values = {**{k: v for k, v in ADDED_KEYS.items() if k not in values}, **values}
         unknown, missing = set(values) - known, known - set(values)
         if unknown or missing:
             raise ValueError(

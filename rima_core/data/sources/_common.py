@@ -61,6 +61,16 @@ def child_dir(parent: Path, *names: str) -> Path | None:
     return None
 
 
+def is_entry(path: Path) -> bool:
+    """A file-system entry a loader should read: a regular file, and also a FIFO, socket or
+    device (which the readers then refuse, naming the case) rather than silently skipping it
+    as a missing image; not a folder, not a dangling link."""
+    try:
+        return path.exists() and not path.is_dir()
+    except OSError:
+        return False
+
+
 def read_image(path: Path, case_id: str, mode: str | None = None) -> np.ndarray:
     """Decode one image file fully (truncation is detected here, not later in a worker).
 
@@ -138,7 +148,10 @@ def read_onehot_sheet(
         bad.setdefault(case_int, reason)
 
     try:
-        df = pd.read_excel(path, engine="openpyxl")
+        with safe_read.open_regular(path) as fh:  # a FIFO named like the sheet must not hang
+            df = pd.read_excel(fh, engine="openpyxl")
+    except safe_read.UnsafeInputError as exc:
+        raise SourceError(f"{exc}") from exc
     except Exception as exc:  # openpyxl raises a zoo of types for broken workbooks
         raise SourceError(f"{path}: cannot read the label sheet: {exc}") from exc
     norm = {c: re.sub(r"[\s\-]+", "_", str(c).strip().lower()) for c in df.columns}

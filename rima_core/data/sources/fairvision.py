@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from rima_core.data.pixels import as_fundus, as_oct
-from rima_core.data.safe_read import UnsafeInputError, npz_keys, read_npz
+from rima_core.data.safe_read import UnsafeInputError, npz_keys, open_regular, read_npz
 from rima_core.data.sources._common import ScanResult, split_of
 from rima_core.data.types import CaseError, CaseRef, RawCase, SourceError, read_limits
 
@@ -192,7 +193,7 @@ def _find_summary(root: Path, folder: Path, disease: str) -> Path | None:
 def _summary_rows(path: str) -> dict[str, dict[str, str]]:
     """filename stem -> CSV row. Cached so each worker process parses the CSV once."""
     rows: dict[str, dict[str, str]] = {}
-    with open(path, newline="", encoding="utf-8-sig") as fh:
+    with io.TextIOWrapper(open_regular(path), encoding="utf-8-sig", newline="") as fh:
         for row in csv.DictReader(fh):
             norm = {
                 str(k).strip().lower(): (v or "").strip() for k, v in row.items() if k is not None
@@ -256,7 +257,7 @@ def _cross_check_summary(summary: Path, refs: dict[str, CaseRef]) -> list[str]:
     """Compare the CSV's ``use`` column with the split folders; disagreement is only reported."""
     try:
         rows = _summary_rows(str(summary))
-    except (OSError, csv.Error, UnicodeDecodeError) as exc:
+    except (OSError, csv.Error, UnicodeDecodeError, UnsafeInputError) as exc:
         msg = f"{summary}: summary CSV unreadable, ignored: {exc}"
         log.warning(msg)
         return [msg]
@@ -417,7 +418,7 @@ def load(ref: CaseRef, disease: str | None = "auto") -> RawCase:
     if summary:
         try:
             row = _summary_rows(summary).get(ref.case_id, {})
-        except (OSError, csv.Error, UnicodeDecodeError):
+        except (OSError, csv.Error, UnicodeDecodeError, UnsafeInputError):
             row = {}
         for key, value in row.items():
             if key in _CSV_SKIP or key in attrs or value == "":

@@ -26,6 +26,7 @@ from rima_core.data.sources._common import (
     ScanResult,
     case_folders,
     child_dir,
+    is_entry,
     read_image,
     read_onehot_sheet,
 )
@@ -60,10 +61,10 @@ def is_gamma(root: Path) -> bool:
 def _fundus_file(case_dir: Path, name: str) -> Path | None:
     for suffix in _IMAGE_SUFFIXES:
         for cand in (case_dir / f"{name}{suffix}", case_dir / f"{name}{suffix.upper()}"):
-            if cand.is_file():
+            if cand.exists():  # a folder or FIFO here is refused by the reader
                 return cand
     files = sorted(
-        p for p in case_dir.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES
+        p for p in case_dir.iterdir() if is_entry(p) and p.suffix.lower() in _IMAGE_SUFFIXES
     )
     return files[0] if len(files) == 1 else None
 
@@ -124,7 +125,7 @@ def bscan_files(oct_dir: Path) -> list[Path]:
     """B-scan images sorted by their number (``2_image.jpg`` before ``10_image.jpg``)."""
     numbered = []
     for p in oct_dir.iterdir():
-        if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES:
+        if is_entry(p) and p.suffix.lower() in _IMAGE_SUFFIXES:
             m = _BSCAN_RE.match(p.stem)
             if m:
                 numbered.append((int(m.group(1)), p))

@@ -33,6 +33,7 @@ from rima_core.data.sources._common import (
     ScanResult,
     case_folders,
     child_dir,
+    is_entry,
     read_image,
     read_onehot_sheet,
 )
@@ -69,12 +70,12 @@ def is_rima(root: Path) -> bool:
 def _find_fundus(case_dir: Path, name: str) -> Path | None:
     for suffix in _FUNDUS_SUFFIXES:
         cand = case_dir / f"data_{name}_fundus{suffix}"
-        if cand.is_file():
+        if cand.exists():  # a folder or FIFO here is refused by the reader
             return cand
     found = sorted(
         p
         for p in case_dir.iterdir()
-        if p.is_file() and "fundus" in p.name.lower() and p.suffix.lower() in _FUNDUS_SUFFIXES
+        if is_entry(p) and "fundus" in p.name.lower() and p.suffix.lower() in _FUNDUS_SUFFIXES
     )
     return found[0] if found else None
 
@@ -83,12 +84,12 @@ def _find_oct(case_dir: Path, name: str) -> Path | None:
     for stem in (f"processed_data_{name}", f"data_{name}"):
         for suffix in (".nii", ".nii.gz"):
             cand = case_dir / f"{stem}{suffix}"
-            if cand.is_file():
+            if cand.exists():  # a folder or FIFO here is refused by the reader
                 return cand
     found = sorted(
         p
         for p in case_dir.iterdir()
-        if p.is_file() and p.name.lower().endswith((".nii", ".nii.gz"))
+        if is_entry(p) and p.name.lower().endswith((".nii", ".nii.gz"))
     )
     return found[0] if len(found) == 1 else None
 
