@@ -58,6 +58,10 @@ class Task:
     retried: bool = False
     gpu: bool = False
     secrets: bool = True
+    display_name: str = ""  # what the KFP UI shows (default: the name)
+    # the pod's deadline in seconds (Kubernetes activeDeadlineSeconds; 0: none): a task that
+    # hangs (a stuck storage lock, a dead NFS mount) fails instead of holding its GPU forever
+    timeout_s: int = 0
 
 
 # Why the flags: data tasks are deterministic in their inputs (cached; fetch_raw keyed on its
@@ -66,6 +70,7 @@ class Task:
 # own MLflow run); register is never cached (a cached register would skip the version the run is
 # about); resolve_config touches no storage or tracking server, so it gets no secret.
 # Resources are sized for the tiny/synthetic profiles' data and the paper's models on one GPU.
+HOUR = 3600
 TASKS: tuple[Task, ...] = (
     Task(
         "resolve_config",
@@ -73,15 +78,40 @@ TASKS: tuple[Task, ...] = (
         TaskResources("100m", "256Mi", None, "512Mi"),
         cached=True,
         secrets=False,
+        display_name="Resolve the config",
+        timeout_s=600,
     ),
-    Task("fetch_raw", data.fetch_raw, TaskResources("1", "2Gi", None, "4Gi"), cached=True),
-    Task("prepare", data.prepare, TaskResources("2", "4Gi", None, "8Gi"), cached=True),
-    Task("validate", data.validate, TaskResources("1", "4Gi", None, "8Gi"), cached=True),
+    Task(
+        "fetch_raw",
+        data.fetch_raw,
+        TaskResources("1", "2Gi", None, "4Gi"),
+        cached=True,
+        display_name="Fetch the raw data (DVC)",
+        timeout_s=4 * HOUR,
+    ),
+    Task(
+        "prepare",
+        data.prepare,
+        TaskResources("2", "4Gi", None, "8Gi"),
+        cached=True,
+        display_name="Prepare the Arrow store",
+        timeout_s=6 * HOUR,
+    ),
+    Task(
+        "validate",
+        data.validate,
+        TaskResources("1", "4Gi", None, "8Gi"),
+        cached=True,
+        display_name="Validate the data (Great Expectations)",
+        timeout_s=2 * HOUR,
+    ),
     Task(
         "simulate_missing",
         data.simulate_missing,
         TaskResources("500m", "1Gi", None, "2Gi"),
         cached=True,
+        display_name="Simulate missing modalities",
+        timeout_s=HOUR,
     ),
     Task(
         "tune_worker",
@@ -89,12 +119,48 @@ TASKS: tuple[Task, ...] = (
         TaskResources("4", "16Gi", None, "32Gi"),
         retried=True,
         gpu=True,
+        display_name="Tune (Optuna worker)",
+        timeout_s=24 * HOUR,
     ),
-    Task("tune_best", tuning.tune_best, TaskResources("1", "2Gi", None, "4Gi"), retried=True),
-    Task("train", training.train, TaskResources("4", "16Gi", None, "32Gi"), gpu=True),
-    Task("evaluate", training.evaluate, TaskResources("2", "8Gi", None, "16Gi")),
-    Task("register", registry.register, TaskResources("1", "4Gi", None, "8Gi"), retried=True),
-    Task("promote", registry.promote, TaskResources("500m", "1Gi", None, "2Gi"), retried=True),
+    Task(
+        "tune_best",
+        tuning.tune_best,
+        TaskResources("1", "2Gi", None, "4Gi"),
+        retried=True,
+        display_name="Pick the best trial",
+        timeout_s=HOUR,
+    ),
+    Task(
+        "train",
+        training.train,
+        TaskResources("4", "16Gi", None, "32Gi"),
+        gpu=True,
+        display_name="Train",
+        timeout_s=24 * HOUR,
+    ),
+    Task(
+        "evaluate",
+        training.evaluate,
+        TaskResources("2", "8Gi", None, "16Gi"),
+        display_name="Evaluate every missing-modality scenario",
+        timeout_s=6 * HOUR,
+    ),
+    Task(
+        "register",
+        registry.register,
+        TaskResources("1", "4Gi", None, "8Gi"),
+        retried=True,
+        display_name="Register the model (MLflow)",
+        timeout_s=2 * HOUR,
+    ),
+    Task(
+        "promote",
+        registry.promote,
+        TaskResources("500m", "1Gi", None, "2Gi"),
+        retried=True,
+        display_name="Promote if it beats the champion",
+        timeout_s=HOUR,
+    ),
 )
 
 TASK_NAMES: tuple[str, ...] = tuple(t.name for t in TASKS)

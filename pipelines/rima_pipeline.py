@@ -179,6 +179,9 @@ def _set_resources(task: dsl.PipelineTask, step: str, opts: ClusterOptions) -> N
 def _configure(task: dsl.PipelineTask, step: str, opts: ClusterOptions) -> dsl.PipelineTask:
     """Caching, retries, credentials and accelerators for one task, from its row of TASKS."""
     spec = task_spec(step)
+    task.set_display_name(spec.display_name or step)
+    if spec.timeout_s:
+        kubernetes.set_timeout(task, spec.timeout_s)
     task.set_caching_options(spec.cached)
     if spec.retried:
         task.set_retry(num_retries=opts.retries, backoff_duration="30s", backoff_factor=2.0)

@@ -47,10 +47,33 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.params, args.profile, args.overrides)
 
 
-def _print(result: Any) -> None:
-    """A step's summary on stdout, credentials masked (it lands in terminals and CI logs)."""
-    if result is not None:
-        print(json.dumps(redact_config(result), indent=2, default=str))
+def _print(result: Any, as_json: bool = False, command: str = "") -> None:
+    """A step's summary, credentials masked (it lands in terminals and CI logs): the whole
+    summary as JSON on stdout with ``--json`` (for scripts), else one log line of its top-level
+    scalars (a pipeline log is read by people; the files each step writes hold the rest)."""
+    if result is None:
+        return
+    result = redact_config(result)
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+        return
+    log.info("%s done: %s", command or "rima", summary_line(result))
+
+
+def summary_line(result: Any, limit: int = 200) -> str:
+    """``k=v`` for the top-level scalars of a step's summary (floats to 4 digits), cut at
+    ``limit`` characters; ``--json`` shows everything."""
+    if not isinstance(result, dict):
+        text = str(result)
+    else:
+        parts = []
+        for key, value in result.items():
+            if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+                parts.append(f"{key}={value}")
+            elif isinstance(value, float):
+                parts.append(f"{key}={value:.4g}")
+        text = " ".join(parts) or "(see --json)"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -547,6 +570,9 @@ def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, description=description)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--json", action="store_true", help="print the step's whole summary as JSON on stdout"
+    )
     return parser
 
 
@@ -576,7 +602,11 @@ class _PlainTextFilter(logging.Filter):
         return True
 
 
-def _quiet_libraries() -> None:
+# library loggers whose INFO lines are about the library itself, not the run (-v shows them)
+NOISY_LIBRARIES = ("great_expectations", "alembic")
+
+
+def _quiet_libraries(verbose: bool = False) -> None:
     """Library output fit for logs: Python warnings go through logging (one line, colour codes
     stripped), and MLflow's artifact download bars are off — `rima` downloads artifacts only for
     itself (e.g. `register` reading back the logged model), where they printed the same bar
@@ -585,6 +615,9 @@ def _quiet_libraries() -> None:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.captureWarnings(True)
+    if not verbose:  # ~200 "Skipping registering function" lines per validate; -v shows them
+        for name in NOISY_LIBRARIES:
+            logging.getLogger(name).setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, _PlainTextFilter) for f in handler.filters):
             handler.addFilter(_PlainTextFilter())
@@ -604,9 +637,9 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     )
     # no log line (ours, MLflow's, Optuna's) may print a password held in a URL-like setting
     install_log_redaction()
-    _quiet_libraries()
+    _quiet_libraries(args.verbose)
     try:
-        _print(args.func(args))
+        _print(args.func(args), getattr(args, "json", False), getattr(args, "command", ""))
     except (ConfigError, CaseError, SourceError, StepFailed, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2

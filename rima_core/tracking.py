@@ -72,8 +72,45 @@ def _environment_kept() -> Iterator[None]:
 
 def tracking_uri(cfg: MlflowConfig) -> str:
     """``MLFLOW_TRACKING_URI`` set by the user wins over params (a cluster points every step at its
-    server); MLflow's own copy never stays there (see :data:`_MLFLOW_OWN_ENV`)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+    server); MLflow's own copy never stays there (see :data:`_MLFLOW_OWN_ENV`). A relative SQLite
+    file is the workspace's (:func:`in_workspace`)."""
+    return in_workspace(os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri)
+
+
+# DVC sets these in every stage's environment; for `dvc exp run --temp` and queued experiments,
+# which run in a temporary copy of the repository, DVC_ROOT is the workspace the user ran from.
+DVC_ROOT_ENV = "DVC_ROOT"
+DVC_EXP_NAME_ENV, DVC_BASELINE_ENV = "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"
+TAG_DVC_EXP, TAG_DVC_BASELINE = "dvc.exp_name", "dvc.baseline_rev"
+
+
+def in_workspace(uri: str) -> str:
+    """A relative ``sqlite:///`` URI anchored at the workspace DVC runs the stage for.
+
+    SQLite paths resolve against the working directory, and `dvc exp run --temp` (and every
+    queued experiment) runs the stages in a temporary copy under ``.dvc/tmp/exps``: its runs,
+    registry versions and Optuna trials went into a database that was deleted afterwards. DVC
+    names the workspace in ``DVC_ROOT``; outside DVC (or for a server URL, an absolute path, an
+    in-memory database) the URI is returned unchanged.
+    """
+    root = os.environ.get(DVC_ROOT_ENV)
+    prefix = "sqlite:///"
+    if not root or not uri.startswith(prefix):
+        return uri
+    path = uri[len(prefix) :]
+    if path in ("", ":memory:") or Path(path).is_absolute():
+        return uri
+    return f"{prefix}{(Path(root) / path).resolve()}"
+
+
+def dvc_tags() -> dict[str, str]:
+    """The DVC experiment a run belongs to (name and baseline commit), when DVC runs it."""
+    tags = {}
+    if os.environ.get(DVC_EXP_NAME_ENV):
+        tags[TAG_DVC_EXP] = os.environ[DVC_EXP_NAME_ENV]
+    if os.environ.get(DVC_BASELINE_ENV):
+        tags[TAG_DVC_BASELINE] = os.environ[DVC_BASELINE_ENV]
+    return tags
 
 
 def default_artifact_location(cfg: MlflowConfig, uri: str) -> str | None:
@@ -449,7 +486,7 @@ def start_run(
 
     remember_config_secrets(cfg.flat())  # masked verbatim in this run's tags and log lines
     configure(cfg.mlflow)
-    all_tags: dict[str, str] = {TAG_STEP: step, **git_tags()}
+    all_tags: dict[str, str] = {TAG_STEP: step, **git_tags(), **dvc_tags()}
     if data_hash is None and store is not None:
         data_hash = manifest_hash(store)
     if data_hash:

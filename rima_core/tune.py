@@ -168,6 +168,11 @@ def make_storage(url: str) -> optuna.storages.RDBStorage:
     import optuna
     from sqlalchemy.engine import make_url
 
+    from rima_core.tracking import in_workspace
+
+    # a relative SQLite file is the workspace's, also in a DVC temp experiment (reports keep the
+    # URL as configured, so they do not depend on where the checkout lives)
+    url = in_workspace(url)
     ignore_experimental_warnings()  # heartbeat retries
     engine_kwargs: dict[str, Any] = {}
     parsed = make_url(url)

@@ -145,3 +145,28 @@ def test_a_mistyped_config_key_names_the_closest_one(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as far:
         load_config(str(root / "params.yaml"), overrides=["train.qqqqq=1"])
     assert "did you mean" not in str(far.value)  # nothing close: no guess
+
+
+def test_a_step_summary_is_one_log_line_and_json_only_on_request() -> None:
+    from rima_core.cli import summary_line
+
+    summary = {"n_eyes": 600, "qwk": 0.87654321, "ok": True, "splits": {"train": 360}, "p": None}
+    assert summary_line(summary) == "n_eyes=600 qwk=0.8765 ok=True p=None"
+    assert summary_line({"nested": {"a": 1}}) == "(see --json)"
+    assert len(summary_line({f"k{i}": "x" * 20 for i in range(30)})) == 200
+
+
+def test_params_overrides_and_json_flag_from_the_console_script(tmp_path: Path) -> None:
+    """Without --json a step prints nothing on stdout (its summary is a log line on stderr);
+    with --json stdout is exactly the summary's JSON."""
+    import json
+
+    out = tmp_path / "raw"
+    args = ["data", "synth", "--out", str(out), "--n-eyes", "12", "--set", "synth.fundus_size=16"]
+    args += ["--set", "synth.oct_shape=[8,8,8]"]
+    exe = str(Path(sys.executable).parent / "rima")
+    plain = subprocess.run([exe, *args], capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert plain.stdout == "" and "data done: " in plain.stderr and "n_eyes=12" in plain.stderr
+    loud = subprocess.run([exe, "--json", *args], capture_output=True, text=True, timeout=300)
+    assert loud.returncode == 0 and json.loads(loud.stdout)["n_eyes"] == 12

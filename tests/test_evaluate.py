@@ -151,6 +151,7 @@ def test_cli_train_then_evaluate(tiny_data: TinyData, tmp_path: Path, capsys) ->
     model_dir = tmp_path / "model"
     rc = main(
         [
+            "--json",
             "train",
             *common,
             "--out",
@@ -169,6 +170,7 @@ def test_cli_train_then_evaluate(tiny_data: TinyData, tmp_path: Path, capsys) ->
 
     rc = main(
         [
+            "--json",
             "evaluate",
             *common,
             "--model",
@@ -185,6 +187,7 @@ def test_cli_train_then_evaluate(tiny_data: TinyData, tmp_path: Path, capsys) ->
     # a baseline by name; a bad scenario is one clear error, not a traceback
     rc = main(
         [
+            "--json",
             "train",
             *common,
             "--model-name",
@@ -224,11 +227,15 @@ def test_cli_logs_to_mlflow(tiny_data: TinyData, tmp_path: Path, capsys) -> None
         "--set",
         f"mlflow.tracking_uri={uri}",
     ]
-    assert main(["train", *common, "--out", str(tmp_path / "m"), "--set", "train.epochs=2"]) == 0
+    assert (
+        main(["--json", "train", *common, "--out", str(tmp_path / "m"), "--set", "train.epochs=2"])
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert (
         main(
             [
+                "--json",
                 "evaluate",
                 *common,
                 "--model",

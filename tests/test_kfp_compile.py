@@ -397,3 +397,18 @@ def test_compile_refuses_a_pod_local_tracking_store(tmp_path: Path) -> None:
     assert not (tmp_path / "p.yaml").exists()
     for uri in ("http://mlflow:5000", "https://mlflow.example.org", "databricks"):
         check_cluster_tracking(uri)
+
+
+def test_every_task_has_a_display_name_and_a_deadline(compiled: dict[str, Any]) -> None:
+    """What the KFP UI shows, and a pod deadline so a hung task fails instead of holding its
+    node (Kubernetes activeDeadlineSeconds, from components.tasks.TASKS)."""
+    from components.tasks import TASKS
+
+    tasks = _tasks(compiled["spec"])
+    executors = compiled["platform"]  # the kubernetes executors (see _load)
+    for spec in TASKS:
+        task = tasks[spec.name.replace("_", "-")]
+        assert spec.display_name and task["taskInfo"]["name"] == spec.display_name
+        assert spec.timeout_s > 0
+        config = executors[_executor(compiled["spec"], task)]
+        assert int(config["activeDeadlineSeconds"]) == spec.timeout_s, spec.name

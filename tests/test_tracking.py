@@ -348,3 +348,34 @@ def test_copied_workspace_logs_into_its_own_artifacts(
     assert Path(got).read_text() == "first"
     # the original layout is checked once; a second configuration has nothing to rewrite
     assert tracking.relocate_artifacts("sqlite:///mlflow.db") == {}
+
+
+def test_a_dvc_temp_experiment_writes_into_the_workspace_databases(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dvc exp run --temp` runs stages in a copy under .dvc/tmp/exps with DVC_ROOT naming the
+    workspace: relative SQLite files (MLflow and Optuna) must be the workspace's, not the copy's."""
+    from rima_core.config import MlflowConfig
+    from rima_core.tracking import dvc_tags, in_workspace, tracking_uri
+    from rima_core.tune import make_storage
+
+    workspace = tmp_path / "ws"
+    copy_dir = workspace / ".dvc" / "tmp" / "exps" / "standalone" / "tmpabc"
+    copy_dir.mkdir(parents=True)
+    monkeypatch.chdir(copy_dir)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    assert in_workspace("sqlite:///mlflow.db") == "sqlite:///mlflow.db"  # outside DVC: as given
+    monkeypatch.setenv("DVC_ROOT", str(workspace))
+    assert tracking_uri(MlflowConfig()) == f"sqlite:///{(workspace / 'mlflow.db').resolve()}"
+    for unchanged in ("sqlite:///:memory:", f"sqlite:///{tmp_path}/x.db", "http://127.0.0.1:5000"):
+        assert in_workspace(unchanged) == unchanged
+    make_storage("sqlite:///optuna.db")
+    assert (workspace / "optuna.db").is_file() and not (copy_dir / "optuna.db").exists()
+
+    monkeypatch.setenv("DVC_EXP_NAME", "keen-lark")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc123")
+    assert dvc_tags() == {"dvc.exp_name": "keen-lark", "dvc.baseline_rev": "abc123"}
+    monkeypatch.delenv("DVC_EXP_NAME")
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV")
+    assert dvc_tags() == {}
