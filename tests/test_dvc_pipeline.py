@@ -623,3 +623,33 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
         "validation metrics",
         "tuning trials",
     } <= set(plots["data"])
+
+    # a temporary experiment runs in a copy under .dvc/tmp/exps: its MLflow runs and registry
+    # version land in the workspace's database, tagged with the experiment's name
+    import sqlite3
+
+    def tagged_runs() -> set[str]:
+        con = sqlite3.connect(repo / "mlflow.db")
+        try:
+            rows = con.execute("SELECT value FROM tags WHERE key = 'dvc.exp_name'").fetchall()
+        finally:
+            con.close()
+        return {r[0] for r in rows}
+
+    versions_before = (
+        sqlite3.connect(repo / "mlflow.db")
+        .execute("SELECT COUNT(*) FROM model_versions")
+        .fetchone()[0]
+    )
+    _run(
+        ["dvc", "exp", "run", "--temp", "-n", "temp-exp", "-S", "train.epochs=3"],
+        repo,
+        timeout=LONG,
+    )
+    assert "temp-exp" in tagged_runs()
+    versions_after = (
+        sqlite3.connect(repo / "mlflow.db")
+        .execute("SELECT COUNT(*) FROM model_versions")
+        .fetchone()[0]
+    )
+    assert versions_after == versions_before + 1
