@@ -537,6 +537,7 @@ def write_reports(study: optuna.Study | None, out_dir: Path, cfg: Config) -> dic
     from optuna.trial import TrialState
 
     tc = cfg.tune
+    study = within_budget(study, tc.n_trials)
     trials = study.get_trials(deepcopy=False) if study is not None else []
     states = [t.state for t in trials]
     counts = {s: states.count(s) for s in TrialState}
@@ -579,6 +580,38 @@ def write_reports(study: optuna.Study | None, out_dir: Path, cfg: Config) -> dic
     if best:
         log.info("best trial %d: %s %.4f with %s", best.number, tc.metric, best.value, best_params)
     return summary
+
+
+def within_budget(study: optuna.Study | None, n_trials: int) -> optuna.Study | None:
+    """The study as a run with budget ``n_trials`` sees it: its trials up to the ``n_trials``-th
+    completed or pruned one (by number; the budget's count), in an in-memory copy, when the
+    stored study holds more.
+
+    The study is keyed by what a trial measures, not by the budget, so an interrupted run
+    continues it; but an earlier run with a larger budget leaves more trials in it, and a run
+    asked for fewer must not report those (DVC records `tune.n_trials` beside the result). With
+    one worker the sampler is seeded and sequential, so these are exactly the trials a fresh
+    study with this budget runs.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    if study is None or n_trials <= 0:
+        return study
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    counted = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    if len(counted) <= n_trials:  # the budget counts these (failed trials do not)
+        return study
+    last = counted[n_trials - 1].number
+    log.info(
+        "study %s holds %d finished trials; reporting the first %d (tune.n_trials)",
+        study.study_name,
+        len(counted),
+        n_trials,
+    )
+    view = optuna.create_study(study_name=study.study_name, directions=study.directions)
+    view.add_trials([t for t in trials if t.number <= last and t.state.is_finished()])
+    return view
 
 
 TRIAL_COLUMNS = ["number", "state", "value", "epochs_run", "worker"]

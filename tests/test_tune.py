@@ -114,6 +114,26 @@ def test_resume_continues_the_study_up_to_the_budget(
     assert trials["param:train.lr"].nunique() == 3
 
 
+def test_a_smaller_budget_reports_what_a_fresh_study_of_that_budget_runs(
+    tiny_cfg: Config, tiny_data: TinyData, tmp_path: Path, scripted: ScriptedTraining
+) -> None:
+    """An earlier run with a bigger budget leaves more trials in the study: a run asked for
+    fewer reports only its first n_trials, exactly what a fresh study with that budget gives."""
+    cfg = _cfg(tiny_cfg, tmp_path, epochs=1)
+    fresh = tune(tiny_data.store, tiny_data.masks, tmp_path / "a", cfg, n_trials=2, track=False)
+    fresh_trials = pd.read_csv(tmp_path / "a" / "trials.csv")
+    (tmp_path / "other").mkdir()
+    other = _cfg(tiny_cfg, tmp_path / "other", epochs=1)  # its own storage: a separate study
+    tune(tiny_data.store, tiny_data.masks, tmp_path / "b", other, n_trials=5, track=False)
+    calls = len(scripted.calls)
+    again = tune(tiny_data.store, tiny_data.masks, tmp_path / "c", other, n_trials=2, track=False)
+    assert len(scripted.calls) == calls  # nothing trained: the study already holds the trials
+    assert again["budget_trials"] == 2 and again["n_trials"] == 2
+    assert again["best_params"] == fresh["best_params"]
+    assert again["best_value"] == fresh["best_value"]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "c" / "trials.csv"), fresh_trials)
+
+
 def test_study_name_follows_what_a_trial_measures(tiny_cfg: Config, tiny_data: TinyData) -> None:
     base = study_fingerprint(tiny_cfg, "hash", tiny_data.masks)
     budget = copy.deepcopy(tiny_cfg)
