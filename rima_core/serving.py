@@ -617,7 +617,8 @@ def pyfunc_class() -> type:
             install_one_line_replies()
             self.predictor = Predictor.from_file(context.artifacts[ARTIFACT_MODEL], device=device)
             log.info(
-                "pyfunc %s, request policy: files %s; limits %s (rima predict uses its own)",
+                "pyfunc %s loaded; as a model server it takes files %s, limits %s "
+                "(rima predict reads local files under its own limits)",
                 self.predictor.spec.name,
                 f"under {self.policy.file_root}" if self.policy.file_root else "refused",
                 self.policy.limits,
