@@ -469,7 +469,9 @@ def tune(
         if tc.n_trials > before:
             _run_workers(cfg, store, masks, name, deadline, parent_run_id, data_hash, track)
         study = optuna.load_study(study_name=name, storage=make_storage(tc.storage))
-        summary = write_reports(study, out_dir, cfg)
+        summary = write_reports(
+            study, out_dir, cfg, trim_to_budget=study_name is None and tc.workers == 1
+        )
         if track:
             tracking.log_metrics(
                 {k: v for k, v in summary.items() if k.startswith(("n_", "best_value"))}
@@ -528,16 +530,22 @@ def _run_workers(
 # --- reports -----------------------------------------------------------------------------------
 
 
-def write_reports(study: optuna.Study | None, out_dir: Path, cfg: Config) -> dict[str, Any]:
+def write_reports(
+    study: optuna.Study | None, out_dir: Path, cfg: Config, trim_to_budget: bool = False
+) -> dict[str, Any]:
     """``best_params.json``, ``study.json``, ``trials.csv`` and ``plots/`` into ``out_dir``.
 
     ``study`` is None when tuning is off (``tune.n_trials`` = 0): the reports are then empty, and
-    so is ``best_params.json``, whatever an earlier study holds.
+    so is ``best_params.json``, whatever an earlier study holds. ``trim_to_budget``: report the
+    study as a run of budget ``tune.n_trials`` sees it (:func:`within_budget`); tune() asks for
+    it when one sequential worker ran a study of its own (not a study shared by parallel workers
+    or Kubeflow tasks, whose overshoot past the budget is this run's and is reported).
     """
     from optuna.trial import TrialState
 
     tc = cfg.tune
-    study = within_budget(study, tc.n_trials)
+    if trim_to_budget:
+        study = within_budget(study, tc.n_trials)
     trials = study.get_trials(deepcopy=False) if study is not None else []
     states = [t.state for t in trials]
     counts = {s: states.count(s) for s in TrialState}
@@ -591,7 +599,8 @@ def within_budget(study: optuna.Study | None, n_trials: int) -> optuna.Study | N
     continues it; but an earlier run with a larger budget leaves more trials in it, and a run
     asked for fewer must not report those (DVC records `tune.n_trials` beside the result). With
     one worker the sampler is seeded and sequential, so these are exactly the trials a fresh
-    study with this budget runs.
+    study with this budget runs; with several workers (processes or Kubeflow tasks) the trials
+    past the budget are this run's own overshoot, and :func:`write_reports` keeps them.
     """
     import optuna
     from optuna.trial import TrialState
