@@ -358,38 +358,41 @@ def acceptance_checks(
     return checks
 
 
-def ablation_cells(
-    long: pd.DataFrame, methods: list[str], settings: list[str], metric: str = "qwk"
+def _paired_cells(
+    long: pd.DataFrame,
+    settings: list[str],
+    pairs: list[tuple[str, str]],
+    family: str,
+    metric: str = "qwk",
 ) -> list[PairedCell]:
-    """rima − each ablation/control per setting and main scenario, paired by seed, judged as one
-    family (Holm over every cell)."""
+    """``a − b`` for each (a, b) in ``pairs``, per setting and main scenario, paired by seed,
+    judged as one family (Holm over every cell); a cell is named by ``b`` unless ``b`` is the
+    oracle, then by ``a``."""
     cells = []
     for st in settings:
         block = qwk_by_seed(long, st, metric)
-        for abl in ablations(methods):
+        for a, b in pairs:
             for scenario in MAIN:
-                d = (
-                    seed_values(block, RIMA, scenario) - seed_values(block, abl, scenario)
-                ).dropna()
+                d = (seed_values(block, a, scenario) - seed_values(block, b, scenario)).dropna()
                 if not d.empty:
-                    cells.append(PairedCell("ablations", st, scenario, abl, d.tolist()))
+                    other = a if b == ORACLE else b
+                    cells.append(PairedCell(family, st, scenario, other, d.tolist()))
     return judge(cells)
+
+
+def ablation_cells(
+    long: pd.DataFrame, methods: list[str], settings: list[str], metric: str = "qwk"
+) -> list[PairedCell]:
+    """rima − each ablation/control per setting and main scenario (one family)."""
+    return _paired_cells(
+        long, settings, [(RIMA, abl) for abl in ablations(methods)], "ablations", metric
+    )
 
 
 def gap_cells(long: pd.DataFrame, methods: list[str], settings: list[str]) -> list[PairedCell]:
     """Each method − the oracle on the same test eyes (paired by seed), per setting and main
     scenario: how far a model is from what the data allows. Judged as one family."""
-    cells = []
-    for st in settings:
-        block = qwk_by_seed(long, st)
-        for m in methods:
-            for scenario in MAIN:
-                d = (
-                    seed_values(block, m, scenario) - seed_values(block, ORACLE, scenario)
-                ).dropna()
-                if not d.empty:
-                    cells.append(PairedCell("gap", st, scenario, m, d.tolist()))
-    return judge(cells)
+    return _paired_cells(long, settings, [(m, ORACLE) for m in methods], "gap")
 
 
 def cells_frame(cells: list[PairedCell]) -> pd.DataFrame:
