@@ -21,10 +21,11 @@ from typing import Any
 from kfp import dsl
 
 from components.image import DEFAULT_IMAGE, IMAGE_ENV, rima_image
-from components.tasks import TASK_NAMES, TASKS, Task, TaskResources
+from components.tasks import EXIT_TASK, TASK_NAMES, TASKS, Task, TaskResources
 
 __all__ = [
     "DEFAULT_IMAGE",
+    "EXIT_TASK",
     "IMAGE_ENV",
     "STEP_FUNCTIONS",
     "TASKS",
@@ -57,12 +58,13 @@ class Components:
 
 
 def build_components(image: str | None = None) -> Components:
-    """Every task as a ``@dsl.component`` on ``image`` (default: :func:`rima_image`)."""
+    """Every task, and the exit task (:data:`EXIT_TASK`), as a ``@dsl.component`` on ``image``
+    (default: :func:`rima_image`)."""
     chosen = rima_image(image)
     built = {
         name: dsl.component(
             func, base_image=chosen, packages_to_install=[], install_kfp_package=False
         )
-        for name, func in STEP_FUNCTIONS.items()
+        for name, func in {**STEP_FUNCTIONS, EXIT_TASK.name: EXIT_TASK.func}.items()
     }
     return Components(image=chosen, by_task=built)

@@ -12,10 +12,18 @@ def register(
     model: Input[Model],
     results: Input[Artifact],
     store: Input[Dataset],
+    run_id: str,
     registration: Output[Markdown],
 ) -> str:
     """A new registry version (headline metrics as tags, alias ``challenger``); its number, or
-    "" when the registration gate (``promote.register_min_metric``) refused the model."""
+    "" when the registration gate (``promote.register_min_metric``) refused the model.
+    ``run_id`` (the KFP run's) tags the MLflow run, so the exit task can find it."""
+    import json
+    import os
+
+    # tag every MLflow run this task starts with the KFP run (components/exit_handler.py)
+    context = json.loads(os.environ.get("MLFLOW_RUN_CONTEXT") or "{}")
+    os.environ["MLFLOW_RUN_CONTEXT"] = json.dumps({**context, "kfp.run_id": run_id})
     from pathlib import Path
 
     from rima_core import steps
@@ -33,8 +41,15 @@ def register(
     return str(result["version"]) if result["registered"] else ""
 
 
-def promote(config: Input[Artifact], version: str, decision: Output[Markdown]) -> bool:
-    """Move ``champion`` to the challenger only if the promotion policy says it wins."""
+def promote(config: Input[Artifact], version: str, run_id: str, decision: Output[Markdown]) -> bool:
+    """Move ``champion`` to the challenger only if the promotion policy says it wins.
+    ``run_id`` (the KFP run's) tags the MLflow run, so the exit task can find it."""
+    import json
+    import os
+
+    # tag every MLflow run this task starts with the KFP run (components/exit_handler.py)
+    context = json.loads(os.environ.get("MLFLOW_RUN_CONTEXT") or "{}")
+    os.environ["MLFLOW_RUN_CONTEXT"] = json.dumps({**context, "kfp.run_id": run_id})
     from pathlib import Path
 
     from rima_core import steps

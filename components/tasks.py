@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from components import config, data, registry, training, tuning
+from components import config, data, exit_handler, registry, training, tuning
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,19 @@ TASKS: tuple[Task, ...] = (
 )
 
 TASK_NAMES: tuple[str, ...] = tuple(t.name for t in TASKS)
+
+# The exit task (``dsl.ExitHandler``): it runs after the others whatever became of them, and runs
+# no step, so it is no row of TASKS (whose rows are the registered steps' tasks). It talks to the
+# MLflow server (secret, retried) and must be able to run when everything else failed: small and
+# never cached (a cached report of another run would end nothing).
+EXIT_TASK = Task(
+    "end_failed_runs",
+    exit_handler.end_failed_runs,
+    TaskResources("100m", "256Mi", None, "512Mi"),
+    retried=True,
+    display_name="End the failed run's MLflow runs",
+    timeout_s=600,
+)
 
 
 def task(name: str) -> Task:

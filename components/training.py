@@ -12,10 +12,18 @@ def train(
     store: Input[Dataset],
     masks: Input[Dataset],
     best_params: Input[Artifact],
+    run_id: str,
     model: Output[Model],
     summary: Output[Metrics],
 ):
-    """Train with the tuned parameters; ``model`` is the training directory (model.pt, history)."""
+    """Train with the tuned parameters; ``model`` is the training directory (model.pt, history).
+    ``run_id`` (the KFP run's) tags the MLflow runs, so the exit task can find them."""
+    import json
+    import os
+
+    # tag every MLflow run this task starts with the KFP run (components/exit_handler.py)
+    context = json.loads(os.environ.get("MLFLOW_RUN_CONTEXT") or "{}")
+    os.environ["MLFLOW_RUN_CONTEXT"] = json.dumps({**context, "kfp.run_id": run_id})
     from rima_core import steps
     from rima_core.remote_config import load_task_config
     from rima_core.reports import flat_metrics
@@ -38,14 +46,21 @@ def evaluate(
     model: Input[Model],
     store: Input[Dataset],
     masks: Input[Dataset],
+    run_id: str,
     results: Output[Artifact],
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
     report: Output[HTML],
 ) -> float:
-    """Score every missing-modality scenario; returns the promotion metric (the gate's input)."""
+    """Score every missing-modality scenario; returns the promotion metric (the gate's input).
+    ``run_id`` (the KFP run's) tags the MLflow run, so the exit task can find it."""
     import json
+    import os
     from pathlib import Path
+
+    # tag every MLflow run this task starts with the KFP run (components/exit_handler.py)
+    context = json.loads(os.environ.get("MLFLOW_RUN_CONTEXT") or "{}")
+    os.environ["MLFLOW_RUN_CONTEXT"] = json.dumps({**context, "kfp.run_id": run_id})
 
     from rima_core import steps
     from rima_core.data import open_store

@@ -20,7 +20,14 @@ def tune_worker(
     summary: Output[Metrics],
 ) -> int:
     """Run trials of the shared study until its budget is spent; returns the study's finished
-    trials as this worker last saw them."""
+    trials as this worker last saw them. ``run_id`` (the KFP run's) names the study and tags
+    the MLflow runs (trials included), so the exit task can find them."""
+    import json
+    import os
+
+    # tag every MLflow run this task starts with the KFP run (components/exit_handler.py)
+    context = json.loads(os.environ.get("MLFLOW_RUN_CONTEXT") or "{}")
+    os.environ["MLFLOW_RUN_CONTEXT"] = json.dumps({**context, "kfp.run_id": run_id})
     from rima_core import steps
     from rima_core.remote_config import load_task_config
     from rima_core.reports import flat_metrics
@@ -56,6 +63,12 @@ def tune_best(
     The budget passed to the tuner is what the workers finished, so this CPU task only writes
     the study's reports and never runs a trial itself.
     """
+    import json
+    import os
+
+    # tag every MLflow run this task starts with the KFP run (components/exit_handler.py)
+    context = json.loads(os.environ.get("MLFLOW_RUN_CONTEXT") or "{}")
+    os.environ["MLFLOW_RUN_CONTEXT"] = json.dumps({**context, "kfp.run_id": run_id})
     import shutil
     from pathlib import Path
 

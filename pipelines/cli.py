@@ -89,7 +89,7 @@ def _cmd_run_local(args: argparse.Namespace) -> Any:
 
 
 def parameters_markdown() -> str:
-    """The run parameters as the README's Markdown table (from ``RUN_PARAMETERS``)."""
+    """The run parameters as the Markdown table of docs/kubernetes.md (from ``RUN_PARAMETERS``)."""
     lines = ["| parameter | type | sets | meaning |", "| --- | --- | --- | --- |"]
     for p in RUN_PARAMETERS:
         sets = f"`{p.config_key}`" if p.config_key else "-"

@@ -155,6 +155,75 @@ def one_line_yaml(data: dict[str, Any]) -> str:
     return text
 
 
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as ``dotted.key -> value`` (lists are values, compared whole)."""
+    if not isinstance(data, dict):
+        return {prefix: data} if prefix else {}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, dotted))
+        else:
+            out[dotted] = value
+    return out
+
+
+def uncommitted_params(params: str | Path) -> list[str] | None:
+    """The dotted keys whose values in ``params`` differ from the file committed at ``HEAD``.
+
+    ``None`` when there is nothing to compare with: the file is not in a git work tree, git is
+    missing, or ``HEAD`` does not hold it (a new repository, a file never committed). A key set
+    on one side only counts as differing; formatting and comments do not.
+    """
+    import subprocess
+
+    path = Path(params).resolve()
+    try:
+        committed = subprocess.run(
+            ["git", "show", f"HEAD:./{path.name}"],
+            cwd=path.parent,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.debug("params check skipped: git unavailable (%s)", exc)
+        return None
+    if committed.returncode != 0:  # not a repository, no commit yet, or not in HEAD
+        log.debug("params check skipped: %s", committed.stderr.strip())
+        return None
+    try:
+        before = _flat(yaml.safe_load(committed.stdout) or {})
+        now = _flat(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError as exc:
+        log.debug("params check skipped: %s", exc)
+        return None
+    return sorted(k for k in before.keys() | now.keys() if before.get(k, ...) != now.get(k, ...))
+
+
+def warn_uncommitted_params(params: str | Path | None) -> list[str]:
+    """Log a WARNING naming the keys of ``params`` that differ from the committed file.
+
+    The compiled package's parameter defaults (and the params.yaml it carries) come from the
+    file as it is on disk, so a cluster run would use values that are in no commit: nothing in
+    git would say how that model was trained. Outside a git repository this says nothing.
+    Returns the differing keys.
+    """
+    if params is None or not Path(params).is_file():
+        return []
+    keys = uncommitted_params(params)
+    if keys:
+        log.warning(
+            "%s differs from the committed HEAD:%s in %s; the compiled pipeline's defaults use "
+            "the uncommitted values (commit them so a cluster run can be traced to a commit)",
+            params,
+            Path(params).name,
+            ", ".join(keys),
+        )
+    return keys or []
+
+
 def compile_pipeline(
     out: str | Path,
     params: str | Path | None = "params.yaml",
@@ -167,9 +236,12 @@ def compile_pipeline(
 
     A package is for a cluster, so a pod-local MLflow store is refused unless
     ``allow_local_mlflow`` (:func:`check_cluster_tracking`); ``run-local`` does not compile.
+    A ``params`` file that differs from its committed version is compiled, with a WARNING
+    naming the keys (:func:`warn_uncommitted_params`).
     """
     out = Path(out)
     arguments = pipeline_arguments(params, profile, overrides)
+    warn_uncommitted_params(params)
     check_cluster_tracking(arguments["mlflow_tracking_uri"], allow_local_mlflow)
     opts = options or ClusterOptions()
     cfg = load_config(params, profile, overrides)

@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.compile import parameter_types, pipeline_arguments
-from pipelines.rima_pipeline import ClusterOptions, build_pipeline
+from pipelines.rima_pipeline import (
+    EVALUATION_OUTPUT,
+    MODEL_OUTPUT,
+    ClusterOptions,
+    build_pipeline,
+)
 from pipelines.submit import parse_arguments
 from rima_core.config import Config, load_config
 
@@ -46,6 +51,23 @@ LOCAL_SUFFIX = "-local"
 def local_model_name(name: str) -> str:
     """The registered model a local run writes to: ``<name>-local``."""
     return name if name.endswith(LOCAL_SUFFIX) else name + LOCAL_SUFFIX
+
+
+def _run_output(root: Path, before: set[Path], output: tuple[str, str]) -> str:
+    """The path of ``(task, output)`` in the run kfp.local just made under ``root``.
+
+    The pipeline returns no outputs (they cannot leave its ``dsl.ExitHandler``), so they are
+    found where kfp.local writes every task's outputs: ``<root>/<run>/[<group>/]<task>/<name>``,
+    in the one run folder that was not there before.
+    """
+    runs = [d for d in root.iterdir() if d.is_dir() and d not in before]
+    if len(runs) != 1:
+        raise RuntimeError(f"expected one new kfp.local run under {root}, found {sorted(runs)}")
+    task, name = output
+    found = sorted(runs[0].glob(f"**/{task}/{name}"))
+    if len(found) != 1:
+        raise RuntimeError(f"expected one {task}/{name} output in {runs[0]}, found {found}")
+    return str(found[0])
 
 
 def run_local(
@@ -84,13 +106,14 @@ def run_local(
     pipeline = build_pipeline(ClusterOptions(resources={}))
     # kfp.local warns for every task that the image is not used; that is the point here
     warnings.filterwarnings("ignore", "You may be attemping", RuntimeWarning)
+    before = set(root.iterdir())
     start = time.perf_counter()
-    task = pipeline(**args)
+    pipeline(**args)
     seconds = time.perf_counter() - start
     result = {
         "pipeline_root": str(root),
-        "model": task.outputs["model"].path,
-        "evaluation": task.outputs["evaluation"].path,
+        "model": _run_output(root, before, MODEL_OUTPUT),
+        "evaluation": _run_output(root, before, EVALUATION_OUTPUT),
         "seconds": round(seconds, 1),
     }
     log.info("local pipeline run finished in %.0f s: %s", seconds, result)

@@ -8,6 +8,11 @@ defaults here are the embedded defaults; :func:`pipelines.compile.pipeline_argum
 them with the values of params.yaml (+ profile) at compile time. Which tasks exist and how each
 runs (caching, retries, GPU, secret, resources) is ``components.tasks.TASKS``.
 
+Every task runs inside one ``dsl.ExitHandler``: its exit task (components/exit_handler.py) runs
+after the others whatever became of them and, when the run failed, ends the MLflow runs the
+run's tasks left RUNNING (the tasks tag their runs with the KFP run id). KFP allows no pipeline
+output from inside an exit handler, so the pipeline returns none (:data:`MODEL_OUTPUT`).
+
 Cluster wiring that is deployment, not experiment, comes from :class:`ClusterOptions` at compile
 time: the image, the Kubernetes secret with the credentials, the accelerator and its
 tolerations/node selectors. (KFP can take accelerator settings from runtime parameters, but
@@ -22,9 +27,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from kfp import dsl, kubernetes
-from kfp.dsl import Artifact, Model
 
-from components import TASK_NAMES, TASKS, Components, TaskResources, build_components
+from components import (
+    EXIT_TASK,
+    TASK_NAMES,
+    TASKS,
+    Components,
+    Task,
+    TaskResources,
+    build_components,
+)
 from components.tasks import task as task_spec
 from rima_core.config import Config
 from rima_core.remote_config import CONFIG_PARAMETERS, OPTUNA_STORAGE_ENV
@@ -50,11 +62,11 @@ GPU_TASKS = tuple(t.name for t in TASKS if t.gpu)
 DEFAULT_RESOURCES: dict[str, TaskResources] = {t.name: t.resources for t in TASKS}
 
 
-class RimaOutputs(NamedTuple):
-    """The pipeline's outputs (usable when it runs as a sub-pipeline, and by kfp.local)."""
-
-    model: Model
-    evaluation: Artifact
+#: Where a run's outputs are: (task, output) of the trained model and of the evaluation. The
+#: pipeline returns no outputs (KFP refuses outputs from inside ``dsl.ExitHandler``, and every
+#: task is inside it), so ``run-local`` finds them by these names.
+MODEL_OUTPUT = ("train", "model")
+EVALUATION_OUTPUT = ("evaluate", "results")
 
 
 @dataclass(frozen=True)
@@ -111,7 +123,7 @@ class ClusterOptions:
     resources: Mapping[str, TaskResources] = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
 
     def __post_init__(self) -> None:
-        unknown = set(self.resources) - set(TASK_NAMES)
+        unknown = set(self.resources) - {*TASK_NAMES, EXIT_TASK.name}
         if unknown:
             raise ValueError(f"resources for unknown step(s) {sorted(unknown)}: {TASK_NAMES}")
 
@@ -150,15 +162,29 @@ def quantity(text: str) -> float:
         raise ValueError(f"{text!r} is not a Kubernetes quantity (e.g. 500m, 2, 8Gi)") from exc
 
 
+def _row(step: str) -> Task:
+    """The row of ``step``: a task of TASKS, or the exit task."""
+    return EXIT_TASK if step == EXIT_TASK.name else task_spec(step)
+
+
+def _task_resources(step: str, opts: ClusterOptions) -> TaskResources:
+    """``step``'s resources in ``opts``. The exit task is no row of DEFAULT_RESOURCES (it runs
+    no step), so it keeps its row's own unless ``opts`` names it, or ``opts`` sets none at all
+    (``run-local``: kfp.local ignores them)."""
+    if step == EXIT_TASK.name and opts.resources:
+        return opts.resources.get(step, EXIT_TASK.resources)
+    return opts.resources.get(step, TaskResources())
+
+
 def _set_resources(task: dsl.PipelineTask, step: str, opts: ClusterOptions) -> None:
     """CPU/memory requests and limits of ``step`` (GPU tasks: ``gpu_*_request`` win).
 
     A request above its limit would be rejected by the cluster when the pod starts; it is an
     error here, at compile time, naming the step.
     """
-    res = opts.resources.get(step, TaskResources())
+    res = _task_resources(step, opts)
     cpu, memory = res.cpu, res.memory
-    if task_spec(step).gpu and opts.uses_gpu:
+    if _row(step).gpu and opts.uses_gpu:
         cpu, memory = opts.gpu_cpu_request or cpu, opts.gpu_memory_request or memory
     for what, request, limit in (("cpu", cpu, res.cpu_limit), ("memory", memory, res.memory_limit)):
         if request and limit and quantity(request) > quantity(limit):
@@ -177,8 +203,9 @@ def _set_resources(task: dsl.PipelineTask, step: str, opts: ClusterOptions) -> N
 
 
 def _configure(task: dsl.PipelineTask, step: str, opts: ClusterOptions) -> dsl.PipelineTask:
-    """Caching, retries, credentials and accelerators for one task, from its row of TASKS."""
-    spec = task_spec(step)
+    """Caching, retries, credentials and accelerators for one task, from its row of TASKS (or
+    :data:`components.EXIT_TASK`)."""
+    spec = _row(step)
     task.set_display_name(spec.display_name or step)
     if spec.timeout_s:
         kubernetes.set_timeout(task, spec.timeout_s)
@@ -274,13 +301,25 @@ def _model_tasks(
 ) -> tuple[Any, Any]:
     """train with the tuned parameters, then evaluate; returns (model, evaluation results)."""
     train = _configure(
-        c.train(config=data.config, store=data.store, masks=data.masks, best_params=best_params),
+        c.train(
+            config=data.config,
+            store=data.store,
+            masks=data.masks,
+            best_params=best_params,
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        ),
         "train",
         opts,
     )
     model = train.outputs["model"]
     evaluate = _configure(
-        c.evaluate(config=data.config, model=model, store=data.store, masks=data.masks),
+        c.evaluate(
+            config=data.config,
+            model=model,
+            store=data.store,
+            masks=data.masks,
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        ),
         "evaluate",
         opts,
     )
@@ -293,7 +332,13 @@ def _registry_tasks(
     """register (it applies the registration gate itself and returns "" when it refused the
     model), then promote only when a version was registered and ``auto_promote`` is on."""
     register = _configure(
-        c.register(config=data.config, model=model, results=results, store=data.store),
+        c.register(
+            config=data.config,
+            model=model,
+            results=results,
+            store=data.store,
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        ),
         "register",
         opts,
     )
@@ -301,9 +346,24 @@ def _registry_tasks(
         dsl.If(register.outputs["Output"] != "", name="registered"),
         dsl.If(auto_promote == True, name="auto-promote"),  # noqa: E712 (DSL condition)
     ):
-        _configure(
-            c.promote(config=data.config, version=register.outputs["Output"]), "promote", opts
+        promote = c.promote(
+            config=data.config,
+            version=register.outputs["Output"],
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         )
+        _configure(promote, "promote", opts)
+
+
+def _exit_task(c: Components, opts: ClusterOptions, arguments: Mapping[str, Any]) -> Any:
+    """The ``dsl.ExitHandler`` task: after the run, whatever became of it, it ends the MLflow
+    runs a failed run left RUNNING (components/exit_handler.py). It reads only pipeline
+    parameters: an exit task cannot consume outputs of the tasks it watches."""
+    task = c.end_failed_runs(
+        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        mlflow_tracking_uri=arguments["mlflow_tracking_uri"],
+        mlflow_experiment=arguments["mlflow_experiment"],
+    )
+    return _configure(task, EXIT_TASK.name, opts)
 
 
 def build_pipeline(options: ClusterOptions | None = None) -> Callable[..., Any]:
@@ -344,14 +404,14 @@ def build_pipeline(options: ClusterOptions | None = None) -> Callable[..., Any]:
         mlflow_tracking_uri: str = d.mlflow.tracking_uri,
         mlflow_experiment: str = d.mlflow.experiment,
         model_name: str = d.mlflow.model_name,
-    ) -> RimaOutputs:
+    ):
         arguments = dict(locals())  # first statement: exactly the run parameters
-        resolved = _resolve_config(c, opts, arguments)
-        data = _data_tasks(c, opts, resolved.outputs["config"], arguments)
-        best = _tune_tasks(c, opts, data, resolved.outputs["Output"])
-        model, results = _model_tasks(c, opts, data, best.outputs["best_params"])
-        _registry_tasks(c, opts, data, model, results, auto_promote)
-        return RimaOutputs(model=model, evaluation=results)
+        with dsl.ExitHandler(_exit_task(c, opts, arguments), name="rima-run"):
+            resolved = _resolve_config(c, opts, arguments)
+            data = _data_tasks(c, opts, resolved.outputs["config"], arguments)
+            best = _tune_tasks(c, opts, data, resolved.outputs["Output"])
+            model, results = _model_tasks(c, opts, data, best.outputs["best_params"])
+            _registry_tasks(c, opts, data, model, results, auto_promote)
 
     return rima_pipeline
 

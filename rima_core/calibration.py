@@ -1,19 +1,27 @@
 """Temperature scaling: calibrated probabilities without changing a single prediction.
 
 A network trained with cross-entropy is usually over-confident; a clinician reading "p = 0.95"
-needs that to mean 95 %. Temperature scaling divides the logits by one scalar ``T`` fitted on the
+needs that to mean 95 %. Temperature scaling divides the logits by a scalar ``T`` fitted on the
 validation split (minimum NLL) after training. ``argmax`` is unchanged, so accuracy, QWK and the
 chosen weights are exactly what model selection picked; only the probabilities move.
 
-``T`` is saved in the model's spec (``ModelSpec.temperature``, default 1.0 for older models) and
-applied by :func:`rima_core.engine.predict`, so evaluation and serving use it without knowing.
+One ``T`` per availability pattern (:data:`PATTERNS`: complete, fundus only, OCT only): a
+complete eye is graded by a different predictor (the pooled paths, two real inputs) from an eye
+with one modality (a translation stands in for the other), and the two are over-confident by
+different amounts; one shared ``T`` left the default model at ECE 0.10 on complete eyes and 0.035
+with the fundus missing. A pattern with too few validation eyes (:data:`MIN_TEMPERATURE_EYES`) or
+a single class among them takes the ``T`` fitted on all eyes, which is also stored (``temperature``)
+and is what older models carry alone.
+
+The temperatures are saved in the model's spec (``ModelSpec.temperatures`` and
+``ModelSpec.temperature``) and applied per eye by :func:`rima_core.engine.predict`, so
+evaluation and serving use them without knowing.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,19 +34,46 @@ log = logging.getLogger(__name__)
 # degenerate validation split (one class, perfectly separated) cannot push T to 0 or infinity.
 T_MIN, T_MAX = 0.05, 20.0
 
+# The availability patterns an eye can have, each with its own temperature.
+PATTERNS = ("complete", "fundus_only", "oct_only")
+# fewer validation eyes of a pattern than this: the pattern takes the temperature of all eyes
+MIN_TEMPERATURE_EYES = 20
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row softmax of ``logits / temperature`` in float64 (stable: max subtracted)."""
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
+Temperature = float | np.ndarray  # one T for every row, or one per row
+
+
+def availability(has_fundus: np.ndarray, has_oct: np.ndarray) -> np.ndarray:
+    """Each eye's pattern in :data:`PATTERNS` (an eye with neither modality is refused earlier,
+    by the model's input check)."""
+    hf, ho = np.asarray(has_fundus, dtype=bool), np.asarray(has_oct, dtype=bool)
+    return np.where(hf & ho, PATTERNS[0], np.where(hf, PATTERNS[1], PATTERNS[2]))
+
+
+def row_temperatures(
+    temperatures: dict[str, float], default: float, has_fundus: np.ndarray, has_oct: np.ndarray
+) -> np.ndarray:
+    """Each eye's temperature: its pattern's, or ``default`` for a pattern without one."""
+    pattern = availability(has_fundus, has_oct)
+    return np.array([float(temperatures.get(p, default)) for p in pattern], dtype=np.float64)
+
+
+def _scaled(logits: np.ndarray, temperature: Temperature) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    t = np.asarray(temperature, dtype=np.float64)
+    z = z / (t[:, None] if t.ndim == 1 else t)
+    return z - z.max(axis=1, keepdims=True)
+
+
+def softmax(logits: np.ndarray, temperature: Temperature = 1.0) -> np.ndarray:
+    """Row softmax of ``logits / temperature`` in float64 (stable: max subtracted); the
+    temperature is a scalar or one per row."""
+    e = np.exp(_scaled(logits, temperature))
     return e / e.sum(axis=1, keepdims=True)
 
 
-def nll(logits: np.ndarray, y_true: np.ndarray, temperature: float = 1.0) -> float:
+def nll(logits: np.ndarray, y_true: np.ndarray, temperature: Temperature = 1.0) -> float:
     """Mean negative log-likelihood of the labels under ``softmax(logits / T)``."""
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z = z - z.max(axis=1, keepdims=True)
+    z = _scaled(logits, temperature)
     log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     y = np.asarray(y_true, dtype=np.int64)
     return float(-log_p[np.arange(len(y)), y].mean())
@@ -65,12 +100,31 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     return t if nll(logits, y, t) <= nll(logits, y, 1.0) else 1.0
 
 
-def calibration_report(logits: np.ndarray, y_true: np.ndarray, temperature: float) -> dict:
-    """ECE and NLL before (T = 1) and after (the fitted ``temperature``) on the same eyes."""
+def fit_temperatures(
+    logits: np.ndarray, y_true: np.ndarray, has_fundus: np.ndarray, has_oct: np.ndarray
+) -> tuple[float, dict[str, float]]:
+    """The temperature of all eyes and one per availability pattern (module docstring): a
+    pattern with fewer than :data:`MIN_TEMPERATURE_EYES` eyes or one class takes the former."""
+    y = np.asarray(y_true, dtype=np.int64)
+    overall = fit_temperature(logits, y)
+    pattern = availability(has_fundus, has_oct)
+    per: dict[str, float] = {}
+    for p in PATTERNS:
+        rows = pattern == p
+        if rows.sum() >= MIN_TEMPERATURE_EYES and len(np.unique(y[rows])) >= 2:
+            per[p] = fit_temperature(np.asarray(logits)[rows], y[rows])
+        else:
+            per[p] = overall
+    return overall, per
+
+
+def calibration_report(logits: np.ndarray, y_true: np.ndarray, temperature: Temperature) -> dict:
+    """ECE and NLL before (T = 1) and after the fitted ``temperature`` (a scalar or one per
+    row) on the same eyes; ``temperature`` in the report is the eyes' mean temperature."""
     y = np.asarray(y_true, dtype=np.int64)
     before, after = softmax(logits), softmax(logits, temperature)
     return {
-        "temperature": float(temperature),
+        "temperature": float(np.mean(temperature)),
         "ece_before": expected_calibration_error(y, before),
         "ece_after": expected_calibration_error(y, after),
         "nll_before": nll(logits, y),
@@ -81,31 +135,47 @@ def calibration_report(logits: np.ndarray, y_true: np.ndarray, temperature: floa
 def calibrate_model(
     model: Any, loaders: Any | dict[str, Any], device: Any, dtype: Any = None
 ) -> dict:
-    """Fit ``T`` on one pass of ``model`` over the validation loader(s); the report holds it.
+    """Fit the temperatures on one pass of ``model`` over the validation loader(s).
 
-    ``loaders`` is one loader or ``{scenario: loader}`` (the selection scenarios): the eyes of
-    all scenarios are pooled, so one ``T`` serves complete and incomplete eyes alike. Called where
-    training ends, with the selected weights loaded; the caller stores ``report["temperature"]``
-    in the spec before saving the model.
+    ``loaders`` is one loader or ``{scenario: loader}`` (the selection scenarios), their eyes
+    pooled (:func:`pooled_eyes`); a complete eye that a scenario shows with one modality hidden
+    counts for that pattern, which is how the single-modality patterns get their eyes when
+    validation is complete. Called where training
+    ends, with the selected weights (and path weights) loaded; the caller stores
+    ``report["temperature"]`` and ``report["temperatures"]`` in the spec before saving.
     """
     from rima_core.engine import predict
 
     parts = loaders.values() if isinstance(loaders, dict) else [loaders]
     preds = [predict(model, ld, device, dtype, desc="calibrate", temperature=1.0) for ld in parts]
-    logits = np.concatenate([p.logits for p in preds])
-    y = np.concatenate([p.y_true for p in preds])
-    t = fit_temperature(logits, y)
-    report = calibration_report(logits, y, t)
+    logits, y, hf, ho = pooled_eyes(preds)
+    overall, per = fit_temperatures(logits, y, hf, ho)
+    rows_t = row_temperatures(per, overall, hf, ho)
+    report = calibration_report(logits, y, rows_t)
+    report["temperature"] = overall
+    report["temperatures"] = per
+    pattern = availability(hf, ho)
+    report["n_eyes"] = {p: int((pattern == p).sum()) for p in PATTERNS}
     log.info(
-        "temperature scaling on %d validation eyes: T=%.3f, NLL %.4f -> %.4f, ECE %.4f -> %.4f",
+        "temperature scaling on %d validation eyes: T %s, NLL %.4f -> %.4f, ECE %.4f -> %.4f",
         len(y),
-        t,
+        ", ".join(f"{p}={t:.3f}" for p, t in per.items()),
         report["nll_before"],
         report["nll_after"],
         report["ece_before"],
         report["ece_after"],
     )
     return report
+
+
+def pooled_eyes(preds: list[Any]) -> tuple[np.ndarray, ...]:
+    """Logits, labels and availability of the eyes of ``preds`` (one per scenario), pooled: an
+    eye shown in several scenarios counts in each, so the fit minimises the NLL summed over the
+    selection scenarios, the quantity selection and evaluation report."""
+    return tuple(
+        np.concatenate([getattr(p, a) for p in preds])
+        for a in ("logits", "y_true", "has_fundus", "has_oct")
+    )
 
 
 # Path pooling (models/rima.py, step 7; models/common.py, PathPooling): weights searched in
@@ -160,7 +230,11 @@ def fit_path_weights(log_probs: np.ndarray, y_true: np.ndarray, start: np.ndarra
 
 
 def calibrate_paths(
-    model: Any, loaders: Any | dict[str, Any], device: Any, dtype: Any = None
+    model: Any,
+    loaders: Any | dict[str, Any],
+    device: Any,
+    dtype: Any = None,
+    quiet: bool = False,
 ) -> dict | None:
     """Fit a model's ``path_weights`` on the complete eyes of the validation loader(s).
 
@@ -171,7 +245,9 @@ def calibrate_paths(
     seen in several selection scenarios count once (by store row). Sets the weights on the model
     (they are a buffer, so ``model.pt`` keeps them) and returns what was fitted, on how many
     eyes, and the NLL before and after. Called where training ends, after model selection and
-    before :func:`calibrate_model`, whose temperature then scales the pooled logits.
+    before :func:`calibrate_model`, whose temperature then scales the pooled logits, and
+    at every epoch's validation (``quiet``: logged at DEBUG), so selection scores the pooled
+    prediction.
     """
     import torch
 
@@ -201,8 +277,9 @@ def calibrate_paths(
     paths = list(model.PATHS)
     y = np.concatenate(ys) if ys else np.zeros(0, dtype=np.int64)
     report: dict[str, Any] = {"paths": paths, "n_eyes": len(y)}
+    say = log.debug if quiet else log.info
     if len(y) < MIN_PATH_EYES or len(np.unique(y)) < 2:
-        log.info(
+        say(
             "path pooling: %d complete validation eye(s) with %d class(es); weights kept at %s",
             len(y),
             len(np.unique(y)),
@@ -218,7 +295,7 @@ def calibrate_paths(
         nll_before=pooled_nll(lp, y, start),
         nll_after=pooled_nll(lp, y, w),
     )
-    log.info(
+    say(
         "path pooling on %d complete validation eyes: weights %s, NLL %.4f -> %.4f",
         len(y),
         ", ".join(f"{p}={v:.3f}" for p, v in report["weights"].items()),
@@ -243,34 +320,3 @@ def reliability_bins(
         "accuracy": np.bincount(bins, correct, minlength=n_bins) / safe,
         "count": count,
     }
-
-
-def plot_reliability(
-    y_true: np.ndarray, logits: np.ndarray, temperature: float, title: str, path: Path
-) -> None:
-    """Reliability diagram: accuracy vs confidence per bin, before and after scaling."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.2, 4.0))
-    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="perfect")
-    for t, label in ((1.0, "before"), (temperature, f"after (T={temperature:.2f})")):
-        proba = softmax(logits, t)
-        b = reliability_bins(y_true, proba)
-        used = b["count"] > 0
-        ece = expected_calibration_error(np.asarray(y_true, dtype=np.int64), proba)
-        ax.plot(
-            b["confidence"][used], b["accuracy"][used], marker="o", label=f"{label}, ECE {ece:.3f}"
-        )
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

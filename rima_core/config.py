@@ -130,6 +130,10 @@ class ModelConfig:
     # of their consistency (KL) with the full prediction (see models/rima.py)
     missing_path_weight: float = 1.0
     consistency_weight: float = 0.5
+    # RIMA: a complete eye's full path: "head" = the fused head alone (the paper's fusion);
+    # "product" = the fused head's logits plus the (fixed) log-probabilities of its fundus-only
+    # and OCT-only paths, so the head learns what the product of the two predictions misses
+    full_path: str = "head"
     # distillation: the students' loss on eyes with both modalities is
     # (1 - alpha) * CE + alpha * T^2 * KL(student_T || teacher_T) (models/baselines.py); a
     # benchmark sweeps them (e.g. alpha in {0.3, 0.7}, T in {1, 3}) and selects on validation
@@ -178,6 +182,9 @@ class TrainConfig:
     # after selection, fit how a complete eye's prediction pools the full / fundus-only /
     # OCT-only paths, on the validation split (RIMA; models/rima.py); false = the full path alone
     pool_paths: bool = True
+    # the grade the shipped model gives: argmax (most probable grade) or ordinal (the grade of
+    # least expected quadratic cost under the calibrated probabilities); both are reported
+    decoding: str = "argmax"
 
 
 @dataclass
@@ -714,6 +721,24 @@ def registered_plugins() -> dict[str, str]:
     return {ep.name: ep.value.split(":", 1)[0].strip() for ep in eps}
 
 
+def model_name(v: Any) -> str | None:
+    """A name the model registry builds (``BUILDERS`` in rima_core/models/__init__.py).
+
+    Checked here, at load, because otherwise a typo in ``model.name`` only fails when
+    :class:`~rima_core.models.spec.ModelSpec` is built, after the data steps have run (or, in a
+    cluster, hours into the pipeline). The names are read from the registry itself, never copied,
+    so a newly registered model is valid at once; the import is lazy because the registry needs
+    torch and imports this module.
+    """
+    from rima_core.models.spec import model_names
+
+    names = model_names()
+    if v in names:
+        return None
+    hint = did_you_mean([str(v)], names) if isinstance(v, str) else ""
+    return f"must be one of {list(names)}{hint}"
+
+
 def source_name(v: Any) -> str | None:
     if v == "auto" or v in SOURCE_NAMES or PLUGIN_SOURCE(v) is None:
         return None
@@ -738,8 +763,11 @@ def _source_registered(cfg: Config) -> tuple[str, str] | None:
 
 METRICS = (
     "accuracy", "auc", "balanced_accuracy", "ece", "f1_macro", "f1_weighted", "kappa", "nll", "qwk",
+    "qwk_ordinal",
 )  # fmt: skip
 METRIC = one_of(*METRICS)
+DECODINGS = ("argmax", "ordinal")  # rima_core.metrics.decode
+FULL_PATHS = ("product", "head")  # rima_core.models.rima.RIMA.full_logits
 SPLITS = ("train", "val", "test")
 
 RULES: dict[str, Check] = {
@@ -778,7 +806,7 @@ RULES: dict[str, Check] = {
     "missing.mixed": each(FRACTION, length=2),
     "missing.sweep": each(FRACTION, min_length=1),
     "missing.train_scenario": NON_EMPTY,
-    "model.name": NON_EMPTY,
+    "model.name": model_name,  # the model registry's names
     "model.fundus_encoder": one_of(*ENCODERS_2D),
     "model.oct_encoder": one_of(*ENCODERS_3D),
     "model.fundus_dim": integer(1),
@@ -788,6 +816,7 @@ RULES: dict[str, Check] = {
     "model.dropout": PROBABILITY,
     "model.modality_dropout": PROBABILITY,
     "model.missing_path_weight": NON_NEGATIVE,
+    "model.full_path": one_of(*FULL_PATHS),
     "model.consistency_weight": NON_NEGATIVE,
     "model.distill_alpha": FRACTION,
     "model.distill_temperature": POSITIVE,
@@ -810,6 +839,7 @@ RULES: dict[str, Check] = {
     "runtime.eval_batch_size": integer(1),
     "train.selection_metric": METRIC,
     "train.selection_scenario": NON_EMPTY,
+    "train.decoding": one_of(*DECODINGS),
     "tune.out_dir": NON_EMPTY,
     "tune.storage": URL,
     "tune.study_name": NON_EMPTY,

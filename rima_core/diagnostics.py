@@ -154,7 +154,8 @@ def alignment_diagnostics(
         cols = t / np.maximum(t.sum(0, keepdims=True), np.finfo(np.float32).tiny)
         out["tv_column_max"] = float(cols.max(0).mean())
         out["tv_column_max_uniform"] = 1.0 / t.shape[0]
-    epsilon = float(getattr(getattr(model, "ocfg", None), "gw_epsilon", 5e-3))
+    # the model's own GW epsilon: the concentration is read at the scale training used
+    epsilon = float(model.cfg.gw_epsilon)
     share, flat = _gw_concentration(ev["f"], ev["o"], ev["y"], epsilon, max_gw_eyes)
     out["gw_row_max"] = share
     out["gw_row_max_flat"] = flat

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from rima_core.calibration import row_temperatures, softmax
+from rima_core.metrics import decode
 from rima_core.progress import progress as tqdm
 
 
@@ -115,25 +117,56 @@ class Predictions:
     has_fundus: np.ndarray
     has_oct: np.ndarray
     logits: np.ndarray | None = None  # (n, K) float64, before temperature scaling
+    decoding: str = "argmax"  # how y_pred grades: the model's train.decoding
 
     @property
     def y_pred(self) -> np.ndarray:
-        return self.proba.argmax(axis=1)
+        return decode(self.proba, self.decoding)
 
 
-# The attribute ``load_model`` sets on a loaded model: its fitted calibration temperature.
+# The attributes ``load_model`` sets on a loaded model: its fitted calibration temperature (all
+# eyes) and one per availability pattern (rima_core.calibration.PATTERNS).
 TEMPERATURE_ATTR = "calibration_temperature"
+TEMPERATURES_ATTR = "calibration_temperatures"
 
 
 def model_temperature(model: nn.Module) -> float:
-    """The calibration temperature a model carries (1.0 = none: a model fresh from training)."""
+    """The calibration temperature of all eyes a model carries (1.0 = none: fresh from training)."""
     return float(getattr(model, TEMPERATURE_ATTR, 1.0))
 
 
-def set_model_temperature(model: nn.Module, temperature: float) -> None:
-    """Attach the calibration temperature ``predict`` applies (not a parameter: no state_dict
+def model_temperatures(model: nn.Module) -> dict[str, float]:
+    """The per-availability temperatures a model carries ({} = the one temperature for all)."""
+    return dict(getattr(model, TEMPERATURES_ATTR, {}))
+
+
+def set_model_temperature(
+    model: nn.Module, temperature: float, temperatures: dict[str, float] | None = None
+) -> None:
+    """Attach the calibration temperature(s) ``predict`` applies (not parameters: no state_dict
     change, so weights files stay loadable by older code and vice versa)."""
     setattr(model, TEMPERATURE_ATTR, float(temperature))
+    setattr(model, TEMPERATURES_ATTR, {k: float(v) for k, v in (temperatures or {}).items()})
+
+
+DECODING_ATTR = "decoding"
+
+
+def model_decoding(model: nn.Module) -> str:
+    """How a model's grade is read from its probabilities (``argmax`` unless its spec says)."""
+    return str(getattr(model, DECODING_ATTR, "argmax"))
+
+
+def set_model_decoding(model: nn.Module, decoding: str) -> None:
+    decode(np.eye(2), decoding)  # refuses an unknown decoding here, not at the first grade
+    setattr(model, DECODING_ATTR, decoding)
+
+
+def eye_temperatures(model: nn.Module, has_fundus: np.ndarray, has_oct: np.ndarray) -> np.ndarray:
+    """Each eye's calibration temperature under ``model``: its availability pattern's."""
+    return row_temperatures(
+        model_temperatures(model), model_temperature(model), has_fundus, has_oct
+    )
 
 
 @contextlib.contextmanager
@@ -159,42 +192,47 @@ def predict(
 ) -> Predictions:
     """Run ``model`` over ``loader`` without labels (inference never sees them).
 
-    Probabilities are ``softmax(logits / T)``: ``temperature`` if given, else the model's own
-    calibration temperature (:func:`model_temperature`, set by ``load_model`` from the spec), so
-    evaluation and serving apply the fitted calibration without knowing about it.
+    Probabilities are ``softmax(logits / T)``: ``temperature`` (one for every eye) if given,
+    else each eye's calibration temperature for its availability pattern
+    (:func:`eye_temperatures`, set by ``load_model`` from the spec), so evaluation and serving
+    apply the fitted calibration without knowing about it.
 
     A NaN or infinite logit (a diverged or damaged model) raises :class:`NonFiniteOutputError`
     naming the rows: argmax over NaN would silently grade the eye as class 0.
     """
-    t = model_temperature(model) if temperature is None else float(temperature)
-    if not (math.isfinite(t) and t > 0):
-        raise EngineError(f"calibration temperature must be a positive number, got {t!r}")
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("index", "y", "p", "hf", "ho", "z")}
+    if temperature is not None:
+        t = float(temperature)
+        if not (math.isfinite(t) and t > 0):
+            raise EngineError(f"calibration temperature must be a positive number, got {t!r}")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("index", "y", "hf", "ho", "z")}
     with eval_mode(model):
         for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
             b = to_device(batch, device)
             with autocast(device, dtype):
                 out = model(b["fundus"], b["oct"], b["has_fundus"], b["has_oct"])
-            logits = out.logits.float()
-            proba = torch.softmax(logits / t if t != 1.0 else logits, dim=1)
-            parts["p"].append(proba.cpu().numpy().astype(np.float64))
-            parts["z"].append(logits.cpu().numpy().astype(np.float64))
+            parts["z"].append(out.logits.float().cpu().numpy().astype(np.float64))
             parts["y"].append(batch["label"].numpy())
             parts["index"].append(batch["index"].numpy())
             parts["hf"].append(batch["has_fundus"].numpy())
             parts["ho"].append(batch["has_oct"].numpy())
-    if not parts["p"]:
+    if not parts["z"]:
         raise ValueError(f"{desc}: the loader yielded no batches (empty split?)")
     logits_all = np.concatenate(parts["z"])
+    index = np.concatenate(parts["index"])
     bad = ~np.isfinite(logits_all).all(axis=1)
     if bad.any():
-        index = np.concatenate(parts["index"])
         raise NonFiniteOutputError(desc, [int(i) for i in index[bad]])
+    has_f = np.concatenate(parts["hf"]).astype(bool)
+    has_o = np.concatenate(parts["ho"]).astype(bool)
+    rows_t = eye_temperatures(model, has_f, has_o) if temperature is None else t
+    if not np.all(np.isfinite(rows_t) & (np.asarray(rows_t) > 0)):
+        raise EngineError(f"calibration temperatures must be positive numbers, got {rows_t!r}")
     return Predictions(
-        index=np.concatenate(parts["index"]),
+        index=index,
         y_true=np.concatenate(parts["y"]),
-        proba=np.concatenate(parts["p"]),
-        has_fundus=np.concatenate(parts["hf"]).astype(bool),
-        has_oct=np.concatenate(parts["ho"]).astype(bool),
+        proba=softmax(logits_all, rows_t),
+        has_fundus=has_f,
+        has_oct=has_o,
         logits=logits_all,
+        decoding=model_decoding(model),
     )

@@ -7,7 +7,7 @@ rate curve. Outputs are shaped for DVC (``metrics.json`` numbers only, ``rate_cu
 directory is written atomically as a whole: a failed evaluation never leaves a mix of old and new
 files.
 
-What a clinical team needs beyond point estimates (README, "Evaluation outputs"):
+What a clinical team needs beyond point estimates (docs/evaluation.md):
 
 - ``scores.csv``: every headline metric of both scored splits with a seeded percentile
   bootstrap interval over eyes (:func:`rima_core.metrics.bootstrap_scores`).
@@ -32,10 +32,18 @@ import numpy as np
 import pandas as pd
 
 from rima_core.atomic import atomic_dir
-from rima_core.calibration import calibration_report, plot_reliability
+from rima_core.calibration import calibration_report
 from rima_core.config import Config
 from rima_core.data.masks import load_masks
-from rima_core.engine import EngineError, Predictions, amp_dtype, predict, resolve_device
+from rima_core.engine import (
+    EngineError,
+    Predictions,
+    amp_dtype,
+    eye_temperatures,
+    predict,
+    resolve_device,
+)
+from rima_core.figures import plot_reliability
 from rima_core.headline import HEADLINE_FILE, eval_headline, write_headline
 from rima_core.metrics import bootstrap_scores, classification_metrics, es_auc, metric_key
 from rima_core.plots import PLOTS_DIR, write_eval_plots
@@ -281,13 +289,11 @@ def _score_split(
 ) -> dict[str, Any]:
     """Predictions, metrics, bootstrap scores and calibration of every scenario of ``split``."""
     from rima_core.data.dataset import EyeDataset, make_loader
-    from rima_core.engine import model_temperature
 
     scenarios = list(pd.unique(mask_df.loc[mask_df["split"] == split, "scenario"]))
     if not scenarios:
         raise EngineError(f"masks have no rows for split {split!r} (evaluate.split)")
     case_ids = st.manifest["case_id"].to_numpy()
-    temperature = model_temperature(model)
     ev = cfg.evaluate
     out: dict[str, Any] = {
         "split": split,
@@ -335,7 +341,11 @@ def _score_split(
                 "split": split,
                 "scenario": scenario,
                 "n": len(frame),
-                **calibration_report(preds.logits, preds.y_true, temperature),
+                **calibration_report(
+                    preds.logits,
+                    preds.y_true,
+                    eye_temperatures(model, preds.has_fundus, preds.has_oct),
+                ),
             }
         )
         log.info(
@@ -471,20 +481,21 @@ def _dump_metrics(obj: dict[str, dict[str, float]]) -> str:
 def _write_figures(
     folder: Path,
     test: dict[str, Any],
-    temperature: float,
+    temperatures: dict[str, np.ndarray],
     curve: pd.DataFrame,
     equity: pd.DataFrame,
     confusion: tuple[str, np.ndarray],
 ) -> None:
     """The PNGs of the evaluated split: reliability per scenario, the missing-rate curve, equity
-    and the confusion matrix of ``confusion = (scenario, counts)``."""
+    and the confusion matrix of ``confusion = (scenario, counts)``; ``temperatures`` are each
+    scenario's per-eye temperatures (their availability patterns')."""
     split, class_names = test["split"], test["class_names"]
     (folder / "reliability").mkdir()
     for scenario, preds in test["raw"].items():
         plot_reliability(
             preds.y_true,
             preds.logits,
-            temperature,
+            temperatures[scenario],
             f"{split} / {scenario}",
             folder / "reliability" / f"{scenario}.png",
         )
@@ -569,7 +580,11 @@ def evaluate(
         (tmp / SELECTION_DIR / "metrics.json").write_text(_dump_metrics(val["metrics"]))
         for scenario, frame in val["predictions"].items():
             frame.to_parquet(tmp / SELECTION_DIR / "predictions" / f"{scenario}.parquet")
-        _write_figures(tmp, test, spec.temperature, curve, equity, (conf_scenario, conf_matrix))
+        temps = {
+            scenario: eye_temperatures(model, p.has_fundus, p.has_oct)
+            for scenario, p in test["raw"].items()
+        }
+        _write_figures(tmp, test, temps, curve, equity, (conf_scenario, conf_matrix))
         summary = {
             "model": str(model_path),
             "model_name": spec.name,
@@ -580,6 +595,7 @@ def evaluate(
             "n_eyes": {s: len(f) for s, f in predictions.items()},
             "n_eyes_selection": {s: len(f) for s, f in val["predictions"].items()},
             "temperature": spec.temperature,
+            "temperatures": spec.temperatures,
             "data": {k: st.meta.get(k) for k in ("source", "disease", "content_hash")},
             "bootstrap": {
                 "resamples": ev.bootstrap,

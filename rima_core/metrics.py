@@ -129,6 +129,16 @@ def quadratic_decode(proba: np.ndarray) -> np.ndarray:
     return cost.argmin(axis=1)
 
 
+def decode(proba: np.ndarray, decoding: str = "argmax") -> np.ndarray:
+    """The grades of ``proba`` under ``decoding``: ``argmax`` or ``ordinal``
+    (:func:`quadratic_decode`), the choices of ``train.decoding``."""
+    if decoding == "argmax":
+        return np.asarray(proba).argmax(axis=1)
+    if decoding == "ordinal":
+        return quadratic_decode(proba)
+    raise ValueError(f"decoding must be 'argmax' or 'ordinal', got {decoding!r}")
+
+
 def ordinal_qwk(y_true: np.ndarray, proba: np.ndarray) -> float:
     """QWK of :func:`quadratic_decode`'s grades (``qwk`` itself scores the argmax)."""
     y, p = _validate(np.asarray(y_true), np.asarray(proba))
@@ -142,8 +152,9 @@ def classification_metrics(
 ) -> dict[str, float]:
     """All grading metrics for predicted class probabilities ``proba`` (n×K).
 
-    Predictions are ``argmax(proba)``. Per-class keys use ``class_names`` (made key-safe by
-    :func:`metric_key`), or the class index when no names are given.
+    Predictions are ``argmax(proba)``, except ``qwk_ordinal``, which scores the grades of least
+    expected quadratic cost (:func:`quadratic_decode`). Per-class keys use ``class_names`` (made
+    key-safe by :func:`metric_key`), or the class index when no names are given.
     """
     y, p = _validate(np.asarray(y_true), np.asarray(proba))
     n, k = p.shape
@@ -170,6 +181,8 @@ def classification_metrics(
         "f1_weighted": float((f1_seen * support[seen]).sum() / n),
         "kappa": _kappa(conf, None),
         "qwk": _kappa(conf, "quadratic"),
+        # the ordinal decoding beside the argmax (train.decoding picks the one that ships)
+        "qwk_ordinal": _kappa(confusion_matrix(y, quadratic_decode(p), k), "quadratic"),
     }
     if k == 2:
         out["auc"] = _binary_auc(y == 1, p[:, 1])
@@ -207,6 +220,7 @@ BOOT_METRICS = ("qwk", "auc", "accuracy", "balanced_accuracy", "ece", "nll")
 # The range a valid value of a metric lies in (the promotion gate refuses anything else).
 METRIC_RANGES: dict[str, tuple[float, float]] = {
     "qwk": (-1.0, 1.0),
+    "qwk_ordinal": (-1.0, 1.0),
     "kappa": (-1.0, 1.0),
     "nll": (0.0, math.inf),
 }

@@ -193,11 +193,38 @@ def build_model_card(
         lines.append("No calibration report.")
     else:
         r = c.iloc[0]
-        lines.append(
-            f"Temperature T = {_num(r['temperature'])} fitted on the {val} split after training "
-            f"(applied to every prediction). {test}, `{headline}`: ECE {_num(r['ece_before'])} → "
-            f"{_num(r['ece_after'])}, NLL {_num(r['nll_before'])} → {_num(r['nll_after'])}."
+        temps = spec.get("temperatures") or {}
+        fitted = (
+            "one temperature per availability pattern, "
+            + " / ".join(f"{p} T = {_num(t)}" for p, t in temps.items())
+            if temps
+            else f"one temperature T = {_num(r['temperature'])} for every eye"
         )
+        lines.append(
+            f"Probabilities are calibrated with {fitted}, fitted on the {val} split after "
+            f"training (an eye gets its pattern's). {test}, `{headline}`: ECE "
+            f"{_num(r['ece_before'])} → {_num(r['ece_after'])}, NLL {_num(r['nll_before'])} → "
+            f"{_num(r['nll_after'])}."
+        )
+        per = calib[calib["split"] == test]
+        if len(per) > 1:
+            lines += ["", "| scenario | ECE | NLL |", "|---|---|---|"]
+            lines += [
+                f"| {q.scenario} | {_num(q.ece_after)} | {_num(q.nll_after)} |"
+                for q in per.itertuples()
+            ]
+    decoding = spec.get("decoding", "argmax")
+    lines += [
+        "",
+        "The grade is "
+        + (
+            "the grade of least expected quadratic cost under the calibrated probabilities "
+            "(ordinal decoding)."
+            if decoding == "ordinal"
+            else "the most probable grade (argmax); `qwk_ordinal` in the metrics scores the "
+            "ordinal decoding (least expected quadratic cost) beside it."
+        ),
+    ]
     lines += [
         "",
         "## Intended use",

@@ -67,8 +67,21 @@ Speed of the feature step (6144 × 2048 at the paper's shapes) is memory traffic
 matrix product of augmented factors, the shift and scaling are done in place, the exponent is
 floored just above float underflow (``exp`` of underflowing arguments takes a slow path), the
 two large scratch matrices are reused across calls (:class:`Workspace`), and the Sinkhorn
-updates are over-relaxed (``relax``), which halves the iterations there. Convergence tests
-(one host sync) happen every ``check_every`` iterations only.
+updates are over-relaxed (``relax``), which halves the iterations there. On the CPU, large
+matrices are allocated through numpy (transparent huge pages, :func:`_empty`), and the kernel's
+``exp`` and column minima use numpy's faster single-pass routines.
+
+Stopping rules
+--------------
+Every Sinkhorn solve stops when the L1 error of *both* marginals of its iterate is <= its
+tolerance (:func:`_sinkhorn_kernel`), tested every ``check_every`` iterations: by default on the
+CPU every iteration for large problems and every 3rd for small ones (a test costs a few vector
+ops there), every 5-10 on an accelerator, where each is a host sync (:func:`_check_interval`).
+The defaults are what a training step needs, no tighter: couplings within L1 1e-3 of their
+marginals and a GW energy within 2 % of a tight solve (``labeled_gw``: ``tol = inner_tol =
+1e-3``; measured within 0.1 % of a float64 solve to 1e-10 at the paper's and the default
+shapes, see ``benchmarks/results/ot_speed.md``). Pass tighter tolerances for exact class
+masses.
 """
 
 from __future__ import annotations
@@ -181,6 +194,57 @@ def _back(t: torch.Tensor, origin: _Origin) -> ArrayLike:
 # resources: scratch memory and threads, both explicit
 
 
+# Matrices of at least this many bytes are allocated through numpy on the CPU (see _empty).
+HUGE_PAGE_BYTES = 4 * 2**20
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _empty(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised matrix; large CPU ones in memory numpy allocated.
+
+    Why: numpy advises the kernel to back blocks of 4 MB and more with transparent huge pages
+    (``madvise``), torch does not. Where the kernel grants them only on advice (the usual
+    ``[madvise]`` setting), a fresh 50 MB torch tensor costs ~12k page faults at first touch
+    (measured: 28-33 ms to write the 6144 x 2048 feature coupling into fresh torch memory, 7-9 ms
+    into numpy's), and every later pass over it pays TLB misses. The tensor shares numpy's
+    memory and keeps it alive; nothing else differs.
+    """
+    np_dtype = _NUMPY_DTYPES.get(dtype)
+    nbytes = shape[0] * shape[1] * torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 0
+    if device.type != "cpu" or np_dtype is None or nbytes < HUGE_PAGE_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.from_numpy(np.empty(shape, dtype=np_dtype))
+
+
+def _exp_(t: torch.Tensor) -> torch.Tensor:
+    """``exp`` in place; on the CPU through numpy's vectorised ``exp``.
+
+    Why: on the feature kernel (12.6M float32 entries, arguments floored above underflow)
+    numpy's ``exp`` takes 5.8 ms, torch's 8-11 ms. Same values up to float rounding, and
+    deterministic on one machine like every op here.
+    """
+    if t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES and t.is_contiguous():
+        a = t.numpy()
+        np.exp(a, out=a)
+        return t
+    return t.exp_()
+
+
+def _col_min(m: torch.Tensor) -> torch.Tensor:
+    """Column minima of ``m``; on the CPU through numpy.
+
+    Why: ``amin(dim=0)`` on a row-major CPU matrix is a strided reduction (4-7 ms on the
+    6144 x 2048 feature cost, 12-16 ms on a loaded machine); numpy's is a contiguous
+    single-threaded pass (1.7-2.8 ms) — and one op, where splitting the rows into blocks would
+    be many multi-threaded ones, each waiting for a descheduled worker on a busy machine. Minima
+    are exact, so the result is the same.
+    """
+    if m.device.type == "cpu" and m.dtype in _NUMPY_DTYPES and m.is_contiguous():
+        return torch.from_numpy(m.numpy().min(axis=0))
+    return m.amin(dim=0)
+
+
 class Workspace:
     """Scratch matrices that :func:`feature_coupling` reuses across calls.
 
@@ -203,7 +267,7 @@ class Workspace:
         buf = self._buffers.get(name)
         if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
             self._buffers.pop(name, None)
-            buf = torch.empty(shape, dtype=dtype, device=device)
+            buf = _empty(shape, dtype, device)
             self._buffers[name] = buf
         return buf
 
@@ -342,10 +406,16 @@ class _SinkhornResult:
     f: torch.Tensor  # row potential (cost units), -inf on zero-mass rows
     g: torch.Tensor
     iterations: int
-    error: float  # L1 error of the row marginal (columns are exact after the last update)
+    error: float  # L1 error of both marginals (a bound; columns exact after the last update)
     converged: bool
     log_domain: bool
     absorptions: int
+
+
+def _finite_or_zero(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with NaN and ±inf replaced by 0: one op (``isfinite`` + ``where`` are five at the
+    dispatcher, and at batch sizes each op's overhead is the cost)."""
+    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _shift(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -356,10 +426,10 @@ def _shift(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     columns that are entirely ``-inf`` (masked) get a shift of 0.
     """
     rmax = h.amax(dim=1)
-    rmax = torch.where(torch.isfinite(rmax), rmax, torch.zeros_like(rmax))
+    rmax = _finite_or_zero(rmax)
     h.sub_(rmax[:, None])
     cmax = h.amax(dim=0)
-    cmax = torch.where(torch.isfinite(cmax), cmax, torch.zeros_like(cmax))
+    cmax = _finite_or_zero(cmax)
     h.sub_(cmax[None, :])
     return h, rmax, cmax
 
@@ -400,7 +470,16 @@ def _build_kernel(
             k.add_(b[None, :])
         if floor is not None:
             k.clamp_min_(floor)
-    return k.exp_()
+    return _exp_(k)
+
+
+def _relaxed(
+    old: torch.Tensor, new: torch.Tensor, pos: torch.Tensor, omega: float, zero: torch.Tensor
+) -> torch.Tensor:
+    """Over-relaxed scaling ``old^(1-ω) new^ω`` (0 where the marginal is 0); ``new`` if ω = 1."""
+    if omega == 1.0:
+        return new
+    return torch.where(pos, old.pow(1.0 - omega) * new.pow(omega), zero)
 
 
 def _sinkhorn_kernel(
@@ -421,11 +500,17 @@ def _sinkhorn_kernel(
     scalings ``u, v`` are folded into ``a, b`` and the kernel rebuilt (one ``exp``) whenever
     they leave ``[1/limit, limit]`` — which a small epsilon needs, since the optimal duals then
     lie many ``epsilon`` away from the row/column-minimum shift. Division by a clamped ``K v``
-    keeps zero-mass rows at scaling 0 rather than NaN. Each iteration costs two mat-vecs: the
-    ``K v`` that the convergence test needs is the one the next row update uses.
+    keeps zero-mass rows at scaling 0 rather than NaN. Each iteration costs two mat-vecs, and
+    the convergence test reuses both: the error of the iterate ``(u, v)`` is
+    ``|u * K v − p|₁ + |v * Kᵀu − q|₁`` (``K v`` is the next row update's, ``Kᵀu`` this column
+    update's), tested every ``check_every`` iterations (one host sync each).
 
     ``relax`` = ω > 1 over-relaxes the updates, ``u <- u^(1-ω) (p / K v)^ω`` (Thibault et al.,
     "Overrelaxed Sinkhorn-Knopp", 2017): ω = 1.5 halves the iterations of the feature problem.
+    An over-relaxed column update leaves the columns inexact, so the solve ends on the plain
+    one ``v = q / Kᵀu`` (no extra mat-vec: ``Kᵀu`` is at hand). That moves the row sums by at
+    most the column error (``Σ_j (Kᵀu)_j |v'_j − v_j| = |v * Kᵀu − q|₁``, all terms >= 0), so
+    the returned coupling has exact columns and a row error <= the reported ``error``.
 
     Returns ``(T, a, b, iterations, error, converged, absorptions)`` with the final log-scalings
     (relative to ``h``), or None when the iterates stopped being finite (the caller then
@@ -438,17 +523,12 @@ def _sinkhorn_kernel(
     k = _build_kernel(h, None, b0, floor, k_buf)
     u = torch.ones_like(p)
     v = torch.ones_like(q)
+    v_plain = v
     pos_p = p > 0
     pos_q = q > 0
     zero = torch.zeros((), dtype=h.dtype, device=h.device)
-    inf = torch.full((), math.inf, dtype=h.dtype, device=h.device)
-
-    def _update(old: torch.Tensor, target: torch.Tensor, prod: torch.Tensor, pos) -> torch.Tensor:
-        new = target / prod.clamp_min(tiny)
-        if omega == 1.0:
-            return new
-        return torch.where(pos, old.pow(1.0 - omega) * new.pow(omega), zero)
-
+    pq = torch.cat([p, q])
+    pad = torch.where(pq > 0, zero, math.inf)  # excludes zero-mass rows/columns from the min
     omega = relax
     err = prev_err = math.inf
     it = 0
@@ -456,43 +536,42 @@ def _sinkhorn_kernel(
     converged = False
     kv = k @ v
     while it < max_iter:
-        u = _update(u, p, kv, pos_p)
-        v = _update(v, q, k.T @ u, pos_q)
+        u_new = p / kv.clamp_min(tiny)
+        u = _relaxed(u, u_new, pos_p, omega, zero)
+        ktu = k.T @ u
+        v_plain = q / ktu.clamp_min(tiny)
+        v = _relaxed(v, v_plain, pos_q, omega, zero)
         kv = k @ v
         it += 1
         if it % check_every and it != max_iter:
             continue
-        smallest = torch.minimum(torch.where(pos_p, u, inf).min(), torch.where(pos_q, v, inf).min())
+        # one host sync: the marginal error, and the range of the scalings of mass-carrying
+        # rows/columns (few ops: at batch sizes each op's overhead is the cost)
+        uv = torch.cat([u, v])
         stats = torch.stack(
-            [(u * kv - p).abs().sum(), torch.maximum(u.max(), v.max()), 1.0 / smallest]
+            [torch.dist(torch.cat([u * kv, v * ktu]), pq, 1), uv.max(), (uv + pad).min()]
         ).tolist()
         err = stats[0]
-        if not all(math.isfinite(s) for s in stats):
-            return None
+        if not (math.isfinite(stats[0]) and math.isfinite(stats[1]) and stats[2] > 0.0):
+            return None  # NaN/overflow, or a scaling of a mass-carrying row underflowed to 0
         if err <= tol:
             converged = True
             break
         if err > prev_err:
             omega = 1.0  # over-relaxation stopped helping: plain (monotone) updates from here
         prev_err = err
-        if max(stats[1:]) > limit and it < max_iter:
+        if max(stats[1], 1.0 / stats[2]) > limit and it < max_iter:
             # fold the scalings into the kernel; right after a column update every entry of
             # u K v is at most q_j <= 1 (for ω = 1), so the rebuilt kernel cannot overflow
             a = a + u.log()
             b = b + v.log()
             k = _build_kernel(h, a, b, floor, k_buf)
             u = torch.ones_like(p)
-            v = torch.ones_like(q)
+            v = v_plain = torch.ones_like(q)
             kv = k @ v
             absorptions += 1
-    if relax != 1.0:
-        # an over-relaxed column update leaves the columns inexact: end on a plain one
-        v = q / (k.T @ u).clamp_min(tiny)
-        err = float((u * (k @ v) - p).abs().sum())
-        if not math.isfinite(err):
-            return None
-        converged = err <= tol
-    t = k * u[:, None]
+    v = v_plain  # exact columns (see above); the identity when ω = 1
+    t = torch.mul(k, u[:, None], out=_empty(tuple(k.shape), k.dtype, k.device))
     t.mul_(v[None, :])
     return t, a + u.log(), b + v.log(), it, err, converged, absorptions
 
@@ -541,7 +620,7 @@ class _Rules:
     """How one Sinkhorn solve iterates and stops (shared by every route and every caller)."""
 
     max_iter: int
-    tol: float  # on the L1 error of the row marginal
+    tol: float  # on the L1 error of both marginals
     check_every: int  # iterations between convergence tests (each one host sync)
     log_domain: bool | None = None  # None: automatic fallback; True: always; False: never
     relax: float = 1.0  # over-relaxation ω of the kernel route (1 = plain Sinkhorn)
@@ -631,6 +710,31 @@ def _check_relax(relax: float) -> None:
         raise OTInputError(f"relax must lie in [1, 2), got {relax!r}")
 
 
+# Iterations between two convergence tests when a solver is called with ``check_every=None``.
+# On the CPU a test costs a handful of vector ops and no real sync (the values are already in
+# host memory). For large problems (the feature step) that is nothing next to an iteration's two
+# mat-vecs, so every iteration is tested and the solve stops at the first one that meets its
+# tolerance; for small ones (labeled GW at batch sizes, the feature step at params.yaml's sizes)
+# a test costs about an iteration's worth of op overhead, and every 3rd was measured fastest
+# (10-15 % over every one, 1 thread). On an accelerator each test is a device->host sync that
+# stalls the queue, so it happens every 5-10 iterations.
+CHECK_EVERY_CPU = 1
+CHECK_EVERY_CPU_SMALL = 3
+CHECK_EVERY_ACCELERATOR = {"sinkhorn": 10, "labeled_gw": 5, "feature_coupling": 10}
+
+
+def _check_interval(
+    check_every: int | None, device: torch.device, solver: str, entries: int
+) -> int:
+    """``check_every`` as given, or the default for ``device`` and the problem's size when None
+    (``entries``: of the matrix Sinkhorn iterates on; see above)."""
+    if check_every is not None:
+        return check_every
+    if device.type != "cpu":
+        return CHECK_EVERY_ACCELERATOR[solver]
+    return CHECK_EVERY_CPU_SMALL if entries <= SMALL_PROBLEM_ENTRIES else CHECK_EVERY_CPU
+
+
 def _check_solver_options(epsilon: float, relax: float | None = None, **counts: int) -> float:
     """The option checks every solver makes (one place, so the solvers cannot drift apart);
     returns ``epsilon`` as a float."""
@@ -658,7 +762,7 @@ def sinkhorn(
     epsilon: float,
     max_iter: int = 1000,
     tol: float = 1e-9,
-    check_every: int = 10,
+    check_every: int | None = None,
     relax: float = 1.0,
     log_domain: bool | None = None,
     num_threads: int | None = None,
@@ -670,8 +774,9 @@ def sinkhorn(
     ``exp(-C / epsilon)`` on the cost as given (no scaling), i.e. POT's
     ``ot.sinkhorn(a, b, C, reg=epsilon)``. ``+inf`` cost entries forbid a pair (exact 0 in
     ``T``). Stabilised scaling iterations, with the log-domain fallback of ``log_domain``
-    (module docstring); the solve stops when the L1 error of the row marginal is <= ``tol``
-    (tested every ``check_every`` iterations). ``relax`` over-relaxes the updates (1 = plain).
+    (module docstring); the solve stops when the L1 error of both marginals is <= ``tol``
+    (tested every ``check_every`` iterations; None = the device's default, module docstring).
+    ``relax`` over-relaxes the updates (1 = plain).
     ``num_threads``: the thread policy (module docstring).
 
     Returns ``T`` in the caller's type/device/dtype (numpy iff ``cost`` is numpy); with ``log``
@@ -688,6 +793,7 @@ def sinkhorn(
             f"sinkhorn: expected a (n,), b (m,), cost (n, m); got {tuple(at.shape)}, "
             f"{tuple(bt.shape)}, {tuple(ct.shape)}"
         )
+    check_every = _check_interval(check_every, device, "sinkhorn", ct.numel())
     eps = _check_solver_options(epsilon, relax, max_iter=max_iter, check_every=check_every)
     dtype = _compute_dtype(ct, at, bt)
     origin = _Origin(origin_is_numpy, ct.dtype if ct.is_floating_point() else dtype, device)
@@ -775,8 +881,10 @@ def _gw_mirror_descent(
 ) -> _GWTrace:
     """Outer loop: linearise at ``T``, solve the masked entropic OT warm-started, repeat.
 
-    Stops when the L1 change of ``T`` is <= ``tol`` (one host sync per outer step). Once an
-    inner solve needed the log domain, the later ones start there.
+    Stops when the L1 change of ``T`` is <= ``tol`` and that step's inner solve met its
+    tolerance (one host sync per outer step): a loose ``tol`` must not end the loop on an
+    unconverged Sinkhorn solve (small epsilon), whose warm-started successors would still
+    improve the marginals. Once an inner solve needed the log domain, the later ones start there.
     """
     t = _gw_start(prob)
     f = torch.zeros_like(prob.p)
@@ -789,8 +897,8 @@ def _gw_mirror_descent(
     while outer < max_iter:
         outer += 1
         cost = _gw_linear_cost(prob.cx, prob.cz, t, prob.const)
-        f = torch.where(torch.isfinite(f), f, torch.zeros_like(f))
-        g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
+        f = _finite_or_zero(f)
+        g = _finite_or_zero(g)
         h = torch.where(prob.mask, (f[:, None] + g[None, :] - cost) / eps, neg_inf)
         rules = replace(inner, log_domain=True) if use_log else inner
         res = _solve_shifted(h, f, g, prob.p, prob.q, eps, rules, warm=outer > 1)
@@ -798,8 +906,8 @@ def _gw_mirror_descent(
         sink_its += res.iterations
         change = float((res.t - t).abs().sum())
         t, f, g = res.t, res.f, res.g
-        if change <= tol:
-            converged = res.converged
+        if change <= tol and res.converged:
+            converged = True
             break
     return _GWTrace(t, outer, sink_its, converged, use_log)
 
@@ -811,10 +919,10 @@ def labeled_gw(
     labels_z: ArrayLike,
     epsilon: float = 5e-3,
     max_iter: int = 50,
-    tol: float = 1e-5,
+    tol: float = 1e-3,
     inner_max_iter: int = 500,
-    inner_tol: float = 1e-6,
-    check_every: int = 5,
+    inner_tol: float = 1e-3,
+    check_every: int | None = None,
     class_mass: str = "share",
     log_domain: bool | None = None,
     num_threads: int | None = None,
@@ -829,9 +937,12 @@ def labeled_gw(
     Mirror descent (Peyré et al. 2016, the scheme of POT's and OTT's entropic GW): each outer
     step linearises the GW energy at the current ``T`` and solves one entropic OT problem with
     the masked Gibbs kernel, warm-started from the previous potentials. The outer loop stops
-    when the L1 change of ``T`` is <= ``tol``; each Sinkhorn solve stops when the L1 error of
-    its row marginal is <= ``inner_tol`` (tested every ``check_every`` iterations; with the
-    one test of the change of ``T`` per outer step, the only host syncs inside the loops).
+    when the L1 change of ``T`` is <= ``tol`` (and the step's inner solve converged); each
+    Sinkhorn solve stops when the L1 error of both its marginals is <= ``inner_tol`` (tested
+    every ``check_every`` iterations, None = the device's default; with the one test of the
+    change of ``T`` per outer step, the only host syncs inside the loops). The defaults are the
+    training accuracy (module docstring, "Stopping rules"); the former ``tol=1e-5,
+    inner_tol=1e-6`` give class masses exact to ~1e-6.
     ``log_domain``: None = automatic fallback, True = always, False = never (raise instead).
     ``num_threads``: the thread policy (module docstring; one thread at batch sizes).
 
@@ -844,6 +955,7 @@ def labeled_gw(
     should skip its OT loss.
     """
     xt, zt, lx, lz, origin = _gw_inputs(x, labels_x, z, labels_z)
+    check_every = _check_interval(check_every, xt.device, "labeled_gw", xt.shape[0] * zt.shape[0])
     eps = _check_solver_options(
         epsilon, max_iter=max_iter, inner_max_iter=inner_max_iter, check_every=check_every
     )
@@ -919,7 +1031,7 @@ def _feature_log_kernel(m: torch.Tensor, eps: float) -> torch.Tensor:
     rmin = m.amin(dim=1)
     scale = 1.0 / (eps * max(float(m.max()), torch.finfo(m.dtype).tiny))
     m.sub_(rmin[:, None])
-    cmin = m.amin(dim=0)
+    cmin = _col_min(m)
     return torch.add(scale * cmin[None, :], m, alpha=-scale, out=m)
 
 
@@ -930,7 +1042,7 @@ def feature_coupling(
     epsilon: float = 5e-3,
     max_iter: int = 200,
     tol: float = 1e-3,
-    check_every: int = 10,
+    check_every: int | None = None,
     log_domain: bool | None = None,
     relax: float = 1.5,
     num_threads: int | None = None,
@@ -941,8 +1053,9 @@ def feature_coupling(
 
     The co-optimal-transport feature step with square loss: the cost is :func:`feature_cost`
     divided by its max; feature marginals are uniform. ``t`` is fixed, so one entropic solve
-    is the whole answer. The solve stops when the L1 error of the row marginal is <= ``tol``
-    (tested every ``check_every`` iterations; the columns are exact after the last update).
+    is the whole answer. The solve stops when the L1 error of both marginals is <= ``tol``
+    (tested every ``check_every`` iterations, None = the device's default; the columns are
+    exact after the last update).
     ``relax``: over-relaxation ω of the Sinkhorn updates (1 = plain Sinkhorn); it drops back
     to 1 by itself as soon as the error stops decreasing. ``log_domain`` as in
     :func:`labeled_gw`; ``num_threads`` the thread policy (module docstring: torch's count at
@@ -962,6 +1075,9 @@ def feature_coupling(
             f"T: expected shape ({xt.shape[0]}, {zt.shape[0]}) to couple x and z, "
             f"got {tuple(tt.shape)}"
         )
+    check_every = _check_interval(
+        check_every, device, "feature_coupling", xt.shape[1] * zt.shape[1]
+    )
     eps = _check_solver_options(epsilon, relax, max_iter=max_iter, check_every=check_every)
     dtype = _compute_dtype(xt, zt)
     origin = _Origin(origin_is_numpy, _output_dtype(xt, zt, dtype), device)

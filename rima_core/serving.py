@@ -61,7 +61,7 @@ _FUNDUS_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 # --- what a request may ask for: limits and the file policy ----------------------------------
 
 # Environment variables, one name per limit; ``{prefix}`` is RIMA_SERVE_ (the HTTP server, i.e.
-# the pyfunc) or RIMA_PREDICT_ (``rima predict`` on local files). README's Security section lists
+# the pyfunc) or RIMA_PREDICT_ (``rima predict`` on local files). docs/security.md lists
 # them (a test checks it names every one).
 ENV_FILE_ROOT = "RIMA_SERVE_FILE_ROOT"
 SERVE_PREFIX = "RIMA_SERVE_"
@@ -498,7 +498,7 @@ class Predictor:
                 f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}: neither a fundus "
                 "nor an OCT given; at least one modality is required per eye"
             )
-        probas = []
+        probas, grades = [], []
         for start in range(0, len(frame), self.batch_size):
             part = slice(start, start + self.batch_size)
             rows = zip(
@@ -519,9 +519,10 @@ class Predictor:
                     "is not finite (NaN or infinity); no grade given (check the model file)"
                 ) from None
             probas.append(preds.proba)
+            grades.append(preds.y_pred)  # the model's decoding (argmax or ordinal)
         proba = np.concatenate(probas)
         out = pd.DataFrame(proba, columns=[f"p_{c}" for c in self.class_names], index=frame.index)
-        grade = proba.argmax(axis=1)
+        grade = np.concatenate(grades)
         out["grade"] = grade.astype(np.int64)
         out["grade_name"] = [self.class_names[g] for g in grade]
         if frame["case_id"].notna().any():

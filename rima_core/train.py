@@ -49,6 +49,7 @@ from rima_core.engine import (
     to_device,
 )
 from rima_core.metrics import classification_metrics, is_better
+from rima_core.models.common import PathPooling
 from rima_core.progress import progress as tqdm
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ def validation_metrics(
     device: torch.device,
     dtype: torch.dtype | None,
     class_names: list[str],
+    calibrate: bool = False,
 ) -> dict[str, float]:
     """Validation metrics under each scenario of ``loaders``; with several scenarios the plain
     metric names hold their mean (what selection and tuning compare) and
@@ -106,20 +108,32 @@ def validation_metrics(
 
     Selecting on one scenario (say ``mixed``) picks epochs and settings that suit that mix and
     can hurt the single-modality paths; the mean over all scenarios weighs every path alike.
+
+    ``calibrate=True`` scores the predictor that ships: the temperatures per availability
+    pattern are fitted on these same validation eyes first (as training's end does), so a
+    probability metric (NLL, ECE, ordinal QWK) selects the calibrated model, not the raw one;
+    ``False`` applies the temperatures the model carries.
     """
-    per = {
-        scenario: classification_metrics(
-            (p := predict(model, loader, device, dtype, desc=f"validate {scenario}")).y_true,
-            p.proba,
-            class_names,
-        )
+    from rima_core.calibration import fit_temperatures, pooled_eyes, row_temperatures, softmax
+
+    t = 1.0 if calibrate else None  # None: the model's own temperatures
+    preds = {
+        scenario: predict(model, loader, device, dtype, desc=f"validate {scenario}", temperature=t)
         for scenario, loader in loaders.items()
     }
-    if len(per) == 1:
-        return next(iter(per.values()))
-    names = next(iter(per.values())).keys()
-    out = {k: float(np.mean([m[k] for m in per.values()])) for k in names}
-    for scenario, metrics in per.items():
+    if calibrate:
+        overall, per = fit_temperatures(*pooled_eyes(list(preds.values())))
+        for p in preds.values():
+            p.proba = softmax(p.logits, row_temperatures(per, overall, p.has_fundus, p.has_oct))
+    per_scenario = {
+        scenario: classification_metrics(p.y_true, p.proba, class_names)
+        for scenario, p in preds.items()
+    }
+    if len(per_scenario) == 1:
+        return next(iter(per_scenario.values()))
+    names = next(iter(per_scenario.values())).keys()
+    out = {k: float(np.mean([m[k] for m in per_scenario.values()])) for k in names}
+    for scenario, metrics in per_scenario.items():
         out.update({f"{scenario}_{k}": v for k, v in metrics.items()})
     return out
 
@@ -532,6 +546,27 @@ class _Run:
     # whose best weights live in its checkpoint)
     model_file: str | None = "model.pt"
 
+    def validate(self) -> dict[str, float]:
+        """Validation metrics of the predictor that ships (select what ships): with
+        ``train.pool_paths`` the path weights are fitted on validation first, exactly as
+        training's end fits them, and the temperatures per availability pattern likewise, so an
+        epoch is chosen for the pooled, calibrated prediction a user gets, not for the full path
+        alone. The fitted weights stay on the model until :meth:`epoch` has kept the best
+        epoch's state (weights included), then go back to the full path for training."""
+        from rima_core.calibration import calibrate_paths
+
+        if self.cfg.train.pool_paths and isinstance(self.model, PathPooling):
+            self.model.reset_path_weights()  # every epoch's fit starts from the full path alone
+            calibrate_paths(self.model, self.val_loaders, self.device, self.dtype, quiet=True)
+        return validation_metrics(
+            self.model,
+            self.val_loaders,
+            self.device,
+            self.dtype,
+            self.spec.class_names,
+            calibrate=True,
+        )
+
     def epoch(
         self, epoch: int, progress: _Progress, fingerprint: dict[str, Any]
     ) -> dict[str, float]:
@@ -555,13 +590,13 @@ class _Run:
         model, device, dtype = self.model, self.device, self.dtype
         train_stats = _train_one_epoch(model, loader, self.opt, device, dtype, tc.grad_clip, desc)
         t1 = time.perf_counter()
-        val_metrics = validation_metrics(
-            model, self.val_loaders, device, dtype, self.spec.class_names
-        )
+        val_metrics = self.validate()
         t2 = time.perf_counter()
         improved = _select(progress, epoch, metric, val_metrics, model)
         if improved and self.model_file is not None:
             save_model(model, self.spec, self.out_dir / self.model_file)
+        if isinstance(model, PathPooling):  # training (and the checkpoint) use the full path
+            model.reset_path_weights()
         progress.stopped_early = tc.patience > 0 and progress.stale >= tc.patience
         progress.stopped_early = progress.stopped_early and epoch < tc.epochs
         lr = self.opt.scheduler.get_last_lr()[0]
@@ -698,13 +733,19 @@ def train(
     from rima_core.calibration import calibrate_model, calibrate_paths
 
     # both fitted on validation after selection; T changes no argmax, the path weights may
+    if isinstance(model, PathPooling):  # refit from the full path alone, as every epoch did:
+        model.reset_path_weights()  # the shipped weights are those selection scored
     pooling = calibrate_paths(model, val_loaders, device, dtype) if tc.pool_paths else None
     calibration = calibrate_model(model, val_loaders, device, dtype)
     spec.temperature = calibration["temperature"]
+    spec.temperatures = calibration["temperatures"]
+    spec.decoding = tc.decoding
     save_model(model, spec, model_path)
     _alignment_report(model, store, mask_df, out_dir / "alignment.json", tracker)
     counts = {"n_parameters": n_params, "n_train": n_train, "n_val": n_val}
     summary = _summary(cfg, spec, progress, counts, device, dtype, calibration["temperature"])
+    summary["temperatures"] = spec.temperatures
+    summary["decoding"] = spec.decoding
     if teacher_summary is not None:
         summary["teacher"] = teacher_summary
     if pooling is not None:

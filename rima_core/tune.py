@@ -74,7 +74,7 @@ _BUDGET_KEYS = frozenset({"out_dir", "storage", "study_name", "n_trials", "timeo
 # train.* keys a trial overrides or that do not change its result. A trial's value is its best
 # validation metric, measured before any path pooling, so a trial skips the pooling fit.
 _TRIAL_OVERRIDDEN = frozenset(
-    {"out_dir", "epochs", "lr", "selection_metric", "selection_scenario", "pool_paths"}
+    {"out_dir", "epochs", "lr", "selection_metric", "selection_scenario", "pool_paths", "decoding"}
 )
 # A dead worker's trial is failed (and retried once) after this long without a heartbeat.
 HEARTBEAT_S = 15
@@ -120,6 +120,7 @@ def trial_config(cfg: Config, params: Mapping[str, float]) -> Config:
             "train.selection_scenario": tc.scenario,
             "train.selection_metric": tc.metric,
             "train.pool_paths": False,
+            "train.decoding": "argmax",  # a trial's score does not depend on the decoding
         },
         "trial",
     )

@@ -162,3 +162,113 @@ def test_every_model_is_calibrated_and_the_fused_ones_pool_their_paths(name: str
     assert (pooling is not None) == pools, name
     if pools:
         assert pooling["n_eyes"] == 32 and pooling["fitted"]
+
+
+# --- one temperature per availability pattern, and the ordinal decoding ----------------------
+
+
+def test_each_availability_pattern_gets_its_own_temperature() -> None:
+    """Complete eyes over-confident by 3, fundus-only by 1.5, OCT-only too few to fit alone:
+    each fitted pattern recovers its own T, the small one takes the T of all eyes."""
+    from rima_core.calibration import MIN_TEMPERATURE_EYES, availability, fit_temperatures
+
+    lc, yc = _sampled(3000, 4, 3.0, seed=1)
+    lf, yf = _sampled(3000, 4, 1.5, seed=2)
+    lo, yo = _sampled(MIN_TEMPERATURE_EYES - 1, 4, 0.5, seed=3)
+    logits = np.concatenate([lc, lf, lo])
+    y = np.concatenate([yc, yf, yo])
+    hf = np.r_[np.ones(3000 + 3000, bool), np.zeros(len(yo), bool)]
+    ho = np.r_[np.ones(3000, bool), np.zeros(3000, bool), np.ones(len(yo), bool)]
+    assert list(np.unique(availability(hf, ho))) == ["complete", "fundus_only", "oct_only"]
+    overall, per = fit_temperatures(logits, y, hf, ho)
+    assert per["complete"] == pytest.approx(3.0, rel=0.1)
+    assert per["fundus_only"] == pytest.approx(1.5, rel=0.1)
+    assert per["oct_only"] == overall == pytest.approx(fit_temperature(logits, y))
+    # per pattern is never worse in likelihood than one T for all
+    from rima_core.calibration import row_temperatures
+
+    rows = row_temperatures(per, overall, hf, ho)
+    assert nll(logits, y, rows) < nll(logits, y, overall)
+
+
+def test_predict_applies_each_eyes_pattern_temperature() -> None:
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 3.0, 1.0], [1.0, 0.5, 0.0]])
+    model = _Fixed(logits)
+    batch = {
+        "fundus": torch.tensor([[0.0], [1.0], [2.0]]),
+        "oct": torch.zeros(3, 1),
+        "has_fundus": torch.tensor([True, True, False]),
+        "has_oct": torch.tensor([True, False, True]),
+        "label": torch.tensor([0, 1, 2]),
+        "index": torch.tensor([0, 1, 2]),
+    }
+    cpu = torch.device("cpu")
+    temps = {"complete": 2.0, "fundus_only": 0.5, "oct_only": 4.0}
+    set_model_temperature(model, 1.3, temps)
+    p = predict(model, [batch], cpu, progress=False)
+    z = logits.numpy()
+    for row, t in enumerate((2.0, 0.5, 4.0)):
+        assert p.proba[row] == pytest.approx(softmax(z[row : row + 1], t)[0])
+    # a model with only the one temperature (older files) applies it to every eye
+    set_model_temperature(model, 1.3)
+    assert predict(model, [batch], cpu, progress=False).proba == pytest.approx(softmax(z, 1.3))
+
+
+def test_temperatures_and_decoding_are_saved_with_the_model(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from rima_core.engine import model_decoding, model_temperatures
+
+    temps = {"complete": 1.9, "fundus_only": 1.2, "oct_only": 1.4}
+    spec = replace(_spec(1.5), temperatures=temps, decoding="ordinal")
+    save_model(build_model(spec, pretrained=False), spec, tmp_path / "model.pt")
+    model, loaded = load_model(tmp_path / "model.pt")
+    assert loaded.temperatures == pytest.approx(temps)
+    assert model_temperatures(model) == pytest.approx(temps)
+    assert loaded.decoding == model_decoding(model) == "ordinal"
+    # saved before the fields existed: one temperature for every eye, argmax
+    blob = torch.load(tmp_path / "model.pt", weights_only=True)
+    del blob["spec"]["temperatures"], blob["spec"]["decoding"]
+    torch.save(blob, tmp_path / "old.pt")
+    model, loaded = load_model(tmp_path / "old.pt")
+    assert model_temperatures(model) == {} and model_decoding(model) == "argmax"
+    with pytest.raises(ValueError, match="temperatures must map"):
+        replace(_spec(), temperatures={"complete": 0.0})
+    with pytest.raises(ValueError, match="temperatures must map"):
+        replace(_spec(), temperatures={"both": 1.0})
+    with pytest.raises(ValueError, match="decoding must be one of"):
+        replace(_spec(), decoding="median")
+
+
+def test_ordinal_decoding_minimises_the_expected_quadratic_cost() -> None:
+    from rima_core.metrics import classification_metrics, decode
+
+    # mass split between the two ends: argmax picks an end, the ordinal grade the middle
+    p = np.array([[0.45, 0.1, 0.45 - 1e-3, 1e-3], [0.0, 0.0, 0.2, 0.8]])
+    assert decode(p).tolist() == [0, 3]
+    assert decode(p, "ordinal").tolist() == [1, 3]
+    with pytest.raises(ValueError, match="decoding must be"):
+        decode(p, "mode")
+    m = classification_metrics([1, 3], p)
+    assert m["qwk_ordinal"] == pytest.approx(1.0) and m["qwk"] < 1.0
+
+
+def test_predictions_grade_with_the_models_decoding() -> None:
+    from rima_core.engine import set_model_decoding
+
+    logits = torch.log(torch.tensor([[0.45, 0.1, 0.44, 0.01]]))
+    model = _Fixed(logits)
+    batch = {
+        "fundus": torch.tensor([[0.0]]),
+        "oct": torch.zeros(1, 1),
+        "has_fundus": torch.tensor([True]),
+        "has_oct": torch.tensor([True]),
+        "label": torch.tensor([1]),
+        "index": torch.tensor([0]),
+    }
+    cpu = torch.device("cpu")
+    assert predict(model, [batch], cpu, progress=False).y_pred.tolist() == [0]
+    set_model_decoding(model, "ordinal")
+    assert predict(model, [batch], cpu, progress=False).y_pred.tolist() == [1]
+    with pytest.raises(ValueError, match="decoding must be"):
+        set_model_decoding(model, "mode")

@@ -55,6 +55,7 @@ BAD_VALUES = [
     ("model.dropout=1.5", "model.dropout"),
     ("model.heads=0", "model.heads"),
     ("model.fundus_encoder=vgg", "model.fundus_encoder"),
+    ("model.name=rimma", "model.name"),  # the registry's names, checked at load
     ("tune.lr_range=[0.003, 0.0002]", "tune.lr_range"),
     ("tune.gw_epsilon_range=[0, 0.05]", "tune.gw_epsilon_range"),
     ("tune.loss_weight_range=[0.5]", "tune.loss_weight_range"),
@@ -262,6 +263,47 @@ def test_name_lists_agree_with_their_sources() -> None:
     names = classification_metrics(np.arange(3), np.eye(3), ["a", "b", "c"])
     plain = {k for k in names if "/" not in k and k != "n_samples"}
     assert set(METRICS) == plain
+
+
+def test_unknown_model_name_is_refused_at_load_listing_the_registry(tmp_path: Path) -> None:
+    """A typo in model.name used to surface only when the model was built (after the data
+    steps); now loading stops, naming every registered model and the closest one."""
+    from rima_core.models import BUILDERS
+
+    params = tmp_path / "params.yaml"
+    params.write_text("model:\n  name: late_fusion\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(params)
+    message = str(err.value)
+    assert message.startswith("params.model.name: must be one of ")
+    assert all(repr(name) in message for name in BUILDERS)  # every name, from the registry
+    assert "(did you mean 'late_fusion_zero'?)" in message
+    assert message.endswith("got 'late_fusion'")
+    # the same through --set, and with nothing close: no suggestion, still the list
+    with pytest.raises(ConfigError, match=r"^params\.model\.name: .*got 'rimma'$") as err:
+        load_config(None, overrides=["model.name=rimma"])
+    assert "did you mean 'rima'?" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides=["model.name=xyz123"])
+    assert "did you mean" not in str(err.value) and "'distillation'" in str(err.value)
+    # a stored config (a model's config.json) is checked the same way
+    values = Config().to_dict()
+    values["model"]["name"] = "rima_no_ot"
+    with pytest.raises(ConfigError, match=r"^config\.model\.name: "):
+        config_from_dict(values)
+
+
+def test_every_registered_model_name_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The valid names are the registry's, not a copy: each loads, and a name added to the
+    registry is valid without touching the config module."""
+    import rima_core.models
+
+    for name in rima_core.models.MODEL_NAMES:
+        assert load_config(None, overrides=[f"model.name={name}"]).model.name == name
+    monkeypatch.setattr(
+        rima_core.models, "MODEL_NAMES", (*rima_core.models.MODEL_NAMES, "my_new_model")
+    )
+    assert load_config(None, overrides=["model.name=my_new_model"]).model.name == "my_new_model"
 
 
 @pytest.mark.parametrize("source", ["auto", "gamma", "harvard", "my_group.formats.export_v2"])

@@ -490,11 +490,9 @@ def _git_clean(repo: Path, after: str) -> None:
     assert status.strip() == "", f"after {after}, the git tree is not clean:\n{status}"
 
 
-@pytest.mark.slow
-def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
-    """`dvc repro` on a fresh copy; the tree stays clean when nothing changed (even when stages
-    are forced to rerun: no timing or run id in any tracked output); the headline metrics are
-    few; an experiment compares with the committed baseline without errors."""
+def _tiny_repo(tmp_path: Path) -> tuple[Path, Config]:
+    """A fresh copy of the working tree as a git + DVC repository on the tiny settings, all
+    committed (the baseline an experiment runs from); returns it and its config."""
     repo = tmp_path / "repo"
     _copy_worktree(repo)
     # the tiny profile (2 tuning trials, 1 epoch), written into the copy's params.yaml (DVC
@@ -521,6 +519,15 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
     _run(["rima", "data", "synth", "--out", "data/raw"], repo)
     _run(["dvc", "commit", "-f", "-q", "data.dvc"], repo)
     _git_commit(repo, "tiny")
+    return repo, cfg
+
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
+    """`dvc repro` on a fresh copy; the tree stays clean when nothing changed (even when stages
+    are forced to rerun: no timing or run id in any tracked output); the headline metrics are
+    few; an experiment compares with the committed baseline without errors."""
+    repo, cfg = _tiny_repo(tmp_path)
 
     first = _run(["dvc", "repro"], repo, timeout=LONG)
     assert _ran(first) == STAGES
@@ -628,14 +635,6 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
     # version land in the workspace's database, tagged with the experiment's name
     import sqlite3
 
-    def tagged_runs() -> set[str]:
-        con = sqlite3.connect(repo / "mlflow.db")
-        try:
-            rows = con.execute("SELECT value FROM tags WHERE key = 'dvc.exp_name'").fetchall()
-        finally:
-            con.close()
-        return {r[0] for r in rows}
-
     versions_before = (
         sqlite3.connect(repo / "mlflow.db")
         .execute("SELECT COUNT(*) FROM model_versions")
@@ -646,10 +645,71 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
         repo,
         timeout=LONG,
     )
-    assert "temp-exp" in tagged_runs()
+    assert "temp-exp" in _tagged_runs(repo)
     versions_after = (
         sqlite3.connect(repo / "mlflow.db")
         .execute("SELECT COUNT(*) FROM model_versions")
         .fetchone()[0]
     )
     assert versions_after == versions_before + 1
+
+
+def _tagged_runs(repo: Path) -> set[str]:
+    """The DVC experiment names the MLflow runs in the workspace's database are tagged with."""
+    import sqlite3
+
+    if not (repo / "mlflow.db").is_file():
+        return set()
+    con = sqlite3.connect(repo / "mlflow.db")
+    try:
+        rows = con.execute("SELECT value FROM tags WHERE key = 'dvc.exp_name'").fetchall()
+    finally:
+        con.close()
+    return {r[0] for r in rows}
+
+
+@pytest.mark.slow
+def test_dvc_queued_experiment_end_to_end(tmp_path: Path) -> None:
+    """`dvc exp run --queue` + `dvc queue start`: the experiment runs later, in a Celery worker
+    DVC starts, in a copy under .dvc/tmp/exps; like a --temp one (test_dvc_repro_end_to_end),
+    its MLflow runs must land in the workspace's database tagged with its name, not in the copy
+    that is deleted afterwards."""
+    import time
+
+    repo, _ = _tiny_repo(tmp_path)
+    name = "queued-exp"
+    _run(["dvc", "exp", "run", "--queue", "-n", name, "-S", "train.epochs=1"], repo)
+    assert name in _run(["dvc", "queue", "status"], repo)  # queued, nothing ran yet
+    assert _tagged_runs(repo) == set()
+    try:
+        _run(["dvc", "queue", "start", "-j", "1"], repo)
+        deadline = time.monotonic() + LONG
+        while True:
+            status = _run(["dvc", "queue", "status"], repo)
+            task = next((line for line in status.splitlines() if f" {name} " in line), "")
+            if not any(s in task for s in ("Queued", "Running")):
+                break
+            assert time.monotonic() < deadline, f"the queued experiment did not finish:\n{status}"
+            time.sleep(5)
+        logs = subprocess.run(
+            ["dvc", "queue", "logs", name], cwd=repo, env=_env(), capture_output=True, text=True
+        )
+        assert "Success" in task, f"{status}\n{(logs.stdout + logs.stderr)[-4000:]}"
+    finally:  # never leave a worker behind, also when the test fails
+        subprocess.run(
+            ["dvc", "queue", "stop", "--kill"], cwd=repo, env=_env(), capture_output=True
+        )
+    assert _ran(logs.stdout) == STAGES  # the whole pipeline, from the committed baseline
+    assert name in _tagged_runs(repo)
+    import sqlite3
+
+    con = sqlite3.connect(repo / "mlflow.db")
+    try:
+        versions = con.execute("SELECT COUNT(*) FROM model_versions").fetchone()[0]
+    finally:
+        con.close()
+    assert versions == 1  # its registry version too
+    # and the experiment is a DVC experiment of the baseline, with its parameter
+    table = _json(["dvc", "exp", "show", "--json"], repo)
+    assert _errors(table) == []
+    assert name in json.dumps(table)

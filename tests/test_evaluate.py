@@ -276,8 +276,13 @@ def test_scores_have_bootstrap_intervals(evaluated, tiny_data: TinyData) -> None
     assert len(scores) == 2 * len(scenarios) * len(BOOT_METRICS)
     defined = scores.dropna(subset=["value", "ci_low", "ci_high"])
     assert len(defined) >= 0.9 * len(scores)
-    assert (defined["ci_low"] <= defined["value"] + 1e-12).all()
-    assert (defined["value"] <= defined["ci_high"] + 1e-12).all()
+    # a percentile interval holds its point estimate, except for ECE: binned over resampled
+    # eyes it is biased upward (duplicated eyes fill bins unevenly), so a well-calibrated
+    # point estimate can lie below the whole interval
+    unbiased = defined[defined["metric"] != "ece"]
+    assert (unbiased["ci_low"] <= unbiased["value"] + 1e-12).all()
+    assert (unbiased["value"] <= unbiased["ci_high"] + 1e-12).all()
+    assert (defined["ci_low"] <= defined["ci_high"]).all()
     assert (scores["n_boot"] <= tiny_data.cfg.evaluate.bootstrap).all()
     metrics = json.loads((out / "metrics.json").read_text())
     val_metrics = json.loads((out / "val" / "metrics.json").read_text())
@@ -328,7 +333,19 @@ def test_calibration_before_and_after(evaluated, trained: Path, tiny_data: TinyD
     assert spec.temperature != 1.0  # fitted on validation at the end of training
     calib = pd.read_csv(out / "calibration.csv")
     assert {"ece_before", "ece_after", "nll_before", "nll_after"} <= set(calib.columns)
-    assert np.allclose(calib["temperature"], spec.temperature)
+    # each scenario's eyes are scaled by their availability pattern's temperature
+    assert set(spec.temperatures) == {"complete", "fundus_only", "oct_only"}
+    for row in calib.itertuples():
+        masks = pd.read_parquet(tiny_data.masks)
+        eyes = masks[(masks["split"] == row.split) & (masks["scenario"] == row.scenario)]
+        eyes = eyes[eyes["has_fundus"] | eyes["has_oct"]]
+        pattern = np.where(
+            eyes["has_fundus"] & eyes["has_oct"],
+            "complete",
+            np.where(eyes["has_fundus"], "fundus_only", "oct_only"),
+        )
+        expected = np.mean([spec.temperatures[p] for p in pattern])
+        assert row.temperature == pytest.approx(expected), row.scenario
     metrics = json.loads((out / "metrics.json").read_text())
     for row in calib[calib["split"] == "test"].itertuples():
         # metrics.json scores the calibrated probabilities
@@ -377,7 +394,8 @@ def test_registered_version_carries_the_model_card(
     version = client.get_model_version("rima-card", result["version"])
     card = version.description
     for text in ("# Model card", "store content hash", "normal, early, advanced", "ES-AUC",
-                 "| mixed |", "Temperature T =", "Intended use", "Missing modalities"):  # fmt: skip
+                 "| mixed |", "one temperature per availability pattern", "Intended use",
+                 "Missing modalities"):  # fmt: skip
         assert text in card, text
     assert len(card) <= 5000
     logged = mlflow.artifacts.download_artifacts(

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from components import STEP_FUNCTIONS, build_components, rima_image
+from components import EXIT_TASK, STEP_FUNCTIONS, build_components, rima_image
 from components.image import DEFAULT_IMAGE, IMAGE_ENV
 from pipelines.cli import main
 from pipelines.compile import compile_pipeline, pipeline_arguments
@@ -91,7 +91,8 @@ def test_every_step_is_a_task_on_the_project_image(compiled: dict[str, Any]) -> 
     tasks = _tasks(spec)
     assert set(STEPS) <= set(tasks)
     executors = spec["deploymentSpec"]["executors"]
-    assert {f"exec-{s}" for s in STEPS} == set(executors)
+    exit_task = EXIT_TASK.name.replace("_", "-")  # the exit handler's task runs no step
+    assert {f"exec-{s}" for s in [*STEPS, exit_task]} == set(executors)
     for name, ex in executors.items():
         container = ex["container"]
         assert container["image"] == IMAGE, name
@@ -412,3 +413,68 @@ def test_every_task_has_a_display_name_and_a_deadline(compiled: dict[str, Any]) 
         assert spec.timeout_s > 0
         config = executors[_executor(compiled["spec"], task)]
         assert int(config["activeDeadlineSeconds"]) == spec.timeout_s, spec.name
+
+
+# --- params.yaml against the committed one ---------------------------------------------------
+
+
+def _git(repo: Path, *args: str) -> None:
+    import subprocess
+
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+    )
+
+
+def test_compile_warns_when_params_differ_from_the_committed_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The package's defaults come from params.yaml as it is on disk: a cluster run from an
+    edited, uncommitted file would use values no commit records, so compile names the keys."""
+    import logging
+    import shutil
+
+    from pipelines.compile import uncommitted_params
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    values = Config().to_dict()
+    values["mlflow"]["tracking_uri"] = "http://mlflow.mlflow.svc:5000"
+    params = repo / "params.yaml"
+    params.write_text(yaml.safe_dump(values))
+    _git(repo, "add", "params.yaml")
+    _git(repo, "commit", "-q", "-m", "params")
+    # the same values, reformatted and commented: nothing differs
+    params.write_text("# tuned by hand\n" + yaml.safe_dump(values, sort_keys=False, indent=4))
+    assert uncommitted_params(params) == []
+
+    values["train"]["epochs"] = 3
+    values["validate"]["min_split_fraction"]["val"] = 0.1  # nested: named to the leaf
+    values["missing"]["sweep"] = [0.5]  # lists are values
+    del values["promote"]["tolerance"]  # set on one side only
+    params.write_text(yaml.safe_dump(values))
+    with caplog.at_level(logging.WARNING, logger="pipelines.compile"):
+        compile_pipeline(tmp_path / "p.yaml", params)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    keys = "missing.sweep, promote.tolerance, train.epochs, validate.min_split_fraction.val"
+    assert f"in {keys};" in warnings[0]
+    assert "HEAD:params.yaml" in warnings[0]
+    assert (tmp_path / "p.yaml").is_file()  # a warning, not a refusal
+
+    # outside a git work tree there is nothing to compare with: silence
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copyfile(params, outside / "params.yaml")
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="pipelines.compile"):
+        compile_pipeline(tmp_path / "q.yaml", outside / "params.yaml")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert uncommitted_params(outside / "params.yaml") is None
+    # a file HEAD does not hold (never committed) is not compared either
+    (repo / "other.yaml").write_text(yaml.safe_dump(values))
+    assert uncommitted_params(repo / "other.yaml") is None

@@ -236,6 +236,13 @@ def test_whole_pipeline_runs_locally_and_registers_a_model(local_runner: Path) -
     # lineage: the version is the model logged by the train task's run, on the store it read
     source = client.get_run(champion.run_id)
     assert source.data.tags["step"] == "train"
+    # every MLflow run of the pipeline run carries its KFP run id, the tag the exit handler
+    # (which ran last, found the run succeeded and ended nothing) searches by
+    kfp_run = source.data.tags["kfp.run_id"]
+    runs = client.search_runs([source.info.experiment_id])
+    assert {r.data.tags.get("step") for r in runs} >= {"tune", "train", "evaluate", "register"}
+    assert {r.data.tags.get("kfp.run_id") for r in runs} == {kfp_run}
+    assert all(r.info.status == "FINISHED" for r in runs)
     assert source.inputs.dataset_inputs[0].dataset.digest == manifest_digest(run_dir)
     decision = (run_dir / "promote" / "decision").read_text()
     assert "no champion yet" in decision

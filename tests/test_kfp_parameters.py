@@ -2,7 +2,8 @@
 
 KFP reads literal Python signatures (the pipeline function, the ``resolve-config`` component), so
 those stay written out; these tests fail naming the parameter where a signature, the compiler's
-arguments, the compiled package or the README's table disagree with the list.
+arguments, the compiled package or the documented table (docs/kubernetes.md) disagree with
+the list.
 """
 
 from __future__ import annotations
@@ -97,11 +98,13 @@ def test_compiled_package_inputs_are_the_table(tmp_path: Path) -> None:
     assert not _differences(got, want, "compiled package inputs")
 
 
-def test_readme_table_is_generated_from_the_table() -> None:
-    readme = (ROOT / "README.md").read_text()
-    found = re.search(r"<!-- run-parameters -->\n(.*?)<!-- /run-parameters -->", readme, re.S)
-    assert found, "README.md lacks the <!-- run-parameters --> ... <!-- /run-parameters --> block"
+def test_docs_table_is_generated_from_the_table() -> None:
+    page = (ROOT / "docs" / "kubernetes.md").read_text()
+    found = re.search(r"<!-- run-parameters -->\n(.*?)<!-- /run-parameters -->", page, re.S)
+    assert found, (
+        "docs/kubernetes.md lacks the <!-- run-parameters --> ... <!-- /run-parameters --> block"
+    )
     assert found.group(1) == parameters_markdown(), (
-        "README's run-parameter table is stale: replace the block with the output of "
+        "docs/kubernetes.md's run-parameter table is stale: replace the block with the output of "
         "`python -m pipelines parameters`"
     )

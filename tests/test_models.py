@@ -201,8 +201,10 @@ class _Oracle(nn.Module):
 def test_a_perfect_translation_makes_a_missing_modality_invisible(missing: str) -> None:
     """RIMA replaces a missing feature by its translation on every path, so with translators
     that reproduce the true features an eye's prediction must not change when a modality is
-    removed. (A model that ignored the translation, or fused the wrong eye's, would fail this.)"""
-    model = make_model("rima").eval()
+    removed. (A model that ignored the translation, or fused the wrong eye's, would fail this.)
+    The fused head alone (``full_path="head"``): the product full path counts the fundus and
+    the OCT as two views, which a perfect translation is not (test_product_full_path)."""
+    model = make_model("rima", full_path="head").eval()
     b = make_batch([1] * 6, [1] * 6)
     with torch.no_grad():
         f, o = model.encode(b["fundus"], b["oct"], b["has_fundus"], b["has_oct"])
@@ -245,7 +247,7 @@ def test_missing_modality_content_is_never_read() -> None:
 
 
 def test_translator_feeds_the_missing_oct_in_rima() -> None:
-    model = make_model("rima").eval()
+    model = make_model("rima", full_path="head").eval()
     b = make_batch([1, 1], [1, 0])
     with torch.no_grad():
         before = run(model, b, labels=False).logits
@@ -448,7 +450,7 @@ def test_spec_saved_before_the_newer_keys_still_loads(tmp_path) -> None:
     loads with the values it was trained with (spec.ADDED_KEYS)."""
     from rima_core.models.spec import ADDED_KEYS
 
-    spec = make_spec("rima_no_class_ot")
+    spec = make_spec("rima_no_class_ot", full_path="head")  # what older models computed
     path = tmp_path / "model.pt"
     save_model(build_model(spec), spec, path)
     blob = torch.load(path, weights_only=True)
@@ -459,6 +461,7 @@ def test_spec_saved_before_the_newer_keys_still_loads(tmp_path) -> None:
     assert loaded == spec
     assert loaded.config.translators and loaded.config.gw
     assert (loaded.config.distill_alpha, loaded.config.distill_temperature) == (0.5, 2.0)
+    assert loaded.config.full_path == "head"
 
 
 def test_load_model_errors(tmp_path) -> None:
@@ -907,7 +910,7 @@ def test_single_modality_standardises_its_features(name: str, tmp_path) -> None:
 
 
 def test_no_translators_has_no_translator_and_uses_learned_tokens() -> None:
-    model = make_model("rima_no_translators")
+    model = make_model("rima_no_translators", full_path="head")  # the head's inputs, below
     names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
     assert not [n for n in names if n.startswith(("g_fo.", "g_of.")) or n.startswith("T_v")]
     assert {"missing_fundus", "missing_oct", "oct_to_fundus.weight", "path_weights"} <= names
@@ -1048,3 +1051,42 @@ def test_imputation_head_reads_standardised_features(name: str, tmp_path) -> Non
         torch.testing.assert_close(
             run(old, b, labels=False).logits, old.head(torch.cat([f, o], dim=1))
         )
+
+
+@pytest.mark.parametrize("name", ["rima", "rima_no_translators", "rima_no_class_ot"])
+def test_product_full_path(name: str) -> None:
+    """``full_path="product"``: a complete eye's logits are the fused head's plus the
+    log-probabilities of its fundus-only and OCT-only paths, the latter fixed in the full
+    path's loss (no gradient reaches the single paths through it); an eye missing a modality keeps
+    its one path, the same as with the head alone (same weights); without path training
+    (``rima_no_missing_paths``) the full path is the head alone."""
+    b = make_batch(*MIXED)
+    hf, ho = b["has_fundus"], b["has_oct"]
+    both = hf & ho
+    product = make_model(name, full_path="product").eval()
+    head = make_model(name, full_path="head").eval()
+    head.load_state_dict(product.state_dict())
+    with torch.no_grad():
+        f, o = product.encode(b["fundus"], b["oct"], hf, ho)
+        ones = torch.ones_like(hf)
+        fused = product.fuse(f, o, ones, ones)
+        lf = F.log_softmax(product.fuse(f, o, ones, ~ones), dim=1)
+        lo = F.log_softmax(product.fuse(f, o, ~ones, ones), dim=1)
+        out = run(product, b, labels=False).logits
+        alone = run(head, b, labels=False).logits
+    torch.testing.assert_close(out[both], (fused + lf + lo)[both], atol=1e-5, rtol=1e-5)
+    # the product is a constant of the full path's loss: its gradient reaches the head only
+    product.train()
+    product.fundus_branch.block.dropout.p = 0.0
+    f, o = product.encode(b["fundus"], b["oct"], hf, ho)
+    idx = both.nonzero().flatten()
+    singles = product.single_paths(f[idx], o[idx])
+    head_logits = product.fuse(f[idx], o[idx], *[torch.ones_like(idx, dtype=torch.bool)] * 2)
+    grads = torch.autograd.grad(
+        product.full_logits(head_logits, *singles).sum(), singles, allow_unused=True
+    )
+    assert all(g is None or float(g.abs().sum()) == 0.0 for g in grads)
+    torch.testing.assert_close(out[~both], alone[~both])
+    torch.testing.assert_close(alone[both], fused[both], atol=1e-5, rtol=1e-5)
+    assert not make_model("rima_no_missing_paths", full_path="product").product
+    assert not make_model("rima").product  # the default full path is the fused head alone

@@ -78,8 +78,10 @@ def test_fit_rejects_bad_input() -> None:
 
 
 def test_default_weights_return_the_full_path_untouched() -> None:
-    """Training and older models: the logits are the fusion's, bit for bit, in train and eval."""
-    model = make_model("rima").eval()
+    """Training and older models: the logits are the full path's, bit for bit, in train and
+    eval (the fused head alone here, as older models; the product full path in
+    test_models.test_product_full_path)."""
+    model = make_model("rima", full_path="head").eval()
     b = make_batch(*MIXED)
     assert model.path_weights.tolist() == list(DEFAULT_PATH_WEIGHTS)
     with torch.no_grad():
@@ -93,7 +95,7 @@ def test_default_weights_return_the_full_path_untouched() -> None:
 
 
 def test_fitted_weights_pool_the_paths_of_complete_eyes_only() -> None:
-    model = make_model("rima").eval()
+    model = make_model("rima", full_path="head").eval()  # full path = fuse(f, o), below
     b = make_batch(*MIXED)
     w = torch.tensor([0.3, 1.2, 0.5])
     model.path_weights.copy_(w)
@@ -257,3 +259,43 @@ def test_model_card_states_the_pooling() -> None:
     kept = {**fitted, "fitted": False, "n_eyes": 12, "weights": dict.fromkeys(PATHS, 0.0)}
     assert "too few" in pooling_lines(kept, "val")[0]
     assert pooling_lines(None, "val") == []
+
+
+def test_selection_scores_the_predictor_that_ships(
+    tiny_data: TinyData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each epoch is scored with path weights and temperatures fitted on validation as
+    training's end fits them; the shipped model.pt reproduces the selected epoch's validation
+    score exactly, and training itself (the checkpoint) runs the full path alone."""
+    from rima_core import calibration
+    from rima_core.data.dataset import EyeDataset, make_loader
+    from rima_core.data.masks import load_masks, selection_scenarios
+    from rima_core.train import validation_metrics
+
+    cfg = copy.deepcopy(tiny_data.cfg)
+    cfg.train.epochs = 2
+    cfg.train.patience = 0
+    cfg.train.pool_paths = True
+    cfg.train.selection_metric = "nll"  # a probability metric: calibration matters to it
+    # the tiny store has a dozen validation eyes per pattern: fit on them all the same
+    monkeypatch.setattr(calibration, "MIN_PATH_EYES", 5)
+    monkeypatch.setattr(calibration, "MIN_TEMPERATURE_EYES", 5)
+    summary = train(tiny_data.store, tiny_data.masks, tmp_path, cfg)
+    model, spec = load_model(tmp_path / "model.pt")
+    assert summary["path_pooling"]["fitted"]
+    assert model.path_weights.tolist() != list(DEFAULT_PATH_WEIGHTS)
+    assert set(spec.temperatures) == {"complete", "fundus_only", "oct_only"}
+    masks = load_masks(tiny_data.masks)
+    loaders = {
+        s: make_loader(EyeDataset(tiny_data.store, masks, "val", s), 64, shuffle=False, seed=0)
+        for s in selection_scenarios(cfg.train.selection_scenario)
+    }
+    shipped = validation_metrics(model, loaders, CPU, None, spec.class_names)
+    for key in ("nll", "qwk", "ece"):
+        assert shipped[key] == pytest.approx(summary["best_val_metrics"][key], abs=1e-9), key
+    # the full path alone scores otherwise: selection did not look at it
+    model.reset_path_weights()
+    raw = validation_metrics(model, loaders, CPU, None, spec.class_names)
+    assert raw["nll"] != pytest.approx(shipped["nll"], abs=1e-9)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["model"]["path_weights"].tolist() == list(DEFAULT_PATH_WEIGHTS)

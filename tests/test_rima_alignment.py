@@ -212,6 +212,12 @@ def test_diagnostics_report_every_number(tiny_data) -> None:
     assert diag["tv_column_max_uniform"] <= diag["tv_column_max"] <= 1.0
     assert alignment_diagnostics(make_rima("fundus_only"), tiny_data.store, tiny_data.masks) == {}
 
+    # the GW concentration is read at the model's own epsilon: a flatter one (large epsilon)
+    # spreads each row's mass, so the diagnostic must move with the setting
+    model.cfg = replace(model.cfg, gw_epsilon=10.0)
+    flat = alignment_diagnostics(model, tiny_data.store, tiny_data.masks, split="test")
+    assert flat["gw_row_max"] < diag["gw_row_max"]
+
 
 class _NoTracker:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:

@@ -396,9 +396,11 @@ def test_size_limits(predictor: serving.Predictor, monkeypatch: pytest.MonkeyPat
         serving.InputPolicy.server()
 
 
-def test_readme_names_every_serving_setting() -> None:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    security = readme.split("## Security", 1)[1].split("\n## ", 1)[0]
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def test_docs_name_every_serving_setting() -> None:
+    security = (DOCS / "security.md").read_text()
     names = [serving.ENV_FILE_ROOT] + [
         prefix + suffix
         for prefix in (serving.SERVE_PREFIX, serving.PREDICT_PREFIX)
@@ -406,7 +408,8 @@ def test_readme_names_every_serving_setting() -> None:
     ]
     assert [n for n in names if n not in security] == []
     # the serving example sends arrays, not a server-side file path
-    example = readme.split("## Registry and serving", 1)[1].split("\n## ", 1)[0]
+    example = (DOCS / "registry-serving.md").read_text()
+    assert re.search(r"-d '(\{.*?\})'", example, re.S), "the curl example is gone"
     assert '"fundus": "/' not in example
 
 
@@ -503,9 +506,9 @@ def test_served_default_takes_arrays_only_within_limits(
     # unknown columns are refused by name, not dropped
     status, body, _ = _invoke(default_server, [{"oct": oct.tolist(), "fundas": [[1, 2]]}])
     assert status == 400 and "unexpected column(s) ['fundas']" in _error(body)
-    # the README's curl example works as written
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    payload = json.loads(re.search(r"-d '(\{.*?\})'", readme, re.S).group(1))
+    # the documented curl example (docs/registry-serving.md) works as written
+    example = (DOCS / "registry-serving.md").read_text()
+    payload = json.loads(re.search(r"-d '(\{.*?\})'", example, re.S).group(1))
     status, body, _ = _invoke(default_server, payload["dataframe_records"])
     assert status == 200 and body["predictions"][0]["case_id"] == "eye1", body
 

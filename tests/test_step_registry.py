@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from components import STEP_FUNCTIONS, TASK_NAMES
+from components import EXIT_TASK, STEP_FUNCTIONS, TASK_NAMES
 from rima_core import steps
 from rima_core.cli import build_parser
 from rima_core.step_registry import (
@@ -149,9 +149,10 @@ def compiled_tasks(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     names = set(spec["root"]["dag"]["tasks"])
     for comp in spec["components"].values():
         names |= set(comp.get("dag", {}).get("tasks", {}))
-    # loops and conditions are DAG plumbing, not tasks of a step
-    plumbing = {n for n in names if n.startswith(("for-loop-", "condition-"))}
-    return names - plumbing
+    # loops, conditions and the exit handler's group are DAG plumbing, not tasks of a step; the
+    # exit handler's task runs no step (components.EXIT_TASK, outside TASKS)
+    plumbing = {n for n in names if n.startswith(("for-loop-", "condition-", "exit-handler-"))}
+    return names - plumbing - {EXIT_TASK.name.replace("_", "-")}
 
 
 def test_compiled_pipeline_runs_every_task_once(compiled_tasks: set[str]) -> None:

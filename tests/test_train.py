@@ -162,14 +162,36 @@ def test_selection_uses_the_validation_split(
     summary = json.loads((straight_run / "train_summary.json").read_text())
 
     def scored(model: torch.nn.Module) -> dict[str, dict[str, float]]:
-        out = {}
+        """The shipped predictor, fitted here as training fits it every epoch: path weights
+        from the full path alone, then one temperature per availability pattern, both on the
+        validation eyes of the selection scenarios."""
+        from rima_core.calibration import (
+            calibrate_paths,
+            fit_temperatures,
+            row_temperatures,
+            softmax,
+        )
+
+        cpu = torch.device("cpu")
+        loaders = {}
         for scenario in MAIN_SCENARIOS:
             ds = EyeDataset(tiny_data.store, tiny_data.masks, "val", scenario)
-            loader = make_loader(ds, batch_size=32, shuffle=False, seed=0, pin_memory=False)
-            # temperature 1: the history is scored before calibration
-            preds = predict(model, loader, torch.device("cpu"), progress=False, temperature=1.0)
-            assert preds.y_true.shape[0] == summary["n_val"] == len(ds)
-            out[scenario] = classification_metrics(preds.y_true, preds.proba)
+            loaders[scenario] = make_loader(ds, 32, shuffle=False, seed=0, pin_memory=False)
+        model.reset_path_weights()
+        calibrate_paths(model, loaders, cpu)
+        preds = {
+            s: predict(model, ld, cpu, progress=False, temperature=1.0) for s, ld in loaders.items()
+        }
+        logits = np.concatenate([p.logits for p in preds.values()])
+        y = np.concatenate([p.y_true for p in preds.values()])
+        hf = np.concatenate([p.has_fundus for p in preds.values()])
+        ho = np.concatenate([p.has_oct for p in preds.values()])
+        overall, per = fit_temperatures(logits, y, hf, ho)
+        out = {}
+        for scenario, p in preds.items():
+            assert p.y_true.shape[0] == summary["n_val"]
+            proba = softmax(p.logits, row_temperatures(per, overall, p.has_fundus, p.has_oct))
+            out[scenario] = classification_metrics(p.y_true, proba)
         return out
 
     # last epoch: the checkpoint's weights reproduce the last history row

@@ -147,9 +147,10 @@ def load_model(
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as exc:
         raise ValueError(f"{path}: weights do not fit model {spec.name!r}: {exc}") from exc
-    from rima_core.engine import set_model_temperature
+    from rima_core.engine import set_model_decoding, set_model_temperature
 
-    set_model_temperature(model, spec.temperature)
+    set_model_temperature(model, spec.temperature, spec.temperatures)
+    set_model_decoding(model, spec.decoding)
     model.to(map_location)
     model.eval()
     return model, spec

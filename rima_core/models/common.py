@@ -266,6 +266,11 @@ class PathPooling:
     def init_path_weights(self) -> None:
         self.register_buffer("path_weights", torch.tensor(DEFAULT_PATH_WEIGHTS))  # type: ignore[attr-defined]
 
+    def reset_path_weights(self) -> None:
+        """Back to the full path alone (in place: device and dtype kept)."""
+        with torch.no_grad():
+            self.path_weights.copy_(torch.tensor(DEFAULT_PATH_WEIGHTS))
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         # models saved before the path weights existed predicted with the full path alone
         state_dict.setdefault(prefix + "path_weights", torch.tensor(DEFAULT_PATH_WEIGHTS))

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from rima_core.config import Config, ModelConfig, OTConfig
+from rima_core.calibration import PATTERNS
+from rima_core.config import DECODINGS, Config, ModelConfig, OTConfig
 
 # RIMA, its ablations and its OT controls: the switches each name turns off (models/rima.py).
 # Every other model name is a baseline, which reads no switch and keeps them all on.
@@ -33,12 +34,13 @@ RIMA_VARIANTS: dict[str, dict[str, bool]] = {
 SWITCHES = ("class_ot", "feature_ot", "missing_paths", "translators", "gw")
 # Keys added to RimaConfig after models were first saved, with the value a model saved before
 # them behaved as: a saved spec that lacks one gets it (every model then had all switches on and
-# the fixed online-distillation weights).
+# the fixed online-distillation weights, and a full path that was the fused head alone).
 ADDED_KEYS: dict[str, Any] = {
     "translators": True,
     "gw": True,
     "distill_alpha": 0.5,
     "distill_temperature": 2.0,
+    "full_path": "head",
 }
 
 
@@ -68,6 +70,7 @@ class RimaConfig:
     modality_dropout: float
     missing_path_weight: float
     consistency_weight: float
+    full_path: str
     distill_alpha: float
     distill_temperature: float
     fundus_weights: str | None
@@ -132,6 +135,11 @@ class ModelSpec:
     # softmax temperature fitted on the validation split after training (rima_core.calibration);
     # engine.predict applies it. 1.0 = uncalibrated.
     temperature: float = 1.0
+    # one temperature per availability pattern (rima_core.calibration.PATTERNS), fitted the same
+    # way; engine.predict gives each eye its pattern's. {} (older models): ``temperature`` for all.
+    temperatures: dict[str, float] = field(default_factory=dict)
+    # the grade predict gives (rima_core.metrics.decode; train.decoding): argmax or ordinal
+    decoding: str = "argmax"
 
     def __post_init__(self) -> None:
         names = model_names()
@@ -143,6 +151,16 @@ class ModelSpec:
             raise ValueError(f"{len(self.class_names)} class names for n_classes={self.n_classes}")
         if not (isinstance(self.temperature, int | float) and 0 < self.temperature < float("inf")):
             raise ValueError(f"temperature must be a positive number, got {self.temperature!r}")
+        for key, value in self.temperatures.items():
+            if key not in PATTERNS or not (
+                isinstance(value, int | float) and 0 < value < float("inf")
+            ):
+                raise ValueError(
+                    f"temperatures must map {list(PATTERNS)} to positive numbers, got "
+                    f"{key!r}: {value!r}"
+                )
+        if self.decoding not in DECODINGS:
+            raise ValueError(f"decoding must be one of {list(DECODINGS)}, got {self.decoding!r}")
         # the switches are saved so a loaded model states its variant; they must agree with it
         switches = {key: getattr(self.config, key) for key in SWITCHES}
         if switches != variant_switches(self.name):
