@@ -140,9 +140,9 @@ def calibrate_model(
     ``loaders`` is one loader or ``{scenario: loader}`` (the selection scenarios), their eyes
     pooled (:func:`pooled_eyes`); a complete eye that a scenario shows with one modality hidden
     counts for that pattern, which is how the single-modality patterns get their eyes when
-    validation is complete. Called where training
-    ends, with the selected weights (and path weights) loaded; the caller stores
-    ``report["temperature"]`` and ``report["temperatures"]`` in the spec before saving.
+    validation is complete. Called where training ends, with the selected weights (and path
+    weights) loaded; the caller stores ``report["temperature"]`` and ``report["temperatures"]``
+    in the spec before saving.
     """
     from rima_core.engine import predict
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from rima_core.calibration import row_temperatures, softmax
+from rima_core.config import DECODINGS
 from rima_core.metrics import decode
 from rima_core.progress import progress as tqdm
 
@@ -158,7 +159,8 @@ def model_decoding(model: nn.Module) -> str:
 
 
 def set_model_decoding(model: nn.Module, decoding: str) -> None:
-    decode(np.eye(2), decoding)  # refuses an unknown decoding here, not at the first grade
+    if decoding not in DECODINGS:  # refused here, not at the first grade
+        raise ValueError(f"decoding must be one of {list(DECODINGS)}, got {decoding!r}")
     setattr(model, DECODING_ATTR, decoding)
 
 

@@ -304,6 +304,7 @@ def _score_split(
         "scores": [],
         "calibration": [],
         "raw": {},
+        "temperatures": {},  # each scenario's per-eye temperatures (their patterns')
     }
     for scenario in scenarios:
         ds = EyeDataset(store, mask_df, split, scenario)
@@ -332,6 +333,7 @@ def _score_split(
             frame[f"proba_{metric_key(name)}"] = preds.proba[:, c]
         out["predictions"][scenario] = frame
         out["raw"][scenario] = preds
+        out["temperatures"][scenario] = eye_temperatures(model, preds.has_fundus, preds.has_oct)
         for row in bootstrap_scores(
             preds.y_true, preds.proba, ev.bootstrap, ev.bootstrap_seed, ev.ci_level
         ):
@@ -344,7 +346,7 @@ def _score_split(
                 **calibration_report(
                     preds.logits,
                     preds.y_true,
-                    eye_temperatures(model, preds.has_fundus, preds.has_oct),
+                    out["temperatures"][scenario],
                 ),
             }
         )
@@ -580,11 +582,7 @@ def evaluate(
         (tmp / SELECTION_DIR / "metrics.json").write_text(_dump_metrics(val["metrics"]))
         for scenario, frame in val["predictions"].items():
             frame.to_parquet(tmp / SELECTION_DIR / "predictions" / f"{scenario}.parquet")
-        temps = {
-            scenario: eye_temperatures(model, p.has_fundus, p.has_oct)
-            for scenario, p in test["raw"].items()
-        }
-        _write_figures(tmp, test, temps, curve, equity, (conf_scenario, conf_matrix))
+        _write_figures(tmp, test, test["temperatures"], curve, equity, (conf_scenario, conf_matrix))
         summary = {
             "model": str(model_path),
             "model_name": spec.name,

@@ -141,7 +141,10 @@ def decode(proba: np.ndarray, decoding: str = "argmax") -> np.ndarray:
 
 def ordinal_qwk(y_true: np.ndarray, proba: np.ndarray) -> float:
     """QWK of :func:`quadratic_decode`'s grades (``qwk`` itself scores the argmax)."""
-    y, p = _validate(np.asarray(y_true), np.asarray(proba))
+    return _ordinal_kappa(*_validate(np.asarray(y_true), np.asarray(proba)))
+
+
+def _ordinal_kappa(y: np.ndarray, p: np.ndarray) -> float:
     return _kappa(confusion_matrix(y, quadratic_decode(p), p.shape[1]), "quadratic")
 
 
@@ -182,7 +185,7 @@ def classification_metrics(
         "kappa": _kappa(conf, None),
         "qwk": _kappa(conf, "quadratic"),
         # the ordinal decoding beside the argmax (train.decoding picks the one that ships)
-        "qwk_ordinal": _kappa(confusion_matrix(y, quadratic_decode(p), k), "quadratic"),
+        "qwk_ordinal": _ordinal_kappa(y, p),
     }
     if k == 2:
         out["auc"] = _binary_auc(y == 1, p[:, 1])
