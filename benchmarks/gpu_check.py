@@ -732,7 +732,7 @@ def part_engine(device: torch.device, tiny: bool, deadline: float, prog: Progres
             "resume_continued_at_epoch_3": tracker_a.epochs() == [1, 2]
             and tracker_resume.epochs() == [3],
             "epochs_in_history": len(hist_a) == epochs,
-            "losses_finite": bool(np.isfinite(hist_a["train_loss"]).all()),
+            "losses_finite": bool(np.isfinite(hist_a["train/loss"]).all()),
             "every_scenario_evaluated": set(expected) <= set(metrics),
         }
         prog.update(checks=checks)

@@ -80,8 +80,8 @@ def simulate_missing(
     """Seeded availability masks for every split and missing-modality scenario."""
     from rima_core import steps
     from rima_core.remote_config import load_task_config
-    from rima_core.reports import flat_metrics
+    from rima_core.reports import mask_metrics
 
     summary = steps.simulate_missing(store.path, masks.path, load_task_config(config.path))
-    for name, value in flat_metrics(summary).items():
+    for name, value in mask_metrics(summary).items():
         stats.log_metric(name, value)

@@ -26,7 +26,7 @@ def train(
     os.environ["MLFLOW_RUN_CONTEXT"] = json.dumps({**context, "kfp.run_id": run_id})
     from rima_core import steps
     from rima_core.remote_config import load_task_config
-    from rima_core.reports import flat_metrics
+    from rima_core.reports import train_metrics
 
     cfg = load_task_config(config.path)
     result = steps.train(store.path, masks.path, model.path, cfg, best_params=best_params.path)
@@ -37,7 +37,7 @@ def train(
             "mlflow_run_id": str(result.get("mlflow_run_id", "")),
         }
     )
-    for name, value in flat_metrics(result).items():
+    for name, value in train_metrics(result).items():
         summary.log_metric(name, value)
 
 
@@ -65,13 +65,16 @@ def evaluate(
     from rima_core import steps
     from rima_core.data import open_store
     from rima_core.remote_config import load_task_config
-    from rima_core.reports import confusion_matrix, flat_metrics, html_report, primary_metric
+    from rima_core.reports import confusion_matrix, eval_metrics, html_report, primary_metric
 
     cfg = load_task_config(config.path)
     steps.evaluate(str(Path(model.path) / "model.pt"), store.path, masks.path, results.path, cfg)
     out = Path(results.path)
     scores = json.loads((out / "metrics.json").read_text())
-    for name, value in flat_metrics(scores).items():
+    evaluated = json.loads((out / "eval_summary.json").read_text())
+    split = evaluated.get("split", cfg.evaluate.split)
+    promoted = evaluated.get("equity_headline_scenario", cfg.promote.scenario)
+    for name, value in eval_metrics(scores, split, promoted).items():
         metrics.log_metric(name, value)
     class_names = list(open_store(store.path).class_names)
     confusion.log_confusion_matrix(

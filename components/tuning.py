@@ -30,7 +30,7 @@ def tune_worker(
     os.environ["MLFLOW_RUN_CONTEXT"] = json.dumps({**context, "kfp.run_id": run_id})
     from rima_core import steps
     from rima_core.remote_config import load_task_config
-    from rima_core.reports import flat_metrics
+    from rima_core.reports import tune_metrics
     from rima_core.tune_workers import study_name_for_run, worker_config
 
     cfg = worker_config(load_task_config(config.path), int(worker))
@@ -42,7 +42,7 @@ def tune_worker(
         workers=1,
         study_name=study_name_for_run(cfg, run_id),
     )
-    for name, value in flat_metrics(result).items():
+    for name, value in tune_metrics(result).items():
         summary.log_metric(name, value)
     return int(result["n_complete"]) + int(result["n_pruned"])
 
@@ -74,7 +74,7 @@ def tune_best(
 
     from rima_core import steps
     from rima_core.remote_config import load_task_config
-    from rima_core.reports import flat_metrics, html_report
+    from rima_core.reports import html_report, tune_metrics
     from rima_core.tune_workers import study_name_for_run
 
     cfg = load_task_config(config.path)
@@ -91,7 +91,7 @@ def tune_best(
     out = Path(study.path)
     shutil.copyfile(out / "best_params.json", best_params.path)
     best_params.metadata.update({"study": result["study_name"], "finished_trials": done})
-    for name, value in flat_metrics(result).items():
+    for name, value in tune_metrics(result).items():
         best.log_metric(name, value)
     scalars = {k: v for k, v in result.items() if not isinstance(v, dict)}
     tables = {"study": scalars, "best parameters": result["best_params"]}

@@ -419,7 +419,10 @@ def _cmd_promote(args: argparse.Namespace) -> Any:
         result = steps.promote(cfg, dry_run=args.dry_run, out=args.out, after=args.after)
     except _registry_errors() as exc:
         raise StepFailed(str(exc)) from exc
-    print(format_table(result))
+    # in the pipeline (--after) the decision is one logged line and the comparison is in --out;
+    # the per-scenario table (a line per scenario) is for a person running promote, or -v
+    if not args.after or args.verbose:
+        print(format_table(result))
     return result if args.json else None
 
 
@@ -477,11 +480,64 @@ def _add_registry_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_predict)
 
 
+# --- reproduction check ---------------------------------------------------------------------------
+
+
+class ExitStatus(int):
+    """A command's exit status that is a verdict, not an error (``check-repro``: 1 = not
+    reproduced); :func:`run` returns it instead of printing a summary."""
+
+
+def _cmd_check_repro(args: argparse.Namespace) -> Any:
+    from pathlib import Path
+
+    from rima_core import repro
+
+    cfg = _config(args)
+    report = repro.check(Path.cwd(), cfg, rev=args.rev)
+    facts = None if report.exact else repro.processor_facts()
+    status = ExitStatus(0 if report.reproduced else 1)
+    if args.json:
+        summary = {
+            "rev": report.rev,
+            "exact": report.exact,
+            "reproduced": report.reproduced,
+            "verdict": repro.verdict_line(report),
+            "numbers": [vars(c) for c in report.comparisons if c.verdict != repro.EXACT],
+            "other_files_differ": [p for p, same in report.other_files if not same],
+            "model_md5": dict(
+                zip(("path", "committed", "workspace"), report.model or (), strict=False)
+            ),
+            "changed_inputs": report.changed_inputs,
+            "intervals_from": report.interval_source,
+            "processor": facts,
+        }
+        print(json.dumps(summary, indent=2, default=str))
+        return status
+    print("\n".join(repro.render(report, facts)))
+    return status
+
+
+def _add_repro_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check-repro",
+        help="do the workspace's pipeline results reproduce the committed ones? (exit 0/1)",
+        description="Compare the numbers of the DVC metrics files in the workspace with a "
+        "commit's: equal, within the committed bootstrap interval (scores.csv) or "
+        "repro.abs_tolerance, or different; say why (inputs, model md5, processor). Exit 0 "
+        "reproduced (exactly or within tolerance), 1 not reproduced, 2 a file is missing.",
+    )
+    add_config_options(p)
+    p.add_argument("--rev", default="HEAD", help="git revision with the committed results")
+    p.set_defaults(func=_cmd_check_repro)
+
+
 # Each group of commands registers itself here; keep one function per group.
 COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [_add_data_commands]
 COMMAND_GROUPS.append(_add_model_commands)
 COMMAND_GROUPS.append(_add_tune_commands)
 COMMAND_GROUPS.append(_add_registry_commands)
+COMMAND_GROUPS.append(_add_repro_commands)
 
 
 DESCRIPTION = """\
@@ -606,18 +662,44 @@ class _PlainTextFilter(logging.Filter):
 NOISY_LIBRARIES = ("great_expectations", "alembic")
 
 
+# warnings about how a library was called, not about the run, that every run would repeat (-v
+# shows them): MLflow's advice on integer columns in the logged model's inferred signature, and
+# on type hints of the pyfunc's predict (rima_core.serving checks its inputs itself)
+NOISY_WARNINGS = (
+    r"Hint: Inferred schema contains integer column",
+    r"Add type hints to the `predict` method",
+)
+
+
+def _one_line_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: Any = None
+) -> str:
+    """``file:line: Category: message`` on one line (the default adds the source line and a
+    blank line: three log lines per warning)."""
+    text = " ".join(str(message).split())
+    return f"{filename}:{lineno}: {category.__name__}: {text}"
+
+
 def _quiet_libraries(verbose: bool = False) -> None:
     """Library output fit for logs: Python warnings go through logging (one line, colour codes
     stripped), and MLflow's artifact download bars are off — `rima` downloads artifacts only for
     itself (e.g. `register` reading back the logged model), where they printed the same bar
-    several times. An explicit MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR wins."""
+    several times. An explicit MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR wins. Without -v, MLflow's
+    own INFO log lines (rima logs what it did) and :data:`NOISY_WARNINGS` are off; an explicit
+    MLFLOW_LOGGING_LEVEL wins."""
     import os
+    import warnings
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    warnings.formatwarning = _one_line_warning  # type: ignore[assignment]
     logging.captureWarnings(True)
     if not verbose:  # ~200 "Skipping registering function" lines per validate; -v shows them
         for name in NOISY_LIBRARIES:
             logging.getLogger(name).setLevel(logging.WARNING)
+        # read when mlflow is imported, which the commands do after this
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        for pattern in NOISY_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, _PlainTextFilter) for f in handler.filters):
             handler.addFilter(_PlainTextFilter())
@@ -639,7 +721,10 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     install_log_redaction()
     _quiet_libraries(args.verbose)
     try:
-        _print(args.func(args), getattr(args, "json", False), getattr(args, "command", ""))
+        result = args.func(args)
+        if isinstance(result, ExitStatus):
+            return int(result)
+        _print(result, getattr(args, "json", False), getattr(args, "command", ""))
     except (ConfigError, CaseError, SourceError, StepFailed, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2

@@ -150,6 +150,10 @@ class OTConfig:
     loss_weight: float = 0.5
     feature_momentum: float = 0.9  # running estimate of the feature-wise coupling
     target: str = "barycentric"  # barycentric | sample
+    # the class-wise coupling also reaches the detached features (with labels) of the last
+    # bank_size eyes of each modality from earlier batches of the epoch, so that every class has
+    # several eyes on both sides (models/rima.py, _with_bank); 0: the batch alone, as the paper
+    bank_size: int = 128
 
 
 @dataclass
@@ -252,6 +256,20 @@ class PromoteConfig:
 
 
 @dataclass
+class ReproConfig:
+    """``rima check-repro`` (rima_core/repro.py): how far a rerun's numbers may move from the
+    committed ones before they count as different."""
+
+    # a float of the metrics files without a bootstrap interval in scores.csv (training's
+    # validation numbers, the tuning objective, ES-AUC): within tolerance when
+    # |now - committed| <= this
+    abs_tolerance: float = 0.05
+    # metrics keys listed but not judged (glob patterns, e.g. "tune/*"); counts and epochs
+    # (integers) are always only listed: rounding may move the selected epoch by one
+    informational: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
@@ -266,6 +284,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
+    repro: ReproConfig = field(default_factory=ReproConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -825,6 +844,7 @@ RULES: dict[str, Check] = {
     "ot.loss_weight": NON_NEGATIVE,
     "ot.feature_momentum": PROBABILITY,
     "ot.target": one_of(*OT_TARGETS),
+    "ot.bank_size": integer(0),  # 0 = the batch alone
     "train.out_dir": NON_EMPTY,
     "train.epochs": integer(1),
     "train.batch_size": integer(1),
@@ -872,6 +892,8 @@ RULES: dict[str, Check] = {
     "promote.margin": NON_NEGATIVE,
     "promote.tolerance": NON_NEGATIVE,
     "promote.register_min_metric": optional(number()),  # null = the metric's chance level
+    "repro.abs_tolerance": NON_NEGATIVE,
+    "repro.informational": each(NON_EMPTY),
 }
 
 

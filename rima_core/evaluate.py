@@ -3,7 +3,10 @@
 The point of the method is robustness to a missing modality, so one number on complete data says
 little: every scenario in the masks is scored, and the ``*@R`` sweeps become a metric-vs-missing-
 rate curve. Outputs are shaped for DVC (``metrics.json`` numbers only, ``rate_curve.csv`` and
-``confusion.csv`` for ``dvc plots``) and logged to MLflow when a run is active. The output
+``confusion.csv`` for ``dvc plots``, ``headline.json`` for ``dvc metrics``) and logged to MLflow
+when a run is active: the headline numbers of both scored splits as metrics, named as in
+:mod:`rima_core.metric_names` (``test/complete/qwk``), and every scenario x every metric as one
+table (``eval/scenarios.json``) beside the output files. The output
 directory is written atomically as a whole: a failed evaluation never leaves a mix of old and new
 files.
 
@@ -24,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ import pandas as pd
 from rima_core.atomic import atomic_dir
 from rima_core.calibration import calibration_report
 from rima_core.config import Config
-from rima_core.data.masks import load_masks
+from rima_core.data.masks import MAIN_SCENARIOS, load_masks
 from rima_core.engine import (
     EngineError,
     Predictions,
@@ -45,6 +47,7 @@ from rima_core.engine import (
 )
 from rima_core.figures import plot_reliability
 from rima_core.headline import HEADLINE_FILE, eval_headline, write_headline
+from rima_core.metric_names import scored_numbers
 from rima_core.metrics import bootstrap_scores, classification_metrics, es_auc, metric_key
 from rima_core.plots import PLOTS_DIR, write_eval_plots
 
@@ -67,11 +70,6 @@ def parse_sweep(scenario: str) -> tuple[str, float] | None:
         return kind, float(rate)
     except ValueError:
         return None
-
-
-def mlflow_key(text: str) -> str:
-    """MLflow metric names allow ``[A-Za-z0-9_.-/ ]``: ``oct_missing@0.5`` -> ``..._at_0.5``."""
-    return re.sub(r"[^A-Za-z0-9_./ -]", "_", text.replace("@", "_at_"))
 
 
 def _clean(value: float) -> float | None:
@@ -350,7 +348,9 @@ def _score_split(
                 ),
             }
         )
-        log.info(
+        # the main scenarios at INFO; the sweep's rates are in the tables (and with -v)
+        log.log(
+            logging.INFO if scenario in MAIN_SCENARIOS else logging.DEBUG,
             "%s/%s: n=%d qwk %.4f acc %.4f auc %.4f",
             split,
             scenario,
@@ -511,6 +511,27 @@ def _write_figures(
     )
 
 
+# What evaluation logs to MLflow per main scenario of both scored splits (the full evaluation is
+# the run's eval/ artifacts and its eval/scenarios.json table).
+MLFLOW_METRICS = ("qwk", "auc", "accuracy", "balanced_accuracy", "ece", "nll")
+
+
+def mlflow_numbers(split: str, metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``{"test/complete/qwk": v, ...}``: :data:`MLFLOW_METRICS` under each main scenario."""
+    numbers = scored_numbers(split, metrics, MLFLOW_METRICS, MAIN_SCENARIOS)
+    return {k: v for k, v in numbers.items() if v is not None and math.isfinite(v)}
+
+
+def scenario_table(by_split: dict[str, dict[str, dict[str, float]]]) -> pd.DataFrame:
+    """One row per (split, scenario) of every evaluated scenario, one column per metric."""
+    rows = [
+        {"split": split, "scenario": scenario, **{k: _clean(v) for k, v in values.items()}}
+        for split, metrics in by_split.items()
+        for scenario, values in metrics.items()
+    ]
+    return pd.DataFrame(rows)
+
+
 def _head_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, float | None]]:
     return {s: {k: _clean(m[k]) for k in ("qwk", "accuracy", "auc")} for s, m in metrics.items()}
 
@@ -565,9 +586,9 @@ def evaluate(
     with atomic_dir(out_dir) as tmp:
         (tmp / "metrics.json").write_text(_dump_metrics(metrics))
         # what DVC shows and compares: a few numbers, and plot tables shaped for its templates
-        write_headline(tmp / HEADLINE_FILE, eval_headline(metrics))
+        write_headline(tmp / HEADLINE_FILE, eval_headline(metrics, headline, split))
         write_eval_plots(
-            tmp / PLOTS_DIR, curve, conf_frame["label"], conf_frame["pred"], class_names
+            tmp / PLOTS_DIR, curve, conf_frame["label"], conf_frame["pred"], class_names, split
         )
         curve.to_csv(tmp / "rate_curve.csv", index=False)
         confusion.to_csv(tmp / "confusion.csv", index=False)
@@ -605,13 +626,17 @@ def evaluate(
         }
         (tmp / "eval_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
+    # MLflow gets the headline numbers of both scored splits; every scenario x every metric
+    # (the sweep included) is one table, beside the files of out_dir
     tracking.log_metrics(
         {
-            mlflow_key(f"{name}/{scenario}/{k}"): v
-            for name, part in ((split, metrics), (sel_split, val["metrics"]))
-            for scenario, m in part.items()
-            for k, v in m.items()
+            **mlflow_numbers(split, metrics),
+            **(mlflow_numbers(sel_split, val["metrics"]) if val is not test else {}),
+            **eval_headline(metrics, headline, split),
         }
+    )
+    tracking.log_table(
+        scenario_table({split: metrics, sel_split: val["metrics"]}), "eval/scenarios.json"
     )
     tracking.log_artifacts(out_dir, artifact_path="eval")
     return {

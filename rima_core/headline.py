@@ -1,14 +1,21 @@
 """The few numbers DVC shows: one small ``headline.json`` per stage that has results.
 
-``dvc metrics show`` and ``dvc exp show`` print every number of every metrics file as a column.
-With the full evaluation table (every scenario x every metric) and the training and tuning
-summaries as metrics files they printed over 300 columns, strings included, and nobody could
-compare two experiments at a glance. So the metrics files DVC reads hold numbers only and only
-the headline: the main missing-modality scenarios x :data:`HEADLINE_METRICS` for the evaluation,
-the selected epoch and its validation scores for training, the best value and parameters for
-tuning. The full tables stay in their own (non-metric) files: ``metrics.json`` and
-``scores.csv`` of the evaluation, ``train_summary.json``, ``history.csv``, ``study.json``,
-``trials.csv``.
+``dvc metrics show`` and ``dvc exp show`` print every number of every metrics file as a column,
+so the metrics files DVC reads hold numbers only and only the headline, at most
+:data:`MAX_NUMBERS` in all (tests/test_dvc_pipeline.py counts them on the pipeline's output):
+
+- evaluation: QWK and ECE under each main scenario, AUC and the lowest equity-scaled AUC over
+  the attributes under the promotion scenario (``promote.scenario``): 10 numbers, however many
+  scenarios, attributes or classes the evaluation has;
+- training: the selected epoch and its selection metric (``train/best_epoch``,
+  ``val/mean/qwk``);
+- tuning: the best objective value and the completed trials (``tune/best_value``,
+  ``tune/n_complete``).
+
+Each file is a flat object whose keys are :mod:`rima_core.metric_names` names, so the columns of
+``dvc metrics show`` read ``test/complete/qwk`` as in MLflow, the registry and Kubeflow. The full
+tables stay in their own (non-metric) files: ``metrics.json`` and ``scores.csv`` of the
+evaluation, ``train_summary.json``, ``history.csv``, ``study.json``, ``trials.csv``.
 
 These files are committed to git (``cache: false`` outputs, un-ignored in ``.gitignore``), so
 ``dvc metrics diff`` and ``dvc exp show`` compare commits and experiments. They must therefore be
@@ -24,16 +31,19 @@ from pathlib import Path
 from typing import Any
 
 from rima_core.atomic import write_text
+from rima_core.metric_names import scored, train_stat, tune_stat
 
 HEADLINE_FILE = "headline.json"
-# Per main scenario: the ordinal agreement the method is selected on, discrimination, plain and
-# class-balanced accuracy, calibration. The registry's version tags use the same names.
-HEADLINE_METRICS = ("qwk", "auc", "accuracy", "balanced_accuracy", "ece")
-# Metric-name prefixes that the evaluation adds to a scenario as headline numbers of their own
-# (equity-scaled AUC per attribute, under the promotion scenario).
-HEADLINE_PREFIXES = ("es_auc/",)
+# Per main scenario: the ordinal agreement the method is selected on, and calibration.
+HEADLINE_METRICS = ("qwk", "ece")
+# Under the promotion scenario only: discrimination.
+PROMOTION_METRICS = ("auc",)
+# The metric-name prefix of the equity-scaled AUC per attribute that the evaluation adds to the
+# promotion scenario (metrics.json); the headline holds their minimum, ES_AUC_MIN.
+ES_AUC_PREFIX = "es_auc/"
+ES_AUC_MIN = "es_auc_min"
 # What `dvc metrics show` may print across all headline files (tests/test_dvc_pipeline.py).
-MAX_NUMBERS = 60
+MAX_NUMBERS = 15
 
 
 def number(value: Any) -> float | int | None:
@@ -47,44 +57,59 @@ def number(value: Any) -> float | int | None:
 
 
 def eval_headline(
-    metrics: Mapping[str, Mapping[str, float]], scenarios: tuple[str, ...] | None = None
-) -> dict[str, dict[str, float | int | None]]:
-    """``{scenario: {metric: value}}`` for the main scenarios (default
-    :data:`rima_core.data.masks.MAIN_SCENARIOS`) that ``metrics`` has."""
+    metrics: Mapping[str, Mapping[str, float]],
+    promotion_scenario: str,
+    split: str = "test",
+    scenarios: tuple[str, ...] | None = None,
+) -> dict[str, float | int | None]:
+    """``{"test/complete/qwk": v, ...}``: :data:`HEADLINE_METRICS` under the main scenarios
+    (default :data:`rima_core.data.masks.MAIN_SCENARIOS`) that ``metrics`` has, then
+    :data:`PROMOTION_METRICS` and the lowest ``es_auc/<attribute>`` (``.../es_auc_min``) under
+    ``promotion_scenario``."""
     if scenarios is None:
         from rima_core.data.masks import MAIN_SCENARIOS
 
         scenarios = MAIN_SCENARIOS
-    out: dict[str, dict[str, float | int | None]] = {}
+    out: dict[str, float | int | None] = {}
     for scenario in scenarios:
-        values = metrics.get(scenario)
-        if values is None:
-            continue
-        row = {k: number(values[k]) for k in HEADLINE_METRICS if k in values}
-        row.update({k: number(v) for k, v in values.items() if k.startswith(HEADLINE_PREFIXES)})
-        out[scenario] = row
+        values = metrics.get(scenario) or {}
+        out.update(
+            {scored(split, scenario, k): number(values[k]) for k in HEADLINE_METRICS if k in values}
+        )
+    values = metrics.get(promotion_scenario) or {}
+    out.update(
+        {
+            scored(split, promotion_scenario, k): number(values[k])
+            for k in PROMOTION_METRICS
+            if k in values
+        }
+    )
+    # (read back from metrics.json, an undefined ES-AUC is null)
+    equity = [number(v) for k, v in values.items() if k.startswith(ES_AUC_PREFIX)]
+    equity = [v for v in equity if v is not None]
+    if any(k.startswith(ES_AUC_PREFIX) for k in values):
+        out[scored(split, promotion_scenario, ES_AUC_MIN)] = min(equity) if equity else None
     return out
 
 
 def train_headline(summary: Mapping[str, Any]) -> dict[str, Any]:
-    """The selected epoch and its validation scores (the selection rule's, e.g. the mean over
-    the main scenarios)."""
+    """The selected epoch and its selection metric under the selection scenario (the mean over
+    the main scenarios by default: ``val/mean/qwk``)."""
     best = summary.get("best_val_metrics") or {}
+    metric = summary.get("selection_metric") or "qwk"
+    scenario = summary.get("selection_scenario") or "mean"
     return {
-        "best_epoch": number(summary.get("best_epoch")),
-        "epochs_run": number(summary.get("epochs_run")),
-        "val": {k: number(best[k]) for k in HEADLINE_METRICS if k in best},
+        train_stat("best_epoch"): number(summary.get("best_epoch")),
+        scored("val", scenario, metric): number(best.get(metric)),
     }
 
 
 def tune_headline(summary: Mapping[str, Any]) -> dict[str, Any]:
-    """The best objective value, the trial counts and the tuned values train then uses."""
+    """The best objective value and the completed trials; the tuned values are in
+    ``best_params.json`` and ``study.json``."""
     return {
-        "best_value": number(summary.get("best_value")),
-        "n_complete": number(summary.get("n_complete")),
-        "n_pruned": number(summary.get("n_pruned")),
-        "n_failed": number(summary.get("n_failed")),
-        "best_params": {k: number(v) for k, v in (summary.get("best_params") or {}).items()},
+        tune_stat("best_value"): number(summary.get("best_value")),
+        tune_stat("n_complete"): number(summary.get("n_complete")),
     }
 
 

@@ -3,8 +3,9 @@
 DVC draws one line per (file, column) and labels it with the column name; it has no "colour by
 this column" option. The evaluation's ``rate_curve.csv`` is long (one row per scenario kind and
 rate), so DVC drew fundus-missing and OCT-missing points in one colour. :func:`missing_rate_table`
-makes it wide: one column per kind and metric (``fundus_missing_qwk``, ``oct_missing_qwk``), so
-each kind is its own labelled line.
+makes it wide: one column per kind and metric, named as everywhere else
+(:mod:`rima_core.metric_names`: ``test/fundus_missing/qwk``, ``test/oct_missing/qwk``), so each
+kind is its own labelled line.
 
 DVC's confusion template orders classes alphabetically (``advanced, early, normal``);
 :func:`confusion_table` prefixes each class with its grade index (``0 normal``, ``1 early``,
@@ -22,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from rima_core.metric_names import scored
+
 PLOTS_DIR = "plots"
 MISSING_RATE_FILE = "missing_rate.csv"
 CONFUSION_FILE = "confusion.csv"
@@ -30,13 +33,13 @@ RATE_KINDS = ("fundus_missing", "oct_missing")
 RATE_METRICS = ("qwk", "auc", "accuracy")
 
 
-def missing_rate_table(curve: pd.DataFrame) -> pd.DataFrame:
-    """Wide form of the rate curve: ``missing_rate`` and ``<kind>_<metric>`` columns.
+def missing_rate_table(curve: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """Wide form of the rate curve: ``missing_rate`` and ``<split>/<kind>/<metric>`` columns.
 
     ``curve`` has ``scenario_kind, missing_rate, <metrics>`` (:func:`rima_core.evaluate.
     rate_curve`). Rate 0 of a kind without its own ``@0`` point takes the ``complete`` row.
     """
-    columns = ["missing_rate"] + [f"{k}_{m}" for k in RATE_KINDS for m in RATE_METRICS]
+    columns = ["missing_rate"] + [scored(split, k, m) for k in RATE_KINDS for m in RATE_METRICS]
     if curve.empty:
         return pd.DataFrame(columns=columns)
     rates = sorted(set(curve["missing_rate"].astype(float)))
@@ -49,7 +52,7 @@ def missing_rate_table(curve: pd.DataFrame) -> pd.DataFrame:
         part = part.drop_duplicates("missing_rate").set_index("missing_rate")
         for metric in RATE_METRICS:
             values = part[metric] if metric in part else pd.Series(dtype=float)
-            table[f"{kind}_{metric}"] = table["missing_rate"].map(values).astype(float)
+            table[scored(split, kind, metric)] = table["missing_rate"].map(values).astype(float)
     return table[columns]
 
 
@@ -78,9 +81,11 @@ def write_eval_plots(
     labels: np.ndarray,
     preds: np.ndarray,
     class_names: Sequence[str],
+    split: str = "test",
 ) -> None:
-    """Write the DVC plot tables of an evaluation into the folder ``out`` (created)."""
+    """Write the DVC plot tables of an evaluation of ``split`` into the folder ``out``
+    (created)."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    missing_rate_table(curve).to_csv(folder / MISSING_RATE_FILE, index=False)
+    missing_rate_table(curve, split).to_csv(folder / MISSING_RATE_FILE, index=False)
     confusion_table(labels, preds, class_names).to_csv(folder / CONFUSION_FILE, index=False)

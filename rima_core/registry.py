@@ -9,11 +9,13 @@ by collapsing when the OCT is missing must not reach the clinic. Every decision 
 written as tags on the challenger version (and as an MLflow run), so "why is v7 not serving?" has
 an answer in the registry itself.
 
-Evaluation metrics travel as version tags ``metric.<scenario>.<metric>`` (scenario names made
-key-safe: ``fundus_missing@0.5`` -> ``fundus_missing_0.5``), plus ``scenarios`` (JSON list of the
+Evaluation metrics travel as version tags named as everywhere else (:mod:`rima_core.metric_names`:
+``test/mixed/qwk``, ``test/fundus_missing_at_0.5/qwk``), plus ``scenarios`` (JSON list of the
 original names) so comparisons never have to parse keys — a headline subset only
 (:func:`headline_tags`, at most :data:`MAX_VERSION_TAGS` tags per version); the full evaluation
-is the version's ``evaluation/metrics.json`` and the logged model's metrics.
+is the version's ``evaluation/metrics.json`` and the logged model's metrics (same names).
+Versions registered by older releases carry ``metric.<scenario>.<metric>`` tags instead;
+:func:`version_metric` reads either.
 
 Lineage: the model is logged from the training run (:func:`log_trained_model`) and that logged
 model is what :func:`register` registers, so a version's source run is the run that trained it.
@@ -34,7 +36,8 @@ from typing import Any
 
 from rima_core import tracking
 from rima_core.config import Config
-from rima_core.metrics import LOWER_IS_BETTER, metric_key
+from rima_core.metric_names import flat_scored, legacy_version_tag, scored, validation_numbers
+from rima_core.metrics import LOWER_IS_BETTER
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +54,23 @@ class RegistryError(ValueError):
     """The registry is not in a state the request can act on (no challenger, bad metrics file)."""
 
 
-def metric_tag(scenario: str, metric: str) -> str:
-    """The version tag key holding ``metric`` under ``scenario``."""
-    return f"metric.{metric_key(scenario)}.{metric}"
+def metric_tag(scenario: str, metric: str, split: str = "test") -> str:
+    """The version tag key holding ``metric`` under ``scenario`` of the evaluated ``split``
+    (``test/mixed/qwk``)."""
+    return scored(split, scenario, metric)
+
+
+def version_metric(
+    tags: dict[str, str], scenario: str, metric: str, split: str = "test"
+) -> float | None:
+    """``metric`` under ``scenario`` from a version's tags: the current tag
+    (:func:`metric_tag`), else the ``metric.<scenario>.<metric>`` tag of versions registered by
+    older releases; None when the version has neither or it is not a number."""
+    for key in (metric_tag(scenario, metric, split), legacy_version_tag(scenario, metric)):
+        value = _tag_float(tags, key)
+        if value is not None:
+            return value
+    return None
 
 
 def read_metrics(path: str | Path) -> dict[str, dict[str, float]]:
@@ -79,12 +96,12 @@ def read_metrics(path: str | Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def metric_tags(metrics: dict[str, dict[str, float]]) -> dict[str, str]:
+def metric_tags(metrics: dict[str, dict[str, float]], split: str = "test") -> dict[str, str]:
     """Version tags for an evaluation: one per (scenario, metric), and the scenario list."""
     tags = {TAG_SCENARIOS: json.dumps(list(metrics))}
     for scenario, values in metrics.items():
         for metric, value in values.items():
-            tags[metric_tag(scenario, metric)] = repr(float(value))
+            tags[metric_tag(scenario, metric, split)] = repr(float(value))
     return tags
 
 
@@ -116,8 +133,11 @@ TAG_MODEL_SHA = "model_sha256"
 TAG_DESCRIPTION_DECISION = "Promotion decision"
 
 
-def headline_tags(metrics: dict[str, dict[str, float]], cfg: Config) -> dict[str, str]:
-    """The metric tags of a version, within :data:`MAX_VERSION_TAGS`.
+def headline_tags(
+    metrics: dict[str, dict[str, float]], cfg: Config, split: str = "test"
+) -> dict[str, str]:
+    """The metric tags of a version (``metrics`` of the evaluated ``split``), within
+    :data:`MAX_VERSION_TAGS`.
 
     First the promotion metric under the primary scenario, then the other headline metrics
     there, then the promotion metric under every other scenario (what :func:`compare` checks for
@@ -138,7 +158,7 @@ def headline_tags(metrics: dict[str, dict[str, float]], cfg: Config) -> dict[str
         if len(tags) == budget:
             log.info("version tag budget reached: %s/%s stays in metrics.json", scenario, metric)
             continue
-        tags[metric_tag(scenario, metric)] = repr(float(value))
+        tags[metric_tag(scenario, metric, split)] = repr(float(value))
     return {TAG_SCENARIOS: json.dumps(list(metrics)), **tags}
 
 
@@ -186,8 +206,10 @@ def log_trained_model(model_dir: str | Path, cfg: Config, summary: dict[str, Any
 
     MLflow 3 makes it a logged model whose source run is the training run; the weights' hash is
     a tag on it (how :func:`find_logged_model` finds it again at register time, without any
-    run-specific file in the training outputs), and the best validation metrics are logged
-    linked to it, so the model page shows what it was selected on.
+    run-specific file in the training outputs). The selected epoch's validation numbers
+    (``summary``'s) are linked to it when it is registered (:func:`selected_validation_numbers`,
+    from the register run: logged from the training run they would add a point to its epoch
+    curves of the same names), so the model page shows what it was selected on.
     """
     import mlflow
 
@@ -198,15 +220,26 @@ def log_trained_model(model_dir: str | Path, cfg: Config, summary: dict[str, Any
     client.set_logged_model_tags(
         info.model_id, {TAG_MODEL_SHA: model_sha256(model_dir), "model": cfg.model.name}
     )
+    return info
+
+
+def selected_validation_numbers(model_dir: str | Path) -> dict[str, float]:
+    """The selected epoch's validation numbers of the training in ``model_dir``
+    (``train_summary.json``), named as its epoch curves (``val/mean/qwk``, ``val/complete/qwk``
+    ...); empty when the summary has none."""
+    from rima_core.data.masks import selection_scenarios
+
+    try:
+        summary = json.loads((Path(model_dir) / "train_summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
     best = summary.get("best_val_metrics") or {}
-    values = {
-        f"best_val/{k}": float(v)
-        for k, v in best.items()
+    scenarios = selection_scenarios(summary.get("selection_scenario") or "mean")
+    return {
+        k: float(v)
+        for k, v in validation_numbers(best, scenarios).items()
         if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
     }
-    if values:
-        mlflow.log_metrics(values, model_id=info.model_id)
-    return info
 
 
 def find_logged_model(model_dir: str | Path, cfg: Config) -> Any | None:
@@ -460,19 +493,20 @@ def _register_new(
             model_id, source_run = logged.model_id, logged.source_run_id
             tags = {**(tags or {}), "train_run_id": source_run}
         tracking.log_artifacts(metrics_json, artifact_path="evaluation")
+        split = evaluated_split(metrics_json) or cfg.evaluate.split
+        # the model page lists what it was selected on and its evaluation; logged from this
+        # run, whose metrics have no epoch curves of the same names (the training run's do)
         mlflow.log_metrics(
             {
-                f"{metric_key(s)}/{m}": v
-                for s, values in metrics.items()
-                for m, v in values.items()
-                if math.isfinite(v)
+                **selected_validation_numbers(model_dir),
+                **{k: v for k, v in flat_scored(split, metrics).items() if math.isfinite(v)},
             },
-            model_id=model_id,  # the model page lists its evaluation
+            model_id=model_id,
         )
         source_tags = mlflow.MlflowClient().get_run(source_run).data.tags
         data_hash = source_tags.get(tracking.TAG_DATA_HASH)
         version_tags = {
-            **headline_tags(metrics, cfg),
+            **headline_tags(metrics, cfg, split),
             TAG_MODEL_SHA: sha,
             **{
                 k: source_tags[k]
@@ -612,6 +646,17 @@ def log_selection(metrics_json: str | Path, cfg: Config) -> dict[str, str]:
 
 
 EVAL_SUMMARY = "eval_summary.json"
+
+
+def evaluated_split(metrics_json: str | Path) -> str | None:
+    """The split evaluate scored into ``metrics_json``: ``split`` of the ``eval_summary.json``
+    beside it, or None when there is no such record."""
+    try:
+        summary = json.loads((Path(metrics_json).parent / EVAL_SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+    split = summary.get("split") if isinstance(summary, dict) else None
+    return split if isinstance(split, str) else None
 
 
 def evaluated_selection_split(metrics_json: str | Path) -> str | None:

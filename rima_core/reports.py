@@ -47,6 +47,79 @@ def flat_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, floa
     return out
 
 
+def finite_numbers(named: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numbers of a flat name -> value map, as floats (NaN and null left out, and
+    logged: KFP's UI drops a Metrics artifact holding a NaN)."""
+    out: dict[str, float] = {}
+    for name, value in named.items():
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if number and math.isfinite(float(value)):
+            out[name] = float(value)
+            continue
+        log.info("metric %s=%r is not a finite number; left out of the KFP metrics", name, value)
+    return out
+
+
+# What each step's Kubeflow Metrics artifact holds, named as in DVC and MLflow
+# (rima_core.metric_names): the step's headline and the numbers MLflow gets, not every number.
+
+
+def train_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
+    """Training: ``train/best_epoch``, ``train/epochs_run`` and the selected epoch's
+    validation numbers (``val/mean/qwk``, ``val/complete/qwk`` ...)."""
+    from rima_core.data.masks import selection_scenarios
+    from rima_core.headline import train_headline
+    from rima_core.metric_names import train_stat, validation_numbers
+
+    scenarios = selection_scenarios(summary.get("selection_scenario") or "mean")
+    best = summary.get("best_val_metrics") or {}
+    return finite_numbers(
+        {
+            **train_headline(summary),
+            train_stat("epochs_run"): summary.get("epochs_run"),
+            **validation_numbers(best, scenarios),
+        }
+    )
+
+
+def eval_metrics(
+    metrics: Mapping[str, Mapping[str, Any]], split: str, promotion_scenario: str
+) -> dict[str, float]:
+    """Evaluation (``metrics.json`` of ``split``): the MLflow numbers of each main scenario
+    (``test/complete/qwk`` ...) and the headline's equity number."""
+    from rima_core.data.masks import MAIN_SCENARIOS
+    from rima_core.headline import eval_headline
+    from rima_core.metric_names import scored_numbers
+
+    names = ("qwk", "auc", "accuracy", "balanced_accuracy", "ece", "nll")
+    return finite_numbers(
+        {
+            **scored_numbers(split, metrics, names, MAIN_SCENARIOS),
+            **eval_headline(metrics, promotion_scenario, split),
+        }
+    )
+
+
+def tune_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """Tuning: the study's counts and best value (``tune/n_complete``, ``tune/best_value``)."""
+    from rima_core.metric_names import tune_stat
+
+    keys = ("best_value", "n_complete", "n_pruned", "n_failed", "n_trials", "budget_trials")
+    return finite_numbers({tune_stat(k): result.get(k) for k in keys if k in result})
+
+
+def mask_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
+    """The masks: ``data/n_rows`` and, per scenario, ``data/<scenario>/<stat>`` (realised
+    missing rates over the eyes with both modalities)."""
+    from rima_core.metric_names import data_stat, part
+
+    out: dict[str, Any] = {data_stat("n_rows"): summary.get("n_rows")}
+    for scenario, stats in (summary.get("rates") or {}).items():
+        for key, value in stats.items():
+            out[data_stat(f"{part(scenario)}/{key}")] = value
+    return finite_numbers(out)
+
+
 def primary_metric(metrics: Mapping[str, Mapping[str, Any]], scenario: str, metric: str) -> float:
     """The promotion policy's metric from ``metrics.json`` — the pipeline's registration gate."""
     if scenario not in metrics:

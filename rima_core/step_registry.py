@@ -92,6 +92,7 @@ MLPROJECT_ONLY_ENTRIES: dict[str, str] = {
 #: Top-level ``rima`` commands that run no step, and why.
 NON_STEP_COMMANDS: dict[str, str] = {
     "params": "inspects params and profiles; computes nothing",
+    "check-repro": "compares the workspace's results with a commit's; computes nothing",
 }
 
 

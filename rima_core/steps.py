@@ -118,7 +118,7 @@ def train(
         write_run_file(out, run.info.run_id)  # before training: a kill leaves a resumable run
         summary = _train(Path(store), Path(masks), out, cfg, resume=resume)
         if run_id is not None:
-            _backfill_epochs(out / "history.csv", run.info.run_id)
+            _backfill_epochs(out / "history.csv", run.info.run_id, cfg)
         summary["mlflow_run_id"] = run.info.run_id  # returned; on disk in mlflow_run.json
         write_summary(out, summary)  # tracked files hold no run ids or times (dvc.lock)
         for name in ("model.pt", "history.csv", "train_summary.json"):
@@ -183,25 +183,39 @@ def _train_run(out: Path, cfg: Config, resume: bool) -> tuple[str | None, dict[s
     return None, tags
 
 
-def _backfill_epochs(history_csv: Path, run_id: str) -> None:
+def _backfill_epochs(history_csv: Path, run_id: str, cfg: Config) -> None:
     """Log the epochs of ``history.csv`` that the run lacks: a kill between an epoch's checkpoint
-    and its metrics leaves that epoch in the checkpoint's history but not in MLflow."""
+    and its metrics leaves that epoch in the checkpoint's history but not in MLflow. What is
+    logged is what training logs per epoch (:func:`rima_core.metric_names.epoch_metrics`); a
+    history written by an older version (``train_loss``, ``val_qwk``) is read under the current
+    names."""
     import mlflow
     import pandas as pd
+
+    from rima_core.data.masks import MAIN_SCENARIOS, selection_scenarios
+    from rima_core.metric_names import epoch_metrics, legacy_history, selection_scenario_name
 
     if not history_csv.is_file():
         return
     hist = pd.read_csv(history_csv)
     if hist.empty or "epoch" not in hist.columns:
         return
-    probe = next(c for c in hist.columns if c != "epoch")
+    scenarios = selection_scenarios(cfg.train.selection_scenario)
+    rows = legacy_history(hist.to_dict("records"), scenarios)
+    selection = selection_scenario_name(scenarios)
+    metric = cfg.train.selection_metric
+    picked = [epoch_metrics(row, metric, selection, MAIN_SCENARIOS) for row in rows]
+    if not picked[0]:
+        log.warning("%s: no column training logs per epoch; nothing backfilled", history_csv)
+        return
+    probe = next(iter(picked[0]))
     logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, probe)}
     from rima_core import tracking
 
-    for row in hist.to_dict("records"):
-        epoch = int(row.pop("epoch"))
+    for row, metrics in zip(rows, picked, strict=True):
+        epoch = int(row["epoch"])
         if epoch not in logged:
-            tracking.log_metrics(row, step=epoch)
+            tracking.log_metrics(metrics, step=epoch)
             log.info("MLflow run %s: logged epoch %d from history.csv", run_id, epoch)
 
 

@@ -226,7 +226,17 @@ def configure(cfg: MlflowConfig) -> str:
 
     uri = use_store(cfg)
     if os.environ.get("MLFLOW_RUN_ID"):
-        run = mlflow.MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"])
+        client = mlflow.MlflowClient()
+        run = client.get_run(os.environ["MLFLOW_RUN_ID"])
+        name = client.get_experiment(run.info.experiment_id).name
+        if name != cfg.experiment:
+            log.warning(
+                "this `mlflow run` logs into experiment %r, not %r (mlflow.experiment): start it "
+                "with scripts/mlflow_run.sh, or pass `--experiment-name %s` to mlflow run",
+                name,
+                cfg.experiment,
+                cfg.experiment,
+            )
         return run.info.experiment_id
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(cfg.experiment)
@@ -496,7 +506,8 @@ def start_run(
     if run_id is not None:
         cm = mlflow.start_run(run_id=run_id, tags=all_tags)
     else:
-        cm = mlflow.start_run(run_name=step, nested=nested, tags=all_tags)
+        name = step if nested else _project_run_name(cfg, step)
+        cm = mlflow.start_run(run_name=name, nested=nested, tags=all_tags)
     with cm as run:
         if log_params and run_id is not None:
             _log_params_on_resume(run.info.run_id, _params(cfg))
@@ -512,6 +523,21 @@ def start_run(
             redact_text(mlflow.get_tracking_uri()),
         )
         yield run
+
+
+def _project_run_name(cfg: Config, step: str) -> str:
+    """The run name of ``step``: the step itself, or under ``mlflow run`` (``MLFLOW_RUN_ID``)
+    the step, the profile the project was run with and the seed (``train-tiny-seed0``, as
+    scripts/mlflow_run.sh names it; :func:`rima_core.mlproject.run_name`)."""
+    project = os.environ.get("MLFLOW_RUN_ID")
+    if not project:
+        return step
+    import mlflow
+
+    from rima_core.mlproject import run_name
+
+    profile = mlflow.MlflowClient().get_run(project).data.params.get("profile")
+    return run_name(step, profile, cfg.runtime.seed)
 
 
 def _log_params_on_resume(run_id: str, params: dict[str, str]) -> None:
@@ -600,6 +626,15 @@ def log_artifacts(path: str | Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifacts(str(path), artifact_path=artifact_path)
     else:
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_table(frame: Any, artifact_file: str) -> None:
+    """Log a table (a pandas DataFrame) as one MLflow table artifact (shown in the run's
+    Evaluation/Artifacts views); a no-op when there is no active run or the table is empty."""
+    mlflow = _active()
+    if mlflow is None or len(frame) == 0:
+        return
+    mlflow.log_table(data=frame, artifact_file=artifact_file)
 
 
 def set_tags(tags: dict[str, Any]) -> None:

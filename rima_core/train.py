@@ -36,7 +36,7 @@ from torch import nn
 
 from rima_core.atomic import atomic_file, write_text
 from rima_core.config import Config
-from rima_core.data.masks import load_masks, selection_scenarios
+from rima_core.data.masks import MAIN_SCENARIOS, load_masks, selection_scenarios
 from rima_core.engine import (
     EngineError,
     amp_dtype,
@@ -47,6 +47,13 @@ from rima_core.engine import (
     seed_everything,
     set_rng_state,
     to_device,
+)
+from rima_core.metric_names import (
+    epoch_metrics,
+    epoch_row,
+    legacy_history,
+    selection_scenario_name,
+    train_stat,
 )
 from rima_core.metrics import classification_metrics, is_better
 from rima_core.models.common import PathPooling
@@ -396,10 +403,16 @@ def _save_checkpoint(
 
 
 def _resume(
-    path: Path, fingerprint: dict[str, Any], model: nn.Module, opt: _Optimisation
+    path: Path,
+    fingerprint: dict[str, Any],
+    model: nn.Module,
+    opt: _Optimisation,
+    scenarios: list[str],
 ) -> _Progress:
     """Restore model, optimisation and RNG state from a checkpoint of the same settings and
-    data (anything else is refused: a resumed run must equal an uninterrupted one)."""
+    data (anything else is refused: a resumed run must equal an uninterrupted one). A history
+    written by an older version (``train_loss``, ``val_qwk`` ...) continues under the current
+    names; ``scenarios`` are the run's validation scenarios."""
     # loaded to the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -422,7 +435,7 @@ def _resume(
     set_rng_state(_np_state_from_builtin(ckpt["rng"]))
     progress = _Progress(
         epoch=int(ckpt["epoch"]),
-        history=list(ckpt["history"]),
+        history=legacy_history(ckpt["history"], scenarios),
         best=dict(ckpt["best"]),
         stale=int(ckpt["stale_epochs"]),
         stopped_early=bool(ckpt["stopped_early"]),
@@ -449,20 +462,21 @@ def _epoch_row(
     lr: float,
     train_stats: dict[str, float],
     val_metrics: dict[str, float],
+    scenarios: list[str],
     best_epoch: int | None,
     times: tuple[float, float, float],
 ) -> dict[str, float]:
-    """One ``history.csv`` row (with the timing columns that go to ``timings.csv``); ``times``
-    are the epoch's start, end of training and end of validation (``time.perf_counter``)."""
+    """One ``history.csv`` row under :mod:`rima_core.metric_names` (``train/loss``,
+    ``val/mean/qwk``, ``val/complete/qwk`` ...; ``scenarios`` are the validation scenarios),
+    with the timing columns that go to ``timings.csv``; ``times`` are the epoch's start, end of
+    training and end of validation (``time.perf_counter``)."""
     t0, t1, t2 = times
     train_seconds = t1 - t0
     ot_seconds = train_stats.get("ot_seconds", 0.0)
-    row: dict[str, float] = {"epoch": epoch, "lr": lr}
-    row.update({f"train_{k}": v for k, v in train_stats.items() if k != "ot_seconds"})
-    row.update({f"val_{k}": v for k, v in val_metrics.items()})
+    stats = {k: v for k, v in train_stats.items() if k != "ot_seconds"}
+    row: dict[str, float] = epoch_row(epoch, lr, stats, val_metrics, scenarios, best_epoch)
     row.update(
         {
-            "best_epoch": best_epoch,
             "epoch_seconds": time.perf_counter() - t0,
             "train_seconds": train_seconds,
             "val_seconds": t2 - t1,
@@ -600,19 +614,24 @@ class _Run:
         progress.stopped_early = tc.patience > 0 and progress.stale >= tc.patience
         progress.stopped_early = progress.stopped_early and epoch < tc.epochs
         lr = self.opt.scheduler.get_last_lr()[0]
-        row = _epoch_row(epoch, lr, train_stats, val_metrics, progress.best["epoch"], (t0, t1, t2))
+        scenarios = list(self.val_loaders)
+        row = _epoch_row(
+            epoch, lr, train_stats, val_metrics, scenarios, progress.best["epoch"], (t0, t1, t2)
+        )
         progress.history.append(row)
         progress.epoch = epoch
         _save_checkpoint(
             self.out_dir / "checkpoint.pt", model, self.opt, progress, fingerprint, self.spec
         )
         _write_history(progress.history, self.out_dir / "history.csv")
-        self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        # MLflow gets the curves worth watching; history.csv (an artifact at the end) has all
+        selection = selection_scenario_name(scenarios)
+        self.tracker.log_metrics(epoch_metrics(row, metric, selection, MAIN_SCENARIOS), step=epoch)
         log.info(
             "epoch %d/%d: loss %.4f, val %s %.4f%s (%.1f s, OT %.0f%%)",
             epoch,
             tc.epochs,
-            row["train_loss"],
+            row["train/loss"],
             metric,
             val_metrics[metric],
             " *" if improved else "",
@@ -685,7 +704,7 @@ def train(
         seed_everything(rt.seed)
     opt = _Optimisation.build(model, cfg, len(train_ds), dtype)
     if resume and ckpt_path.exists():
-        progress = _resume(ckpt_path, fingerprint, model, opt)
+        progress = _resume(ckpt_path, fingerprint, model, opt, val_scenarios)
     else:
         if resume:
             log.info("no checkpoint in %s: starting a fresh run", out_dir)
@@ -751,7 +770,9 @@ def train(
     if pooling is not None:
         summary["path_pooling"] = pooling
         if pooling["fitted"]:
-            tracker.log_metrics({f"path_weight_{k}": v for k, v in pooling["weights"].items()})
+            tracker.log_metrics(
+                {train_stat(f"path_weight/{k}"): v for k, v in pooling["weights"].items()}
+            )
     summary["run_seconds_this_session"] = time.perf_counter() - t_run
     # the mark `rima register` requires: training finished, with exactly these weights
     summary["model_sha256"] = hashlib.sha256(model_path.read_bytes()).hexdigest()
@@ -779,7 +800,7 @@ class _Stage:
 
 class _Prefixed:
     """A metrics sink that prefixes every key (the teacher stage's epochs log as
-    ``teacher_*``, so they do not collide with the students' epochs of the same number)."""
+    ``teacher/*``, so they do not collide with the students' epochs of the same number)."""
 
     def __init__(self, sink: MetricsSink, prefix: str) -> None:
         self.sink, self.prefix = sink, prefix
@@ -827,7 +848,7 @@ def _train_teacher(
     fingerprint = {**stage.fingerprint, "stage": "teacher"}
     ckpt = stage_dir / "checkpoint.pt"
     if stage.resume and ckpt.exists():
-        progress = _resume(ckpt, fingerprint, teacher, opt)
+        progress = _resume(ckpt, fingerprint, teacher, opt, ["complete"])
     else:
         progress = _Progress()
         (out_dir / "checkpoint.pt").unlink(missing_ok=True)
@@ -855,7 +876,7 @@ def _train_teacher(
         train_ds,
         {"complete": loader},
         stage_dir,
-        _Prefixed(stage.tracker, "teacher_"),
+        _Prefixed(stage.tracker, "teacher/"),
         model_file=None,
     )
     for epoch in range(progress.epoch + 1, tc.epochs + 1):
@@ -880,7 +901,7 @@ def _alignment_report(
     model: nn.Module, store: str | Path, masks: pd.DataFrame, path: Path, tracker: MetricsSink
 ) -> None:
     """Alignment diagnostics of the chosen model on the validation split (rima_core.diagnostics)
-    to ``path`` and the tracker (``alignment_*``), so a change that stops the OT parts from
+    to ``path`` and the tracker (``train/alignment/*``), so a change that stops the OT parts from
     carrying signal shows in every run. Models without translators write nothing."""
     from rima_core.diagnostics import alignment_diagnostics, supports_diagnostics
 
@@ -890,7 +911,7 @@ def _alignment_report(
     report = alignment_diagnostics(model, store, masks, split="val")
     clean = {k: _json_number(v) for k, v in report.items()}
     write_text(path, json.dumps(clean, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    tracker.log_metrics({f"alignment_{k}": v for k, v in report.items()})
+    tracker.log_metrics({train_stat(f"alignment/{k}"): v for k, v in report.items()})
     log.info(
         "alignment (val): probe QWK fundus %.3f, OCT %.3f; translated fundus->OCT read by the "
         "OCT probe %.3f; centred cosine %.3f; T_v column max %.4f (uniform %.4f)",

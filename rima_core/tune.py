@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 from rima_core.atomic import atomic_dir
 from rima_core.config import Config, ConfigError, TuneConfig, with_values
 from rima_core.headline import HEADLINE_FILE, tune_headline, write_headline
+from rima_core.metric_names import scored, tune_stat
 from rima_core.progress import mode as progress_mode
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -230,7 +231,19 @@ def ignore_experimental_warnings() -> None:
 
 def objective_name(tc: TuneConfig) -> str:
     """What a trial's value is, as Optuna's dashboard shows it (instead of "Objective 0")."""
-    return f"val_{tc.metric}_{tc.scenario}"
+    return scored("val", tc.scenario, tc.metric)
+
+
+def study_numbers(summary: dict[str, Any]) -> dict[str, float]:
+    """The study's counts and best value under the scheme's names (``tune/n_complete``,
+    ``tune/best_value``): what the tuning run and Kubeflow's Metrics artifacts show."""
+    return {
+        tune_stat(k): v
+        for k, v in summary.items()
+        if k.startswith(("n_", "best_value", "budget_trials"))
+        and isinstance(v, int | float)
+        and not isinstance(v, bool)
+    }
 
 
 def describe_study(study: optuna.Study, cfg: Config, data_hash: str | None) -> None:
@@ -322,7 +335,9 @@ def _objective(job: _Job) -> Any:
                 value = float("nan") if value is None else float(value)
                 trial.set_user_attr("best_epoch", summary["best_epoch"])
                 tracking.set_tags({"optuna_state": "COMPLETE"})
-                tracking.log_metrics({f"objective_{metric}": value})
+                # the trial's value (its best epoch's objective_name(...)), one number per
+                # trial to compare them by; the epoch curves are the training's own metrics
+                tracking.log_metrics({tune_stat("objective"): value})
         if pruned is not None:
             raise pruned
         return value
@@ -474,9 +489,7 @@ def tune(
             study, out_dir, cfg, trim_to_budget=study_name is None and tc.workers == 1
         )
         if track:
-            tracking.log_metrics(
-                {k: v for k, v in summary.items() if k.startswith(("n_", "best_value"))}
-            )
+            tracking.log_metrics(study_numbers(summary))
             tracking.set_tags({f"best.{k}": v for k, v in summary["best_params"].items()})
             tracking.log_artifacts(out_dir, "tune")
     return summary

@@ -12,7 +12,13 @@
 #    the DVC remote when one is configured, else by regenerating the synthetic phantom (its output
 #    is byte-identical for a given seed and generator version);
 # 3. refuse to go on unless the data is what data.dvc records (then `dvc status` is clean);
-# 4. `dvc repro` (or `dvc exp run -S ...` with the profile's keys when --profile is given).
+# 4. `dvc repro` (or `dvc exp run -S ...` with the profile's keys when --profile is given);
+# 5. when the stages ran with the committed params (no profile, and every stage's params in
+#    dvc.lock as in HEAD's), `rima check-repro`: do the results reproduce the committed ones
+#    (exactly, or within the committed bootstrap intervals on another processor)? Its verdict is
+#    printed, not the exit status: this script exits non-zero only when the pipeline itself
+#    failed, so CI can tell a broken pipeline from results that moved. Run `rima check-repro`
+#    (exit 0 reproduced, 1 not reproduced, 2 cannot compare) where the verdict should gate.
 set -euo pipefail
 source "$(dirname "$0")/_venv.sh"
 cd "$ROOT"
@@ -81,3 +87,27 @@ else
   dvc repro "${args[@]}"
 fi
 echo "run_pipeline: done in $((SECONDS - start)) s; results: dvc metrics show, dvc plots show"
+
+# the params every stage ran with (dvc.lock) as committed? Otherwise there is nothing to reproduce.
+params_as_committed() {
+  python - <<'EOF'
+import subprocess, sys, yaml
+head = subprocess.run(["git", "show", "HEAD:dvc.lock"], capture_output=True)
+if head.returncode != 0:
+    sys.exit(1)
+def params(lock):
+    return {name: s.get("params") for name, s in ((lock or {}).get("stages") or {}).items()}
+sys.exit(0 if params(yaml.safe_load(head.stdout)) == params(yaml.safe_load(open("dvc.lock"))) else 1)
+EOF
+}
+if [ -z "$profile" ] && params_as_committed; then
+  verdict=0
+  rima check-repro || verdict=$?
+  if [ "$verdict" -eq 1 ]; then
+    echo "run_pipeline: the pipeline ran; its results do not reproduce HEAD's (above)" >&2
+  elif [ "$verdict" -ne 0 ]; then
+    echo "run_pipeline: the pipeline ran; check-repro could not compare (above)" >&2
+  fi
+else
+  echo "run_pipeline: params differ from HEAD's dvc.lock: no reproduction check"
+fi

@@ -170,3 +170,10 @@ def test_params_overrides_and_json_flag_from_the_console_script(tmp_path: Path) 
     assert plain.stdout == "" and "data done: " in plain.stderr and "n_eyes=12" in plain.stderr
     loud = subprocess.run([exe, "--json", *args], capture_output=True, text=True, timeout=300)
     assert loud.returncode == 0 and json.loads(loud.stdout)["n_eyes"] == 12
+
+
+def test_a_warning_is_one_log_line() -> None:
+    from rima_core.cli import _one_line_warning
+
+    text = _one_line_warning(UserWarning("Hint:\n  two lines"), UserWarning, "f.py", 3, "warn(")
+    assert text == "f.py:3: UserWarning: Hint: two lines"

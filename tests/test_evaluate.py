@@ -16,7 +16,8 @@ from rima_core.cli import main
 from rima_core.data import open_store
 from rima_core.data.masks import scenario_names
 from rima_core.engine import EngineError
-from rima_core.evaluate import evaluate, mlflow_key, parse_sweep, rate_curve
+from rima_core.evaluate import evaluate, parse_sweep, rate_curve
+from rima_core.metric_names import scored
 from rima_core.models import load_model
 from rima_core.train import train
 from tests.conftest import TinyData
@@ -109,7 +110,7 @@ def test_missing_model_and_wrong_split(trained: Path, tiny_data: TinyData, tmp_p
 def test_rate_curve_and_names() -> None:
     assert parse_sweep("oct_missing@0.25") == ("oct_missing", 0.25)
     assert parse_sweep("mixed") is None
-    assert mlflow_key("test/fundus_missing@0.5/sensitivity/early") == (
+    assert scored("test", "fundus_missing@0.5", "sensitivity/Early") == (
         "test/fundus_missing_at_0.5/sensitivity/early"
     )
     curve = rate_curve(
@@ -251,13 +252,21 @@ def test_cli_logs_to_mlflow(tiny_data: TinyData, tmp_path: Path, capsys) -> None
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=uri)
-    history = client.get_metric_history(summary["mlflow_run_id"], "val_qwk")
+    history = client.get_metric_history(summary["mlflow_run_id"], "val/mean/qwk")
     assert [m.step for m in history] == [1, 2]
     run = client.get_run(result["mlflow_run_id"])
     assert run.data.tags["train_run_id"] == summary["mlflow_run_id"]
-    assert "test/fundus_missing_at_1/qwk" in run.data.metrics
+    # the headline numbers of both splits, not one metric per sweep scenario x metric
+    assert {"test/complete/qwk", "val/mixed/ece", "test/mixed/balanced_accuracy"} <= set(
+        run.data.metrics
+    )
+    assert "test/fundus_missing_at_1/qwk" not in run.data.metrics
+    assert len(run.data.metrics) <= 2 * 4 * 6 + 1
     artifacts = {a.path for a in client.list_artifacts(result["mlflow_run_id"], "eval")}
-    assert "eval/metrics.json" in artifacts
+    assert {"eval/metrics.json", "eval/scenarios.json"} <= artifacts
+    local = client.download_artifacts(result["mlflow_run_id"], "eval/scenarios.json", str(tmp_path))
+    table = json.loads(Path(local).read_text())  # every scenario x every metric, both splits
+    assert "fundus_missing@1" in {row[table["columns"].index("scenario")] for row in table["data"]}
 
 
 # --- what a clinical team asks for: intervals, subgroups, calibration, validation, model card ----

@@ -232,7 +232,7 @@ def test_whole_pipeline_runs_locally_and_registers_a_model(local_runner: Path) -
     assert client.search_registered_models("name = 'rima-kfp'") == []
     champion = client.get_model_version_by_alias("rima-kfp-local", "champion")
     assert str(champion.version) == "1"
-    assert "metric.mixed.qwk" in champion.tags and len(champion.tags) <= 30
+    assert "test/mixed/qwk" in champion.tags and len(champion.tags) <= 30
     # lineage: the version is the model logged by the train task's run, on the store it read
     source = client.get_run(champion.run_id)
     assert source.data.tags["step"] == "train"

@@ -451,6 +451,7 @@ def test_spec_saved_before_the_newer_keys_still_loads(tmp_path) -> None:
     from rima_core.models.spec import ADDED_KEYS
 
     spec = make_spec("rima_no_class_ot", full_path="head")  # what older models computed
+    spec = replace(spec, config=replace(spec.config, bank_size=0))  # the batch alone
     path = tmp_path / "model.pt"
     save_model(build_model(spec), spec, path)
     blob = torch.load(path, weights_only=True)
@@ -462,6 +463,7 @@ def test_spec_saved_before_the_newer_keys_still_loads(tmp_path) -> None:
     assert loaded.config.translators and loaded.config.gw
     assert (loaded.config.distill_alpha, loaded.config.distill_temperature) == (0.5, 2.0)
     assert loaded.config.full_path == "head"
+    assert loaded.config.bank_size == 0
 
 
 def test_load_model_errors(tmp_path) -> None:

@@ -56,7 +56,7 @@ def _version(cfg: Config, metrics: dict, tmp_path: Path) -> str:
         NAME,
         source=f"{run.info.artifact_uri}/model",
         run_id=run.info.run_id,
-        # register tags test metrics (metric.*) and the validation metrics promotion decides on
+        # register tags test metrics (test/*) and the validation metrics promotion decides on
         tags={**registry.metric_tags(metrics), **registry.selection_tags(metrics, cfg)},
     )
     registry.set_challenger(client, NAME, mv.version)
@@ -70,7 +70,12 @@ def _champion(cfg: Config) -> str:
 def test_metric_tags_roundtrip_and_read_metrics(tmp_path: Path) -> None:
     m = _metrics(0.7)
     tags = registry.metric_tags(m)
-    assert tags["metric.fundus_missing_0.5.qwk"] == "0.55"
+    assert tags["test/fundus_missing_at_0.5/qwk"] == "0.55"
+    assert registry.version_metric(tags, "fundus_missing@0.5", "qwk") == 0.55
+    # a version registered by an older release: its metric.<scenario>.<metric> tags still read
+    old = {"metric.fundus_missing_0.5.qwk": "0.5", "metric.mixed.qwk": "nan?"}
+    assert registry.version_metric(old, "fundus_missing@0.5", "qwk") == 0.5
+    assert registry.version_metric(old, "mixed", "qwk") is None
     assert json.loads(tags["scenarios"]) == list(m)
     path = tmp_path / "metrics.json"
     path.write_text(json.dumps({"mixed": {"qwk": 0.5, "n": 10, "name": "x", "flag": True}}))
@@ -210,7 +215,12 @@ def _manifest_store(tmp_path: Path, content_hash: str) -> Path:
 
 def _mark_complete(model_dir: Path) -> None:
     """The end of a finished `rima train`: the summary marking these weights complete."""
-    summary = {"complete": True, "model_sha256": registry.model_sha256(model_dir)}
+    summary = {
+        "complete": True,
+        "model_sha256": registry.model_sha256(model_dir),
+        "best_val_metrics": {"qwk": 0.4, "mixed_qwk": 0.3},  # the selection: mean over the main
+        "selection_scenario": "mean",
+    }
     (model_dir / "train_summary.json").write_text(json.dumps(summary))
 
 
@@ -267,11 +277,13 @@ def test_registered_version_comes_from_the_training_run(cfg: Config, tmp_path: P
         filter_string=f"source_run_id = '{train_run}'", output_format="list"
     )
     assert [m.model_id for m in logged] == [out["logged_model"].split("/")[-1]]
-    assert {m.key for m in logged[0].metrics} >= {"best_val/qwk", "mixed/qwk"}
+    # what it was selected on (training's names) and its evaluation, linked to the model
+    keys = {m.key for m in logged[0].metrics}
+    assert keys >= {"val/mean/qwk", "val/mixed/qwk", "test/mixed/qwk"}
     # a handful of tags, the promotion metric for every scenario, a readable description
     assert len(version.tags) <= registry.MAX_VERSION_TAGS
-    assert version.tags["metric.mixed.qwk"] == "0.6"
-    assert version.tags["metric.fundus_missing_0.5.qwk"] == "0.6"
+    assert version.tags["test/mixed/qwk"] == "0.6"
+    assert version.tags["test/fundus_missing_at_0.5/qwk"] == "0.6"
     assert version.tags["data_hash"] == "f" * 64
     assert "mixed" in version.description and "14 missing-modality" in version.description
     # the promotion decision lands in the description; still within the tag budget

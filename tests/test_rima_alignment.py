@@ -22,13 +22,15 @@ from rima_core.models import ModelSpec, RimaConfig, build_model
 K = 3
 
 
-def make_rima(name: str = "rima", d_f: int = 32, d_o: int = 24, **kw) -> torch.nn.Module:
+def make_rima(
+    name: str = "rima", d_f: int = 32, d_o: int = 24, ot: OTConfig | None = None, **kw
+) -> torch.nn.Module:
     mcfg = ModelConfig(
         fundus_dim=d_f, oct_dim=d_o, hidden_dim=16, heads=4, dropout=0.0, modality_dropout=0.0
     )
     spec = ModelSpec(
         name=name,
-        config=RimaConfig.from_sections(replace(mcfg, **kw), OTConfig(), name),
+        config=RimaConfig.from_sections(replace(mcfg, **kw), ot or OTConfig(), name),
         n_classes=K,
         class_names=["a", "b", "c"],
         fundus_shape=[16, 16, 3],
@@ -87,6 +89,53 @@ def test_translation_target_is_the_barycentric_projection() -> None:
     assert keep.tolist() == [0, 2]  # row 1 has no mass: no target
     expected = torch.tensor([[0.5, 0.5], [(0.05 * 0 + 0.15 * 2) / 0.2, (0.05 + 0.15 * 2) / 0.2]])
     torch.testing.assert_close(target, expected)
+
+
+def _align(
+    model: torch.nn.Module, labels: list[int], has_f: list[int], has_o: list[int], seed: int
+):
+    """One alignment step on random standardised features; returns its stats."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(labels)
+    f = torch.randn(n, model.cfg.fundus_dim, generator=g)
+    o = torch.randn(n, model.cfg.oct_dim, generator=g)
+    stats: dict[str, float] = {}
+    model._alignment(
+        f, o, torch.tensor(has_f).bool(), torch.tensor(has_o).bool(), torch.tensor(labels), stats
+    )
+    return stats
+
+
+@pytest.mark.parametrize("bank_size", [0, 16])
+def test_the_bank_gives_a_class_absent_from_one_side_of_the_batch_its_target(
+    bank_size: int,
+) -> None:
+    """Batch B has a fundus photo of grade 2 but no OCT of grade 2: alone, that row has no
+    target (nothing of its class to couple to); the bank holds batch A's grade-2 OCT."""
+    model = make_rima(ot=OTConfig(bank_size=bank_size)).train()
+    _align(model, labels=[0, 1, 2], has_f=[1, 1, 0], has_o=[1, 1, 1], seed=0)  # batch A
+    stats = _align(model, labels=[0, 1, 2], has_f=[1, 1, 1], has_o=[1, 1, 0], seed=1)  # B
+    rows = 3 + 2  # batch B's fundus and OCT rows
+    if bank_size:
+        assert stats["ot_rows_aligned"] == 1.0
+    else:
+        assert stats["ot_rows_aligned"] == pytest.approx((rows - 1) / rows)
+
+
+def test_the_bank_keeps_the_newest_rows_and_is_emptied_by_train_and_eval() -> None:
+    model = make_rima(ot=OTConfig(bank_size=4)).train()
+    for seed in range(3):
+        _align(model, labels=[0, 1, 2], has_f=[1, 1, 1], has_o=[1, 1, 1], seed=seed)
+    feats, labels = model.bank["fundus"]
+    assert feats.shape == (4, model.cfg.fundus_dim) and labels.tolist() == [0, 1, 2, 0]
+    g = torch.Generator().manual_seed(2)  # the newest batch comes first, standardised as given
+    torch.testing.assert_close(feats[:3], torch.randn(3, model.cfg.fundus_dim, generator=g))
+    assert not feats.requires_grad
+    model.eval()
+    assert model.bank == {}
+    _align(model.train(), labels=[0, 1], has_f=[1, 1], has_o=[1, 1], seed=0)
+    model.train()
+    assert model.bank == {}
 
 
 def _training_aux(model: torch.nn.Module, b: dict[str, torch.Tensor]):

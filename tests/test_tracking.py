@@ -159,6 +159,29 @@ def test_resumes_the_mlflow_project_run(cfg: Config, monkeypatch: pytest.MonkeyP
     assert client.get_experiment_by_name("rima-test") is None  # no stray experiment created
 
 
+def test_the_mlflow_project_run_is_named_and_a_wrong_experiment_is_said(
+    cfg: Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under ``mlflow run`` the step names the project's run ``<step>[-<profile>]-seed<seed>``
+    (as scripts/mlflow_run.sh does) and warns when the run is not in mlflow.experiment (a
+    plain ``mlflow run .`` lands in the Default experiment)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    exp = client.create_experiment("Default-ish")
+    project_run = client.create_run(exp, run_name="random-name-123")
+    client.log_param(project_run.info.run_id, "profile", "configs/tiny.yaml")  # -P profile=...
+    monkeypatch.setenv("MLFLOW_RUN_ID", project_run.info.run_id)
+    with (
+        caplog.at_level("WARNING", logger="rima_core.tracking"),
+        tracking.start_run(cfg, "evaluate", log_params=False),
+    ):
+        pass
+    got = client.get_run(project_run.info.run_id)
+    assert got.info.run_name == f"evaluate-tiny-seed{cfg.runtime.seed}"
+    assert "not 'rima-test'" in caplog.text and "scripts/mlflow_run.sh" in caplog.text
+
+
 def test_a_second_store_in_one_process_is_used(tmp_path, monkeypatch):
     """MLflow copies the URI it is given into MLFLOW_TRACKING_URI; that copy must not pin every
     later configuration of the same process to the first store."""

@@ -99,7 +99,7 @@ def test_sigkill_then_resume_continues_the_same_run(tiny_data: TinyData, tmp_pat
     assert [r.info.run_id for r in runs] == [killed.info.run_id]  # one run, not two
     run = runs[0]
     assert run.info.status == "FINISHED"
-    for key in ("train_loss", "val_qwk", "lr"):
+    for key in ("train/loss", "val/mean/qwk", "val/mixed/ece"):
         steps_logged = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
         assert steps_logged == list(range(1, EPOCHS + 1)), key
     assert json.loads((out / steps.MLFLOW_RUN_FILE).read_text())["run_id"] == run.info.run_id

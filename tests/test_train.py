@@ -77,10 +77,10 @@ def test_outputs_and_summary(straight_run: Path, tiny_data: TinyData) -> None:
     assert not [c for c in hist.columns if is_timing_column(c)]
     assert not {"mean_epoch_seconds", "run_seconds_this_session"} & set(summary)
     assert json.loads((straight_run / "timings.json").read_text())["mean_epoch_seconds"] > 0
-    assert np.allclose(hist["train_loss"], hist["train_ce"] + hist["train_aux"])
-    assert (hist["train_aux"] > 0).all()
+    assert np.allclose(hist["train/loss"], hist["train/ce"] + hist["train/aux"])
+    assert (hist["train/aux"] > 0).all()
     # the best epoch is the one with the highest validation qwk (first one on ties)
-    assert summary["best_epoch"] == int(hist["epoch"][hist["val_qwk"].idxmax()])
+    assert summary["best_epoch"] == int(hist["epoch"][hist["val/mean/qwk"].idxmax()])
 
 
 def test_same_seed_gives_identical_history_and_weights(
@@ -106,6 +106,36 @@ def test_resume_after_interruption_is_exact(
     last_a = torch.load(straight_run / "checkpoint.pt", weights_only=True)["model"]
     last_b = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(last_a[k], last_b[k]) for k in last_a)
+
+
+def _legacy_name(name: str) -> str:
+    """A history column as versions before the metric-name scheme wrote it."""
+    if name in ("train/lr", "train/best_epoch"):
+        return name.split("/", 1)[1]
+    if name.startswith("train/"):
+        return "train_" + name[len("train/") :]
+    if name.startswith("val/mean/"):
+        return "val_" + name[len("val/mean/") :]
+    if name.startswith("val/"):
+        _, scenario, metric = name.split("/", 2)
+        return f"val_{scenario}_{metric}"
+    return name
+
+
+def test_resume_continues_a_checkpoint_of_an_older_version(
+    straight_run: Path, tiny_data: TinyData, tmp_path: Path
+) -> None:
+    """A checkpoint whose history has the old column names (``train_loss``, ``val_qwk``,
+    ``val_complete_qwk``) resumes into the same history.csv as an uninterrupted run."""
+    cfg = copy.deepcopy(tiny_data.cfg)
+    with pytest.raises(_Stop):
+        train(tiny_data.store, tiny_data.masks, tmp_path, cfg, epoch_callback=_stop_after(1))
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    ckpt["history"] = [{_legacy_name(k): v for k, v in row.items()} for row in ckpt["history"]]
+    assert "val_complete_qwk" in ckpt["history"][0] and "train_loss" in ckpt["history"][0]
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    train(tiny_data.store, tiny_data.masks, tmp_path, cfg, resume=True)
+    pd.testing.assert_frame_equal(_history(straight_run), _history(tmp_path))
 
 
 @pytest.mark.slow
@@ -201,17 +231,17 @@ def test_selection_uses_the_validation_split(
     for key in ("accuracy", "qwk", "auc", "nll"):
         for scenario in MAIN_SCENARIOS:
             assert last[scenario][key] == pytest.approx(
-                hist[f"val_{scenario}_{key}"].iloc[-1], rel=1e-6, nan_ok=True
+                hist[f"val/{scenario}/{key}"].iloc[-1], rel=1e-6, nan_ok=True
             )
         mean = float(np.mean([last[s][key] for s in MAIN_SCENARIOS]))
-        assert mean == pytest.approx(hist[f"val_{key}"].iloc[-1], rel=1e-6, nan_ok=True)
+        assert mean == pytest.approx(hist[f"val/mean/{key}"].iloc[-1], rel=1e-6, nan_ok=True)
 
     # model.pt: the best epoch's metrics
     best, _ = load_model(straight_run / "model.pt")
     m = scored(best)
     row = hist[hist["epoch"] == summary["best_epoch"]].iloc[0]
     assert float(np.mean([m[s]["qwk"] for s in MAIN_SCENARIOS])) == pytest.approx(
-        row["val_qwk"], rel=1e-6
+        row["val/mean/qwk"], rel=1e-6
     )
 
 
@@ -294,6 +324,8 @@ def test_epoch_seeds_differ_and_repeat() -> None:
 
 
 def test_tracker_receives_every_epoch(tiny_cfg: Config, tiny_data: TinyData, tmp_path: Path):
+    from rima_core.data.masks import MAIN_SCENARIOS
+
     logged: list[tuple[int | None, dict[str, float]]] = []
 
     class Sink:
@@ -305,8 +337,14 @@ def test_tracker_receives_every_epoch(tiny_cfg: Config, tiny_data: TinyData, tmp
     train(tiny_data.store, tiny_data.masks, tmp_path, tiny_cfg, tracker=Sink())
     assert [s for s, _ in logged] == [1, 2]
     for _, metrics in logged:
-        for key in ("train_loss", "train_ce", "train_aux", "val_qwk", "epoch_seconds", "ot_share"):
-            assert key in metrics
+        # the curves worth watching; the rest (timings, other metrics) stays in the files
+        assert set(metrics) == {
+            "train/loss",
+            "train/ce",
+            "train/aux",
+            "val/mean/qwk",
+            *(f"val/{s}/{m}" for s in MAIN_SCENARIOS for m in ("qwk", "ece")),
+        }
     assert os.path.exists(tmp_path / "model.pt")
 
 
@@ -364,7 +402,8 @@ def test_distillation_trains_the_teacher_first_then_freezes_it(
     ds = EyeDataset(tiny_data.store, masks, "train", "complete")
     assert teacher["n_train"] == int((ds.has_fundus & ds.has_oct).sum()) < summary["n_train"]
     hist = pd.read_csv(distilled / "teacher" / "history.csv")
-    assert list(hist["epoch"]) == [1, 2] and "val_complete_qwk" not in hist
+    assert list(hist["epoch"]) == [1, 2] and "val/complete/qwk" in hist
+    assert "val/mean/qwk" not in hist  # one validation scenario: its numbers are the selection's
     # stage 2 never moved the teacher: the saved model holds the teacher's selected epoch
     ckpt = torch.load(distilled / "teacher" / "checkpoint.pt", weights_only=True)
     best = ckpt["best"]["state_dict"]
@@ -378,7 +417,7 @@ def test_distillation_trains_the_teacher_first_then_freezes_it(
     )
     model, _ = load_model(distilled / "model.pt")
     assert model.student_f.encoder is not model.teacher.fundus_encoder
-    assert {"train_distill_kl", "train_student_ce"} <= set(pd.read_csv(distilled / "history.csv"))
+    assert {"train/distill_kl", "train/student_ce"} <= set(pd.read_csv(distilled / "history.csv"))
 
 
 class _StopTeacher(RuntimeError):

@@ -8,7 +8,8 @@ One training step (docs/method.md):
 2. class-wise OT: a label-constrained entropic GW coupling ``T`` (n_f × n_o) between the
    standardised fundus features of eyes with a fundus photo and the standardised OCT features of
    eyes with an OCT volume (not necessarily the same eyes: the data may be unpaired), on
-   detached float32 features,
+   detached float32 features; each side also holds the features of the last ``ot.bank_size``
+   eyes of that modality from earlier batches of the epoch (targets only, see :meth:`_with_bank`),
 3. translators ``g_fo`` / ``g_of`` trained with a cosine loss towards OT targets (barycentric
    projection of ``T``), in the standardised spaces,
 4. feature-wise OT: ``T_v`` (d_o × d_f) given ``T``, kept as a running estimate in a buffer,
@@ -204,6 +205,14 @@ class RIMA(PathPooling, EyeModel):
         )
         # fitted after training (module docstring, step 7); saved with the weights
         self.init_path_weights()
+        # training-only memory of recent (features, labels) per modality (_with_bank)
+        self.bank: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def train(self, mode: bool = True) -> RIMA:
+        """Also empties the feature bank: it never holds features from before a validation, and
+        an epoch that resumes from a checkpoint sees the bank an uninterrupted one saw."""
+        self.bank = {}
+        return super().train(mode)
 
     # ---------------------------------------------------------------------------------------
     # features and fusion
@@ -428,19 +437,17 @@ class RIMA(PathPooling, EyeModel):
         od = o.detach().index_select(0, idx_o).float()
         device = f.device
         start = time.perf_counter()
+        lf, lo = labels.index_select(0, idx_f), labels.index_select(0, idx_o)
+        nf, no = fd.shape[0], od.shape[0]
+        fa, lfa, oa, loa = fd, lf, od, lo  # what the coupling reaches: batch (+ bank)
+        if self.class_ot and self.cfg.bank_size > 0:
+            fa, lfa = self._with_bank("fundus", fd, lf)
+            oa, loa = self._with_bank("oct", od, lo)
         with torch.autocast(device_type=device.type, enabled=False):
             if self.class_ot and not self.cfg.gw:
-                T = self.flat_coupling(
-                    labels.index_select(0, idx_f), labels.index_select(0, idx_o), fd.dtype
-                )
+                T = self.flat_coupling(lfa, loa, fd.dtype)
             elif self.class_ot:
-                T, info = ot.labeled_gw(
-                    fd,
-                    labels.index_select(0, idx_f),
-                    od,
-                    labels.index_select(0, idx_o),
-                    epsilon=self.cfg.gw_epsilon,
-                )
+                T, info = ot.labeled_gw(fa, lfa, oa, loa, epsilon=self.cfg.gw_epsilon)
                 stats["gw_iterations"] = float(info["iterations"])
                 stats["gw_marginal_error"] = float(info["marginal_error"])
                 stats["gw_converged"] = float(info["converged"])
@@ -448,7 +455,7 @@ class RIMA(PathPooling, EyeModel):
                 T = self._pairing_coupling(has_f, has_o, fd.dtype)
             has_mass = bool(T.sum() > 0)
             if has_mass and self.feature_ot:
-                self._update_feature_coupling(od, fd, T)
+                self._update_feature_coupling(oa, fa, T)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         stats["ot_seconds"] = time.perf_counter() - start
@@ -459,12 +466,30 @@ class RIMA(PathPooling, EyeModel):
 
         # Translator inputs are detached: the alignment loss trains the translators only, so it
         # cannot pull the encoders towards a collapsed, trivially-translatable embedding.
-        loss_fo, rows_fo = self._translation_loss(self.g_fo, fd, od, T)
-        loss_of, rows_of = self._translation_loss(self.g_of, od, fd, T.T)
+        loss_fo, rows_fo = self._translation_loss(self.g_fo, fd, oa, T[:nf])
+        loss_of, rows_of = self._translation_loss(self.g_of, od, fa, T.T[:no])
         stats["translation_loss_fo"] = float(loss_fo.detach())
         stats["translation_loss_of"] = float(loss_of.detach())
         stats["ot_rows_aligned"] = (rows_fo + rows_of) / (fd.shape[0] + od.shape[0])
         return self.cfg.loss_weight * (loss_fo + loss_of)
+
+    def _with_bank(
+        self, modality: str, x: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` (this batch's rows first) followed by the bank's rows, and the bank updated to
+        the last ``ot.bank_size`` rows of both. Why: with few eyes of a class on one side of a
+        batch (rare grades, scarcely paired data) the coupling's target for a row is one or two
+        eyes' features, or nothing when the class is absent there; the bank gives every class
+        several eyes on both sides. Its features are detached and slightly stale (earlier
+        batches of this epoch), like a memory queue of contrastive learning."""
+        old = self.bank.get(modality)
+        if old is not None and old[0].shape[1:] == x.shape[1:]:
+            xa, la = torch.cat([x, old[0]]), torch.cat([labels, old[1]])
+        else:
+            xa, la = x, labels
+        keep = self.cfg.bank_size
+        self.bank[modality] = (xa[:keep].detach(), la[:keep])
+        return xa, la
 
     @staticmethod
     def _pairing_coupling(

@@ -41,6 +41,7 @@ ADDED_KEYS: dict[str, Any] = {
     "distill_alpha": 0.5,
     "distill_temperature": 2.0,
     "full_path": "head",
+    "bank_size": 0,
 }
 
 
@@ -81,6 +82,7 @@ class RimaConfig:
     loss_weight: float
     feature_momentum: float
     target: str
+    bank_size: int
     # ablation switches (from the model name, see RIMA_VARIANTS)
     class_ot: bool
     feature_ot: bool
