@@ -287,6 +287,37 @@ class _Job:
     log_level: int = logging.INFO
 
 
+# What a trial's training logs per epoch (and its MLflow run lines) goes to DEBUG: a study of 8
+# trials printed ~40 lines; the tune step logs one line per trial instead (-v brings them back).
+TRIAL_QUIET_LOGGERS = ("rima_core.train", "rima_core.tracking", "rima_core.calibration")
+
+
+def _quiet_optuna(level: int) -> None:
+    """Optuna's own INFO lines ("Trial 3 finished with value ...") in its own format, beside the
+    project's one line per trial, only with -v (``level`` DEBUG)."""
+    import optuna
+
+    verbose = level <= logging.DEBUG
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
+
+
+@contextlib.contextmanager
+def _trial_logging(level: int) -> Iterator[None]:
+    """A trial's training logs at WARNING unless the step runs with -v."""
+    if level <= logging.DEBUG:
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in TRIAL_QUIET_LOGGERS]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, before, strict=True):
+            lg.setLevel(lvl)
+
+
 def _objective(job: _Job) -> Any:
     import optuna
 
@@ -324,7 +355,11 @@ def _objective(job: _Job) -> Any:
             else contextlib.nullcontext()
         )
         pruned: optuna.TrialPruned | None = None
-        with run, tempfile.TemporaryDirectory(prefix=f"rima-trial-{trial.number}-") as tmp:
+        with (
+            _trial_logging(job.log_level),
+            run,
+            tempfile.TemporaryDirectory(prefix=f"rima-trial-{trial.number}-") as tmp,
+        ):
             try:
                 summary = train(job.store, job.masks, tmp, tcfg, epoch_callback=report)
             except optuna.TrialPruned as exc:
@@ -338,8 +373,18 @@ def _objective(job: _Job) -> Any:
                 # the trial's value (its best epoch's objective_name(...)), one number per
                 # trial to compare them by; the epoch curves are the training's own metrics
                 tracking.log_metrics({tune_stat("objective"): value})
+        shown = ", ".join(f"{k} {v:.3g}" for k, v in params.items())
         if pruned is not None:
+            log.info("trial %d pruned (%s) with %s", trial.number, pruned, shown)
             raise pruned
+        log.info(
+            "trial %d: %s %.4f (epoch %s) with %s",
+            trial.number,
+            metric,
+            value,
+            summary["best_epoch"],
+            shown,
+        )
         return value
 
     return objective
@@ -355,6 +400,7 @@ def run_worker(job: _Job) -> None:
     from rima_core.redact import install_log_redaction
 
     install_log_redaction()  # a spawned worker's own handlers: no password in its log lines
+    _quiet_optuna(job.log_level)
     if job.threads:
         import torch
 
@@ -462,6 +508,7 @@ def tune(
     name = study_name or f"{tc.study_name}-{study_fingerprint(cfg, data_hash, masks)}"
 
     ignore_experimental_warnings()
+    _quiet_optuna(logging.getLogger().getEffectiveLevel())
     study = optuna.create_study(
         study_name=name,
         storage=make_storage(tc.storage),

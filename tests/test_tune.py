@@ -358,3 +358,39 @@ def test_reports_are_identical_for_identical_inputs(
         tune(tiny_data.store, tiny_data.masks, outs[-1], cfg, track=False)
     for name in ("trials.csv", "headline.json", "best_params.json"):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
+def test_one_log_line_per_trial_and_the_trials_training_quiet(
+    tiny_cfg: Config,
+    tiny_data: TinyData,
+    tmp_path: Path,
+    scripted: ScriptedTraining,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without -v a study logs one project line per trial (value or pruning, with its values),
+    none in Optuna's own format, and a trial's training logs only warnings; after the study the
+    training's loggers are as they were."""
+    import logging
+
+    import rima_core.train
+
+    train_log = logging.getLogger("rima_core.train")
+
+    def chatty(*args, **kw):  # type: ignore[no-untyped-def]
+        train_log.info("epoch line")
+        train_log.warning("a real warning")
+        return scripted(*args, **kw)
+
+    rima_core.train.train = chatty  # the fixture's monkeypatch restores the original
+    cfg = _cfg(tiny_cfg, tmp_path, n_trials=4, epochs=3, pruner_startup_trials=1)
+    with caplog.at_level(logging.INFO):
+        summary = tune(tiny_data.store, tiny_data.masks, tmp_path / "tune", cfg, track=False)
+    messages = [r.getMessage() for r in caplog.records]
+    trial_lines = [m for m in messages if m.startswith("trial ")]
+    assert len(trial_lines) == summary["n_trials"] == 4
+    assert all("train.lr" in m for m in trial_lines)
+    assert sum("pruned" in m for m in trial_lines) == summary["n_pruned"]
+    assert "epoch line" not in messages
+    assert messages.count("a real warning") == 4
+    assert not [r for r in caplog.records if r.name.startswith("optuna")]
+    assert train_log.level == logging.NOTSET
