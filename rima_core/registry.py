@@ -648,27 +648,25 @@ def log_selection(metrics_json: str | Path, cfg: Config) -> dict[str, str]:
 EVAL_SUMMARY = "eval_summary.json"
 
 
-def evaluated_split(metrics_json: str | Path) -> str | None:
-    """The split evaluate scored into ``metrics_json``: ``split`` of the ``eval_summary.json``
-    beside it, or None when there is no such record."""
+def _eval_summary_field(metrics_json: str | Path, key: str) -> str | None:
+    """``key`` of the ``eval_summary.json`` evaluate wrote beside ``metrics_json`` (what that
+    evaluation did, not this process's config), or None when there is no such record."""
     try:
         summary = json.loads((Path(metrics_json).parent / EVAL_SUMMARY).read_text())
     except (OSError, ValueError):
         return None
-    split = summary.get("split") if isinstance(summary, dict) else None
-    return split if isinstance(split, str) else None
+    value = summary.get(key) if isinstance(summary, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def evaluated_split(metrics_json: str | Path) -> str | None:
+    """The split evaluate scored into ``metrics_json``."""
+    return _eval_summary_field(metrics_json, "split")
 
 
 def evaluated_selection_split(metrics_json: str | Path) -> str | None:
-    """The split evaluate actually scored into ``val/metrics.json``: ``selection_split`` of the
-    ``eval_summary.json`` it wrote beside ``metrics_json`` (not this process's config, which may
-    differ from the evaluation's), or None when there is no such record."""
-    try:
-        summary = json.loads((Path(metrics_json).parent / EVAL_SUMMARY).read_text())
-    except (OSError, ValueError):
-        return None
-    split = summary.get("selection_split") if isinstance(summary, dict) else None
-    return split if isinstance(split, str) else None
+    """The split evaluate actually scored into ``val/metrics.json``."""
+    return _eval_summary_field(metrics_json, "selection_split")
 
 
 def _selection_from_tags(tags: dict[str, str], who: str) -> tuple[dict[str, Any] | None, str]:

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from rima_core.config import Config
+from rima_core.metric_names import scored
 
 EXACT, WITHIN, DIFFERENT, INFO = "reproduced", "within tolerance", "DIFFERENT", "informational"
 
@@ -154,29 +154,36 @@ def _lock_md5(stages: dict[str, Any], path: str) -> str | None:
     return None
 
 
-def committed_scores(rev: str, path: str, root: Path) -> tuple[bytes, str]:
-    """The committed evaluation's ``scores.csv`` and where it came from: the DVC cache by the
-    md5 in ``<rev>:dvc.lock``, the DVC remote, else the workspace's (see the module doc)."""
-    md5 = _lock_md5(_lock_stages(git_show(rev, "dvc.lock", root)), path)
+def committed_scores(
+    rev: str, path: str, root: Path, committed_lock: dict[str, Any]
+) -> tuple[bytes, str, bool]:
+    """The committed evaluation's ``scores.csv``, where it came from, and whether it is the
+    committed one: the DVC cache by the md5 in ``<rev>:dvc.lock`` (``committed_lock``), the DVC
+    remote, else the workspace's (see the module doc)."""
+    md5 = _lock_md5(committed_lock, path)
     if md5 is None:
         raise ReproError(f"{path}: not an output in {rev}:dvc.lock")
     workspace = root / path
-    if workspace.is_file() and hashlib.md5(workspace.read_bytes()).hexdigest() == md5:
-        return workspace.read_bytes(), f"{path} of {rev} (the workspace's is identical)"
+    if workspace.is_file():
+        data = workspace.read_bytes()
+        if hashlib.md5(data).hexdigest() == md5:
+            return data, f"{path} of {rev} (the workspace's is identical)", True
     cached = _cache_path(root, md5)
     if cached is not None:
-        return cached.read_bytes(), f"{path} of {rev} (md5 {md5[:8]}…, DVC cache)"
+        return cached.read_bytes(), f"{path} of {rev} (md5 {md5[:8]}…, DVC cache)", True
     try:  # the DVC remote (the md5 check: only the committed version counts)
         import dvc.api
 
         data = dvc.api.read(path, repo=str(root), rev=rev, mode="rb")
         if hashlib.md5(data).hexdigest() == md5:
-            return data, f"{path} of {rev} (md5 {md5[:8]}…, via dvc.api: DVC remote)"
+            return data, f"{path} of {rev} (md5 {md5[:8]}…, via dvc.api: DVC remote)", True
     except Exception:  # no remote, or the remote lacks it: the workspace's intervals stand in
         pass
-    return read_workspace(path, root), (
+    return (
+        read_workspace(path, root),
         f"{path} of the workspace: {rev}'s (md5 {md5[:8]}…) is neither in the DVC cache nor on "
-        "a DVC remote; this run's intervals stand in (same eyes, same bootstrap seed)"
+        "a DVC remote; this run's intervals stand in (same eyes, same bootstrap seed)",
+        False,
     )
 
 
@@ -220,13 +227,6 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def _name_part(text: str) -> str:
-    """A scenario or metric as the metric-name scheme spells it (``fundus_missing@0.5`` ->
-    ``fundus_missing_at_0.5``; rima_core.metric_names where present)."""
-    text = text.lower().replace("@", "_at_")
-    return re.sub(r"[^a-z0-9_./-]+", "_", text).strip("_") or "_"
-
-
 def interval_names(
     cis: dict[tuple[str, str, str], tuple[float, float]], default_split: str
 ) -> dict[str, tuple[float, float]]:
@@ -236,7 +236,7 @@ def interval_names(
     before it (the bare scenario form for ``evaluate.split`` only)."""
     out: dict[str, tuple[float, float]] = {}
     for (split, scenario, metric), ci in cis.items():
-        out[f"{_name_part(split)}/{_name_part(scenario)}/{_name_part(metric)}"] = ci
+        out[scored(split, scenario, metric)] = ci
         out[f"{split}.{scenario}.{metric}"] = ci
         if split == default_split:
             out[f"{scenario}.{metric}"] = ci
@@ -399,12 +399,11 @@ def check(root: str | Path, cfg: Config, rev: str = "HEAD") -> Report:
     level = cfg.evaluate.ci_level * 100
     report = Report(rev=rev, abs_tolerance=cfg.repro.abs_tolerance)
     scores_path = f"{cfg.evaluate.out_dir}/scores.csv"
-    scores, report.interval_source = committed_scores(rev, scores_path, root)
-    whose = (
-        "this run's"
-        if report.interval_source.startswith(f"{scores_path} of the workspace")
-        else "the committed"
+    committed_lock = _lock_stages(git_show(rev, "dvc.lock", root))
+    scores, report.interval_source, committed = committed_scores(
+        rev, scores_path, root, committed_lock
     )
+    whose = "the committed" if committed else "this run's"
     report.ci_label = f"{whose} {level:.0f} %"
     cis = intervals(scores)
     for path in metrics:
@@ -426,7 +425,6 @@ def check(root: str | Path, cfg: Config, rev: str = "HEAD") -> Report:
             except ReproError:
                 continue  # not committed (e.g. a record only some runs write)
             report.other_files.append((path, old_bytes == file.read_bytes()))
-    committed_lock = _lock_stages(git_show(rev, "dvc.lock", root))
     lock_file = root / "dvc.lock"
     workspace_lock = _lock_stages(lock_file.read_text()) if lock_file.is_file() else {}
     report.changed_inputs = changed_inputs(committed_lock, workspace_lock)

@@ -29,6 +29,7 @@ from pipelines.rima_pipeline import (
 )
 from pipelines.submit import build_submission, package_parameters, parse_arguments
 from rima_core.config import Config
+from tests.git_helpers import git
 
 IMAGE = "registry.example.org/rima/rima:9.9.9"
 SECRET = "rima-test-credentials"
@@ -418,17 +419,6 @@ def test_every_task_has_a_display_name_and_a_deadline(compiled: dict[str, Any]) 
 # --- params.yaml against the committed one ---------------------------------------------------
 
 
-def _git(repo: Path, *args: str) -> None:
-    import subprocess
-
-    subprocess.run(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args],
-        cwd=repo,
-        check=True,
-        capture_output=True,
-    )
-
-
 def test_compile_warns_when_params_differ_from_the_committed_file(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -441,13 +431,13 @@ def test_compile_warns_when_params_differ_from_the_committed_file(
 
     repo = tmp_path / "repo"
     repo.mkdir()
-    _git(repo, "init", "-q")
+    git(repo, "init", "-q")
     values = Config().to_dict()
     values["mlflow"]["tracking_uri"] = "http://mlflow.mlflow.svc:5000"
     params = repo / "params.yaml"
     params.write_text(yaml.safe_dump(values))
-    _git(repo, "add", "params.yaml")
-    _git(repo, "commit", "-q", "-m", "params")
+    git(repo, "add", "params.yaml")
+    git(repo, "commit", "-q", "-m", "params")
     # the same values, reformatted and commented: nothing differs
     params.write_text("# tuned by hand\n" + yaml.safe_dump(values, sort_keys=False, indent=4))
     assert uncommitted_params(params) == []

@@ -6,12 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from rima_core.cli import main
+from tests.git_helpers import git
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
@@ -50,15 +50,6 @@ test,complete,qwk,0.8874,0.83,0.93,1000,120
 test,complete,auc,0.9579,0.93,0.98,1000,120
 test,mixed,qwk,0.8456,0.78,0.90,1000,120
 """
-
-
-def _git(root: Path, *args: str) -> None:
-    subprocess.run(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
-        cwd=root,
-        check=True,
-        capture_output=True,
-    )
 
 
 def _write(root: Path, path: str, text: str | bytes) -> None:
@@ -105,7 +96,7 @@ def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
     root = tmp_path / "project"
     root.mkdir()
-    _git(root, "init", "-q")
+    git(root, "init", "-q")
     Repo.init(str(root)).close()
     _write(root, "dvc.yaml", DVC_YAML)
     _write(root, "models/rima/headline.json", json.dumps(TRAIN, indent=2))
@@ -116,8 +107,8 @@ def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     _write(root, "dvc.lock", _lock(root))
     # as in the project: cached outputs are not in git (dvc.lock has their md5)
     _write(root, ".gitignore", "/models/rima/model.pt\n/reports/eval/scores.csv\n")
-    _git(root, "add", "-A")
-    _git(root, "commit", "-q", "-m", "results")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "results")
     monkeypatch.chdir(root)
     return root
 
@@ -265,8 +256,8 @@ def test_flat_metric_names_find_their_intervals(
     _write(repo, "reports/eval/headline.json", json.dumps(flat))
     _write(repo, "reports/eval/scores.csv", scores)
     _write(repo, "dvc.lock", _lock(repo))
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-q", "-m", "flat names")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "flat names")
     _write(
         repo,
         "reports/eval/headline.json",
