@@ -718,19 +718,40 @@ def render(
         lines += [
             "## Runs (selected candidates)",
             "",
+            "Full-path weight: the mean pooling weight of the fused path on complete eyes, and "
+            "in how many runs it is above 0; full − singles NLL: the validation NLL of the full "
+            "path alone minus that of the two single paths pooled (negative: the fusion alone "
+            "beats its parts).",
+            "",
             "| setting | method | runs | mean epochs run | mean best epoch | mean s/epoch | "
-            "OT share | candidates kept |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+            "OT share | full-path weight | full − singles NLL | candidates kept |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
         for (st, method), g in frame.groupby(["setting", "method"], sort=False):
             kept = ", ".join(f"{k} ×{n}" for k, n in g["variant"].value_counts().items())
             lines.append(
                 f"| {st} | `{method}` | {len(g)} | {g['epochs_run'].mean():.1f} | "
                 f"{g['best_epoch'].mean():.1f} | {g['mean_epoch_seconds'].mean():.2f} | "
-                f"{g['ot_share'].astype(float).mean():.1%} | {kept} |"
+                f"{g['ot_share'].astype(float).mean():.1%} | {full_path_cells(g)} | {kept} |"
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def full_path_cells(runs: pd.DataFrame) -> str:
+    """The two pooling cells of the runs table for one (setting, method): "–" where the method
+    pools no paths, or where older records lack the NLLs."""
+    weights = [w["full"] for w in runs.get("path_weights", []) if isinstance(w, dict)]
+    cell = "–"
+    if weights:
+        above = sum(w > 0 for w in weights)
+        cell = f"{np.mean(weights):.2f} ({above}/{len(weights)} > 0)"
+    gaps = [
+        n["full"] - n["singles"]
+        for n in runs.get("path_nll", [])
+        if isinstance(n, dict) and "singles" in n
+    ]
+    return f"{cell} | " + (f"{np.mean(gaps):+.3f}" if gaps else "–")
 
 
 def runs_table(records: list[dict[str, Any]], selected: list[dict[str, Any]]) -> pd.DataFrame:

@@ -390,6 +390,8 @@ def run_job(job: Job) -> dict[str, Any]:
             "ot_share": summary.get("ot_share"),
             "temperature": summary.get("temperature"),
             "path_weights": (summary.get("path_pooling") or {}).get("weights"),
+            # validation NLL of each path alone and of the single paths pooled (model card)
+            "path_nll": (summary.get("path_pooling") or {}).get("nll_alternatives"),
             "train_seconds": t1 - t0,
             "eval_seconds": t2 - t1,
             "diag_seconds": time.perf_counter() - t2,

@@ -154,6 +154,11 @@ class OTConfig:
     # bank_size eyes of each modality from earlier batches of the epoch, so that every class has
     # several eyes on both sides (models/rima.py, _with_bank); 0: the batch alone, as the paper
     bank_size: int = 128
+    # share of the translators' coupling that pairs each eye's own two modalities (the
+    # paired-regression coupling of rima_no_class_ot) rather than the class-wise GW one:
+    # 0 = the paper's class-wise OT alone, 1 = pairing alone; tune may search it
+    # (tune.pairing_mix_range) so validation can turn the class-wise OT down where it does not help
+    pairing_mix: float = 0.0
 
 
 @dataclass
@@ -189,6 +194,8 @@ class TrainConfig:
     # the grade the shipped model gives: argmax (most probable grade) or ordinal (the grade of
     # least expected quadratic cost under the calibrated probabilities); both are reported
     decoding: str = "argmax"
+    # training-time augmentation (rima_core/augment.py): any of "flip", "intensity"
+    augment: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -212,6 +219,8 @@ class TuneConfig:
     feature_epsilon_range: list[float] = field(default_factory=lambda: [1e-3, 5e-2])
     loss_weight_range: list[float] = field(default_factory=lambda: [0.05, 2.0])
     lr_range: list[float] = field(default_factory=lambda: [2e-4, 3e-3])
+    # ot.pairing_mix, on a linear scale; null = not searched (ot.pairing_mix as set)
+    pairing_mix_range: list[float] | None = field(default_factory=lambda: [0.0, 1.0])
 
 
 @dataclass
@@ -786,6 +795,7 @@ METRICS = (
 )  # fmt: skip
 METRIC = one_of(*METRICS)
 DECODINGS = ("argmax", "ordinal")  # rima_core.metrics.decode
+AUGMENTATIONS = ("flip", "intensity")  # rima_core.augment.augment_batch
 FULL_PATHS = ("product", "head")  # rima_core.models.rima.RIMA.full_logits
 SPLITS = ("train", "val", "test")
 
@@ -845,6 +855,7 @@ RULES: dict[str, Check] = {
     "ot.feature_momentum": PROBABILITY,
     "ot.target": one_of(*OT_TARGETS),
     "ot.bank_size": integer(0),  # 0 = the batch alone
+    "ot.pairing_mix": FRACTION,
     "train.out_dir": NON_EMPTY,
     "train.epochs": integer(1),
     "train.batch_size": integer(1),
@@ -860,6 +871,7 @@ RULES: dict[str, Check] = {
     "train.selection_metric": METRIC,
     "train.selection_scenario": NON_EMPTY,
     "train.decoding": one_of(*DECODINGS),
+    "train.augment": each(one_of(*AUGMENTATIONS)),
     "tune.out_dir": NON_EMPTY,
     "tune.storage": URL,
     "tune.study_name": NON_EMPTY,
@@ -877,6 +889,7 @@ RULES: dict[str, Check] = {
     "tune.feature_epsilon_range": increasing_pair(POSITIVE),
     "tune.loss_weight_range": increasing_pair(POSITIVE),
     "tune.lr_range": increasing_pair(POSITIVE),
+    "tune.pairing_mix_range": optional(increasing_pair(FRACTION)),
     "evaluate.out_dir": NON_EMPTY,
     "evaluate.split": one_of(*SPLITS),
     "evaluate.selection_split": one_of(*SPLITS),

@@ -102,8 +102,36 @@ def pooling_lines(pooling: dict[str, Any] | None, val: str) -> list[str]:
     return [
         f"- Complete eyes: the prediction pools the model's paths with weights {weights}, "
         f"fitted on {pooling.get('n_eyes', '?')} complete {val} eyes (NLL "
-        f"{_num(pooling.get('nll_before'))} → {_num(pooling.get('nll_after'))}). " + PATHS_MEANING
+        f"{_num(pooling.get('nll_before'))} → {_num(pooling.get('nll_after'))}). "
+        + PATHS_MEANING
+        + alternatives_sentence(
+            pooling.get("nll_alternatives"), pooling.get("weights", {}).get("full"), val
+        )
     ]
+
+
+def alternatives_sentence(
+    alternatives: dict[str, float] | None, full_weight: float | None, val: str
+) -> str:
+    """Why the weights are what they are: each path's own validation NLL and that of the single
+    paths pooled without the full path (calibration.path_alternatives)."""
+    if not alternatives:
+        return ""
+    alone = ", ".join(f"{p} {_num(v)}" for p, v in alternatives.items() if p != "singles")
+    full, singles = alternatives.get("full"), alternatives.get("singles")
+    verdict = ""
+    if full is not None and singles is not None:
+        better = "better than" if full < singles else "no better than"
+        verdict = (
+            f" The full path alone is {better} the two single paths pooled "
+            f"({_num(full)} vs {_num(singles)})."
+        )
+        if full_weight == 0:
+            verdict += (
+                " Its weight of 0 means that, on these eyes, the single paths' product already "
+                "carries what the fusion learned."
+            )
+    return f" Each path alone on those {val} eyes, NLL after its own scaling: {alone}.{verdict}"
 
 
 def has_card_inputs(eval_dir: str | Path) -> bool:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rima_core.atomic import atomic_file, write_text
+from rima_core.augment import augment_batch, epoch_generator
 from rima_core.config import Config
 from rima_core.data.masks import MAIN_SCENARIOS, load_masks, selection_scenarios
 from rima_core.engine import (
@@ -290,12 +291,15 @@ def _train_one_epoch(
     dtype: torch.dtype | None,
     grad_clip: float,
     desc: str,
+    augment: tuple[list[str], torch.Generator] | None = None,
 ) -> dict[str, float]:
     optimizer, scheduler, scaler = opt.optimizer, opt.scheduler, opt.scaler
     model.train()
     acc = _EpochStats()
     bar = tqdm(loader, desc=desc, leave=False)
     for step, batch in enumerate(bar):
+        if augment is not None:
+            batch = augment_batch(batch, *augment)
         b = to_device(batch, device)
         with autocast(device, dtype):
             out = model(b["fundus"], b["oct"], b["has_fundus"], b["has_oct"], labels=b["label"])
@@ -602,7 +606,10 @@ class _Run:
         )
         desc = f"epoch {epoch}/{tc.epochs}"
         model, device, dtype = self.model, self.device, self.dtype
-        train_stats = _train_one_epoch(model, loader, self.opt, device, dtype, tc.grad_clip, desc)
+        augment = (tc.augment, epoch_generator(rt.seed, epoch)) if tc.augment else None
+        train_stats = _train_one_epoch(
+            model, loader, self.opt, device, dtype, tc.grad_clip, desc, augment
+        )
         t1 = time.perf_counter()
         val_metrics = self.validate()
         t2 = time.perf_counter()

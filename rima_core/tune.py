@@ -4,7 +4,10 @@ What is searched, and why these choices:
 
 - The four values RIMA is sensitive to: the labeled-GW epsilon, the feature-OT epsilon, the
   translation-loss weight and the learning rate (:data:`TUNED`), each on a log scale over the range
-  given in ``params.yaml`` (``tune.<name>_range: [low, high]``) — they span orders of magnitude.
+  given in ``params.yaml`` (``tune.<name>_range: [low, high]``) — they span orders of magnitude;
+  and ``ot.pairing_mix`` on a linear scale (:data:`LINEAR`), the share of the translators'
+  coupling that pairs each eye's own modalities, so that on a dataset where the class-wise OT
+  does not help, validation can turn it down (at 1 the model trains as ``rima_no_class_ot``).
 - A trial is a short training run (``tune.epochs``) scored on the VALIDATION split under the
   missing-modality scenario ``tune.scenario``, with the same selection rule the final training
   uses (best epoch of ``tune.metric``), so tuning optimises what model selection later picks on.
@@ -68,7 +71,11 @@ TUNED: dict[str, str] = {
     "ot.feature_epsilon": "feature_epsilon_range",
     "ot.loss_weight": "loss_weight_range",
     "train.lr": "lr_range",
+    "ot.pairing_mix": "pairing_mix_range",
 }
+# Searched on a linear scale (a share in [0, 1], where 0 itself is a setting: the paper's
+# coupling); every other name on a log scale. A linear name's range may be null: not searched.
+LINEAR = frozenset({"ot.pairing_mix"})
 # tune.* keys that set the budget or the plumbing, not what a trial measures: changing them
 # keeps the study (a bigger n_trials continues it).
 _BUDGET_KEYS = frozenset({"out_dir", "storage", "study_name", "n_trials", "timeout_s", "workers"})
@@ -95,10 +102,14 @@ def search_space(tc: TuneConfig) -> dict[str, tuple[float, float]]:
     space = {}
     for name, key in TUNED.items():
         bounds = getattr(tc, key)
-        if len(bounds) != 2:
+        if bounds is None and name in LINEAR:
+            continue
+        if bounds is None or len(bounds) != 2:
             raise ConfigError(f"tune.{key}: expected [low, high], got {bounds!r}")
         low, high = (float(b) for b in bounds)
-        if not (0 < low < high and math.isfinite(high)):
+        if name in LINEAR and not (0 <= low < high <= 1):
+            raise ConfigError(f"tune.{key}: need 0 <= low < high <= 1, got {bounds!r}")
+        if name not in LINEAR and not (0 < low < high and math.isfinite(high)):
             raise ConfigError(
                 f"tune.{key}: need 0 < low < high for a log-scale range, got {bounds!r}"
             )
@@ -138,7 +149,8 @@ def study_fingerprint(cfg: Config, data_hash: str | None, masks: str | Path) -> 
     tune = {k: v for k, v in dataclasses.asdict(cfg.tune).items() if k not in _BUDGET_KEYS}
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _TRIAL_OVERRIDDEN}
     runtime = {k: v for k, v in dataclasses.asdict(cfg.runtime).items() if k != "num_workers"}
-    ot = {k: v for k, v in dataclasses.asdict(cfg.ot).items() if f"ot.{k}" not in TUNED}
+    searched = search_space(cfg.tune)
+    ot = {k: v for k, v in dataclasses.asdict(cfg.ot).items() if f"ot.{k}" not in searched}
     masks_md5 = hashlib.md5(Path(masks).read_bytes()).hexdigest()
     payload = {
         "data_hash": data_hash,
@@ -329,7 +341,7 @@ def _objective(job: _Job) -> Any:
 
     def objective(trial: optuna.Trial) -> float:
         params = {
-            name: trial.suggest_float(name, low, high, log=True)
+            name: trial.suggest_float(name, low, high, log=name not in LINEAR)
             for name, (low, high) in space.items()
         }
         tcfg = trial_config(job.cfg, params)

@@ -42,3 +42,13 @@ def test_pooling_line_says_what_the_weights_mean() -> None:
     (line,) = pooling_lines(fitted, "val")
     assert "full 0.000 / fundus_only 0.500 / oct_only 1.000" in line
     assert PATHS_MEANING in line
+    assert "Each path alone" not in line  # older summaries lack the alternatives
+    fitted["nll_alternatives"] = {"full": 0.6, "fundus_only": 0.7, "oct_only": 0.65, "singles": 0.5}
+    (line,) = pooling_lines(fitted, "val")
+    assert "full 0.600, fundus_only 0.700, oct_only 0.650" in line
+    assert "no better than the two single paths pooled (0.600 vs 0.500)" in line
+    assert "weight of 0 means" in line
+    fitted["weights"]["full"] = 0.4
+    fitted["nll_alternatives"]["full"] = 0.45
+    (line,) = pooling_lines(fitted, "val")
+    assert "is better than the two single paths pooled" in line and "weight of 0" not in line

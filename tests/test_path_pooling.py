@@ -18,6 +18,7 @@ from rima_core.calibration import (
     PATH_WEIGHT_MAX,
     calibrate_paths,
     fit_path_weights,
+    path_alternatives,
     pooled_nll,
 )
 from rima_core.model_card import pooling_lines
@@ -156,6 +157,27 @@ def test_calibrate_paths_fits_on_complete_eyes_once_each() -> None:
     weights = [report["weights"][p] for p in PATHS]
     assert model.path_weights.tolist() == pytest.approx(weights)
     assert model.training  # mode restored (build_model returns a model in training mode)
+    alt = report["nll_alternatives"]  # each path alone, the singles pooled: none beats all three
+    assert set(alt) == {*PATHS, "singles"}
+    assert min(alt.values()) >= report["nll_after"] - 1e-9
+    assert alt["singles"] <= min(alt["fundus_only"], alt["oct_only"]) + 1e-9
+
+
+def test_path_alternatives_tell_a_useless_full_path_from_a_useful_one() -> None:
+    """The full path's own NLL against the singles pooled: a full path that only adds noise
+    is worse than the singles, one that knows the grade is better."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    onehot = np.eye(3)[y]
+
+    def log_probs(signal: float) -> np.ndarray:
+        z = signal * onehot + rng.normal(size=(300, 3))
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+    singles = [log_probs(1.5), log_probs(1.5)]
+    weak = path_alternatives(np.stack([log_probs(0.0), *singles]), y, list(PATHS))
+    strong = path_alternatives(np.stack([log_probs(6.0), *singles]), y, list(PATHS))
+    assert weak["full"] > weak["singles"] and strong["full"] < strong["singles"]
 
 
 def test_calibrate_paths_keeps_the_weights_with_too_few_eyes_or_no_paths() -> None:

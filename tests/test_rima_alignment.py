@@ -271,3 +271,46 @@ def test_diagnostics_report_every_number(tiny_data) -> None:
 class _NoTracker:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         pass
+
+
+def _alignment_loss(model: torch.nn.Module, has_f: list[int], has_o: list[int]) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    n = len(has_f)
+    f = torch.randn(n, model.cfg.fundus_dim, generator=g)
+    o = torch.randn(n, model.cfg.oct_dim, generator=g)
+    labels = torch.arange(n) % K
+    return model._alignment(
+        f, o, torch.tensor(has_f).bool(), torch.tensor(has_o).bool(), labels, {}
+    )
+
+
+PARTLY_PAIRED = ([1, 1, 1, 1, 1, 0, 1, 0, 1], [1, 1, 0, 1, 0, 1, 1, 1, 1])
+
+
+def test_pairing_mix_moves_between_the_paper_and_the_ablation_without_class_ot() -> None:
+    """ot.pairing_mix 0 is the class-wise coupling, 1 the pairing coupling of rima_no_class_ot
+    (the same loss to the last bit), and a share in between gives a third, different loss."""
+    ablation = _alignment_loss(make_rima("rima_no_class_ot").train(), *PARTLY_PAIRED)
+    paper = _alignment_loss(make_rima(ot=OTConfig(bank_size=0)).train(), *PARTLY_PAIRED)
+    mixed = _alignment_loss(
+        make_rima(ot=OTConfig(bank_size=0, pairing_mix=0.5)).train(), *PARTLY_PAIRED
+    )
+    for bank in (0, 16):
+        full = make_rima(ot=OTConfig(bank_size=bank, pairing_mix=1.0)).train()
+        assert torch.equal(_alignment_loss(full, *PARTLY_PAIRED), ablation)
+        assert full.bank == {}  # the class-wise coupling's bank is not even filled
+    assert not torch.isclose(paper, ablation) and not torch.isclose(mixed, paper)
+    assert not torch.isclose(mixed, ablation)
+
+
+def test_mixed_coupling_blends_masses_and_keeps_a_batch_without_pairs() -> None:
+    from rima_core.models.rima import RIMA
+
+    T = torch.full((5, 6), 1.0 / 30)  # 3 batch rows + 2 bank rows, 4 + 2 columns
+    P = torch.zeros(3, 4)
+    P[0, 1] = P[2, 3] = 0.5
+    m = RIMA.mixed_coupling(T, P, 0.25)
+    assert m.shape == T.shape and m.sum().item() == pytest.approx(1.0)
+    assert m[0, 1].item() == pytest.approx(0.75 / 30 + 0.125)
+    assert m[3:].sum().item() == pytest.approx(0.75 * 12 / 30)  # bank rows: class-wise only
+    assert torch.equal(RIMA.mixed_coupling(T, torch.zeros(3, 4), 0.25), T)

@@ -13,6 +13,7 @@ import pytest
 from rima_core import steps
 from rima_core.config import Config, ConfigError
 from rima_core.tune import (
+    LINEAR,
     TUNED,
     TuneError,
     search_space,
@@ -394,3 +395,17 @@ def test_one_log_line_per_trial_and_the_trials_training_quiet(
     assert messages.count("a real warning") == 4
     assert not [r for r in caplog.records if r.name.startswith("optuna")]
     assert train_log.level == logging.NOTSET
+
+
+def test_pairing_mix_is_searched_on_a_linear_range_or_not_at_all(tiny_cfg: Config) -> None:
+    """ot.pairing_mix is a share (0 itself is the paper's setting): linear, within [0, 1], and
+    a null range leaves it out of the search (and in the study's fingerprint as set)."""
+    tc = copy.deepcopy(tiny_cfg.tune)
+    assert search_space(tc)["ot.pairing_mix"] == (0.0, 1.0)
+    tc.pairing_mix_range = None
+    assert "ot.pairing_mix" not in search_space(tc)
+    assert set(search_space(tc)) == set(TUNED) - LINEAR
+    for bad in ([0.5, 1.5], [0.6, 0.2], [-0.1, 0.5]):
+        tc.pairing_mix_range = bad
+        with pytest.raises(ConfigError, match=r"tune\.pairing_mix_range"):
+            search_space(tc)

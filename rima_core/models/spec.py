@@ -42,6 +42,7 @@ ADDED_KEYS: dict[str, Any] = {
     "distill_temperature": 2.0,
     "full_path": "head",
     "bank_size": 0,
+    "pairing_mix": 0.0,
 }
 
 
@@ -83,6 +84,7 @@ class RimaConfig:
     feature_momentum: float
     target: str
     bank_size: int
+    pairing_mix: float
     # ablation switches (from the model name, see RIMA_VARIANTS)
     class_ot: bool
     feature_ot: bool
