@@ -177,6 +177,7 @@ def test_whole_pipeline_runs_locally_and_registers_a_model(local_runner: Path) -
     from pipelines.local import run_local
     from rima_core.config import load_config
     from rima_core.data.masks import scenario_names
+    from rima_core.tune import search_space
 
     work = local_runner.parent
     mlflow_uri = f"sqlite:///{work / 'mlflow.db'}"
@@ -207,7 +208,7 @@ def test_whole_pipeline_runs_locally_and_registers_a_model(local_runner: Path) -
 
     # tuning: two workers, one shared study, the budget counted once
     best = json.loads((run_dir / "tune-best" / "best_params").read_text())
-    assert set(best) == {"ot.gw_epsilon", "ot.feature_epsilon", "ot.loss_weight", "train.lr"}
+    assert set(best) == set(search_space(cfg.tune)) and "ot.pairing_mix" in best
     workers = sorted(run_dir.glob("for-loop-*-iteration-*/tune-worker"))
     assert len(workers) == 2
     (study_summary,) = optuna.get_all_study_summaries(storage)
