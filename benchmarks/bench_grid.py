@@ -104,6 +104,10 @@ GRIDS: dict[str, tuple[tuple[str, str], ...]] = {
 # with the best validation score (the model-selection score), never looking at the test split.
 LR_FACTORS = (0.5, 1.0, 2.0)
 METHOD_KNOBS: dict[str, tuple[tuple[str, ...], ...]] = {
+    # rima's own: how much of the translators' coupling pairs each eye's own modalities instead
+    # of the class-wise GW coupling (0, the paper's, is the lr candidates; 1 trains as
+    # rima_no_class_ot), the knob the pipeline's tune stage searches
+    "rima": (("ot.pairing_mix=0.5",), ("ot.pairing_mix=1.0",)),
     "late_fusion_dropout": (("model.modality_dropout=0.1",), ("model.modality_dropout=0.5",)),
     "distillation": (("model.distill_alpha=0.9",), ("model.distill_temperature=4.0",)),
 }
