@@ -101,12 +101,16 @@ def test_last_epoch_share_counts_runs_that_end_on_the_cap() -> None:
 
 
 def test_every_method_gets_the_same_learning_rates_and_its_own_knob() -> None:
-    base = [v.name for v in variants("rima", 1e-3)]
+    base = [v.name for v in variants("rima_no_class_ot", 1e-3)]
     assert base == ["lr0.5", "lr1", "lr2"]
     assert variants("rima", 1e-3)[1].overrides == ()  # the base candidate is params.yaml as is
     assert variants("rima", 1e-3)[2].overrides == ("train.lr=0.002",)
     lfd = variants("late_fusion_dropout", 1e-3)
     assert [v.name for v in lfd[:3]] == base and len(lfd) > 3
+    # rima's own knob: validation may pick the pairing coupling of rima_no_class_ot
+    rima = variants("rima", 1e-3)
+    assert [v.name for v in rima[:3]] == base
+    assert [v.overrides for v in rima[3:]] == [("ot.pairing_mix=0.5",), ("ot.pairing_mix=1.0",)]
 
 
 def test_the_plan_gives_the_ot_family_more_seeds_and_the_curve_point_few_methods() -> None:
