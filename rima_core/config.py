@@ -105,6 +105,25 @@ class ValidateConfig:
     mean_intensity_range: list[float] = field(default_factory=lambda: [2.0, 253.0])
 
 
+# The scenarios every split has; ``mean`` (model selection, tuning) averages a metric over them.
+# Beside them, the missing-rate sweep's ``<family>@<rate>`` (scenario_names). Defined here, with
+# the missing section they derive from, so every scenario key is checked when a config loads.
+MAIN_SCENARIOS = ("complete", "fundus_missing", "oct_missing", "mixed")
+MEAN_SCENARIO = "mean"
+SWEPT_FAMILIES = ("fundus_missing", "oct_missing")
+
+
+def scenario_names(cfg: MissingConfig) -> list[str]:
+    """All scenarios in evaluation order (sweep duplicates dropped)."""
+    names = list(MAIN_SCENARIOS)
+    for family in SWEPT_FAMILIES:
+        for rate in cfg.sweep:
+            name = f"{family}@{float(rate):g}"
+            if name not in names:
+                names.append(name)
+    return names
+
+
 @dataclass
 class MissingConfig:
     masks: str = "data/masks.parquet"
@@ -947,8 +966,24 @@ def _warmup_within_trials(cfg: Config) -> tuple[str, str] | None:
     return None
 
 
+def _scenario_keys(cfg: Config) -> tuple[str, str] | None:
+    # a misspelt scenario would otherwise surface only when a stage looks it up (or, for
+    # promote.scenario, be replaced by another scenario's numbers)
+    names = scenario_names(cfg.missing)
+    for key, value, allowed in (
+        ("train.selection_scenario", cfg.train.selection_scenario, [MEAN_SCENARIO, *names]),
+        ("tune.scenario", cfg.tune.scenario, [MEAN_SCENARIO, *names]),
+        ("promote.scenario", cfg.promote.scenario, names),
+    ):
+        if value not in allowed:
+            hint = did_you_mean([value], allowed) or f" (one of {allowed})"
+            return key, f"{value!r} is not a scenario of the missing: section{hint}"
+    return None
+
+
 # Checks over several keys: each returns (the key to name, the reason) or None.
 CROSS_RULES: list[typing.Callable[[Config], tuple[str, str] | None]] = [
+    _scenario_keys,
     _source_registered,
     _class_weights_match,
     _missing_fractions,

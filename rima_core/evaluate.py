@@ -35,7 +35,7 @@ import pandas as pd
 
 from rima_core.atomic import atomic_dir
 from rima_core.calibration import calibration_report
-from rima_core.config import Config
+from rima_core.config import Config, ConfigError
 from rima_core.data.masks import MAIN_SCENARIOS, load_masks
 from rima_core.engine import (
     EngineError,
@@ -446,8 +446,14 @@ def _add_equity_headline(
     metrics: dict[str, dict[str, float]], equity: pd.DataFrame, cfg: Config
 ) -> str:
     """Add ``es_auc/<attribute>`` of ``evaluate.equity_attributes`` to the metrics of the
-    promotion scenario (the first scenario if that one was not evaluated); return that scenario."""
-    headline = cfg.promote.scenario if cfg.promote.scenario in metrics else next(iter(metrics))
+    promotion scenario; return that scenario. The masks lacking it is an error, not a quiet
+    switch to another scenario's numbers (promotion and the headline would read different ones)."""
+    headline = cfg.promote.scenario
+    if headline not in metrics:
+        raise ConfigError(
+            f"promote.scenario {headline!r} was not evaluated: the masks have "
+            f"{sorted(metrics)}; regenerate them (rima simulate-missing) with this missing: section"
+        )
     for attribute in cfg.evaluate.equity_attributes:
         row = equity[(equity["scenario"] == headline) & (equity["attribute"] == attribute)]
         if row.empty:

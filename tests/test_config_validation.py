@@ -311,3 +311,33 @@ def test_data_source_accepts_registered_names_aliases_and_plugin_modules(source:
     # a plug-in module must be registered (data.plugins) to be named; see test_security_data
     plugins = [f"data.plugins=[{source}]"] if "." in source else []
     validate_config(load_config(None, overrides=[f"data.source={source}", *plugins]))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("promote.scenario", "mixd"),
+        ("promote.scenario", "mean"),  # metrics have no "mean" scenario to promote on
+        ("promote.scenario", "oct_missing@0.3"),  # not a rate of missing.sweep
+        ("train.selection_scenario", "oct_misssing"),
+        ("tune.scenario", "fundus@1"),
+    ],
+)
+def test_a_misspelt_scenario_fails_at_load_naming_the_key(key: str, value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides=[f"{key}={value}"])
+    assert str(err.value).startswith(f"params.{key}: '{value}' is not a scenario")
+
+
+def test_scenario_keys_accept_every_scenario_the_masks_will_have() -> None:
+    from rima_core.data.masks import scenario_names
+
+    sweep = ["missing.sweep=[0.3, 1.0]"]
+    cfg = load_config(None, overrides=[*sweep, "promote.scenario=oct_missing@0.3"])
+    assert "oct_missing@0.3" in scenario_names(cfg.missing)
+    for name in ("mean", "complete", "mixed", "fundus_missing@0.3"):
+        load_config(
+            None, overrides=[*sweep, f"train.selection_scenario={name}", f"tune.scenario={name}"]
+        )
+    with pytest.raises(ConfigError, match="did you mean 'mixed'"):
+        load_config(None, overrides=["promote.scenario=mixd"])

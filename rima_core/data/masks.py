@@ -32,7 +32,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rima_core.atomic import atomic_file
-from rima_core.config import ConfigError, MissingConfig
+from rima_core.config import (
+    MAIN_SCENARIOS,
+    MEAN_SCENARIO,
+    ConfigError,
+    MissingConfig,
+    scenario_names,
+)
 from rima_core.data.store import open_store
 from rima_core.data.types import SPLITS
 
@@ -41,26 +47,10 @@ log = logging.getLogger(__name__)
 MASK_COLUMNS = ("case_id", "split", "scenario", "has_fundus", "has_oct")
 
 
-# The scenarios every split has; ``mean`` (model selection, tuning) averages a metric over them.
-MAIN_SCENARIOS = ("complete", "fundus_missing", "oct_missing", "mixed")
-MEAN_SCENARIO = "mean"
-
-
 def selection_scenarios(name: str) -> list[str]:
     """The validation scenarios a selection rule named ``name`` looks at: ``mean`` = all of
     :data:`MAIN_SCENARIOS` (their metrics averaged), any other name = that scenario alone."""
     return list(MAIN_SCENARIOS) if name == MEAN_SCENARIO else [name]
-
-
-def scenario_names(cfg: MissingConfig) -> list[str]:
-    """All scenarios in evaluation order (sweep duplicates dropped)."""
-    names = list(MAIN_SCENARIOS)
-    for family in ("fundus_missing", "oct_missing"):
-        for rate in cfg.sweep:
-            name = f"{family}@{rate:g}"
-            if name not in names:
-                names.append(name)
-    return names
 
 
 def _check(cfg: MissingConfig) -> None:
