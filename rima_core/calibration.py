@@ -257,6 +257,7 @@ def calibrate_paths(
     device: Any,
     dtype: Any = None,
     quiet: bool = False,
+    explain: bool = True,
 ) -> dict | None:
     """Fit a model's ``path_weights`` on the complete eyes of the validation loader(s).
 
@@ -268,8 +269,9 @@ def calibrate_paths(
     (they are a buffer, so ``model.pt`` keeps them) and returns what was fitted, on how many
     eyes, and the NLL before and after. Called where training ends, after model selection and
     before :func:`calibrate_model`, whose temperature then scales the pooled logits, and
-    at every epoch's validation (``quiet``: logged at DEBUG), so selection scores the pooled
-    prediction.
+    at every epoch's validation (``quiet``: logged at DEBUG; ``explain=False``: without the
+    per-path NLLs the model card states, which only the shipped fit needs), so selection scores
+    the pooled prediction.
     """
     import torch
 
@@ -317,7 +319,7 @@ def calibrate_paths(
         nll_before=pooled_nll(lp, y, start),
         nll_after=pooled_nll(lp, y, w),
     )
-    if not quiet:  # the end-of-training fit only: the model card states it
+    if explain:  # what the model card states beside the weights (path_alternatives)
         report["nll_alternatives"] = path_alternatives(lp, y, paths)
     say(
         "path pooling on %d complete validation eyes: weights %s, NLL %.4f -> %.4f",

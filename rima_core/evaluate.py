@@ -35,7 +35,7 @@ import pandas as pd
 
 from rima_core.atomic import atomic_dir
 from rima_core.calibration import calibration_report
-from rima_core.config import Config, ConfigError
+from rima_core.config import Config
 from rima_core.data.masks import MAIN_SCENARIOS, load_masks
 from rima_core.engine import (
     EngineError,
@@ -50,6 +50,7 @@ from rima_core.headline import HEADLINE_FILE, eval_headline, write_headline
 from rima_core.metric_names import scored_numbers
 from rima_core.metrics import bootstrap_scores, classification_metrics, es_auc, metric_key
 from rima_core.plots import PLOTS_DIR, write_eval_plots
+from rima_core.train import check_scenario
 
 log = logging.getLogger(__name__)
 
@@ -388,6 +389,9 @@ def _load_inputs(
     ):
         if not (mask_df["split"] == name).any():
             raise EngineError(f"masks have no rows for split {name!r} ({what})")
+    # the promotion scenario carries the equity headline: the masks must have it (before any
+    # prediction, not after a whole evaluation)
+    check_scenario(mask_df, ev.split, cfg.promote.scenario, "evaluation (promote.scenario)")
     try:
         model, spec = load_model(model_path, map_location=device)
     except ValueError as exc:  # not a model file, or weights that do not fit their spec
@@ -446,14 +450,8 @@ def _add_equity_headline(
     metrics: dict[str, dict[str, float]], equity: pd.DataFrame, cfg: Config
 ) -> str:
     """Add ``es_auc/<attribute>`` of ``evaluate.equity_attributes`` to the metrics of the
-    promotion scenario; return that scenario. The masks lacking it is an error, not a quiet
-    switch to another scenario's numbers (promotion and the headline would read different ones)."""
+    promotion scenario (evaluate checked the masks have it); return that scenario."""
     headline = cfg.promote.scenario
-    if headline not in metrics:
-        raise ConfigError(
-            f"promote.scenario {headline!r} was not evaluated: the masks have "
-            f"{sorted(metrics)}; regenerate them (rima simulate-missing) with this missing: section"
-        )
     for attribute in cfg.evaluate.equity_attributes:
         row = equity[(equity["scenario"] == headline) & (equity["attribute"] == attribute)]
         if row.empty:

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rima_core.atomic import atomic_file, write_text
-from rima_core.augment import augment_batch, epoch_generator
+from rima_core.augment import STREAM as AUGMENT_STREAM
+from rima_core.augment import augment_batch
 from rima_core.config import Config
 from rima_core.data.masks import MAIN_SCENARIOS, load_masks, selection_scenarios
 from rima_core.engine import (
@@ -179,9 +180,10 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The data-order seed of one epoch: a resumed run re-creates exactly the same shuffles."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+def epoch_seed(seed: int, epoch: int, *stream: int) -> int:
+    """The seed of one epoch: a resumed run re-creates exactly the same shuffles (no ``stream``)
+    and augmentations (``stream`` = augment.STREAM)."""
+    return int(np.random.SeedSequence([seed, epoch, *stream]).generate_state(1)[0])
 
 
 def _fingerprint(cfg: Config, data: dict[str, Any]) -> dict[str, Any]:
@@ -298,9 +300,9 @@ def _train_one_epoch(
     acc = _EpochStats()
     bar = tqdm(loader, desc=desc, leave=False)
     for step, batch in enumerate(bar):
-        if augment is not None:
-            batch = augment_batch(batch, *augment)
         b = to_device(batch, device)
+        if augment is not None:
+            b = augment_batch(b, *augment)
         with autocast(device, dtype):
             out = model(b["fundus"], b["oct"], b["has_fundus"], b["has_oct"], labels=b["label"])
         ce = F.cross_entropy(out.logits.float(), b["label"])
@@ -575,7 +577,9 @@ class _Run:
 
         if self.cfg.train.pool_paths and isinstance(self.model, PathPooling):
             self.model.reset_path_weights()  # every epoch's fit starts from the full path alone
-            calibrate_paths(self.model, self.val_loaders, self.device, self.dtype, quiet=True)
+            calibrate_paths(
+                self.model, self.val_loaders, self.device, self.dtype, quiet=True, explain=False
+            )
         return validation_metrics(
             self.model,
             self.val_loaders,
@@ -606,7 +610,10 @@ class _Run:
         )
         desc = f"epoch {epoch}/{tc.epochs}"
         model, device, dtype = self.model, self.device, self.dtype
-        augment = (tc.augment, epoch_generator(rt.seed, epoch)) if tc.augment else None
+        augment = None
+        if tc.augment:
+            generator = torch.Generator().manual_seed(epoch_seed(rt.seed, epoch, AUGMENT_STREAM))
+            augment = (tc.augment, generator)
         train_stats = _train_one_epoch(
             model, loader, self.opt, device, dtype, tc.grad_clip, desc, augment
         )

@@ -8,8 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from rima_core.augment import augment_batch, epoch_generator
+from rima_core.augment import STREAM, augment_batch
 from rima_core.config import Config, ConfigError, load_config
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator training draws an epoch's augmentation from (train._Run.epoch)."""
+    from rima_core.train import epoch_seed
+
+    return torch.Generator().manual_seed(epoch_seed(seed, epoch, STREAM))
 
 
 def _batch(n: int = 16) -> dict[str, torch.Tensor]:

@@ -4,22 +4,21 @@ being hashed would let results of different code mix in one results file."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 from benchmarks.missing_modality import CODE
+from tests.import_graph import ROOT, closure, module_path
 
-ROOT = Path(__file__).resolve().parents[1]
 # What a benchmark run starts from: training, the phantom, the oracle, preparation, the
 # diagnostics and the benchmark's own scoring.
-ENTRY = (
+ENTRY = {
     "rima_core.train",
     "rima_core.data.synthetic",
     "rima_core.data.oracle",
     "rima_core.data.prepare",
     "rima_core.diagnostics",
     "benchmarks.bench_scoring",
-)
+}
 # Reached from there but unable to change a number, each for its reason.
 NO_NUMBERS = {
     "rima_core": "package marker",
@@ -35,54 +34,13 @@ NO_NUMBERS = {
 }
 
 
-def _file(module: str) -> Path | None:
-    for path in (
-        ROOT / f"{module.replace('.', '/')}.py",
-        ROOT / module.replace(".", "/") / "__init__.py",
-    ):
-        if path.exists():
-            return path
-    return None
-
-
-def _imports(path: Path, package: str) -> set[str]:
-    """The rima_core modules ``path`` imports (at module level or inside functions)."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        names: list[str] = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = (
-                package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
-            )
-            module = ".".join([*base, *([node.module] if node.module else [])])
-            names = [module, *(f"{module}.{a.name}" for a in node.names)]
-        found.update(n for n in names if n.startswith("rima_core") and _file(n))
-    return found
-
-
-def reached() -> set[str]:
-    seen: set[str] = set()
-    todo = list(ENTRY)
-    while todo:
-        module = todo.pop()
-        path = _file(module)
-        if module in seen or path is None:
-            continue
-        seen.add(module)
-        package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
-        todo.extend(_imports(path, package))
-    return seen
-
-
 def _covered(module: str) -> bool:
-    rel = _file(module).relative_to(ROOT)  # type: ignore[union-attr]
+    rel = module_path(module).relative_to(ROOT)  # type: ignore[union-attr]
     return any(rel == Path(c) or Path(c) in rel.parents for c in CODE)
 
 
 def test_every_module_a_run_executes_is_hashed_or_cannot_change_a_number() -> None:
-    modules = reached()
+    modules = closure(ENTRY)
     assert {"rima_core.train", "rima_core.models.rima", "rima_core.ot"} <= modules
     unhashed = sorted(m for m in modules if not _covered(m) and m not in NO_NUMBERS)
     assert unhashed == [], f"add to benchmarks/missing_modality.py CODE: {unhashed}"

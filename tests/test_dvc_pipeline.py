@@ -23,6 +23,7 @@ from rima_core.headline import MAX_NUMBERS
 from rima_core.metric_names import not_names
 from rima_core.tune import _TRIAL_OVERRIDDEN
 from tests.conftest import mlflow_free_env
+from tests.import_graph import closure, imports, module_path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["prepare", "validate", "simulate-missing", "tune", "train", "evaluate", "register"]
@@ -266,55 +267,13 @@ STAGE_READS: dict[str, list[str]] = {
 OVERRIDDEN = {"tune": {f"train.{key}" for key in _TRIAL_OVERRIDDEN}}
 
 
-def _module_path(module: str) -> Path | None:
-    base = ROOT / Path(*module.split("."))
-    if (base / "__init__.py").is_file():
-        return base / "__init__.py"
-    if base.with_suffix(".py").is_file():
-        return base.with_suffix(".py")
-    return None
-
-
-def _imports(tree: ast.AST, module: str) -> set[str]:
-    """``rima_core`` modules imported anywhere in ``tree`` (module or function level)."""
-    found: set[str] = set()
-    package = module.split(".")
-    if _module_path(module) is None or _module_path(module).name != "__init__.py":
-        package = package[:-1]
-    for node in ast.walk(tree):
-        names: list[str] = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
-            names = [base] + [f"{base}.{a.name}" for a in node.names]
-        found |= {n for n in names if n.startswith("rima_core") and _module_path(n)}
-    return found
-
-
-def _closure(start: set[str]) -> set[str]:
-    seen: set[str] = set()
-    todo = list(start)
-    while todo:
-        module = todo.pop()
-        if module in seen:
-            continue
-        seen.add(module)
-        parts = module.split(".")
-        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages run too
-        todo += _imports(ast.parse(_module_path(module).read_text()), module)
-    return seen
-
-
 def _stage_modules(stage: str) -> set[str]:
     tree = ast.parse((ROOT / "rima_core" / "steps.py").read_text())
     functions = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
     start = {"rima_core.cli", "rima_core.config", "rima_core.steps"}
     for name in STAGE_STEPS[stage]:
-        start |= _imports(functions[name], "rima_core.steps")
-    return _closure(start)
+        start |= imports(functions[name], "rima_core.steps")
+    return closure(start)
 
 
 def test_stage_deps_cover_the_code_the_stage_imports() -> None:
@@ -322,7 +281,7 @@ def test_stage_deps_cover_the_code_the_stage_imports() -> None:
     assert set(STAGE_STEPS) == set(stages)
     for name, stage in stages.items():
         deps = [str(d).rstrip("/") for d in stage["deps"]]
-        files = [str(_module_path(m).relative_to(ROOT)) for m in _stage_modules(name)]
+        files = [str(module_path(m).relative_to(ROOT)) for m in _stage_modules(name)]
         files += DYNAMIC_IMPORTS.get(name, [])
         missing = [f for f in files if not any(f == d or f.startswith(d + "/") for d in deps)]
         assert not missing, f"stage {name}: deps miss code it runs: {sorted(missing)}"

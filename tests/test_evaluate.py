@@ -105,6 +105,12 @@ def test_missing_model_and_wrong_split(trained: Path, tiny_data: TinyData, tmp_p
     with pytest.raises(EngineError, match="'test'"):
         evaluate(trained, tiny_data.store, masks, tmp_path / "e", tiny_data.cfg)
     assert not (tmp_path / "e").exists()
+    # masks without the promotion scenario: refused before any prediction, nothing written
+    masks = pd.read_parquet(tiny_data.masks)
+    masks = masks[masks["scenario"] != tiny_data.cfg.promote.scenario]
+    with pytest.raises(EngineError, match=r"promote\.scenario"):
+        evaluate(trained, tiny_data.store, masks, tmp_path / "e", tiny_data.cfg)
+    assert not (tmp_path / "e").exists()
 
 
 def test_rate_curve_and_names() -> None:
