@@ -2,11 +2,12 @@
 
 Each component is a plain function in this package (KFP reads its source with ``inspect``, so it
 must live in a file) that loads the run's resolved config and calls :mod:`rima_core.steps` with
-its artifacts' paths — no step logic here. :data:`TASKS` lists them with how the cluster runs each
-(caching, retries, GPU, resources); :func:`build_components` turns the functions into
-components bound to the project's image (:mod:`components.image`): the image is chosen once,
-at build time, for all of them; ``packages_to_install`` stays empty and kfp is not pip-installed
-at run time, because the image already holds ``rima_core`` and every pinned dependency.
+its artifacts' paths — no step logic here. :data:`TASKS` pairs them with how the cluster runs
+each (caching, retries, GPU, resources: the step table's, :mod:`rima_core.step_registry`);
+:func:`build_components` turns the functions into components bound to the project's image
+(:mod:`components.image`): the image is chosen once, at build time, for all of them;
+``packages_to_install`` stays empty and kfp is not pip-installed at run time, because the image
+already holds ``rima_core`` and every pinned dependency.
 
 This package and :mod:`pipelines` are used at compile time from a checkout of the repository;
 the image needs only ``rima_core`` (the components' source travels inside the compiled YAML).

@@ -93,7 +93,8 @@ def parameters_markdown() -> str:
     lines = ["| parameter | type | sets | meaning |", "| --- | --- | --- | --- |"]
     for p in RUN_PARAMETERS:
         sets = f"`{p.config_key}`" if p.config_key else "-"
-        lines.append(f"| `{p.name}` | {p.type.__name__} | {sets} | {p.help} |")
+        cell = p.help.replace("|", "\\|")
+        lines.append(f"| `{p.name}` | {p.type.__name__} | {sets} | {cell} |")
     return "\n".join(lines) + "\n"
 
 

@@ -6,7 +6,8 @@ is self-contained), and the typed parameters are the knobs a run most often chan
 source, missing-modality scenarios, tuning budget and workers, promotion policy, MLflow. Their
 defaults here are the embedded defaults; :func:`pipelines.compile.pipeline_arguments` replaces
 them with the values of params.yaml (+ profile) at compile time. Which tasks exist and how each
-runs (caching, retries, GPU, secret, resources) is ``components.tasks.TASKS``.
+runs (caching, retries, GPU, secret, resources) is the step table's
+(``rima_core.step_registry``), paired with the component functions in ``components.tasks.TASKS``.
 
 Every task runs inside one ``dsl.ExitHandler``: its exit task (components/exit_handler.py) runs
 after the others whatever became of them and, when the run failed, ends the MLflow runs the
@@ -39,23 +40,14 @@ from components import (
 )
 from components.tasks import task as task_spec
 from rima_core.config import Config
-from rima_core.remote_config import CONFIG_PARAMETERS, OPTUNA_STORAGE_ENV
+from rima_core.remote_config import CONFIG_PARAMETERS
+from rima_core.step_registry import CREDENTIAL_ENV, RETRY_BACKOFF
 
-# Environment variables filled from the Kubernetes secret (key name == variable name). All are
-# optional in the secret: an AWS role (IRSA) or an unauthenticated in-cluster MLflow needs none.
-SECRET_ENV_KEYS: tuple[str, ...] = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_DEFAULT_REGION",
-    "AWS_ENDPOINT_URL",
-    "MLFLOW_S3_ENDPOINT_URL",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-    OPTUNA_STORAGE_ENV,
-)
+# Environment variables filled from the Kubernetes secret: the step table's (each task names the
+# ones it gets; every one that gets the secret gets all of these).
+SECRET_ENV_KEYS: tuple[str, ...] = CREDENTIAL_ENV
 
-# Derived from components.tasks.TASKS (the one table of tasks and their flags).
+# Derived from components.tasks.TASKS (the step table's tasks and their flags).
 RETRIED_TASKS = tuple(t.name for t in TASKS if t.retried)
 CACHED_TASKS = tuple(t.name for t in TASKS if t.cached)
 GPU_TASKS = tuple(t.name for t in TASKS if t.gpu)
@@ -119,7 +111,7 @@ class ClusterOptions:
     gpu_cpu_request: str | None = None  # e.g. "4": overrides `resources` for the GPU tasks
     gpu_memory_request: str | None = None  # e.g. "16Gi"
     tune_parallelism: int | None = None  # cap on simultaneous tune workers; None = all at once
-    retries: int = 3
+    retries: int | None = None  # None: each retried task's count in the step table
     resources: Mapping[str, TaskResources] = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
 
     def __post_init__(self) -> None:
@@ -203,20 +195,22 @@ def _set_resources(task: dsl.PipelineTask, step: str, opts: ClusterOptions) -> N
 
 
 def _configure(task: dsl.PipelineTask, step: str, opts: ClusterOptions) -> dsl.PipelineTask:
-    """Caching, retries, credentials and accelerators for one task, from its row of TASKS (or
-    :data:`components.EXIT_TASK`)."""
+    """Caching, retries, credentials and accelerators for one task, from its row of the step
+    table (TASKS, or :data:`components.EXIT_TASK`)."""
     spec = _row(step)
     task.set_display_name(spec.display_name or step)
     if spec.timeout_s:
         kubernetes.set_timeout(task, spec.timeout_s)
     task.set_caching_options(spec.cached)
     if spec.retried:
-        task.set_retry(num_retries=opts.retries, backoff_duration="30s", backoff_factor=2.0)
-    if spec.secrets:
+        backoff, factor = RETRY_BACKOFF
+        retries = spec.retries if opts.retries is None else opts.retries
+        task.set_retry(num_retries=retries, backoff_duration=backoff, backoff_factor=factor)
+    if spec.secret_env:
         kubernetes.use_secret_as_env(
             task,
             secret_name=opts.secret_name,
-            secret_key_to_env={key: key for key in SECRET_ENV_KEYS},
+            secret_key_to_env={key: key for key in spec.secret_env},
             optional=True,
         )
     if spec.gpu:

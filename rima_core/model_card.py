@@ -174,30 +174,29 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def build_model_card(
-    model_dir: str | Path,
-    eval_dir: str | Path,
-    cfg: Config,
-    data_hash: str | None = None,
-    model_uri: str | None = None,
-) -> str:
-    """The Markdown card of the model in ``model_dir`` evaluated in ``eval_dir``."""
-    model_dir, eval_dir = Path(model_dir), Path(eval_dir)
-    spec = _spec(model_dir)
-    train = _read_json(model_dir / "train_summary.json")
-    summary = _read_json(eval_dir / "eval_summary.json")
-    scores = pd.read_csv(eval_dir / "scores.csv")
-    subgroups = pd.read_csv(eval_dir / "subgroups.csv", keep_default_na=False, na_values=[""])
-    equity = pd.read_csv(eval_dir / "equity.csv")
-    calib = pd.read_csv(eval_dir / "calibration.csv")
-    test, val = summary.get("split", "test"), summary.get("selection_split", "val")
-    scenarios = list(summary.get("scenarios", pd.unique(scores["scenario"])))
-    # one row per scenario; the missing-rate sweeps (``kind@rate``) are rate_curve.csv's
-    main = [s for s in scenarios if "@" not in s] or scenarios
-    headline = summary.get("equity_headline_scenario", cfg.promote.scenario)
-    boot = summary.get("bootstrap", {})
-    level = float(boot.get("level", cfg.evaluate.ci_level))
+def _read_card_inputs(model_dir: Path, eval_dir: Path) -> dict[str, Any]:
+    """Everything the card is built from, read once: the model's spec, the training and
+    evaluation summaries and evaluate's tables (the card never types a number in by hand)."""
+    return {
+        "spec": _spec(model_dir),
+        "train": _read_json(model_dir / "train_summary.json"),
+        "summary": _read_json(eval_dir / "eval_summary.json"),
+        "scores": pd.read_csv(eval_dir / "scores.csv"),
+        "subgroups": pd.read_csv(eval_dir / "subgroups.csv", keep_default_na=False, na_values=[""]),
+        "equity": pd.read_csv(eval_dir / "equity.csv"),
+        "calib": pd.read_csv(eval_dir / "calibration.csv"),
+    }
 
+
+def _data_lines(
+    spec: dict[str, Any],
+    summary: dict[str, Any],
+    cfg: Config,
+    data_hash: str | None,
+    model_uri: str | None,
+) -> list[str]:
+    """The title and the Data section: what the model was trained on, as the evaluation recorded
+    it (the config's values only where an older evaluation did not record them)."""
     data = summary.get("data") or {}
     source = data.get("source") or cfg.data.source
     disease = data.get("disease") or cfg.data.disease
@@ -211,7 +210,8 @@ def build_model_card(
         if source == "synthetic" or disease == "synthetic"
         else f"Eyes of the `{source}` source (disease `{disease}`)."
     )
-    lines += [
+    return [
+        *lines,
         "## Data",
         f"- {provenance}",
         f"- Source `{source}` / disease `{disease}`; store content hash "
@@ -220,6 +220,13 @@ def build_model_card(
         f"- Inputs: fundus {spec.get('fundus_shape')} (H, W, C), OCT {spec.get('oct_shape')} "
         "(D, H, W).",
         "",
+    ]
+
+
+def _training_lines(train: dict[str, Any], cfg: Config, test: str, val: str) -> list[str]:
+    """The Training and selection section: how the weights were chosen, and that the reported
+    split was never selected on."""
+    return [
         "## Training and selection",
         f"- {train.get('epochs_run', '?')} epochs (best {train.get('best_epoch', '?')}), trained "
         f"under `{train.get('train_scenario', cfg.missing.train_scenario)}` masks; weights "
@@ -230,6 +237,22 @@ def build_model_card(
         f" the {test} split below is reported, never selected on.",
         *pooling_lines(train.get("path_pooling"), val),
         "",
+    ]
+
+
+def _metrics_lines(
+    scores: pd.DataFrame,
+    summary: dict[str, Any],
+    cfg: Config,
+    scenarios: list[str],
+    main: list[str],
+    level: float,
+) -> list[str]:
+    """The Metrics table: one row per main scenario with bootstrap intervals on the reported
+    split and the selection split's QWK beside it (the sweep points stay in rate_curve.csv)."""
+    test, val = summary.get("split", "test"), summary.get("selection_split", "val")
+    boot = summary.get("bootstrap", {})
+    lines = [
         f"## Metrics ({test} split, {level:.0%} bootstrap interval over eyes, "
         f"{boot.get('resamples', cfg.evaluate.bootstrap)} resamples)",
         f"| scenario | n | QWK | AUC | accuracy | {val} QWK |",
@@ -247,70 +270,102 @@ def build_model_card(
         )
     if len(main) < len(scenarios):
         lines.append("Each missing rate from 0 to 1: `rate_curve.csv` of the evaluation.")
+    return lines
 
+
+def _grade_lines(
+    eval_dir: Path, spec: dict[str, Any], test: str, headline: str, level: float
+) -> list[str]:
+    """The per-grade table of the headline scenario (when its predictions were saved), then the
+    definitions a reader needs for every number above."""
     preds_file = eval_dir / "predictions" / f"{headline}.parquet"
     grade_table = per_grade_lines(
         pd.read_parquet(preds_file) if preds_file.is_file() else None,
         list(spec.get("class_names") or []),
         level,
     )
+    lines: list[str] = []
     if grade_table:
         lines += ["", f"Per grade ({test}, `{headline}`, {level:.0%} Wilson interval):", ""]
         lines += grade_table
-    lines += ["", DEFINITIONS]
+    return [*lines, "", DEFINITIONS]
 
+
+def _subgroup_lines(
+    equity: pd.DataFrame, subgroups: pd.DataFrame, cfg: Config, test: str, headline: str
+) -> list[str]:
+    """The Subgroups section: ES-AUC per attribute and the per-group table of the headline
+    scenario, limited to ``evaluate.equity_attributes`` when the store has any of them."""
     eq = equity[equity["scenario"] == headline]
-    lines += ["", f"## Subgroups ({test}, `{headline}`)"]
+    lines = ["", f"## Subgroups ({test}, `{headline}`)"]
     if eq.empty:
         lines.append("The store has no demographic attributes: no subgroup analysis.")
-    else:
-        es = ", ".join(f"{r.attribute} {_num(r.es_auc)}" for r in eq.itertuples())
-        lines += [
-            f"ES-AUC = AUC / (1 + Σ|AUC − AUC_group|): {es}.",
-            "",
-            "| attribute | group | n | AUC | QWK | accuracy |",
-            "|---|---|---|---|---|---|",
-        ]
-        wanted = [a for a in cfg.evaluate.equity_attributes if a in set(eq["attribute"])]
-        table = subgroups[
-            (subgroups["scenario"] == headline)
-            & subgroups["attribute"].isin(wanted or eq["attribute"])
-        ]
-        for r in table.itertuples():
-            lines.append(
-                f"| {r.attribute} | {r.group} | {r.n} | {_num(r.auc)} | {_num(r.qwk)} | "
-                f"{_num(r.accuracy)} |"
-            )
-        lines.append("Groups with n < 30 are shown with their n: read their numbers with care.")
+        return lines
+    es = ", ".join(f"{r.attribute} {_num(r.es_auc)}" for r in eq.itertuples())
+    lines += [
+        f"ES-AUC = AUC / (1 + Σ|AUC − AUC_group|): {es}.",
+        "",
+        "| attribute | group | n | AUC | QWK | accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
+    wanted = [a for a in cfg.evaluate.equity_attributes if a in set(eq["attribute"])]
+    table = subgroups[
+        (subgroups["scenario"] == headline) & subgroups["attribute"].isin(wanted or eq["attribute"])
+    ]
+    for r in table.itertuples():
+        lines.append(
+            f"| {r.attribute} | {r.group} | {r.n} | {_num(r.auc)} | {_num(r.qwk)} | "
+            f"{_num(r.accuracy)} |"
+        )
+    lines.append("Groups with n < 30 are shown with their n: read their numbers with care.")
+    return lines
 
+
+def _calibration_lines(
+    calib: pd.DataFrame,
+    spec: dict[str, Any],
+    main: list[str],
+    split_names: tuple[str, str],
+    headline: str,
+) -> list[str]:
+    """The Calibration section: which temperatures were fitted, ECE and NLL before and after on
+    the headline scenario, and per main scenario when there are several; ``split_names`` is
+    ``(reported split, selection split)``."""
+    test, val = split_names
     c = calib[(calib["split"] == test) & (calib["scenario"] == headline)]
-    lines += ["", "## Calibration"]
+    lines = ["", "## Calibration"]
     if c.empty:
         lines.append("No calibration report.")
-    else:
-        r = c.iloc[0]
-        temps = spec.get("temperatures") or {}
-        fitted = (
-            "one temperature per availability pattern, "
-            + " / ".join(f"{p} T = {_num(t)}" for p, t in temps.items())
-            if temps
-            else f"one temperature T = {_num(r['temperature'])} for every eye"
-        )
-        lines.append(
-            f"Probabilities are calibrated with {fitted}, fitted on the {val} split after "
-            f"training (an eye gets its pattern's). {test}, `{headline}`: ECE "
-            f"{_num(r['ece_before'])} → {_num(r['ece_after'])}, NLL {_num(r['nll_before'])} → "
-            f"{_num(r['nll_after'])}."
-        )
-        per = calib[(calib["split"] == test) & calib["scenario"].isin(main)]
-        if len(per) > 1:
-            lines += ["", "| scenario | ECE | NLL |", "|---|---|---|"]
-            lines += [
-                f"| {q.scenario} | {_num(q.ece_after)} | {_num(q.nll_after)} |"
-                for q in per.itertuples()
-            ]
+        return lines
+    r = c.iloc[0]
+    temps = spec.get("temperatures") or {}
+    fitted = (
+        "one temperature per availability pattern, "
+        + " / ".join(f"{p} T = {_num(t)}" for p, t in temps.items())
+        if temps
+        else f"one temperature T = {_num(r['temperature'])} for every eye"
+    )
+    lines.append(
+        f"Probabilities are calibrated with {fitted}, fitted on the {val} split after "
+        f"training (an eye gets its pattern's). {test}, `{headline}`: ECE "
+        f"{_num(r['ece_before'])} → {_num(r['ece_after'])}, NLL {_num(r['nll_before'])} → "
+        f"{_num(r['nll_after'])}."
+    )
+    per = calib[(calib["split"] == test) & calib["scenario"].isin(main)]
+    if len(per) > 1:
+        lines += ["", "| scenario | ECE | NLL |", "|---|---|---|"]
+        lines += [
+            f"| {q.scenario} | {_num(q.ece_after)} | {_num(q.nll_after)} |"
+            for q in per.itertuples()
+        ]
+    return lines
+
+
+def _closing_lines(spec: dict[str, Any]) -> list[str]:
+    """How the grade is decoded from the probabilities, then the fixed Intended use and Missing
+    modalities sections."""
     decoding = spec.get("decoding", "argmax")
-    lines += [
+    return [
         "",
         "The grade is "
         + (
@@ -320,14 +375,41 @@ def build_model_card(
             else "the most probable grade (argmax); `qwk_ordinal` in the metrics scores the "
             "ordinal decoding (least expected quadratic cost) beside it."
         ),
-    ]
-    lines += [
         "",
         "## Intended use",
         INTENDED_USE,
         "",
         "## Missing modalities",
         MISSING_MODALITY,
+    ]
+
+
+def build_model_card(
+    model_dir: str | Path,
+    eval_dir: str | Path,
+    cfg: Config,
+    data_hash: str | None = None,
+    model_uri: str | None = None,
+) -> str:
+    """The Markdown card of the model in ``model_dir`` evaluated in ``eval_dir``."""
+    model_dir, eval_dir = Path(model_dir), Path(eval_dir)
+    inputs = _read_card_inputs(model_dir, eval_dir)
+    spec, summary = inputs["spec"], inputs["summary"]
+    test, val = summary.get("split", "test"), summary.get("selection_split", "val")
+    scenarios = list(summary.get("scenarios", pd.unique(inputs["scores"]["scenario"])))
+    # one row per scenario; the missing-rate sweeps (``kind@rate``) are rate_curve.csv's
+    main = [s for s in scenarios if "@" not in s] or scenarios
+    headline = summary.get("equity_headline_scenario", cfg.promote.scenario)
+    level = float(summary.get("bootstrap", {}).get("level", cfg.evaluate.ci_level))
+
+    lines = [
+        *_data_lines(spec, summary, cfg, data_hash, model_uri),
+        *_training_lines(inputs["train"], cfg, test, val),
+        *_metrics_lines(inputs["scores"], summary, cfg, scenarios, main, level),
+        *_grade_lines(eval_dir, spec, test, headline, level),
+        *_subgroup_lines(inputs["equity"], inputs["subgroups"], cfg, test, headline),
+        *_calibration_lines(inputs["calib"], spec, main, (test, val), headline),
+        *_closing_lines(spec),
     ]
     card = "\n".join(lines) + "\n"
     if len(card) > MAX_CHARS:

@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from rima_core.config import SWEPT_FAMILIES
 from rima_core.metric_names import scored
 
 PLOTS_DIR = "plots"
 MISSING_RATE_FILE = "missing_rate.csv"
 CONFUSION_FILE = "confusion.csv"
 # the sweeps drawn (scenario kinds of ``kind@rate`` scenarios) and the metrics they carry
-RATE_KINDS = ("fundus_missing", "oct_missing")
+RATE_KINDS = SWEPT_FAMILIES
 RATE_METRICS = ("qwk", "auc", "accuracy")
 
 

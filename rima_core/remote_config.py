@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ import yaml
 
 from rima_core.atomic import write_text
 from rima_core.config import Config, ConfigError, load_config
+from rima_core.config.schema import key_field
 
 # Environment variable (filled from the Kubernetes secret) holding the shared Optuna storage URL.
 # A PostgreSQL URL carries a password, so it never travels as a pipeline parameter or artifact.
@@ -63,7 +66,22 @@ class RunParameter:
         return list(value) if isinstance(value, list | tuple) else value
 
 
-# In the pipeline signature's order. The help texts are the table in docs/kubernetes.md.
+def config_parameter(
+    name: str, config_key: str, default: Any = None, note: str = ""
+) -> RunParameter:
+    """A run parameter that sets ``config_key``: its type and help text are the schema's
+    (:mod:`rima_core.config.schema`), so the two cannot drift apart; ``note`` adds what only
+    the pipeline needs said."""
+    field, tp = key_field(config_key)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None: KFP types the X
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    kfp_type = list if typing.get_origin(tp) is list else tp
+    help_text = field.metadata["help"] + (f" ({note})" if note else "")
+    return RunParameter(name, kfp_type, help_text, config_key, default)
+
+
+# In the pipeline signature's order. The help texts are the table in docs/kubernetes.md; those
+# of config-setting parameters are the schema's.
 RUN_PARAMETERS: tuple[RunParameter, ...] = (
     RunParameter(
         "params_yaml",
@@ -87,37 +105,22 @@ RUN_PARAMETERS: tuple[RunParameter, ...] = (
         None,
         "",
     ),
-    RunParameter("data_source", str, "source format of the raw tree", "data.source"),
-    RunParameter("disease", str, "disease to grade", "data.disease"),
-    RunParameter(
-        "missing_rate", float, "missing rate of the single-modality scenarios", "missing.rate"
-    ),
-    RunParameter(
-        "missing_mixed", list, "fundus/OCT missing rates of the mixed scenario", "missing.mixed"
-    ),
-    RunParameter("missing_sweep", list, "rates of the sweep scenarios", "missing.sweep"),
-    RunParameter(
-        "tune_trials", int, "Optuna budget: finished trials in the shared study", "tune.n_trials"
-    ),
-    RunParameter("tune_workers", int, "parallel tune tasks on the shared study", "tune.workers"),
-    RunParameter("promote_metric", str, "metric the promotion policy compares", "promote.metric"),
-    RunParameter(
-        "promote_scenario", str, "scenario the promotion policy compares", "promote.scenario"
-    ),
-    RunParameter("promote_margin", float, "gain the challenger needs to win", "promote.margin"),
-    RunParameter(
-        "promote_tolerance",
-        float,
-        "largest regression allowed on other scenarios",
-        "promote.tolerance",
-    ),
-    RunParameter(
+    config_parameter("data_source", "data.source"),
+    config_parameter("disease", "data.disease"),
+    config_parameter("missing_rate", "missing.rate"),
+    config_parameter("missing_mixed", "missing.mixed"),
+    config_parameter("missing_sweep", "missing.sweep"),
+    config_parameter("tune_trials", "tune.n_trials"),
+    config_parameter("tune_workers", "tune.workers"),
+    config_parameter("promote_metric", "promote.metric"),
+    config_parameter("promote_scenario", "promote.scenario"),
+    config_parameter("promote_margin", "promote.margin"),
+    config_parameter("promote_tolerance", "promote.tolerance"),
+    config_parameter(
         "register_min_metric",
-        float,
-        "registration gate: `register` refuses a model that does not beat it (compiled default: "
-        "`promote.register_min_metric`, else the metric's chance level)",
         "promote.register_min_metric",
-        0.0,
+        default=0.0,
+        note="compiled default: `promote.register_min_metric`, else the metric's chance level",
     ),
     RunParameter(
         "data_dvc_repo",
@@ -141,9 +144,9 @@ RUN_PARAMETERS: tuple[RunParameter, ...] = (
         None,
         True,
     ),
-    RunParameter("mlflow_tracking_uri", str, "MLflow server all pods reach", "mlflow.tracking_uri"),
-    RunParameter("mlflow_experiment", str, "MLflow experiment of the runs", "mlflow.experiment"),
-    RunParameter("model_name", str, "registered model name", "mlflow.model_name"),
+    config_parameter("mlflow_tracking_uri", "mlflow.tracking_uri"),
+    config_parameter("mlflow_experiment", "mlflow.experiment"),
+    config_parameter("model_name", "mlflow.model_name"),
 )
 
 #: The parameters that set config values: the inputs of the ``resolve-config`` task (with the

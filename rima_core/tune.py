@@ -32,6 +32,10 @@ a trial's sample and that file both go through :func:`rima_core.config.with_valu
 ``trials.csv`` (one row per trial, identical for identical inputs: a committed DVC plot),
 ``timings.csv`` (trial durations, not a DVC output) and ``plots/*.png`` (optimisation history,
 intermediate values, parameter importances).
+
+This module runs the trials (one worker per process) and the step; the study's rules (search
+space, trial config, fingerprint, storage) are :mod:`rima_core.tune_study` and the reports
+:mod:`rima_core.tune_reports`, each name still importable from here.
 """
 
 from __future__ import annotations
@@ -39,243 +43,55 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import hashlib
-import json
 import logging
-import math
 import multiprocessing
 import os
 import tempfile
 import time
-import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rima_core.atomic import atomic_dir
-from rima_core.config import Config, ConfigError, TuneConfig, with_values
-from rima_core.headline import HEADLINE_FILE, tune_headline, write_headline
-from rima_core.metric_names import scored, tune_stat
+from rima_core.config import Config, ConfigError
+from rima_core.metric_names import tune_stat
 from rima_core.progress import mode as progress_mode
+
+# The study's rules and its reports have modules of their own; every public name stays
+# importable from here (re-exported: hence the noqa).
+from rima_core.tune_reports import (  # noqa: F401
+    TIMINGS_FILE,
+    TRIAL_COLUMNS,
+    within_budget,
+    write_reports,
+)
+from rima_core.tune_study import (  # noqa: F401
+    _BUDGET_KEYS,
+    _TRIAL_OVERRIDDEN,
+    GRACE_S,
+    HEARTBEAT_S,
+    LINEAR,
+    SQLITE_TIMEOUT_S,
+    TUNED,
+    TuneError,
+    _pruner,
+    _sampler,
+    describe_study,
+    finished_trials,
+    ignore_experimental_warnings,
+    make_storage,
+    objective_name,
+    safe_url,
+    search_space,
+    study_direction,
+    study_fingerprint,
+    study_numbers,
+    trial_config,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
 
 log = logging.getLogger(__name__)
-
-# Tuned parameter (``section.key`` in the config) -> its search range in TuneConfig. The ranges
-# are named ``*_range`` so ``tune.lr_range`` (where to search) cannot be mistaken for ``train.lr``
-# (the value trained with).
-TUNED: dict[str, str] = {
-    "ot.gw_epsilon": "gw_epsilon_range",
-    "ot.feature_epsilon": "feature_epsilon_range",
-    "ot.loss_weight": "loss_weight_range",
-    "train.lr": "lr_range",
-    "ot.pairing_mix": "pairing_mix_range",
-}
-# Searched on a linear scale (a share in [0, 1], where 0 itself is a setting: the paper's
-# coupling); every other name on a log scale. A linear name's range may be null: not searched.
-LINEAR = frozenset({"ot.pairing_mix"})
-# tune.* keys that set the budget or the plumbing, not what a trial measures: changing them
-# keeps the study (a bigger n_trials continues it).
-_BUDGET_KEYS = frozenset({"out_dir", "storage", "study_name", "n_trials", "timeout_s", "workers"})
-# train.* keys a trial overrides or that do not change its result. A trial's value is its best
-# validation metric, measured before any path pooling, so a trial skips the pooling fit.
-_TRIAL_OVERRIDDEN = frozenset(
-    {"out_dir", "epochs", "lr", "selection_metric", "selection_scenario", "pool_paths", "decoding"}
-)
-# A dead worker's trial is failed (and retried once) after this long without a heartbeat.
-HEARTBEAT_S = 15
-GRACE_S = 60
-SQLITE_TIMEOUT_S = 60
-
-
-class TuneError(RuntimeError):
-    """The search ran but produced no usable result (e.g. no trial completed)."""
-
-
-# --- search space and configs ------------------------------------------------------------------
-
-
-def search_space(tc: TuneConfig) -> dict[str, tuple[float, float]]:
-    """``{"ot.gw_epsilon": (low, high), ...}``, checked: two positive numbers, low < high."""
-    space = {}
-    for name, key in TUNED.items():
-        bounds = getattr(tc, key)
-        if bounds is None and name in LINEAR:
-            continue
-        if bounds is None or len(bounds) != 2:
-            raise ConfigError(f"tune.{key}: expected [low, high], got {bounds!r}")
-        low, high = (float(b) for b in bounds)
-        if name in LINEAR and not (0 <= low < high <= 1):
-            raise ConfigError(f"tune.{key}: need 0 <= low < high <= 1, got {bounds!r}")
-        if name not in LINEAR and not (0 < low < high and math.isfinite(high)):
-            raise ConfigError(
-                f"tune.{key}: need 0 < low < high for a log-scale range, got {bounds!r}"
-            )
-        space[name] = (low, high)
-    return space
-
-
-def trial_config(cfg: Config, params: Mapping[str, float]) -> Config:
-    """The config one trial trains with: its sampled values (only :data:`TUNED` names), the
-    short budget, tune's target."""
-    unknown = sorted(set(params) - set(TUNED))
-    if unknown:
-        raise ConfigError(f"{unknown} not tuned parameter(s); known: {sorted(TUNED)}")
-    tc = cfg.tune
-    return with_values(
-        cfg,
-        {
-            **params,
-            "train.epochs": tc.epochs,
-            "train.selection_scenario": tc.scenario,
-            "train.selection_metric": tc.metric,
-            "train.pool_paths": False,
-            "train.decoding": "argmax",  # a trial's score does not depend on the decoding
-        },
-        "trial",
-    )
-
-
-def study_direction(metric: str) -> str:
-    from rima_core.metrics import LOWER_IS_BETTER
-
-    return "minimize" if metric in LOWER_IS_BETTER else "maximize"
-
-
-def study_fingerprint(cfg: Config, data_hash: str | None, masks: str | Path) -> str:
-    """A short hash of everything that changes what a trial measures (see the module doc)."""
-    tune = {k: v for k, v in dataclasses.asdict(cfg.tune).items() if k not in _BUDGET_KEYS}
-    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _TRIAL_OVERRIDDEN}
-    runtime = {k: v for k, v in dataclasses.asdict(cfg.runtime).items() if k != "num_workers"}
-    searched = search_space(cfg.tune)
-    ot = {k: v for k, v in dataclasses.asdict(cfg.ot).items() if f"ot.{k}" not in searched}
-    masks_md5 = hashlib.md5(Path(masks).read_bytes()).hexdigest()
-    payload = {
-        "data_hash": data_hash,
-        "masks_md5": masks_md5,
-        "model": dataclasses.asdict(cfg.model),
-        "ot": ot,
-        "runtime": runtime,
-        "train": train,
-        "train_scenario": cfg.missing.train_scenario,
-        "tune": tune,
-    }
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
-
-
-# --- storage and study -------------------------------------------------------------------------
-
-
-def safe_url(url: str) -> str:
-    """The storage URL without its password, for logs, tags and reports."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
-
-
-def make_storage(url: str) -> optuna.storages.RDBStorage:
-    """An RDB storage with a heartbeat (dead workers' trials are retried) and, for SQLite, a
-    generous lock timeout so several local worker processes can share one file."""
-    import optuna
-    from sqlalchemy.engine import make_url
-
-    from rima_core.tracking import in_workspace
-
-    # a relative SQLite file is the workspace's, also in a DVC temp experiment (reports keep the
-    # URL as configured, so they do not depend on where the checkout lives)
-    url = in_workspace(url)
-    ignore_experimental_warnings()  # heartbeat retries
-    engine_kwargs: dict[str, Any] = {}
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=HEARTBEAT_S,
-        grace_period=GRACE_S,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-            max_retry=1
-        ),
-    )
-
-
-def _sampler(tc: TuneConfig, worker: int, n_existing: int) -> optuna.samplers.BaseSampler:
-    """Seeded TPE. The seed also moves with the worker index (workers must not propose the same
-    points) and with the trials already in the study (a resumed study must not replay the first
-    random proposals)."""
-    import optuna
-
-    n_startup = max(2, min(10, tc.n_trials // 3))
-    return optuna.samplers.TPESampler(
-        seed=tc.seed + 1000 * worker + n_existing, n_startup_trials=n_startup
-    )
-
-
-def _pruner(tc: TuneConfig) -> optuna.pruners.BasePruner:
-    import optuna
-
-    return optuna.pruners.MedianPruner(
-        n_startup_trials=tc.pruner_startup_trials, n_warmup_steps=tc.pruner_warmup_epochs
-    )
-
-
-def finished_trials(study: optuna.Study) -> int:
-    """Trials that count towards the budget: completed or pruned (not failed, not running)."""
-    from optuna.trial import TrialState
-
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-
-
-def ignore_experimental_warnings() -> None:
-    """Heartbeat retries, metric names and the matplotlib plots are Optuna features marked
-    experimental that we use on purpose; their warning, once per use and per process, is noise
-    in every run's log. (A repeated filter replaces the earlier identical one.)"""
-    import optuna
-
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-
-def objective_name(tc: TuneConfig) -> str:
-    """What a trial's value is, as Optuna's dashboard shows it (instead of "Objective 0")."""
-    return scored("val", tc.scenario, tc.metric)
-
-
-def study_numbers(summary: dict[str, Any]) -> dict[str, float]:
-    """The study's counts and best value under the scheme's names (``tune/n_complete``,
-    ``tune/best_value``): what the tuning run and Kubeflow's Metrics artifacts show."""
-    return {
-        tune_stat(k): v
-        for k, v in summary.items()
-        if k.startswith(("n_", "best_value", "budget_trials"))
-        and isinstance(v, int | float)
-        and not isinstance(v, bool)
-    }
-
-
-def describe_study(study: optuna.Study, cfg: Config, data_hash: str | None) -> None:
-    """Name the objective and record what the study measures as study user attributes, so a
-    study found in the storage (or the dashboard) says what data and target it was run on."""
-    ignore_experimental_warnings()
-    tc = cfg.tune
-    study.set_metric_names([objective_name(tc)])
-    attrs = {
-        "data_hash": data_hash,
-        "metric": tc.metric,
-        "scenario": tc.scenario,
-        "split": "val",
-        "epochs_per_trial": tc.epochs,
-        "model": cfg.model.name,
-        "train_scenario": cfg.missing.train_scenario,
-    }
-    for key, value in attrs.items():
-        if study.user_attrs.get(key) != value:
-            study.set_user_attr(key, value)
 
 
 # --- one worker --------------------------------------------------------------------------------
@@ -467,6 +283,76 @@ def _study_run(cfg: Config, track: bool, store: str, tags: dict[str, Any]) -> It
         yield run.info.run_id
 
 
+def _with_budget(
+    cfg: Config,
+    workers: int | None,
+    n_trials: int | None,
+    timeout_s: float | None,
+    storage: str | None,
+) -> Config:
+    """A copy of ``cfg`` with the budget arguments that were given (None: ``cfg.tune``'s), checked.
+
+    A copy, so the caller's config is left as it was; the budget keys never change what a trial
+    measures (:data:`_BUDGET_KEYS`), so they may be set here without changing the study's name.
+    """
+    cfg = copy.deepcopy(cfg)
+    tc = cfg.tune
+    if workers is not None:
+        tc.workers = workers
+    if n_trials is not None:
+        tc.n_trials = n_trials
+    if timeout_s is not None:
+        tc.timeout_s = timeout_s
+    if storage is not None:
+        tc.storage = storage
+    if tc.workers < 1:
+        raise ConfigError(f"tune.workers must be >= 1, got {tc.workers}")
+    if tc.n_trials < 0:
+        raise ConfigError(f"tune.n_trials must be >= 0, got {tc.n_trials}")
+    if tc.epochs < 1:
+        raise ConfigError(f"tune.epochs must be >= 1, got {tc.epochs}")
+    search_space(tc)
+    return cfg
+
+
+def _check_masks(masks: str, cfg: Config) -> None:
+    """Refuse a scenario the masks lack before any trial starts, not in the middle of one."""
+    from rima_core.data.masks import load_masks
+    from rima_core.train import check_scenario, check_selection
+
+    mask_df = load_masks(masks)
+    check_selection(mask_df, cfg.tune.scenario, "tuning (tune.scenario)")
+    check_scenario(mask_df, "train", cfg.missing.train_scenario, "tuning (missing.train_scenario)")
+
+
+def _open_study(name: str, cfg: Config, data_hash: str | None) -> int:
+    """Create the study ``name`` in the storage, or join it when it exists (a resumed or shared
+    study), describe it, and log where it stands; returns its finished trials so far."""
+    import optuna
+
+    tc = cfg.tune
+    ignore_experimental_warnings()
+    _quiet_optuna(logging.getLogger().getEffectiveLevel())
+    study = optuna.create_study(
+        study_name=name,
+        storage=make_storage(tc.storage),
+        direction=study_direction(tc.metric),
+        load_if_exists=True,
+    )
+    describe_study(study, cfg, data_hash)
+    before = finished_trials(study)
+    log.info(
+        "study %r in %s: %d finished trial(s), budget %d%s, %d worker(s)",
+        name,
+        safe_url(tc.storage),
+        before,
+        tc.n_trials,
+        f", timeout {tc.timeout_s:g} s" if tc.timeout_s else "",
+        tc.workers,
+    )
+    return before
+
+
 def tune(
     store: str | Path,
     masks: str | Path,
@@ -489,55 +375,17 @@ def tune(
     import optuna
 
     from rima_core import tracking
-    from rima_core.data.masks import load_masks
-    from rima_core.train import check_scenario, check_selection
 
-    cfg = copy.deepcopy(cfg)
+    cfg = _with_budget(cfg, workers, n_trials, timeout_s, storage)
     tc = cfg.tune
-    if workers is not None:
-        tc.workers = workers
-    if n_trials is not None:
-        tc.n_trials = n_trials
-    if timeout_s is not None:
-        tc.timeout_s = timeout_s
-    if storage is not None:
-        tc.storage = storage
-    if tc.workers < 1:
-        raise ConfigError(f"tune.workers must be >= 1, got {tc.workers}")
-    if tc.n_trials < 0:
-        raise ConfigError(f"tune.n_trials must be >= 0, got {tc.n_trials}")
-    if tc.epochs < 1:
-        raise ConfigError(f"tune.epochs must be >= 1, got {tc.epochs}")
-    search_space(tc)
     store, masks, out_dir = str(store), str(masks), Path(out_dir)
-    mask_df = load_masks(masks)
-    check_selection(mask_df, tc.scenario, "tuning (tune.scenario)")
-    check_scenario(mask_df, "train", cfg.missing.train_scenario, "tuning (missing.train_scenario)")
+    _check_masks(masks, cfg)
     if tc.n_trials == 0:
         log.info("tune.n_trials is 0: no tuning; train uses the values in params.yaml")
         return write_reports(None, out_dir, cfg)
     data_hash = tracking.manifest_hash(store)
     name = study_name or f"{tc.study_name}-{study_fingerprint(cfg, data_hash, masks)}"
-
-    ignore_experimental_warnings()
-    _quiet_optuna(logging.getLogger().getEffectiveLevel())
-    study = optuna.create_study(
-        study_name=name,
-        storage=make_storage(tc.storage),
-        direction=study_direction(tc.metric),
-        load_if_exists=True,
-    )
-    describe_study(study, cfg, data_hash)
-    before = finished_trials(study)
-    log.info(
-        "study %r in %s: %d finished trial(s), budget %d%s, %d worker(s)",
-        name,
-        safe_url(tc.storage),
-        before,
-        tc.n_trials,
-        f", timeout {tc.timeout_s:g} s" if tc.timeout_s else "",
-        tc.workers,
-    )
+    before = _open_study(name, cfg, data_hash)
     tags = {"optuna_study": name, "optuna_storage": safe_url(tc.storage)}
     with _study_run(cfg, track, store, tags) as parent_run_id:
         deadline = time.time() + tc.timeout_s if tc.timeout_s else None
@@ -598,165 +446,3 @@ def _run_workers(
     failed = [p.name for p in procs if p.exitcode != 0]
     if failed:
         raise TuneError(f"tuning worker(s) {failed} exited with an error (see the log above)")
-
-
-# --- reports -----------------------------------------------------------------------------------
-
-
-def write_reports(
-    study: optuna.Study | None, out_dir: Path, cfg: Config, trim_to_budget: bool = False
-) -> dict[str, Any]:
-    """``best_params.json``, ``study.json``, ``trials.csv`` and ``plots/`` into ``out_dir``.
-
-    ``study`` is None when tuning is off (``tune.n_trials`` = 0): the reports are then empty, and
-    so is ``best_params.json``, whatever an earlier study holds. ``trim_to_budget``: report the
-    study as a run of budget ``tune.n_trials`` sees it (:func:`within_budget`); tune() asks for
-    it when one sequential worker ran a study of its own (not a study shared by parallel workers
-    or Kubeflow tasks, whose overshoot past the budget is this run's and is reported).
-    """
-    from optuna.trial import TrialState
-
-    tc = cfg.tune
-    if trim_to_budget:
-        study = within_budget(study, tc.n_trials)
-    trials = study.get_trials(deepcopy=False) if study is not None else []
-    states = [t.state for t in trials]
-    counts = {s: states.count(s) for s in TrialState}
-    complete = counts[TrialState.COMPLETE]
-    if study is not None and complete == 0:
-        raise TuneError(
-            f"study {study.study_name!r}: no trial completed ({counts[TrialState.PRUNED]} pruned, "
-            f"{counts[TrialState.FAIL]} failed); raise tune.timeout_s or tune.n_trials, or check "
-            "the failures in the log"
-        )
-    best = study.best_trial if study is not None else None
-    best_params = dict(sorted(best.params.items())) if best else {}
-    summary = {
-        "study_name": study.study_name if study is not None else None,
-        "storage": safe_url(tc.storage),
-        "direction": study_direction(tc.metric),
-        "metric": tc.metric,
-        "scenario": tc.scenario,
-        "epochs_per_trial": tc.epochs,
-        "budget_trials": tc.n_trials,
-        "n_trials": len(states),
-        "n_complete": complete,
-        "n_pruned": counts[TrialState.PRUNED],
-        "n_failed": counts[TrialState.FAIL],
-        "best_value": best.value if best else None,
-        "best_trial": best.number if best else None,
-        "best_params": best_params,
-    }
-    with atomic_dir(out_dir) as tmp:
-        (tmp / "best_params.json").write_text(json.dumps(best_params, indent=2) + "\n")
-        (tmp / "study.json").write_text(json.dumps(summary, indent=2) + "\n")
-        write_headline(tmp / HEADLINE_FILE, tune_headline(summary))
-        _trials_table(trials).to_csv(tmp / "trials.csv", index=False)
-        # wall-clock durations apart: trials.csv is a DVC output and must not change on a rerun
-        _durations_table(trials).to_csv(tmp / TIMINGS_FILE, index=False)
-        plots = tmp / "plots"
-        plots.mkdir()
-        if study is not None:
-            _plots(study, plots, tc)
-    if best:
-        log.info("best trial %d: %s %.4f with %s", best.number, tc.metric, best.value, best_params)
-    return summary
-
-
-def within_budget(study: optuna.Study | None, n_trials: int) -> optuna.Study | None:
-    """The study as a run with budget ``n_trials`` sees it: its trials up to the ``n_trials``-th
-    completed or pruned one (by number; the budget's count), in an in-memory copy, when the
-    stored study holds more.
-
-    The study is keyed by what a trial measures, not by the budget, so an interrupted run
-    continues it; but an earlier run with a larger budget leaves more trials in it, and a run
-    asked for fewer must not report those (DVC records `tune.n_trials` beside the result). With
-    one worker the sampler is seeded and sequential, so these are exactly the trials a fresh
-    study with this budget runs; with several workers (processes or Kubeflow tasks) the trials
-    past the budget are this run's own overshoot, and :func:`write_reports` keeps them.
-    """
-    import optuna
-    from optuna.trial import TrialState
-
-    if study is None or n_trials <= 0:
-        return study
-    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-    counted = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    if len(counted) <= n_trials:  # the budget counts these (failed trials do not)
-        return study
-    last = counted[n_trials - 1].number
-    log.info(
-        "study %s holds %d finished trials; reporting the first %d (tune.n_trials)",
-        study.study_name,
-        len(counted),
-        n_trials,
-    )
-    view = optuna.create_study(study_name=study.study_name, directions=study.directions)
-    view.add_trials([t for t in trials if t.number <= last and t.state.is_finished()])
-    return view
-
-
-TRIAL_COLUMNS = ["number", "state", "value", "epochs_run", "worker"]
-TIMINGS_FILE = "timings.csv"  # per trial: number, duration_s (not a DVC output)
-
-
-def _trials_table(trials: list[optuna.trial.FrozenTrial]) -> Any:
-    import pandas as pd
-
-    rows = []
-    for t in trials:
-        row: dict[str, Any] = {
-            "number": t.number,
-            "state": t.state.name,
-            "value": t.value,
-            "epochs_run": len(t.intermediate_values),
-            "worker": t.user_attrs.get("worker"),
-        }
-        row.update({f"param:{k}": v for k, v in sorted(t.params.items())})
-        rows.append(row)
-    return pd.DataFrame(rows, columns=None if rows else TRIAL_COLUMNS)
-
-
-def _durations_table(trials: list[optuna.trial.FrozenTrial]) -> Any:
-    import pandas as pd
-
-    rows = [
-        {"number": t.number, "duration_s": t.duration.total_seconds() if t.duration else None}
-        for t in trials
-    ]
-    return pd.DataFrame(rows, columns=["number", "duration_s"])
-
-
-def _plots(study: optuna.Study, out: Path, tc: TuneConfig) -> None:
-    """Optuna's matplotlib plots (plotly is not a dependency). Parameter importances need a few
-    completed trials with varied values; when they cannot be computed the plot is left out."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.importance import FanovaImportanceEvaluator
-    from optuna.visualization import matplotlib as ovm
-
-    ignore_experimental_warnings()  # the matplotlib backend is "experimental"
-
-    def save(fname: str, draw: Any) -> None:
-        try:
-            ax = draw()
-        except (ValueError, RuntimeError) as exc:
-            log.warning("plot %s not drawn: %s", fname, exc)
-            plt.close("all")
-            return
-        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-        fig.set_size_inches(8, 5)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=100)
-        plt.close("all")
-
-    save("optimization_history.png", lambda: ovm.plot_optimization_history(study))
-    save("intermediate_values.png", lambda: ovm.plot_intermediate_values(study))
-    save(
-        "param_importances.png",
-        lambda: ovm.plot_param_importances(
-            study, evaluator=FanovaImportanceEvaluator(seed=tc.seed)
-        ),
-    )

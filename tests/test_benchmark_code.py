@@ -23,12 +23,18 @@ ENTRY = {
 NO_NUMBERS = {
     "rima_core": "package marker",
     "rima_core.data": "package marker",
-    "rima_core.config": "its values are hashed into the protocol id (protocol_id: config)",
+    # the config's resolved values are hashed into the protocol id (protocol_id: config)
+    "rima_core.config": "the config package: resolved values hashed",
+    "rima_core.config.schema": "keys and defaults: resolved values hashed",
+    "rima_core.config.checks": "value checks: refuse a value, never change one",
+    "rima_core.config.loading": "layering and coercion: resolved values hashed",
+    "rima_core.config.scenarios": "scenario names: which scenarios are scored, not their numbers",
     "rima_core.atomic": "writes files through a temporary name",
     "rima_core.progress": "progress bars",
     "rima_core.metric_names": "the names numbers are logged under",
     "rima_core.headline": "which numbers are headline numbers",
     "rima_core.tracking": "MLflow logging",
+    "rima_core.git_provenance": "which commit ran (run tags), never a number",
     "rima_core.mlproject": "MLflow Projects run names",
     "rima_core.redact": "secrets kept out of logs",
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +109,15 @@ def test_docs_table_is_generated_from_the_table() -> None:
         "docs/kubernetes.md's run-parameter table is stale: replace the block with the output of "
         "`python -m pipelines parameters`"
     )
+
+
+def test_config_parameters_take_type_and_help_from_the_schema() -> None:
+    """A config-setting run parameter is declared by its name and key alone: its help (the
+    docs/kubernetes.md table) and KFP type are the schema's, so they cannot drift apart."""
+    from rima_core.config.schema import key_field
+
+    for p in CONFIG_PARAMETERS:
+        field, tp = key_field(p.config_key)  # type: ignore[arg-type]
+        assert p.help.startswith(field.metadata["help"]), p.name
+        assert p.type in (list, str, int, float, bool), p.name
+        assert p.type is list or p.type in typing.get_args(tp) or p.type is tp, (p.name, tp)
