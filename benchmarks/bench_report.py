@@ -605,7 +605,7 @@ def render(
         "",
         "The oracle grades each test eye by the posterior argmax given the generator's latent "
         "views of the modalities the eye has in the scenario (the Bayes ceiling of these eyes; "
-        "`rima_core/data/oracle.py`). Cells: mean paired gap ± its standard error over seeds; "
+        "`rima_core/core/data/oracle.py`). Cells: mean paired gap ± its standard error over seeds; "
         f"▼ = below the ceiling at the Holm-corrected {ALPHA:.0%} level over this table "
         f"({_verdict_counts(gaps)}).",
         "",

@@ -3,7 +3,7 @@ function for learned models and the oracle), and the oracle itself.
 
 The oracle is the Bayes-optimal grader of the phantom: the posterior over grades given the
 generator's latent views of the modalities each test eye has in the scenario
-(``rima_core.data.oracle``). It bounds what any model can reach from images rendered from those
+(``rima_core.core.data.oracle``). It bounds what any model can reach from images rendered from those
 views, so every table can say how far a model is from what the data allows. Its grade is the
 posterior argmax (``qwk``, as for every model), and the expected-quadratic-cost grade is scored
 beside it (``qwk_ordinal``), as for every model.
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from rima_core.metrics import bootstrap_scores, classification_metrics, ordinal_qwk
+from rima_core.core.metrics import bootstrap_scores, classification_metrics, ordinal_qwk
 
 ORACLE = "oracle"
 # Metrics recorded per (run, scenario). ``*_lo`` / ``*_hi``: 95 % percentile-bootstrap interval
@@ -66,7 +66,7 @@ def oracle_test_metrics(
     oracle recomputes the generator's latent views from it). Eyes are those of each scenario's
     test mask rows, with the modalities the mask leaves them.
     """
-    from rima_core.data.oracle import posterior
+    from rima_core.core.data.oracle import posterior
 
     labels = manifest.set_index("case_id")["label"]
     out: dict[str, dict[str, float]] = {}

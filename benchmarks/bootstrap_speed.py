@@ -2,9 +2,9 @@
 
 ``rima evaluate`` computes a percentile interval for six metrics of every scenario of two splits.
 The resamples are scored all at once from per-eye count weights
-(:func:`rima_core.metrics.resampled_metrics`: a few matrix products per metric) instead of calling
-:func:`rima_core.metrics.classification_metrics` once per resample; this measures both for the
-same inputs and checks they agree. Target: a few seconds for the vectorised path.
+(:func:`rima_core.core.metrics.resampled_metrics`: a few matrix products per metric) instead of
+calling :func:`rima_core.core.metrics.classification_metrics` once per resample; this measures both
+for the same inputs and checks they agree. Target: a few seconds for the vectorised path.
 
     python benchmarks/bootstrap_speed.py [--eyes 120] [--scenarios 14] [--resamples 1000]
 
@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rima_core.metrics import (
+from rima_core.core.metrics import (
     BOOT_METRICS,
     bootstrap_counts,
     bootstrap_scores,

@@ -3,7 +3,7 @@
 Why: a benchmark table says how good a model is only next to what the data allows. For each
 phantom regime (``benchmarks/bench_grid.py``) this draws eyes from the generator's latent model
 (no images) and grades them with the Bayes posterior given the latent views of the fundus only,
-the OCT only and both (``rima_core.data.oracle.ceiling``), under both decodings: the posterior
+the OCT only and both (``rima_core.core.data.oracle.ceiling``), under both decodings: the posterior
 argmax and the grade of least expected quadratic cost. The benchmark's oracle rows are the same
 posterior on each dataset's own test eyes; these are the population values they scatter around.
 
@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_grid import PHANTOM_REGIMES  # noqa: E402
 from rima_core.atomic import write_text  # noqa: E402
 from rima_core.config import load_config  # noqa: E402
-from rima_core.data.oracle import ceiling  # noqa: E402
+from rima_core.core.data.oracle import ceiling  # noqa: E402
 from rima_core.progress import progress  # noqa: E402
 
 log = logging.getLogger("benchmarks.ceilings")

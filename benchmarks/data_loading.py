@@ -42,9 +42,9 @@ sys.path.insert(0, str(ROOT))
 
 from rima_core.atomic import write_text  # noqa: E402
 from rima_core.config import PrepareConfig  # noqa: E402
-from rima_core.data.dataset import EyeDataset, make_loader  # noqa: E402
-from rima_core.data.prepare import prepare_store, resize_fundus, resize_oct  # noqa: E402
-from rima_core.data.sources import fairvision  # noqa: E402
+from rima_core.core.data.dataset import EyeDataset, make_loader  # noqa: E402
+from rima_core.core.data.prepare import prepare_store, resize_fundus, resize_oct  # noqa: E402
+from rima_core.core.data.sources import fairvision  # noqa: E402
 
 log = logging.getLogger("benchmarks.data_loading")
 

@@ -16,10 +16,11 @@ compile that outruns its budget, still leaves the others' results):
 * ``ot``: the OT step at the paper's shapes (batch 32, d_f 2048, d_o 6144): labeled GW in both
   directions + the feature coupling, on the device and on the CPU, with the quality checks (zero
   cross-label mass, marginals, device vs CPU agreement) on the device's result.
-* ``engine``: a small synthetic store (``rima_core.data.synthetic`` -> prepare -> masks) trained
-  a few epochs through ``rima_core.train.train`` on the device, interrupted after epoch 2 and
+* ``engine``: a small synthetic store (``rima_core.core.data.synthetic`` -> prepare -> masks)
+trained
+  a few epochs through ``rima_core.runs.train.train`` on the device, interrupted after epoch 2 and
   resumed from its checkpoint, compared with an uninterrupted run, and evaluated under every
-  scenario (``rima_core.evaluate``).
+  scenario (``rima_core.runs.evaluate``).
 * ``compile``: training steps of the paper model eager vs ``torch.compile`` (the encoders, then
   the whole model); a compile that fails is recorded as skipped, with the reason.
 
@@ -101,7 +102,7 @@ ABSENT_ON_GPU_MACHINE = {
     "botocore": "botocore",
 }
 # Quality thresholds of the OT part: what a training step needs (marginals within L1 1e-3, the
-# stopping rule of rima_core.ot.labeled_gw; see benchmarks/results/ot_speed.md).
+# stopping rule of rima_core.core.ot.labeled_gw; see benchmarks/results/ot_speed.md).
 GW_MARGINAL_MAX = 1e-3
 FEATURE_MARGINAL_MAX = 1e-2
 # Device vs CPU: L1 distance between the two couplings (each of total mass 1).
@@ -287,7 +288,7 @@ def paper_config(tiny: bool) -> Any:
 
 
 def build_model_for(cfg: Any, device: torch.device) -> torch.nn.Module:
-    from rima_core.models import ModelSpec, build_model
+    from rima_core.core.models import ModelSpec, build_model
 
     n_classes = cfg.synth.n_classes
     spec = ModelSpec.from_config(
@@ -327,7 +328,7 @@ def make_step(
     """One optimiser step as the engine takes it (autocast, fp32 loss, clip, AdamW)."""
     import torch.nn.functional as F
 
-    from rima_core.engine import autocast
+    from rima_core.runs.engine import autocast
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
@@ -357,7 +358,7 @@ def make_step(
 def amp_dtype_for(device: torch.device, tiny: bool) -> torch.dtype | None:
     """The engine's AMP dtype; on the CPU (where the engine never uses AMP) the tiny check still
     runs the bf16 autocast path, so a dtype error in it shows up here rather than on the GPU."""
-    from rima_core.engine import amp_dtype
+    from rima_core.runs.engine import amp_dtype
 
     dtype = amp_dtype(device, True)
     if dtype is None and tiny:
@@ -422,7 +423,7 @@ def part_paper_train(device: torch.device, tiny: bool, deadline: float, prog: Pr
         fundus_size=cfg.prepare.fundus_size,
         oct_shape=list(cfg.prepare.oct_shape),
         batch_size=cfg.train.batch_size,
-        engine_cudnn="benchmark=False, deterministic=True (as rima_core.train sets on CUDA)",
+        engine_cudnn="benchmark=False, deterministic=True (as rima_core.runs.train sets on CUDA)",
         matmul_tf32=torch.backends.cuda.matmul.allow_tf32,
         variants={},
     )
@@ -483,7 +484,7 @@ def _standardise(x: torch.Tensor) -> torch.Tensor:
 
 
 def _ot_step(batch: dict[str, torch.Tensor], gw_eps: float, fc_eps: float) -> dict[str, Any]:
-    from rima_core.ot import feature_coupling, labeled_gw
+    from rima_core.core.ot import feature_coupling, labeled_gw
 
     f, o, y_f, y_o = batch["f"], batch["o"], batch["y_f"], batch["y_o"]
     t_fo, i_fo = labeled_gw(f, y_f, o, y_o, epsilon=gw_eps)
@@ -493,7 +494,7 @@ def _ot_step(batch: dict[str, torch.Tensor], gw_eps: float, fc_eps: float) -> di
 
 
 def _gw_checks(t: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor) -> dict[str, Any]:
-    from rima_core.ot import class_marginals
+    from rima_core.core.ot import class_marginals
 
     t64 = t.detach().double().cpu()
     ya, yb = y_a.cpu(), y_b.cpu()
@@ -519,7 +520,7 @@ def _feature_checks(tv: torch.Tensor) -> dict[str, Any]:
 def _time_ot(
     batch: dict[str, torch.Tensor], device: torch.device, cfg: Any, deadline: float, tiny: bool
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    from rima_core.ot import feature_coupling, labeled_gw
+    from rima_core.core.ot import feature_coupling, labeled_gw
 
     gw_eps, fc_eps = cfg.ot.gw_epsilon, cfg.ot.feature_epsilon
     f, o, y_f, y_o = batch["f"], batch["o"], batch["y_f"], batch["y_o"]
@@ -640,7 +641,7 @@ def engine_config(device: torch.device, tiny: bool, epochs: int) -> Any:
 
 
 def _state_diff(a: Path, b: Path) -> float:
-    from rima_core.models import load_model
+    from rima_core.core.models import load_model
 
     ma, _ = load_model(a)
     mb, _ = load_model(b)
@@ -656,11 +657,11 @@ def _state_diff(a: Path, b: Path) -> float:
 def part_engine(device: torch.device, tiny: bool, deadline: float, prog: Progress) -> None:
     import pandas as pd
 
-    from rima_core.data.masks import scenario_names, simulate_missing
-    from rima_core.data.prepare import prepare_store
-    from rima_core.data.synthetic import generate
-    from rima_core.evaluate import evaluate
-    from rima_core.train import is_timing_column, train
+    from rima_core.core.data.masks import scenario_names, simulate_missing
+    from rima_core.core.data.prepare import prepare_store
+    from rima_core.core.data.synthetic import generate
+    from rima_core.runs.evaluate import evaluate
+    from rima_core.runs.train import is_timing_column, train
 
     epochs = 3
     cfg = engine_config(device, tiny, epochs)
@@ -772,7 +773,7 @@ def part_engine(device: torch.device, tiny: bool, deadline: float, prog: Progres
 
 def _compile_encoders(model: torch.nn.Module, backend: str) -> list[str]:
     """Compile every encoder in place (most of the step's FLOPs; no OT, no host syncs inside)."""
-    from rima_core.models.encoders import Encoder
+    from rima_core.core.models.encoders import Encoder
 
     names = [n for n, m in model.named_modules() if isinstance(m, Encoder)]
     for name in names:

@@ -4,13 +4,13 @@ verdicts.
 
 Why: the product's claim is that RIMA keeps grading well when a modality is absent, and that its
 optimal transport is what makes it so. Both claims are only worth the comparison behind them, so
-this script trains every model in ``rima_core.models.MODEL_NAMES`` (RIMA, its ablations and
+this script trains every model in ``rima_core.core.models.MODEL_NAMES`` (RIMA, its ablations and
 controls, the single-modality references, late fusion, imputation and distillation) with the
 *same* engine, budget, validation sweep and data, selects each on the validation split only, and
 scores the **test** split under ``complete``, ``fundus_missing`` / ``oct_missing`` (100 %),
 ``mixed`` (30 % / 30 %) and the missing-rate sweeps. The oracle (the Bayes-optimal grade from the
-generator's latent views, ``rima_core/data/oracle.py``) is scored on the same eyes, so every table
-says how far each model is from what the data allows.
+generator's latent views, ``rima_core/core/data/oracle.py``) is scored on the same eyes, so every
+table says how far each model is from what the data allows.
 
 The protocol (phantom regimes, training regimes, the settings of each grid, the sweep) is written
 once in ``benchmarks/bench_grid.py``; aggregation, statistics and the report are in
@@ -81,7 +81,7 @@ from benchmarks.bench_report import (  # noqa: E402
 from benchmarks.bench_scoring import ORACLE, oracle_test_metrics, scenario_metrics  # noqa: E402
 from rima_core.atomic import atomic_file  # noqa: E402
 from rima_core.config import Config, MissingConfig, load_config  # noqa: E402
-from rima_core.models import MODEL_NAMES  # noqa: E402
+from rima_core.core.models import MODEL_NAMES  # noqa: E402
 
 log = logging.getLogger("benchmarks.missing_modality")
 
@@ -96,23 +96,23 @@ QUICK_SEEDS, QUICK_ABLATION_SEEDS = list(range(3)), list(range(5))  # the develo
 # The code a run executes: its digest is part of the protocol, so a change to any of it starts a
 # new results file instead of mixing numbers of two programs.
 CODE = (
-    "rima_core/models",
-    "rima_core/data/synthetic.py",
-    "rima_core/data/oracle.py",
-    "rima_core/data/masks.py",
-    "rima_core/data/prepare.py",
-    "rima_core/data/dataset.py",
-    "rima_core/data/store.py",
-    "rima_core/data/sources",
-    "rima_core/data/safe_read.py",
-    "rima_core/data/types.py",
-    "rima_core/augment.py",
-    "rima_core/ot.py",
-    "rima_core/train.py",
-    "rima_core/engine.py",
-    "rima_core/calibration.py",
-    "rima_core/metrics.py",
-    "rima_core/diagnostics.py",
+    "rima_core/core/models",
+    "rima_core/core/data/synthetic.py",
+    "rima_core/core/data/oracle.py",
+    "rima_core/core/data/masks.py",
+    "rima_core/core/data/prepare.py",
+    "rima_core/core/data/dataset.py",
+    "rima_core/core/data/store.py",
+    "rima_core/core/data/sources",
+    "rima_core/core/data/safe_read.py",
+    "rima_core/core/data/types.py",
+    "rima_core/core/augment.py",
+    "rima_core/core/ot.py",
+    "rima_core/runs/train.py",
+    "rima_core/runs/engine.py",
+    "rima_core/runs/calibration.py",
+    "rima_core/core/metrics.py",
+    "rima_core/runs/diagnostics.py",
     "benchmarks/bench_scoring.py",
 )
 DIAG_PREFIX = "diag/"
@@ -165,7 +165,7 @@ def incomplete_train_rows(
     The same seeded ``mixed`` construction as the evaluation masks (exact counts, never both
     missing), with the training rates ``rates`` (fundus, OCT missing).
     """
-    from rima_core.data.masks import scenario_mask
+    from rima_core.core.data.masks import scenario_mask
 
     rows = manifest[manifest["split"] == "train"]
     train_cfg = MissingConfig(seed=cfg.seed, mixed=list(rates))
@@ -200,10 +200,10 @@ def prepare_data(
 ) -> tuple[Path, Path]:
     """Phantom -> store -> masks for one (phantom regime, seed, data size); each product reused
     if there. The masks hold every training regime's training rows."""
-    from rima_core.data import open_store
-    from rima_core.data.masks import build_masks
-    from rima_core.data.prepare import prepare_store
-    from rima_core.data.synthetic import generate
+    from rima_core.core.data import open_store
+    from rima_core.core.data.masks import build_masks
+    from rima_core.core.data.prepare import prepare_store
+    from rima_core.core.data.synthetic import generate
 
     raw, store, masks = data_dir / "raw", data_dir / "store", data_dir / "masks.parquet"
     if not (store / "manifest.parquet").exists():
@@ -233,7 +233,7 @@ def oracle_record(
 ) -> dict[str, Any]:
     """The oracle's record of one (setting, seed): the same test eyes and scenarios as the
     learned models, graded from the generator's latent views."""
-    from rima_core.data import open_store
+    from rima_core.core.data import open_store
 
     manifest = open_store(store).manifest
     test = oracle_test_metrics(cfg.synth, manifest, pd.read_parquet(masks), seed=seed)
@@ -308,7 +308,7 @@ def _exit_with_parent(parent: int, poll_seconds: float = 2.0) -> None:
 def diagnostics(
     method: str, model_path: Path, store: Path, masks: pd.DataFrame
 ) -> dict[str, float]:
-    """``rima_core.diagnostics.alignment_diagnostics`` of a RIMA-family model, when it exists.
+    """``rima_core.runs.diagnostics.alignment_diagnostics`` of a RIMA-family model, when it exists.
 
     Imported here so the benchmark runs with or without that module; a failing diagnostic is
     logged and left out (it must not cost a long benchmark its other results).
@@ -316,10 +316,10 @@ def diagnostics(
     if not method.startswith(RIMA):
         return {}
     try:
-        from rima_core.diagnostics import alignment_diagnostics
+        from rima_core.runs.diagnostics import alignment_diagnostics
     except ImportError:
         return {}
-    from rima_core.models import load_model
+    from rima_core.core.models import load_model
 
     try:
         model, _ = load_model(model_path)
@@ -336,9 +336,9 @@ def score_test(
     """Test metrics of every scenario in ``masks``: ``engine.predict`` on each scenario's eyes,
     scored by ``bench_scoring.scenario_metrics`` (the oracle's scoring too), without the files
     ``evaluate()`` writes around it, which the benchmark never reads."""
-    from rima_core.data.dataset import EyeDataset, make_loader
-    from rima_core.engine import amp_dtype, predict, resolve_device
-    from rima_core.models import load_model
+    from rima_core.core.data.dataset import EyeDataset, make_loader
+    from rima_core.core.models import load_model
+    from rima_core.runs.engine import amp_dtype, predict, resolve_device
 
     device = resolve_device(cfg.runtime.device)
     dtype = amp_dtype(device, cfg.runtime.amp)
@@ -361,7 +361,7 @@ def score_test(
 
 def run_job(job: Job) -> dict[str, Any]:
     """Train (or resume) and evaluate one run; return its result record (one JSON line)."""
-    from rima_core.train import train
+    from rima_core.runs.train import train
 
     run_dir = Path(job.run_dir)
     cfg = bench_config(job.params, job.seed, job.epochs, list(job.overrides), job.train_multiplier)

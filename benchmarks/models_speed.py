@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from rima_core.atomic import write_text
 from rima_core.config import ModelConfig, OTConfig
-from rima_core.models import ModelSpec, RimaConfig, build_model
-from rima_core.models.encoders import build_encoder
+from rima_core.core.models import ModelSpec, RimaConfig, build_model
+from rima_core.core.models.encoders import build_encoder
 
 OUT = Path(__file__).parent / "results" / "models_speed.json"
 

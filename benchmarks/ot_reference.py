@@ -1,8 +1,9 @@
-"""A plain, independent numpy implementation of the RIMA OT step, the yardstick of ``rima_core.ot``.
+"""A plain, independent numpy implementation of the RIMA OT step, the yardstick of
+``rima_core.core.ot``.
 
 Why it exists: the speed target of the OT step is relative ("at most 1.2x a plain numpy
 implementation that reaches the same accuracy"), because absolute times on a shared CPU move with
-their load. This module is written from the math in ``rima_core/ot.py``'s module docstring, not
+their load. This module is written from the math in ``rima_core/core/ot.py``'s module docstring, not
 from its code: float32 throughout, mirror-descent entropic GW on the masked, warm-started,
 row/column-shifted kernel, and the feature step as one Sinkhorn solve on the max-scaled COOT cost.
 
@@ -110,7 +111,7 @@ def labeled_gw(
     max_iter: int = 100,
     inner_max_iter: int = 1000,
 ) -> tuple[np.ndarray, dict[str, int]]:
-    """Label-constrained entropic GW (``rima_core.ot.labeled_gw``'s math).
+    """Label-constrained entropic GW (``rima_core.core.ot.labeled_gw``'s math).
 
     Returns ``(T, {"iterations": outer, "sinkhorn_iterations": inner total})``.
     """
@@ -155,7 +156,7 @@ def feature_coupling(
     max_iter: int = 1000,
     relax: float = 1.5,
 ) -> tuple[np.ndarray, int]:
-    """Feature coupling on the max-scaled COOT cost (``rima_core.ot.feature_coupling``)."""
+    """Feature coupling on the max-scaled COOT cost (``rima_core.core.ot.feature_coupling``)."""
     x, z, t = x.astype(F32), z.astype(F32), t.astype(F32)
     d_x, d_z = x.shape[1], z.shape[1]
     # in place in one reused buffer: a fresh 50 MB array costs ~12k page faults per call

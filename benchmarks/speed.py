@@ -6,8 +6,8 @@ Re-run the OT sections (one line, from the repository root, on an otherwise idle
 
 Why: the OT step runs on every training batch. The authors' route (OTT-JAX called eagerly,
 numpy round trips, the feature Sinkhorn solved twice in float64) costs ~10 s per batch on a CPU.
-This measures ``rima_core.ot`` on the paper's shapes — batch 32, fundus features d_f = 2048, OCT
-features d_o = 6144, 4 classes of unequal size — on the *same inputs* against
+This measures ``rima_core.core.ot`` on the paper's shapes — batch 32, fundus features d_f = 2048,
+OCT features d_o = 6144, 4 classes of unequal size — on the *same inputs* against
 
 * (section ``ot_step``, ``results/ot_speed.{md,json}``) a plain, independent float32 numpy
   implementation (``benchmarks/ot_reference.py``) with its own natural stopping rule (stop at
@@ -21,7 +21,7 @@ features d_o = 6144, 4 classes of unequal size — on the *same inputs* against
 * POT, labeled GW, each direction (fundus->OCT and OCT->fundus): ours vs
   ``ot.gromov.entropic_fused_gromov_wasserstein`` with a label-mismatch cost
   ``M = 1e3 * [y_i != y_j]``, ``alpha = 0.5`` and ``epsilon_pot = 2 * alpha * epsilon = epsilon``
-  (POT's kernel uses the GW gradient ``2 L(T)``, see ``rima_core/ot.py``). POT runs stock:
+  (POT's kernel uses the GW gradient ``2 L(T)``, see ``rima_core/core/ot.py``). POT runs stock:
   float64 numpy, its own product initialisation, ``tol`` = our outer ``tol`` (POT measures the
   Frobenius norm of the change every 10 outer iterations, ours the L1 norm every iteration),
   inner ``stopThr`` = our inner tolerance.
@@ -34,7 +34,7 @@ Features are class-clustered with a shared per-eye latent signal (fundus and OCT
 two random non-linear views of the same latent), so couplings are not trivially uniform.
 Timings are medians over ``--repeats`` runs after ``--warmup`` untimed runs; on a shared machine
 they scale with its load, which is recorded. Torch's thread count is the process default except
-where a measurement says otherwise; ``rima_core.ot`` itself runs small problems (labeled GW at
+where a measurement says otherwise; ``rima_core.core.ot`` itself runs small problems (labeled GW at
 these shapes) on one thread (its ``num_threads`` policy).
 
     python benchmarks/speed.py [--device cpu|cuda] [--repeats 7] [--sections ot_step ot train]
@@ -67,7 +67,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import ot_reference  # noqa: E402
 from rima_core.atomic import write_text  # noqa: E402
-from rima_core.ot import class_marginals, feature_coupling, gw_energy, labeled_gw  # noqa: E402
+from rima_core.core.ot import class_marginals, feature_coupling, gw_energy, labeled_gw  # noqa: E402
 
 log = logging.getLogger("benchmarks.speed")
 
@@ -353,7 +353,7 @@ def _breakdown(batch: dict[str, torch.Tensor], gw_eps: float, fc_eps: float, inf
     this solve), the convergence tests (one per ``check_every`` iterations, each ending in a
     host sync), and writing the returned coupling. ``other`` = the step minus the parts.
     """
-    from rima_core import ot as lib
+    from rima_core.core import ot as lib
 
     f, o, y_f, y_o = batch["f"], batch["o"], batch["y_f"], batch["y_o"]
     with lib._thread_policy(None, 32 * 32, f.device):
@@ -374,7 +374,7 @@ def _breakdown(batch: dict[str, torch.Tensor], gw_eps: float, fc_eps: float, inf
 
     kv, ktu = k @ v, k.T @ u
 
-    def check() -> list[float]:  # the test of rima_core.ot._sinkhorn_kernel
+    def check() -> list[float]:  # the test of rima_core.core.ot._sinkhorn_kernel
         smallest = torch.minimum(u.min(), v.min())
         return torch.stack([(u * kv - p).abs().sum() + (v * ktu - q).abs().sum(),
                             torch.maximum(u.max(), v.max()), 1.0 / smallest]).tolist()  # fmt: skip
@@ -895,8 +895,8 @@ def render_ot(res: dict[str, Any], machine: dict[str, Any]) -> str:
 # training-throughput section
 #
 # One training step of a model at the default (CPU) sizes: forward with the OT step, cross-
-# entropy, backward, gradient clipping, AdamW — what ``rima_core.train`` does per batch, on real
-# phantom batches already in memory (data loading is ``benchmarks/data_loading.py``'s subject).
+# entropy, backward, gradient clipping, AdamW — what ``rima_core.runs.train`` does per batch, on
+# real phantom batches already in memory (data loading is ``benchmarks/data_loading.py``'s subject).
 # Every (model, thread count) runs in a fresh spawned process, so its peak RSS is its own and
 # the thread count is set before torch creates its pool.
 
@@ -922,8 +922,8 @@ def _peak_rss_mb() -> float:
 def train_phantom(work: Path, n_eyes: int, params: str) -> Path:
     """A small phantom store at the params.yaml sizes, built once and reused."""
     from rima_core.config import load_config
-    from rima_core.data.prepare import prepare_store
-    from rima_core.data.synthetic import generate
+    from rima_core.core.data.prepare import prepare_store
+    from rima_core.core.data.synthetic import generate
 
     cfg = load_config(params)
     cfg.synth.n_eyes = n_eyes
@@ -944,11 +944,11 @@ def _train_child(job: dict[str, Any]) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from rima_core.config import load_config
-    from rima_core.data import open_store
-    from rima_core.data.dataset import EyeDataset, make_loader
-    from rima_core.engine import amp_dtype, autocast, resolve_device, to_device
-    from rima_core.models import build_model
-    from rima_core.train import model_spec
+    from rima_core.core.data import open_store
+    from rima_core.core.data.dataset import EyeDataset, make_loader
+    from rima_core.core.models import build_model
+    from rima_core.runs.engine import amp_dtype, autocast, resolve_device, to_device
+    from rima_core.runs.train import model_spec
 
     cfg = load_config(job["params"], overrides=[f"model.name={job['model']}"])
     device = resolve_device(job["device"])

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from rima_core.config import load_config
-from rima_core.train import train
+from rima_core.runs.train import train
 
 RESULTS = Path(__file__).parent / "results" / "train_speed.json"
 

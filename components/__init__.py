@@ -1,9 +1,9 @@
 """Kubeflow Pipelines components: one lightweight component per pipeline step.
 
 Each component is a plain function in this package (KFP reads its source with ``inspect``, so it
-must live in a file) that loads the run's resolved config and calls :mod:`rima_core.steps` with
-its artifacts' paths — no step logic here. :data:`TASKS` pairs them with how the cluster runs
-each (caching, retries, GPU, resources: the step table's, :mod:`rima_core.step_registry`);
+must live in a file) that loads the run's resolved config and calls :mod:`rima_core.pipeline.steps`
+with its artifacts' paths — no step logic here. :data:`TASKS` pairs them with how the cluster runs
+each (caching, retries, GPU, resources: the step table's, :mod:`rima_core.pipeline.step_registry`);
 :func:`build_components` turns the functions into components bound to the project's image
 (:mod:`components.image`): the image is chosen once, at build time, for all of them;
 ``packages_to_install`` stays empty and kfp is not pip-installed at run time, because the image

@@ -29,13 +29,13 @@ def resolve_config(
 ) -> list:
     """params.yaml text <- profile text <- the typed pipeline parameters, validated.
 
-    The signature is the config-setting rows of ``rima_core.remote_config.RUN_PARAMETERS``
+    The signature is the config-setting rows of ``rima_core.pipeline.remote_config.RUN_PARAMETERS``
     (KFP reads a literal signature; tests/test_kfp_parameters.py checks the two agree).
     Returns the tuning fan-out: one worker index per parallel tune task (``tune.workers``).
     """
     arguments = dict(locals())  # first statement: exactly this task's parameters
-    from rima_core.remote_config import overrides_from_parameters, write_config
-    from rima_core.remote_config import resolve_config as resolve
+    from rima_core.pipeline.remote_config import overrides_from_parameters, write_config
+    from rima_core.pipeline.remote_config import resolve_config as resolve
 
     cfg = resolve(params_yaml, profile_yaml, overrides_from_parameters(arguments))
     write_config(cfg, config.path)

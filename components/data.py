@@ -1,8 +1,8 @@
 """Data-side components: fetch the raw data, prepare, validate, simulate-missing.
 
 Thin wrappers: each reads the run's resolved config and calls the matching
-:mod:`rima_core.steps` function with its artifacts' paths. All four are deterministic in their
-inputs, so the pipeline caches them (the fetch keyed on the URI: point runs at immutable,
+:mod:`rima_core.pipeline.steps` function with its artifacts' paths. All four are deterministic in
+their inputs, so the pipeline caches them (the fetch keyed on the URI: point runs at immutable,
 versioned prefixes, or submit with caching off).
 """
 
@@ -27,10 +27,10 @@ def fetch_raw(
     One task rather than ``dsl.If`` + ``dsl.OneOf`` over producers: kfp.local cannot resolve an
     artifact ``OneOf``, and the pipeline must run locally unchanged.
     """
-    from rima_core import steps
-    from rima_core.data.fetch import fetch_dvc, fetch_tree
-    from rima_core.remote_config import load_task_config
-    from rima_core.reports import artifact_metadata
+    from rima_core.core.data.fetch import fetch_dvc, fetch_tree
+    from rima_core.pipeline import steps
+    from rima_core.pipeline.remote_config import load_task_config
+    from rima_core.pipeline.reports import artifact_metadata
 
     cfg = load_task_config(config.path)
     if data_dvc_repo:
@@ -44,9 +44,9 @@ def fetch_raw(
 
 def prepare(config: Input[Artifact], raw: Input[Dataset], store: Output[Dataset]):
     """Raw source tree -> Arrow store + Parquet manifest."""
-    from rima_core import steps
-    from rima_core.remote_config import load_task_config
-    from rima_core.reports import artifact_metadata
+    from rima_core.pipeline import steps
+    from rima_core.pipeline.remote_config import load_task_config
+    from rima_core.pipeline.reports import artifact_metadata
 
     summary = steps.prepare(raw.path, store.path, load_task_config(config.path))
     store.metadata.update(artifact_metadata(summary))
@@ -59,9 +59,9 @@ def validate(
     summary: Output[Markdown],
 ):
     """Great Expectations over the store; a violation fails the task and so the run."""
-    from rima_core import steps
-    from rima_core.remote_config import load_task_config
-    from rima_core.reports import summary_markdown
+    from rima_core.pipeline import steps
+    from rima_core.pipeline.remote_config import load_task_config
+    from rima_core.pipeline.reports import summary_markdown
 
     result = steps.validate(store.path, report.path, load_task_config(config.path))
     with open(summary.path, "w") as fh:
@@ -78,9 +78,9 @@ def simulate_missing(
     stats: Output[Metrics],
 ):
     """Seeded availability masks for every split and missing-modality scenario."""
-    from rima_core import steps
-    from rima_core.remote_config import load_task_config
-    from rima_core.reports import mask_metrics
+    from rima_core.pipeline import steps
+    from rima_core.pipeline.remote_config import load_task_config
+    from rima_core.pipeline.reports import mask_metrics
 
     summary = steps.simulate_missing(store.path, masks.path, load_task_config(config.path))
     for name, value in mask_metrics(summary).items():

@@ -1,6 +1,7 @@
 """The pipeline's exit task: close the MLflow runs a failed Kubeflow run left RUNNING.
 
-A task that raises ends its own MLflow run as FAILED (``rima_core.tracking.start_run``), but a
+A task that raises ends its own MLflow run as FAILED
+(``rima_core.tracking.mlflow_runs.start_run``), but a
 pod that is killed (out of memory, its deadline, a lost node, a cancelled run) never gets to: its
 run stays RUNNING for ever, and the MLflow UI shows a training "in progress" that died hours ago.
 ``dsl.ExitHandler`` runs this task after every run, whatever happened to the others, so it ends
@@ -31,7 +32,7 @@ def end_failed_runs(
     """When the run did not succeed, end its MLflow runs still RUNNING (FAILED; KILLED when the
     run was cancelled) and return a short report: the run's state and error, which steps' runs
     had failed on their own, and which runs were ended here."""
-    from rima_core.pipeline_runs import end_orphan_runs
+    from rima_core.pipeline.pipeline_runs import end_orphan_runs
 
     tag = "kfp.run_id"  # components.exit_handler.RUN_TAG (only this source reaches the pod)
     return end_orphan_runs(

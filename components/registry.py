@@ -26,9 +26,9 @@ def register(
     os.environ["MLFLOW_RUN_CONTEXT"] = json.dumps({**context, "kfp.run_id": run_id})
     from pathlib import Path
 
-    from rima_core import steps
-    from rima_core.remote_config import load_task_config
-    from rima_core.reports import summary_markdown
+    from rima_core.pipeline import steps
+    from rima_core.pipeline.remote_config import load_task_config
+    from rima_core.pipeline.reports import summary_markdown
 
     result = steps.register(
         model.path,
@@ -52,9 +52,9 @@ def promote(config: Input[Artifact], version: str, run_id: str, decision: Output
     os.environ["MLFLOW_RUN_CONTEXT"] = json.dumps({**context, "kfp.run_id": run_id})
     from pathlib import Path
 
-    from rima_core import steps
-    from rima_core.remote_config import load_task_config
-    from rima_core.reports import promotion_markdown
+    from rima_core.pipeline import steps
+    from rima_core.pipeline.remote_config import load_task_config
+    from rima_core.pipeline.reports import promotion_markdown
 
     # this run's version, not a newer challenger another run registered meanwhile
     result = steps.promote(load_task_config(config.path), version=version or None)

@@ -1,9 +1,10 @@
 """The pipeline's tasks: each Kubeflow task of the step table with its component function.
 
 How the cluster runs each task (caching, retries, accelerator, credentials, resources, display
-name, deadline) is written once, in the step table (:func:`rima_core.step_registry.kfp_tasks`,
-:data:`rima_core.step_registry.KFP_EXIT_TASK`); this module adds only what the library cannot
-hold, the component function KFP reads the source of. :data:`components.STEP_FUNCTIONS`,
+name, deadline) is written once, in the step table
+(:func:`rima_core.pipeline.step_registry.kfp_tasks`,
+:data:`rima_core.pipeline.step_registry.KFP_EXIT_TASK`); this module adds only what the library
+cannot hold, the component function KFP reads the source of. :data:`components.STEP_FUNCTIONS`,
 :class:`components.Components` and the pipeline's task settings are derived from :data:`TASKS`.
 """
 
@@ -14,14 +15,14 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from components import config, data, exit_handler, registry, training, tuning
-from rima_core.step_registry import KFP_EXIT_TASK, KfpTask, TaskResources, kfp_tasks
+from rima_core.pipeline.step_registry import KFP_EXIT_TASK, KfpTask, TaskResources, kfp_tasks
 
 __all__ = ["EXIT_TASK", "FUNCTIONS", "TASKS", "TASK_NAMES", "Task", "TaskResources", "task"]
 
 
 @dataclass(frozen=True)
 class Task(KfpTask):
-    """A task of the step table (see :class:`rima_core.step_registry.KfpTask`) and the
+    """A task of the step table (see :class:`rima_core.pipeline.step_registry.KfpTask`) and the
     component function that runs it."""
 
     func: Callable[..., Any] = field(kw_only=True)
@@ -32,7 +33,7 @@ class Task(KfpTask):
         return cls(**{f.name: getattr(spec, f.name) for f in fields(spec)}, func=func)
 
 
-#: Task name -> the component function running it (each calls its step in rima_core.steps).
+#: Task name -> the component function running it (each calls its step in rima_core.pipeline.steps).
 FUNCTIONS: dict[str, Callable[..., Any]] = {
     "resolve_config": config.resolve_config,
     "fetch_raw": data.fetch_raw,

@@ -1,6 +1,7 @@
 """Model-side components: train and evaluate (GPU tasks in the cluster).
 
-Thin wrappers over :func:`rima_core.steps.train` / :func:`rima_core.steps.evaluate`. Neither is
+Thin wrappers over :func:`rima_core.pipeline.steps.train` /
+:func:`rima_core.pipeline.steps.evaluate`. Neither is
 cached: GPU kernels are not bit-reproducible, and each run should leave its own MLflow run.
 """
 
@@ -24,9 +25,9 @@ def train(
     # tag every MLflow run this task starts with the KFP run (components/exit_handler.py)
     context = json.loads(os.environ.get("MLFLOW_RUN_CONTEXT") or "{}")
     os.environ["MLFLOW_RUN_CONTEXT"] = json.dumps({**context, "kfp.run_id": run_id})
-    from rima_core import steps
-    from rima_core.remote_config import load_task_config
-    from rima_core.reports import train_metrics
+    from rima_core.pipeline import steps
+    from rima_core.pipeline.remote_config import load_task_config
+    from rima_core.pipeline.reports import train_metrics
 
     cfg = load_task_config(config.path)
     result = steps.train(store.path, masks.path, model.path, cfg, best_params=best_params.path)
@@ -62,10 +63,15 @@ def evaluate(
     context = json.loads(os.environ.get("MLFLOW_RUN_CONTEXT") or "{}")
     os.environ["MLFLOW_RUN_CONTEXT"] = json.dumps({**context, "kfp.run_id": run_id})
 
-    from rima_core import steps
-    from rima_core.data import open_store
-    from rima_core.remote_config import load_task_config
-    from rima_core.reports import confusion_matrix, eval_metrics, html_report, primary_metric
+    from rima_core.core.data import open_store
+    from rima_core.pipeline import steps
+    from rima_core.pipeline.remote_config import load_task_config
+    from rima_core.pipeline.reports import (
+        confusion_matrix,
+        eval_metrics,
+        html_report,
+        primary_metric,
+    )
 
     cfg = load_task_config(config.path)
     steps.evaluate(str(Path(model.path) / "model.pt"), store.path, masks.path, results.path, cfg)

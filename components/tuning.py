@@ -28,10 +28,10 @@ def tune_worker(
     # tag every MLflow run this task starts with the KFP run (components/exit_handler.py)
     context = json.loads(os.environ.get("MLFLOW_RUN_CONTEXT") or "{}")
     os.environ["MLFLOW_RUN_CONTEXT"] = json.dumps({**context, "kfp.run_id": run_id})
-    from rima_core import steps
-    from rima_core.remote_config import load_task_config
-    from rima_core.reports import tune_metrics
-    from rima_core.tune_workers import study_name_for_run, worker_config
+    from rima_core.pipeline import steps
+    from rima_core.pipeline.remote_config import load_task_config
+    from rima_core.pipeline.reports import tune_metrics
+    from rima_core.runs.tune_workers import study_name_for_run, worker_config
 
     cfg = worker_config(load_task_config(config.path), int(worker))
     result = steps.tune(
@@ -72,10 +72,10 @@ def tune_best(
     import shutil
     from pathlib import Path
 
-    from rima_core import steps
-    from rima_core.remote_config import load_task_config
-    from rima_core.reports import html_report, tune_metrics
-    from rima_core.tune_workers import study_name_for_run
+    from rima_core.pipeline import steps
+    from rima_core.pipeline.remote_config import load_task_config
+    from rima_core.pipeline.reports import html_report, tune_metrics
+    from rima_core.runs.tune_workers import study_name_for_run
 
     cfg = load_task_config(config.path)
     done = max(int(n) for n in finished)  # collected ints arrive as floats under kfp.local

@@ -1,8 +1,8 @@
 """``python -m pipelines``: compile, submit and run the Kubeflow pipeline from a checkout.
 
 The pipeline and its components are compile-time code beside the library (the image holds only
-``rima_core``), so their command line lives here and builds on :mod:`rima_core.cli` (the same
-``--params``/``--profile``/``--set`` options, help formatting and exit codes), never the other
+``rima_core``), so their command line lives here and builds on :mod:`rima_core.pipeline.cli` (the
+same ``--params``/``--profile``/``--set`` options, help formatting and exit codes), never the other
 way round.
 """
 
@@ -12,9 +12,9 @@ import argparse
 import sys
 from typing import Any
 
-from rima_core.cli import StepFailed, add_config_options, new_parser, run
 from rima_core.config import ConfigError
-from rima_core.remote_config import RUN_PARAMETERS
+from rima_core.pipeline.cli import StepFailed, add_config_options, new_parser, run
+from rima_core.pipeline.remote_config import RUN_PARAMETERS
 
 DESCRIPTION = """\
 The RIMA pipeline on Kubeflow Pipelines: compile the package, submit a run, or run the same DAG

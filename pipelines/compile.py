@@ -12,8 +12,8 @@ from kfp import compiler
 from pipelines.rima_pipeline import ClusterOptions, build_pipeline
 from rima_core.atomic import atomic_file
 from rima_core.config import Config, ConfigError, deep_merge, load_config, parse_override
+from rima_core.pipeline.remote_config import CONFIG_PARAMETERS, OPTUNA_STORAGE_ENV
 from rima_core.redact import find_secrets
-from rima_core.remote_config import CONFIG_PARAMETERS, OPTUNA_STORAGE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def _cluster_values(opts: ClusterOptions) -> dict[str, Any]:
 
 def _register_min_metric(cfg: Config) -> float:
     """The registration threshold as the pipeline's (numeric) parameter default."""
-    from rima_core.registry import register_threshold
+    from rima_core.ops.registry import register_threshold
 
     threshold = register_threshold(cfg)
     if threshold is None:

@@ -35,12 +35,12 @@ def _init_sqlite_stores(cfg: Config) -> None:
     and one of them lose the race on the schema-version row (``UNIQUE constraint failed:
     alembic_version``). A cluster's servers and PostgreSQL exist before the run, like these.
     """
-    from rima_core import tracking
+    from rima_core.tracking import mlflow_runs as tracking
 
     if tracking.tracking_uri(cfg.mlflow).startswith("sqlite:"):
         tracking.configure(cfg.mlflow)
     if cfg.tune.storage.startswith("sqlite:"):
-        from rima_core.tune import make_storage
+        from rima_core.runs.tune import make_storage
 
         make_storage(cfg.tune.storage)
 

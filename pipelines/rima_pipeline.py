@@ -1,13 +1,15 @@
 """``rima_pipeline``: the whole RIMA pipeline as a Kubeflow pipeline.
 
-The parameters are ``rima_core.remote_config.RUN_PARAMETERS``: ``params_yaml``/``profile_yaml``
+The parameters are ``rima_core.pipeline.remote_config.RUN_PARAMETERS``:
+``params_yaml``/``profile_yaml``
 carry the files themselves (the compiler fills them in from the checkout, so a compiled package
 is self-contained), and the typed parameters are the knobs a run most often changes — data
 source, missing-modality scenarios, tuning budget and workers, promotion policy, MLflow. Their
 defaults here are the embedded defaults; :func:`pipelines.compile.pipeline_arguments` replaces
 them with the values of params.yaml (+ profile) at compile time. Which tasks exist and how each
 runs (caching, retries, GPU, secret, resources) is the step table's
-(``rima_core.step_registry``), paired with the component functions in ``components.tasks.TASKS``.
+(``rima_core.pipeline.step_registry``), paired with the component functions in
+``components.tasks.TASKS``.
 
 Every task runs inside one ``dsl.ExitHandler``: its exit task (components/exit_handler.py) runs
 after the others whatever became of them and, when the run failed, ends the MLflow runs the
@@ -40,8 +42,8 @@ from components import (
 )
 from components.tasks import task as task_spec
 from rima_core.config import Config
-from rima_core.remote_config import CONFIG_PARAMETERS
-from rima_core.step_registry import CREDENTIAL_ENV, RETRY_BACKOFF
+from rima_core.pipeline.remote_config import CONFIG_PARAMETERS
+from rima_core.pipeline.step_registry import CREDENTIAL_ENV, RETRY_BACKOFF
 
 # Environment variables filled from the Kubernetes secret: the step table's (each task names the
 # ones it gets; every one that gets the secret gets all of these).
@@ -363,9 +365,9 @@ def _exit_task(c: Components, opts: ClusterOptions, arguments: Mapping[str, Any]
 def build_pipeline(options: ClusterOptions | None = None) -> Callable[..., Any]:
     """The pipeline function for ``options`` (compile it, or call it under ``kfp.local``).
 
-    The signature is ``rima_core.remote_config.RUN_PARAMETERS`` written out (KFP reads a literal
-    signature; tests/test_kfp_parameters.py checks the two agree); the embedded defaults are the
-    config's, replaced from params.yaml by the compiler.
+    The signature is ``rima_core.pipeline.remote_config.RUN_PARAMETERS`` written out (KFP reads a
+    literal signature; tests/test_kfp_parameters.py checks the two agree); the embedded defaults are
+    the config's, replaced from params.yaml by the compiler.
     """
     opts = options or ClusterOptions()
     c: Components = build_components(opts.image)

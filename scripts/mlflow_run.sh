@@ -7,7 +7,7 @@
 #   scripts/mlflow_run.sh -e train --env-manager local -P profile=configs/tiny.yaml
 #
 # Every argument is passed on to `mlflow run <repo>`; --experiment-name/--experiment-id,
-# MLFLOW_EXPERIMENT_NAME/_ID or --run-name given by you are kept. See rima_core/mlproject.py.
+# MLFLOW_EXPERIMENT_NAME/_ID or --run-name given by you are kept. See rima_core/tracking/mlproject.py.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${RIMA_VENV:-$ROOT/.venv}"
@@ -15,4 +15,4 @@ if [[ -x "$VENV/bin/python" ]]; then
   export PATH="$VENV/bin:$PATH"  # the entry points' `rima` commands (--env-manager local)
 fi
 PYTHON="$(command -v python3 || command -v python)"
-exec "$PYTHON" -m rima_core.mlproject "$@"
+exec "$PYTHON" -m rima_core.tracking.mlproject "$@"

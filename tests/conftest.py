@@ -172,7 +172,7 @@ def tiny_config(extra: list[str] | None = None) -> Config:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> TinyData:
     """90 synthetic eyes (32² fundus, 16³ OCT), prepared into a store, with masks."""
-    from rima_core import steps
+    from rima_core.pipeline import steps
 
     root = tmp_path_factory.mktemp("tiny_data")
     cfg = tiny_config()

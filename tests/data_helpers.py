@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rima_core.data.store import StoreWriter, write_manifest
-from rima_core.data.types import SPLITS
+from rima_core.core.data.store import StoreWriter, write_manifest
+from rima_core.core.data.types import SPLITS
 
 
 def make_arrays(

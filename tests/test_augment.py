@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from rima_core.augment import STREAM, augment_batch
 from rima_core.config import Config, ConfigError, load_config
+from rima_core.core.augment import STREAM, augment_batch
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The generator training draws an epoch's augmentation from (train._Run.epoch)."""
-    from rima_core.train import epoch_seed
+    from rima_core.runs.train import epoch_seed
 
     return torch.Generator().manual_seed(epoch_seed(seed, epoch, STREAM))
 
@@ -87,7 +87,7 @@ def test_config_rejects_an_unknown_augmentation() -> None:
 
 
 def test_training_with_augmentation_is_reproducible(tiny_data, tmp_path: Path) -> None:
-    from rima_core.train import train
+    from rima_core.runs.train import train
 
     cfg = copy.deepcopy(tiny_data.cfg)
     cfg.train.epochs = 1

@@ -10,7 +10,17 @@ import pytest
 import torch
 from torch import nn
 
-from rima_core.calibration import (
+from rima_core.config import ModelConfig, OTConfig
+from rima_core.core.models import (
+    MODEL_NAMES,
+    ModelOutput,
+    ModelSpec,
+    RimaConfig,
+    build_model,
+    load_model,
+    save_model,
+)
+from rima_core.runs.calibration import (
     T_MAX,
     T_MIN,
     calibrate_model,
@@ -21,17 +31,7 @@ from rima_core.calibration import (
     reliability_bins,
     softmax,
 )
-from rima_core.config import ModelConfig, OTConfig
-from rima_core.engine import model_temperature, predict, set_model_temperature
-from rima_core.models import (
-    MODEL_NAMES,
-    ModelOutput,
-    ModelSpec,
-    RimaConfig,
-    build_model,
-    load_model,
-    save_model,
-)
+from rima_core.runs.engine import model_temperature, predict, set_model_temperature
 
 
 def _sampled(n: int, k: int, true_t: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -170,7 +170,7 @@ def test_every_model_is_calibrated_and_the_fused_ones_pool_their_paths(name: str
 def test_each_availability_pattern_gets_its_own_temperature() -> None:
     """Complete eyes over-confident by 3, fundus-only by 1.5, OCT-only too few to fit alone:
     each fitted pattern recovers its own T, the small one takes the T of all eyes."""
-    from rima_core.calibration import MIN_TEMPERATURE_EYES, availability, fit_temperatures
+    from rima_core.runs.calibration import MIN_TEMPERATURE_EYES, availability, fit_temperatures
 
     lc, yc = _sampled(3000, 4, 3.0, seed=1)
     lf, yf = _sampled(3000, 4, 1.5, seed=2)
@@ -185,7 +185,7 @@ def test_each_availability_pattern_gets_its_own_temperature() -> None:
     assert per["fundus_only"] == pytest.approx(1.5, rel=0.1)
     assert per["oct_only"] == overall == pytest.approx(fit_temperature(logits, y))
     # per pattern is never worse in likelihood than one T for all
-    from rima_core.calibration import row_temperatures
+    from rima_core.runs.calibration import row_temperatures
 
     rows = row_temperatures(per, overall, hf, ho)
     assert nll(logits, y, rows) < nll(logits, y, overall)
@@ -217,7 +217,7 @@ def test_predict_applies_each_eyes_pattern_temperature() -> None:
 def test_temperatures_and_decoding_are_saved_with_the_model(tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from rima_core.engine import model_decoding, model_temperatures
+    from rima_core.runs.engine import model_decoding, model_temperatures
 
     temps = {"complete": 1.9, "fundus_only": 1.2, "oct_only": 1.4}
     spec = replace(_spec(1.5), temperatures=temps, decoding="ordinal")
@@ -241,7 +241,7 @@ def test_temperatures_and_decoding_are_saved_with_the_model(tmp_path: Path) -> N
 
 
 def test_ordinal_decoding_minimises_the_expected_quadratic_cost() -> None:
-    from rima_core.metrics import classification_metrics, decode
+    from rima_core.core.metrics import classification_metrics, decode
 
     # mass split between the two ends: argmax picks an end, the ordinal grade the middle
     p = np.array([[0.45, 0.1, 0.45 - 1e-3, 1e-3], [0.0, 0.0, 0.2, 0.8]])
@@ -254,7 +254,7 @@ def test_ordinal_decoding_minimises_the_expected_quadratic_cost() -> None:
 
 
 def test_predictions_grade_with_the_models_decoding() -> None:
-    from rima_core.engine import set_model_decoding
+    from rima_core.runs.engine import set_model_decoding
 
     logits = torch.log(torch.tensor([[0.45, 0.1, 0.44, 0.01]]))
     model = _Fixed(logits)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import rima_core
-from rima_core.cli import _PlainTextFilter, build_parser
+from rima_core.pipeline.cli import _PlainTextFilter, build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def test_rima_version_from_the_console_script() -> None:
 def test_source_names_come_from_the_source_registry() -> None:
     """`rima prepare --source` takes every registered source and alias, `auto`, and a dotted
     module path (a plug-in format, which prepare imports); anything else exits 2 naming them."""
-    from rima_core.data.sources import ALIASES, SOURCES
+    from rima_core.core.data.sources import ALIASES, SOURCES
 
     prepare = _subcommands(build_parser())["prepare"]
     for name in [*SOURCES, *ALIASES, "auto", "my_lab.sources.export_v2"]:
@@ -84,7 +84,7 @@ def test_a_plug_in_source_module_must_be_registered_before_it_is_imported(
     """A dotted path passes argparse, but prepare imports it only when data.plugins lists it
     (or a rima.sources entry point names it); listed but without scan/load is refused before
     any file is read. Each is the user's error: exit 2, one line, no store."""
-    from rima_core.cli import main
+    from rima_core.pipeline.cli import main
 
     pkg = tmp_path / "lab_formats"
     pkg.mkdir()
@@ -148,7 +148,7 @@ def test_a_mistyped_config_key_names_the_closest_one(tmp_path: Path) -> None:
 
 
 def test_a_step_summary_is_one_log_line_and_json_only_on_request() -> None:
-    from rima_core.cli import summary_line
+    from rima_core.pipeline.cli import summary_line
 
     summary = {"n_eyes": 600, "qwk": 0.87654321, "ok": True, "splits": {"train": 360}, "p": None}
     assert summary_line(summary) == "n_eyes=600 qwk=0.8765 ok=True p=None"
@@ -173,7 +173,7 @@ def test_params_overrides_and_json_flag_from_the_console_script(tmp_path: Path) 
 
 
 def test_a_warning_is_one_log_line() -> None:
-    from rima_core.cli import _one_line_warning
+    from rima_core.pipeline.cli import _one_line_warning
 
     text = _one_line_warning(UserWarning("Hint:\n  two lines"), UserWarning, "f.py", 3, "warn(")
     assert text == "f.py:3: UserWarning: Hint: two lines"

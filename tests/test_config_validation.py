@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from rima_core import cli
 from rima_core.config import (
     ENCODERS_2D,
     ENCODERS_3D,
@@ -29,6 +28,7 @@ from rima_core.config import (
     validate_config,
     with_values,
 )
+from rima_core.pipeline import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,7 +132,7 @@ def test_cli_process_prints_one_line_no_traceback(
     params = tmp_path / "params.yaml"
     params.write_text("runtime:\n  device: cpu\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "rima_core.cli", *argv, "--params", str(params)],
+        [sys.executable, "-m", "rima_core.pipeline.cli", *argv, "--params", str(params)],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -251,10 +251,10 @@ def test_name_lists_agree_with_their_sources() -> None:
     """config keeps light copies of names owned by torch/sklearn modules; they must agree."""
     import numpy as np
 
-    from rima_core.data.sources import ALIASES, SOURCES
-    from rima_core.metrics import classification_metrics
-    from rima_core.models.encoders import FUNDUS_ENCODERS, OCT_ENCODERS
-    from rima_core.models.rima import OT_TARGETS as MODEL_OT_TARGETS
+    from rima_core.core.data.sources import ALIASES, SOURCES
+    from rima_core.core.metrics import classification_metrics
+    from rima_core.core.models.encoders import FUNDUS_ENCODERS, OCT_ENCODERS
+    from rima_core.core.models.rima import OT_TARGETS as MODEL_OT_TARGETS
 
     assert tuple(ENCODERS_2D) == tuple(FUNDUS_ENCODERS)
     assert tuple(ENCODERS_3D) == tuple(OCT_ENCODERS)
@@ -268,7 +268,7 @@ def test_name_lists_agree_with_their_sources() -> None:
 def test_unknown_model_name_is_refused_at_load_listing_the_registry(tmp_path: Path) -> None:
     """A typo in model.name used to surface only when the model was built (after the data
     steps); now loading stops, naming every registered model and the closest one."""
-    from rima_core.models import BUILDERS
+    from rima_core.core.models import BUILDERS
 
     params = tmp_path / "params.yaml"
     params.write_text("model:\n  name: late_fusion\n")
@@ -296,12 +296,12 @@ def test_unknown_model_name_is_refused_at_load_listing_the_registry(tmp_path: Pa
 def test_every_registered_model_name_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     """The valid names are the registry's, not a copy: each loads, and a name added to the
     registry is valid without touching the config module."""
-    import rima_core.models
+    import rima_core.core.models
 
-    for name in rima_core.models.MODEL_NAMES:
+    for name in rima_core.core.models.MODEL_NAMES:
         assert load_config(None, overrides=[f"model.name={name}"]).model.name == name
     monkeypatch.setattr(
-        rima_core.models, "MODEL_NAMES", (*rima_core.models.MODEL_NAMES, "my_new_model")
+        rima_core.core.models, "MODEL_NAMES", (*rima_core.core.models.MODEL_NAMES, "my_new_model")
     )
     assert load_config(None, overrides=["model.name=my_new_model"]).model.name == "my_new_model"
 
@@ -330,7 +330,7 @@ def test_a_misspelt_scenario_fails_at_load_naming_the_key(key: str, value: str) 
 
 
 def test_scenario_keys_accept_every_scenario_the_masks_will_have() -> None:
-    from rima_core.data.masks import scenario_names
+    from rima_core.core.data.masks import scenario_names
 
     sweep = ["missing.sweep=[0.3, 1.0]"]
     cfg = load_config(None, overrides=[*sweep, "promote.scenario=oct_missing@0.3"])

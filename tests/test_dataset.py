@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from rima_core.config import MissingConfig
-from rima_core.data.dataset import EyeDataset, make_loader
-from rima_core.data.masks import build_masks, simulate_missing
-from rima_core.data.store import open_store
+from rima_core.core.data.dataset import EyeDataset, make_loader
+from rima_core.core.data.masks import build_masks, simulate_missing
+from rima_core.core.data.store import open_store
 from tests.data_helpers import build_store, make_arrays, make_manifest
 
 N = 30

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from rima_core import tracking
+from rima_core.tracking import mlflow_runs as tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "components" / "Dockerfile"

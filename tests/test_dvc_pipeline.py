@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rima_core.cli import build_parser
 from rima_core.config import Config, load_config
-from rima_core.headline import MAX_NUMBERS
-from rima_core.metric_names import not_names
-from rima_core.tune import _TRIAL_OVERRIDDEN
+from rima_core.pipeline.cli import build_parser
+from rima_core.runs.tune import _TRIAL_OVERRIDDEN
+from rima_core.tracking.headline import MAX_NUMBERS
+from rima_core.tracking.metric_names import not_names
 from tests.conftest import mlflow_free_env
 from tests.import_graph import closure, imports, module_path
 
@@ -98,7 +98,7 @@ def test_params_yaml_holds_every_key_and_profiles_are_valid() -> None:
 
 
 def test_profile_overrides_for_dvc_exp_run(capsys: pytest.CaptureFixture[str]) -> None:
-    from rima_core.cli import main
+    from rima_core.pipeline.cli import main
 
     assert main(["params", "overrides", str(ROOT / "configs" / "paper.yaml")]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -184,7 +184,7 @@ def test_mlflow_run_lands_in_the_project_experiment(tmp_path: Path) -> None:
     the profile and the seed (not a random name)."""
     import mlflow
 
-    from rima_core.mlproject import mlflow_run_args
+    from rima_core.tracking.mlproject import mlflow_run_args
     from tests.servers import mlflow_server
 
     profile = "configs/tiny.yaml"
@@ -231,7 +231,7 @@ STAGE_STEPS = {
     "evaluate": ["evaluate"],
     "register": ["register", "promote"],
 }
-DYNAMIC_IMPORTS = {"prepare": ["rima_core/data/sources"]}
+DYNAMIC_IMPORTS = {"prepare": ["rima_core/core/data/sources"]}
 
 # Config keys that change no stage's outputs: speed, or a path the stage's command names anyway.
 NO_EFFECT = {
@@ -254,11 +254,11 @@ OVERRIDDEN = {"tune": {f"train.{key}" for key in _TRIAL_OVERRIDDEN}}
 
 
 def _stage_modules(stage: str) -> set[str]:
-    tree = ast.parse((ROOT / "rima_core" / "steps.py").read_text())
+    tree = ast.parse((ROOT / "rima_core" / "pipeline" / "steps.py").read_text())
     functions = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
-    start = {"rima_core.cli", "rima_core.config", "rima_core.steps"}
+    start = {"rima_core.pipeline.cli", "rima_core.config", "rima_core.pipeline.steps"}
     for name in STAGE_STEPS[stage]:
-        start |= imports(functions[name], "rima_core.steps")
+        start |= imports(functions[name], "rima_core.pipeline.steps")
     return closure(start)
 
 
@@ -276,8 +276,12 @@ def test_stage_deps_cover_the_code_the_stage_imports() -> None:
 def test_closure_finds_lazy_imports() -> None:
     """The check above would pass vacuously if lazy imports were missed."""
     modules = _stage_modules("evaluate")
-    assert {"rima_core.evaluate", "rima_core.engine", "rima_core.headline"} <= modules
-    assert "rima_core.data.masks" in _stage_modules("simulate-missing")
+    assert {
+        "rima_core.runs.evaluate",
+        "rima_core.runs.engine",
+        "rima_core.tracking.headline",
+    } <= modules
+    assert "rima_core.core.data.masks" in _stage_modules("simulate-missing")
 
 
 def _git_ignored(paths: list[str]) -> set[str]:
@@ -296,7 +300,7 @@ def test_gitignore_commits_exactly_the_metrics_and_plots() -> None:
     """The `cache: false` metrics/plots files are committed (dvc metrics diff, exp show and plots
     diff read them from git); every other output, and the per-run files beside them, is
     ignored."""
-    from rima_core.plots import CONFUSION_FILE, MISSING_RATE_FILE
+    from rima_core.runs.plots import CONFUSION_FILE, MISSING_RATE_FILE
 
     cfg = load_config(ROOT / "params.yaml")
     committed, ignored = [], []
@@ -521,11 +525,11 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
     ]:
         assert (repo / rel).is_file(), rel
     assert _undeclared(repo, _declared_outputs(repo)) == []
-    from rima_core.data.masks import scenario_names
+    from rima_core.core.data.masks import scenario_names
 
     metrics = json.loads((repo / "reports/eval/metrics.json").read_text())
     assert set(scenario_names(cfg.missing)) <= set(metrics)
-    from rima_core.tune import search_space
+    from rima_core.runs.tune import search_space
 
     best = json.loads((repo / "reports/tune/best_params.json").read_text())
     assert set(best) == set(search_space(cfg.tune)) and "ot.pairing_mix" in best

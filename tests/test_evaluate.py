@@ -12,14 +12,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from rima_core.cli import main
-from rima_core.data import open_store
-from rima_core.data.masks import scenario_names
-from rima_core.engine import EngineError
-from rima_core.evaluate import evaluate, parse_sweep, rate_curve
-from rima_core.metric_names import scored
-from rima_core.models import load_model
-from rima_core.train import train
+from rima_core.core.data import open_store
+from rima_core.core.data.masks import scenario_names
+from rima_core.core.models import load_model
+from rima_core.pipeline.cli import main
+from rima_core.runs.engine import EngineError
+from rima_core.runs.evaluate import evaluate, parse_sweep, rate_curve
+from rima_core.runs.train import train
+from rima_core.tracking.metric_names import scored
 from tests.conftest import TinyData
 
 
@@ -279,7 +279,7 @@ def test_cli_logs_to_mlflow(tiny_data: TinyData, tmp_path: Path, capsys) -> None
 
 
 def test_scores_have_bootstrap_intervals(evaluated, tiny_data: TinyData) -> None:
-    from rima_core.metrics import BOOT_METRICS
+    from rima_core.core.metrics import BOOT_METRICS
 
     out, _ = evaluated
     scores = pd.read_csv(out / "scores.csv")
@@ -311,7 +311,7 @@ def test_scores_have_bootstrap_intervals(evaluated, tiny_data: TinyData) -> None
 
 
 def test_subgroups_and_equity(evaluated, tiny_data: TinyData) -> None:
-    from rima_core.metrics import es_auc
+    from rima_core.core.metrics import es_auc
 
     out, _ = evaluated
     sub = pd.read_csv(out / "subgroups.csv", keep_default_na=False, na_values=[""])
@@ -376,9 +376,9 @@ def test_calibration_before_and_after(evaluated, trained: Path, tiny_data: TinyD
 def test_temperature_changes_no_prediction(trained: Path, tiny_data: TinyData) -> None:
     import torch
 
-    from rima_core.data.dataset import EyeDataset, make_loader
-    from rima_core.engine import predict
-    from rima_core.metrics import classification_metrics
+    from rima_core.core.data.dataset import EyeDataset, make_loader
+    from rima_core.core.metrics import classification_metrics
+    from rima_core.runs.engine import predict
 
     model, _ = load_model(trained)
     ds = EyeDataset(tiny_data.store, pd.read_parquet(tiny_data.masks), "val", "mixed")
@@ -398,7 +398,7 @@ def test_registered_version_carries_the_model_card(
 ) -> None:
     import mlflow
 
-    from rima_core import registry
+    from rima_core.ops import registry
     from tests.servers import mlflow_test_config
 
     out, _ = evaluated

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rima_core.config import ConfigError
-from rima_core.data import fetch
+from rima_core.core.data import fetch
 from tests.servers import S3_ENV, moto_server
 
 

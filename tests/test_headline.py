@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 
 from rima_core.config import Config
-from rima_core.data.masks import MAIN_SCENARIOS, scenario_names
-from rima_core.evaluate import rate_curve
-from rima_core.headline import (
+from rima_core.core.data.masks import MAIN_SCENARIOS, scenario_names
+from rima_core.runs.evaluate import rate_curve
+from rima_core.runs.plots import confusion_table, grade_labels, missing_rate_table
+from rima_core.tracking.headline import (
     HEADLINE_METRICS,
     MAX_NUMBERS,
     count_numbers,
@@ -21,8 +22,7 @@ from rima_core.headline import (
     tune_headline,
     write_headline,
 )
-from rima_core.metric_names import not_names
-from rima_core.plots import confusion_table, grade_labels, missing_rate_table
+from rima_core.tracking.metric_names import not_names
 
 
 def _full_metrics(scenarios: list[str]) -> dict[str, dict[str, float]]:

@@ -277,7 +277,7 @@ def test_components_are_thin_wrappers_over_steps() -> None:
     for name, func in STEP_FUNCTIONS.items():
         source = inspect.getsource(func)
         if name != "resolve_config":
-            assert "steps." in source, f"{name} must delegate to rima_core.steps"
+            assert "steps." in source, f"{name} must delegate to rima_core.pipeline.steps"
         # everything a component uses is imported inside it: only its source reaches the pod
         assert "from rima_core" in source, name
 

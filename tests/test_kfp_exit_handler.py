@@ -2,7 +2,7 @@
 RUNNING (a pod killed for memory or its deadline never ends its own run) are ended as FAILED.
 
 The exit task's function is called directly against a real ``mlflow server`` on 127.0.0.1, with
-a RUNNING run made the way a task makes one (``rima_core.tracking.start_run`` under the
+a RUNNING run made the way a task makes one (``rima_core.tracking.mlflow_runs.start_run`` under the
 ``MLFLOW_RUN_CONTEXT`` the components set) in a process that then dies without ending it. The
 compiled package is checked for the handler and for the run-id tag on every MLflow task.
 """
@@ -52,7 +52,7 @@ def _dead_task_run(url: str, kfp_run: str, step: str) -> str:
     code = textwrap.dedent(
         f"""
         import os
-        from rima_core import tracking
+        from rima_core.tracking import mlflow_runs as tracking
         from rima_core.config import load_config
 
         cfg = load_config(None, overrides=["mlflow.tracking_uri={url}",

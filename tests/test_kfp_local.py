@@ -176,8 +176,8 @@ def test_whole_pipeline_runs_locally_and_registers_a_model(local_runner: Path) -
 
     from pipelines.local import run_local
     from rima_core.config import load_config
-    from rima_core.data.masks import scenario_names
-    from rima_core.tune import search_space
+    from rima_core.core.data.masks import scenario_names
+    from rima_core.runs.tune import search_space
 
     work = local_runner.parent
     mlflow_uri = f"sqlite:///{work / 'mlflow.db'}"

@@ -1,4 +1,4 @@
-"""One list of run parameters: ``rima_core.remote_config.RUN_PARAMETERS``.
+"""One list of run parameters: ``rima_core.pipeline.remote_config.RUN_PARAMETERS``.
 
 KFP reads literal Python signatures (the pipeline function, the ``resolve-config`` component), so
 those stay written out; these tests fail naming the parameter where a signature, the compiler's
@@ -21,7 +21,11 @@ from pipelines.cli import parameters_markdown
 from pipelines.compile import pipeline_arguments
 from pipelines.rima_pipeline import build_pipeline
 from rima_core.config import Config, ConfigError
-from rima_core.remote_config import CONFIG_PARAMETERS, RUN_PARAMETERS, overrides_from_parameters
+from rima_core.pipeline.remote_config import (
+    CONFIG_PARAMETERS,
+    RUN_PARAMETERS,
+    overrides_from_parameters,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CARRIED = ("params_yaml", "profile_yaml")

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from rima_core.config import ConfigError, MissingConfig
-from rima_core.data.masks import (
+from rima_core.core.data.masks import (
     build_masks,
     read_masks,
     scenario_mask,

@@ -1,5 +1,5 @@
-"""One naming scheme for every reported number (rima_core/metric_names.py): the helpers, the
-names older versions wrote, and every producer of a tiny tracked run checked against the
+"""One naming scheme for every reported number (rima_core/tracking/metric_names.py): the helpers,
+the names older versions wrote, and every producer of a tiny tracked run checked against the
 scheme."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from rima_core.data.masks import MAIN_SCENARIOS
-from rima_core.headline import HEADLINE_FILE, MAX_NUMBERS, count_numbers
-from rima_core.metric_names import (
+from rima_core.core.data.masks import MAIN_SCENARIOS
+from rima_core.tracking.headline import HEADLINE_FILE, MAX_NUMBERS, count_numbers
+from rima_core.tracking.metric_names import (
     epoch_metrics,
     epoch_row,
     is_name,
@@ -119,8 +119,8 @@ def test_backfill_reads_a_history_of_an_older_version(cfg, tmp_path: Path) -> No
     training logs per epoch."""
     import mlflow
 
-    from rima_core import tracking
-    from rima_core.steps import _backfill_epochs
+    from rima_core.pipeline.steps import _backfill_epochs
+    from rima_core.tracking import mlflow_runs as tracking
 
     history = tmp_path / "history.csv"
     pd.DataFrame(
@@ -147,7 +147,7 @@ def test_backfill_reads_a_history_of_an_older_version(cfg, tmp_path: Path) -> No
 
 
 def test_registry_reads_old_and_new_version_tags() -> None:
-    from rima_core.registry import metric_tags, version_metric
+    from rima_core.ops.registry import metric_tags, version_metric
 
     new = metric_tags({"mixed": {"qwk": 0.6}, "fundus_missing@0.5": {"qwk": 0.55}})
     assert new["test/fundus_missing_at_0.5/qwk"] == "0.55"
@@ -159,7 +159,7 @@ def test_registry_reads_old_and_new_version_tags() -> None:
 
 
 def test_kfp_metrics_follow_the_scheme() -> None:
-    from rima_core import reports
+    from rima_core.pipeline import reports
 
     metrics = {
         s: {"qwk": 0.5, "auc": 0.7, "ece": 0.1, "sensitivity/early": 0.4, "nll": float("nan")}
@@ -218,7 +218,7 @@ def test_every_producer_names_numbers_by_the_scheme(tiny_data: TinyData, tmp_pat
     """A tiny tune -> train -> evaluate -> register run, tracked: history.csv, the headline files
     (at most MAX_NUMBERS numbers in all), the MLflow runs' and the logged model's metrics and the
     version's metric tags all use the scheme's names, nothing else."""
-    from rima_core import steps
+    from rima_core.pipeline import steps
 
     cfg = copy.deepcopy(tiny_data.cfg)
     cfg.mlflow.tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from rima_core.metrics import classification_metrics, expected_calibration_error, is_better
+from rima_core.core.metrics import classification_metrics, expected_calibration_error, is_better
 
 
 def _onehot_proba(pred: list[int], k: int, conf: float = 0.8) -> np.ndarray:
@@ -129,8 +129,8 @@ def test_is_better_direction_and_nan() -> None:
 
 
 def test_es_auc_hand_computed() -> None:
-    from rima_core.evaluate import subgroup_tables
-    from rima_core.metrics import es_auc
+    from rima_core.core.metrics import es_auc
+    from rima_core.runs.evaluate import subgroup_tables
 
     assert es_auc(0.8, [0.7, 0.9]) == pytest.approx(0.8 / 1.2)
     assert es_auc(0.8, [0.8, 0.8]) == pytest.approx(0.8)  # no gap: ES-AUC = AUC
@@ -161,7 +161,7 @@ def test_es_auc_hand_computed() -> None:
 
 
 def test_resampled_metrics_hand_computed() -> None:
-    from rima_core.metrics import resampled_metrics
+    from rima_core.core.metrics import resampled_metrics
 
     # eye 0: class 0, p1=.2 (right); eye 1: class 1, p1=.6 (right); eye 2: class 1, p1=.4 (wrong)
     y = np.array([0, 1, 1])
@@ -182,7 +182,7 @@ def test_resampled_metrics_hand_computed() -> None:
 
 
 def test_percentile_interval_hand_computed() -> None:
-    from rima_core.metrics import percentile_interval
+    from rima_core.core.metrics import percentile_interval
 
     values = np.concatenate([np.arange(101) / 100, [np.nan, np.nan]])
     low, high, n = percentile_interval(values, 0.95)
@@ -193,7 +193,7 @@ def test_percentile_interval_hand_computed() -> None:
 
 def test_bootstrap_equals_a_loop_over_resamples() -> None:
     """The vectorised bootstrap is exactly classification_metrics on each resample."""
-    from rima_core.metrics import BOOT_METRICS, bootstrap_counts, bootstrap_scores
+    from rima_core.core.metrics import BOOT_METRICS, bootstrap_counts, bootstrap_scores
 
     rng = np.random.default_rng(7)
     n, k, n_boot, seed = 25, 3, 200, 11
@@ -227,7 +227,7 @@ def test_bootstrap_equals_a_loop_over_resamples() -> None:
 
 
 def test_paired_bootstrap_difference() -> None:
-    from rima_core.metrics import bootstrap_counts, paired_bootstrap_difference
+    from rima_core.core.metrics import bootstrap_counts, paired_bootstrap_difference
 
     rng = np.random.default_rng(3)
     n = 40
@@ -248,7 +248,7 @@ def test_paired_bootstrap_difference() -> None:
 
 
 def test_metric_ranges() -> None:
-    from rima_core.metrics import metric_range
+    from rima_core.core.metrics import metric_range
 
     assert metric_range("qwk") == (-1.0, 1.0)
     assert metric_range("auc") == (0.0, 1.0)

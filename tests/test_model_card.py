@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from rima_core.model_card import PATHS_MEANING, per_grade_lines, pooling_lines, wilson_interval
+from rima_core.ops.model_card import PATHS_MEANING, per_grade_lines, pooling_lines, wilson_interval
 
 
 def test_wilson_interval_matches_the_formula() -> None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rima_core.config import ModelConfig, OTConfig
-from rima_core.models import (
+from rima_core.core.models import (
     MODEL_NAMES,
     MissingModalityError,
     ModelSpec,
@@ -24,8 +24,8 @@ from rima_core.models import (
     load_model,
     save_model,
 )
-from rima_core.models.common import Inputs, modality_dropout
-from rima_core.models.encoders import PretrainedWeightsError, build_encoder
+from rima_core.core.models.common import Inputs, modality_dropout
+from rima_core.core.models.encoders import PretrainedWeightsError, build_encoder
 
 K = 3
 MCFG = ModelConfig(
@@ -407,8 +407,8 @@ def test_rima_config_holds_both_sections_and_the_variant_switches() -> None:
     switches come from the exact RIMA_VARIANTS table: a new baseline has them all on."""
     from dataclasses import fields
 
-    from rima_core.models import RIMA_VARIANTS
-    from rima_core.models.spec import SWITCHES
+    from rima_core.core.models import RIMA_VARIANTS
+    from rima_core.core.models.spec import SWITCHES
 
     section_keys = {f.name for f in fields(ModelConfig)} - {"name"} | {
         f.name for f in fields(OTConfig)
@@ -448,7 +448,7 @@ def test_spec_with_the_two_config_sections_still_loads(tmp_path) -> None:
 def test_spec_saved_before_the_newer_keys_still_loads(tmp_path) -> None:
     """A model.pt whose RimaConfig predates the OT-control switches and the distillation keys
     loads with the values it was trained with (spec.ADDED_KEYS)."""
-    from rima_core.models.spec import ADDED_KEYS
+    from rima_core.core.models.spec import ADDED_KEYS
 
     spec = make_spec("rima_no_class_ot", full_path="head")  # what older models computed
     spec = replace(spec, config=replace(spec.config, bank_size=0))  # the batch alone
@@ -813,7 +813,7 @@ def test_distillation_students_have_their_own_encoders_and_the_frozen_teacher_st
 def test_distillation_loss_is_the_literature_weighting() -> None:
     """On complete eyes each student gets (1 - alpha) CE + alpha T^2 KL(teacher_T || student_T);
     single-modality eyes only get the engine's CE through the routed logits."""
-    from rima_core.models.common import Inputs
+    from rima_core.core.models.common import Inputs
 
     alpha, t = 0.3, 3.0
     model = make_model("distillation", distill_alpha=alpha, distill_temperature=t)
@@ -860,7 +860,7 @@ def test_distillation_kl_term_pulls_students_towards_the_teacher() -> None:
 
 def test_distillation_saved_before_the_two_stages_still_loads(tmp_path) -> None:
     """model.pt files of the former online distillation (shared encoders) load as that model."""
-    from rima_core.models.baselines import OnlineDistillation
+    from rima_core.core.models.baselines import OnlineDistillation
 
     spec = make_spec("distillation")
     torch.manual_seed(0)
@@ -941,7 +941,7 @@ def test_no_translators_has_no_translator_and_uses_learned_tokens() -> None:
 
 
 def test_no_translators_trains_a_step_and_supports_no_alignment_diagnostics() -> None:
-    from rima_core.diagnostics import supports_diagnostics
+    from rima_core.runs.diagnostics import supports_diagnostics
 
     model = make_model("rima_no_translators").train()
     assert not supports_diagnostics(model)
@@ -973,7 +973,7 @@ def test_flat_coupling_targets_are_the_class_means() -> None:
     means_f = torch.stack([tgt_f[lf == c].mean(0) for c in range(3)])
     torch.testing.assert_close(target, means_f[lo])
     # the marginals and class masses are GW's (class_marginals), so T is a coupling of them
-    from rima_core import ot
+    from rima_core.core import ot
 
     _, p, q = ot.class_marginals(lf, lo)
     torch.testing.assert_close(T.sum(1), p)

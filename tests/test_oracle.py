@@ -1,4 +1,4 @@
-"""The phantom's regimes and the Bayes-optimal oracle (rima_core/data/oracle.py)."""
+"""The phantom's regimes and the Bayes-optimal oracle (rima_core/core/data/oracle.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from scipy import stats
 
 from rima_core.config import ConfigError, SynthConfig, load_config
-from rima_core.data import oracle
-from rima_core.data.synthetic import (
+from rima_core.core.data import oracle
+from rima_core.core.data.synthetic import (
     SITES,
     _apportion,
     _plan,

@@ -1,4 +1,4 @@
-"""Tests for rima_core.ot: labeled entropic GW and the feature-wise coupling.
+"""Tests for rima_core.core.ot: labeled entropic GW and the feature-wise coupling.
 
 The reference solves use POT (float64 numpy) on the same inputs: labeled GW is POT's entropic
 *fused* GW with ``alpha = 0.5`` and a label-mismatch cost ``M = 1e3 * [y_i != y_j]``. POT's
@@ -16,8 +16,8 @@ import ot as pot
 import pytest
 import torch
 
-from rima_core import ot as ot_module
-from rima_core.ot import (
+from rima_core.core import ot as ot_module
+from rima_core.core.ot import (
     SOLVER_LOG_KEYS,
     OTInputError,
     Workspace,

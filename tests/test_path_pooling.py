@@ -13,7 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rima_core.calibration import (
+from rima_core.core.models import load_model, save_model
+from rima_core.core.models.common import Inputs
+from rima_core.core.models.rima import DEFAULT_PATH_WEIGHTS, PATHS
+from rima_core.ops.model_card import pooling_lines
+from rima_core.runs.calibration import (
     MIN_PATH_EYES,
     PATH_WEIGHT_MAX,
     calibrate_paths,
@@ -21,11 +25,7 @@ from rima_core.calibration import (
     path_alternatives,
     pooled_nll,
 )
-from rima_core.model_card import pooling_lines
-from rima_core.models import load_model, save_model
-from rima_core.models.common import Inputs
-from rima_core.models.rima import DEFAULT_PATH_WEIGHTS, PATHS
-from rima_core.train import train
+from rima_core.runs.train import train
 from tests.conftest import TinyData
 from tests.test_models import MIXED, make_batch, make_model, make_spec, run
 
@@ -289,10 +289,10 @@ def test_selection_scores_the_predictor_that_ships(
     """Each epoch is scored with path weights and temperatures fitted on validation as
     training's end fits them; the shipped model.pt reproduces the selected epoch's validation
     score exactly, and training itself (the checkpoint) runs the full path alone."""
-    from rima_core import calibration
-    from rima_core.data.dataset import EyeDataset, make_loader
-    from rima_core.data.masks import load_masks, selection_scenarios
-    from rima_core.train import validation_metrics
+    from rima_core.core.data.dataset import EyeDataset, make_loader
+    from rima_core.core.data.masks import load_masks, selection_scenarios
+    from rima_core.runs import calibration
+    from rima_core.runs.train import validation_metrics
 
     cfg = copy.deepcopy(tiny_data.cfg)
     cfg.train.epochs = 2

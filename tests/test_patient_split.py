@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rima_core.config import PrepareConfig
-from rima_core.data.prepare import (
+from rima_core.core.data.prepare import (
     PATIENT_ID_ATTRIBUTES,
     _assign_splits,
     _Row,
@@ -74,7 +74,7 @@ def test_source_split_is_kept_but_a_spanning_patient_is_reported(
         _Row("1-OS", 1, "test", True, True, {"subject_id": "S1"}),
         _Row("2-OD", 1, "val", True, True, {"subject_id": "S2"}),
     ]
-    with caplog.at_level(logging.WARNING, logger="rima_core.data.prepare"):
+    with caplog.at_level(logging.WARNING, logger="rima_core.core.data.prepare"):
         splits = _assign_splits(rows, PrepareConfig())
     assert splits == ["train", "test", "val"]
     assert "1 patient(s) in more than one split" in caplog.text and "S1" in caplog.text

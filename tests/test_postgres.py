@@ -93,7 +93,7 @@ def pg_cfg(
 def test_two_promotions_at_once_on_postgresql(
     pg_cfg: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from rima_core import registry
+    from rima_core.ops import registry
 
     with registry.registry_lock(pg_cfg, NAME) as how:
         assert how == "postgresql"  # the advisory lock, not the lock-free fallback
@@ -111,7 +111,7 @@ def test_tune_workers_share_one_study_on_postgresql(
     budget holds (overshot at most by the trials in flight), and trial numbers are unique."""
     import optuna
 
-    from rima_core.tune import tune
+    from rima_core.runs.tune import tune
 
     storage = create_database(pg_server, "optuna")
     cfg = tiny_cfg

@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 
 from rima_core.config import PrepareConfig, SynthConfig
-from rima_core.data.prepare import (
+from rima_core.core.data.prepare import (
     QUARANTINE_FILE,
     prepare_store,
     resize_fundus,
     resize_oct,
     stratified_split,
 )
-from rima_core.data.sources._common import ScanResult
-from rima_core.data.store import MANIFEST_FILE, TENSORS_FILE, open_store
-from rima_core.data.types import CaseError, CaseRef, RawCase, SourceError
+from rima_core.core.data.sources._common import ScanResult
+from rima_core.core.data.store import MANIFEST_FILE, TENSORS_FILE, open_store
+from rima_core.core.data.types import CaseError, CaseRef, RawCase, SourceError
 
 FAKE = __name__  # this module is the plug-in source
 
@@ -248,7 +248,7 @@ def test_missing_input_and_bad_fractions(tmp_path):
 
 
 def test_synthetic_tree_byte_identical_across_worker_counts(tmp_path):
-    from rima_core.data.synthetic import generate
+    from rima_core.core.data.synthetic import generate
 
     generate(tmp_path / "raw", SynthConfig(n_eyes=24, fundus_size=16, oct_shape=[8, 8, 8]))
     one = prepare_store("auto", tmp_path / "raw", tmp_path / "w1", _cfg(workers=1))

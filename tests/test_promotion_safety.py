@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from rima_core import registry, steps
 from rima_core.config import Config
+from rima_core.ops import registry
+from rima_core.pipeline import steps
 from tests.servers import mlflow_test_config
 from tests.test_registry import (
     NAME,
@@ -100,7 +101,7 @@ def test_a_killed_training_is_not_registered(
 ) -> None:
     """A real training killed after epoch 1 leaves model.pt (epoch-1 weights, no calibration):
     register refuses it; the same run resumed to the end is marked complete and registers."""
-    from rima_core.train import train
+    from rima_core.runs.train import train
 
     tc = tiny_cfg  # a private copy
     tc.train.epochs = 2

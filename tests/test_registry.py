@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rima_core import registry, steps
 from rima_core.config import Config
+from rima_core.ops import registry
+from rima_core.pipeline import steps
 
 NAME = "rima-test"
 
@@ -240,7 +241,7 @@ def _evaluation(tmp_path: Path, test: dict, selection: dict | None = None,
 
 def _trained(cfg: Config, tmp_path: Path, store: Path, seed: int = 0) -> tuple[Path, str]:
     """What steps.train does around the training loop: a training run that logs the model."""
-    from rima_core import tracking
+    from rima_core.tracking import mlflow_runs as tracking
     from tests.test_serving import tiny_model
 
     model_dir = tmp_path / f"model-{seed}"
@@ -475,7 +476,7 @@ def _predictions(tmp_path: Path, name: str, y: np.ndarray, right: np.ndarray) ->
 
 
 def test_require_significant_uses_a_paired_bootstrap(cfg: Config, tmp_path: Path) -> None:
-    from rima_core.metrics import classification_metrics
+    from rima_core.core.metrics import classification_metrics
 
     cfg.promote.margin = 0.0
     cfg.promote.require_significant = True

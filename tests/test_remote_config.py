@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rima_core import remote_config as rc
 from rima_core.config import Config, ConfigError, load_config
+from rima_core.pipeline import remote_config as rc
 
 
 def test_resolve_config_layers_params_profile_and_overrides() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rima_core import reports
+from rima_core.pipeline import reports
 
 
 def test_artifact_metadata_is_json(tmp_path: Path) -> None:

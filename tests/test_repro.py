@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rima_core.cli import main
+from rima_core.pipeline.cli import main
 from tests.git_helpers import git
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from rima_core.config import ModelConfig, OTConfig
-from rima_core.models import ModelSpec, RimaConfig, build_model
+from rima_core.core.models import ModelSpec, RimaConfig, build_model
 
 K = 3
 
@@ -232,13 +232,13 @@ def test_cross_entropy_never_trains_the_translators() -> None:
 
 def test_diagnostics_report_every_number(tiny_data) -> None:
     """On a real (tiny) store, through a model trained for a few steps by the engine."""
-    from rima_core.diagnostics import alignment_diagnostics
-    from rima_core.train import train
+    from rima_core.runs.diagnostics import alignment_diagnostics
+    from rima_core.runs.train import train
 
     cfg = tiny_data.cfg
     out = tiny_data.root / "diag_model"
     train(tiny_data.store, tiny_data.masks, out, cfg, tracker=_NoTracker())
-    from rima_core.models import load_model
+    from rima_core.core.models import load_model
 
     model, _ = load_model(out / "model.pt")
     diag = alignment_diagnostics(model, tiny_data.store, tiny_data.masks, split="test")
@@ -304,7 +304,7 @@ def test_pairing_mix_moves_between_the_paper_and_the_ablation_without_class_ot()
 
 
 def test_mixed_coupling_blends_masses_and_keeps_a_batch_without_pairs() -> None:
-    from rima_core.models.rima import RIMA
+    from rima_core.core.models.rima import RIMA
 
     T = torch.full((5, 6), 1.0 / 30)  # 3 batch rows + 2 bank rows, 4 + 2 columns
     P = torch.zeros(3, 4)

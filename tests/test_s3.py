@@ -17,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from rima_core import registry, serving
 from rima_core.config import Config
+from rima_core.ops import registry, serving
 from tests.conftest import clear_mlflow_env
 from tests.servers import S3_ENV, Server, mlflow_server, moto_server, sqlite_uri
 from tests.test_serving import tiny_model
@@ -165,7 +165,7 @@ def test_fetch_dvc_reads_the_versioned_data_from_an_s3_remote(
 ) -> None:
     """The cluster's fetch-raw path: the data of a given commit, from the project's DVC remote
     (moto on loopback), with no local cache — the same bytes `dvc repro` reads there."""
-    from rima_core.data.fetch import fetch_dvc
+    from rima_core.core.data.fetch import fetch_dvc
 
     server, _ = s3
     repo = tmp_path / "project"

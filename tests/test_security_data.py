@@ -1,7 +1,7 @@
 """Hostile source data (issue 10, items 1, 5, 6): each attack is a real file or a real process.
 
-Every ``rima prepare`` run here goes through the command line (``rima_core.cli.main``, or a real
-subprocess for ``kill -9``) and is judged the way a user sees it: the exit code, one error line
+Every ``rima prepare`` run here goes through the command line (``rima_core.pipeline.cli.main``, or a
+real subprocess for ``kill -9``) and is judged the way a user sees it: the exit code, one error line
 naming the case and the reason, no traceback, and either a whole store or none at all.
 
 The second round (at the end) adds what is not a damaged file: FIFOs, sockets, devices and
@@ -43,13 +43,13 @@ import torch
 import yaml
 
 from rima_core.atomic import pid_alive
-from rima_core.cli import main
 from rima_core.config import PrepareConfig
-from rima_core.data import safe_read
-from rima_core.data.prepare import QUARANTINE_FILE, prepare_store
-from rima_core.data.sources._common import ScanResult
-from rima_core.data.store import open_store
-from rima_core.data.types import CaseError, CaseRef, RawCase, ReadLimits
+from rima_core.core.data import safe_read
+from rima_core.core.data.prepare import QUARANTINE_FILE, prepare_store
+from rima_core.core.data.sources._common import ScanResult
+from rima_core.core.data.store import open_store
+from rima_core.core.data.types import CaseError, CaseRef, RawCase, ReadLimits
+from rima_core.pipeline.cli import main
 from tests.fixtures_sources import write_fairvision, write_rima
 
 REPO = Path(__file__).resolve().parents[1]
@@ -511,7 +511,7 @@ def test_kill_9_of_prepare_takes_its_workers_and_next_run_cleans_up(tmp_path, ca
     script = (
         "import logging, sys; from pathlib import Path\n"
         "from rima_core.config import PrepareConfig\n"
-        "from rima_core.data.prepare import prepare_store\n"
+        "from rima_core.core.data.prepare import prepare_store\n"
         "logging.basicConfig(level=logging.INFO)\n"
         "cfg = PrepareConfig(fundus_size=8, oct_shape=[4, 4, 4], workers=2)\n"
         f"prepare_store({HANGING!r}, Path(sys.argv[1]), Path(sys.argv[2]), cfg)\n"
@@ -654,7 +654,7 @@ def test_root_check_is_on_the_descriptor_so_a_swap_race_never_escapes(tmp_path) 
     """A thread swaps a folder under the server's root for a symlink to a folder outside, and
     back, while the server reads a file in it 2,000 times: every read is the inside file or
     the neutral refusal, never the outside file (a name check escaped 5 times in 2,000)."""
-    from rima_core import serving
+    from rima_core.ops import serving
 
     root, outside = tmp_path / "root", tmp_path / "secret"
     (root / "d").mkdir(parents=True)
@@ -696,7 +696,7 @@ def test_server_answers_fifo_paths_at_once_and_keeps_serving(tmp_path) -> None:
     """Six requests naming a FIFO under the root no longer block the server's threads."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from rima_core import serving
+    from rima_core.ops import serving
 
     root = tmp_path / "root"
     root.mkdir()
@@ -760,7 +760,7 @@ def test_registered_plug_ins_run_and_need_scan_and_load(
     )
     _assert_refused(rc, errors, text, out, "json.decoder", "must define scan() and load()")
     # an allow-listed module with them runs
-    fv = "rima_core.data.sources.fairvision"
+    fv = "rima_core.core.data.sources.fairvision"
     rc, errors, text = _prepare(
         caplog, capsys, root, out, "--set", f"data.plugins=[{fv}]", source=fv
     )
@@ -820,7 +820,7 @@ class _NaNOnRows(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, fundus, oct, has_fundus, has_oct, labels=None):  # type: ignore[no-untyped-def]
-        from rima_core.models import ModelOutput
+        from rima_core.core.models import ModelOutput
 
         logits = torch.zeros(len(fundus), self.k) + self.w
         for r in self.rows:
@@ -830,7 +830,7 @@ class _NaNOnRows(torch.nn.Module):
 
 
 def _nan_predictor(tmp_path: Path, rows: set[int]):  # type: ignore[no-untyped-def]
-    from rima_core import serving
+    from rima_core.ops import serving
     from tests.test_serving import tiny_model
 
     spec = serving.Predictor.from_file(tiny_model(tmp_path / "model.pt")).spec
@@ -838,9 +838,9 @@ def _nan_predictor(tmp_path: Path, rows: set[int]):  # type: ignore[no-untyped-d
 
 
 def test_non_finite_outputs_are_an_error_naming_the_rows(tmp_path) -> None:
-    from rima_core import serving
-    from rima_core.engine import NonFiniteOutputError
-    from rima_core.engine import predict as engine_predict
+    from rima_core.ops import serving
+    from rima_core.runs.engine import NonFiniteOutputError
+    from rima_core.runs.engine import predict as engine_predict
 
     batch = {
         "fundus": torch.zeros(3, 3, 8, 8),
@@ -863,7 +863,7 @@ def test_non_finite_outputs_are_an_error_naming_the_rows(tmp_path) -> None:
 def test_rima_predict_with_a_non_finite_model_exits_2_naming_the_row(
     tmp_path, caplog, capsys, monkeypatch
 ) -> None:
-    from rima_core import serving
+    from rima_core.ops import serving
 
     predictor = _nan_predictor(tmp_path, {0})
     model = types.SimpleNamespace(
@@ -927,7 +927,7 @@ def test_bad_params_are_one_line(tmp_path, caplog, capsys, setup, needle) -> Non
 def test_disk_full_is_one_line(tmp_path, caplog, capsys, monkeypatch) -> None:
     import errno
 
-    import rima_core.data.prepare as prepare_module
+    import rima_core.core.data.prepare as prepare_module
 
     def full(directory, *args, **kwargs):  # type: ignore[no-untyped-def]
         raise OSError(errno.ENOSPC, "No space left on device", str(directory))
@@ -945,7 +945,7 @@ def test_disk_full_is_one_line(tmp_path, caplog, capsys, monkeypatch) -> None:
 def test_model_spec_asking_for_a_huge_layer_is_refused_before_allocating(tmp_path) -> None:
     import tracemalloc
 
-    from rima_core.models import load_model
+    from rima_core.core.models import load_model
     from tests.test_serving import tiny_model
 
     path = tiny_model(tmp_path / "model.pt")
@@ -960,8 +960,8 @@ def test_model_spec_asking_for_a_huge_layer_is_refused_before_allocating(tmp_pat
     finally:
         tracemalloc.stop()
     assert peak < 200 << 20
-    from rima_core import serving
     from rima_core.config import load_config
+    from rima_core.ops import serving
 
     with pytest.raises(serving.InputError, match="refused before allocating"):  # rima register
         serving.log_pyfunc(path.parent, load_config(None))

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rima_core import cli
 from rima_core.config import Config, ConfigError, load_config
+from rima_core.pipeline import cli
 from rima_core.redact import (
     MASK,
     RedactingFilter,
@@ -137,7 +137,7 @@ def test_training_run_leaks_no_password(tiny_data: TinyData, tmp_path: Path) -> 
         f"tune.storage={STORAGE}",
         f"mlflow.tracking_uri={TRACKING}",
     ]
-    cmd = [sys.executable, "-m", "rima_core.cli", "-v", "train", "--params", os.devnull]
+    cmd = [sys.executable, "-m", "rima_core.pipeline.cli", "-v", "train", "--params", os.devnull]
     cmd += ["--store", str(tiny_data.store), "--masks", str(tiny_data.masks), "--out", str(out)]
     cmd += [a for s in sets for a in ("--set", s)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path)
@@ -204,8 +204,8 @@ def test_pod_storage_from_the_secret_is_masked_in_mlflow(
     resolved-config artifact hold it."""
     import mlflow
 
-    from rima_core import tracking
-    from rima_core.remote_config import OPTUNA_STORAGE_ENV, load_task_config, write_config
+    from rima_core.pipeline.remote_config import OPTUNA_STORAGE_ENV, load_task_config, write_config
+    from rima_core.tracking import mlflow_runs as tracking
 
     uri = sqlite_uri(tmp_path)
     clear_mlflow_env(monkeypatch)
@@ -237,7 +237,8 @@ import re  # noqa: E402
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from rima_core import redact, tracking  # noqa: E402
+from rima_core import redact  # noqa: E402
+from rima_core.tracking import mlflow_runs as tracking  # noqa: E402
 
 PRINTABLE = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=12)
 CORE = "Zq9Xv"  # in every generated password and nowhere else: its absence proves no leak

@@ -21,9 +21,9 @@ import pytest
 import torch
 import yaml
 
-from rima_core import serving
 from rima_core.config import Config, ModelConfig, OTConfig
-from rima_core.models import ModelSpec, RimaConfig, build_model, save_model
+from rima_core.core.models import ModelSpec, RimaConfig, build_model, save_model
+from rima_core.ops import serving
 from tests.servers import mlflow_test_config, sqlite_uri
 
 CLASSES = ["normal", "early", "late"]
@@ -82,7 +82,7 @@ def test_outputs_per_row_with_missing_modalities(predictor: serving.Predictor) -
 
 
 def test_same_numbers_as_the_model_on_prepared_tensors(predictor: serving.Predictor) -> None:
-    from rima_core.data.prepare import resize_fundus, resize_oct
+    from rima_core.core.data.prepare import resize_fundus, resize_oct
 
     rng = _rng()
     fundus = rng.integers(0, 256, (33, 33, 3), dtype=np.uint8)
@@ -161,9 +161,9 @@ def test_pip_requirements_are_pinned_and_cover_the_serving_imports(model_pt: Pat
     # Which rima_core modules does serving load? Ask a fresh interpreter, then list the
     # third-party imports in those modules' source and map them to distributions.
     code = (
-        "import sys, json, numpy as np, pandas as pd; from rima_core import serving; "
+        "import sys, json, numpy as np, pandas as pd; from rima_core.ops import serving; "
         # the file readers serving imports lazily
-        "from rima_core.data.sources import gamma, rima_folders, fairvision, _common; "
+        "from rima_core.core.data.sources import gamma, rima_folders, fairvision, _common; "
         f"p = serving.Predictor.from_file({str(model_pt)!r}); "
         "p.predict(pd.DataFrame({'fundus': [np.zeros((8, 8, 3), np.uint8)]})); "
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith('rima_core'))))"
@@ -194,14 +194,14 @@ def test_pip_requirements_are_pinned_and_cover_the_serving_imports(model_pt: Pat
 def test_log_load_predict_pyfunc(cfg: Config, model_pt: Path, tmp_path: Path) -> None:
     import mlflow
 
-    from rima_core import tracking
+    from rima_core.tracking import mlflow_runs as tracking
 
     with tracking.start_run(cfg, "register", log_params=False):
         info = serving.log_pyfunc(model_pt.parent, cfg)
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "m")))
     reqs = (local / "requirements.txt").read_text().split()
     assert "torch==2.13.0" in reqs and not any("+cpu" in r for r in reqs)
-    assert (local / "code" / "rima_core" / "serving.py").is_file()
+    assert (local / "code" / "rima_core" / "ops" / "serving.py").is_file()
     assert not list((local / "code").rglob("__pycache__"))
     assert json.loads((local / "artifacts" / "class_names.json").read_text()) == CLASSES
     assert json.loads((local / "artifacts" / "config.json").read_text())["mlflow"]["model_name"]
@@ -226,7 +226,7 @@ def test_log_load_predict_pyfunc(cfg: Config, model_pt: Path, tmp_path: Path) ->
 def test_predict_files_csv_relative_paths(cfg: Config, model_pt: Path, tmp_path: Path) -> None:
     from PIL import Image
 
-    from rima_core import tracking
+    from rima_core.tracking import mlflow_runs as tracking
 
     with tracking.start_run(cfg, "register", log_params=False):
         info = serving.log_pyfunc(model_pt, cfg)
@@ -424,7 +424,7 @@ SERVER_LIMITS = {
 
 @pytest.fixture(scope="module")
 def logged_model(model_pt: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from rima_core import tracking
+    from rima_core.tracking import mlflow_runs as tracking
 
     tmp = tmp_path_factory.mktemp("served")
     with pytest.MonkeyPatch.context() as mp:
@@ -572,8 +572,8 @@ def test_done_means_end_to_end(
     import mlflow
     from PIL import Image
 
-    from rima_core import cli, steps
-    from rima_core.data import open_store
+    from rima_core.core.data import open_store
+    from rima_core.pipeline import cli, steps
     from tests.conftest import clear_mlflow_env, tiny_config
     from tests.servers import model_server
 

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 from rima_core.config import PrepareConfig
-from rima_core.data.prepare import prepare_store
-from rima_core.data.sources import detect_source, fairvision, gamma, get_source, rima_folders
-from rima_core.data.types import CaseError, SourceError
+from rima_core.core.data.prepare import prepare_store
+from rima_core.core.data.sources import detect_source, fairvision, gamma, get_source, rima_folders
+from rima_core.core.data.types import CaseError, SourceError
 from tests.fixtures_sources import (
     SPLIT_SPELLINGS,
     Expected,
@@ -385,7 +385,7 @@ def test_config_accepts_exactly_the_registered_sources_and_diseases() -> None:
     ``rima_core.config.RULES``; they must name what the source registry and the FairVision loader
     know, or a valid source is refused (or an unknown one let through to prepare)."""
     from rima_core.config import RULES
-    from rima_core.data.sources import SOURCES
+    from rima_core.core.data.sources import SOURCES
 
     source_rule, disease_rule = RULES["data.source"], RULES["data.disease"]
     for name in [*SOURCES, "auto"]:

@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 import yaml
 
-from rima_core import cli
 from rima_core.config import Config, deep_merge, load_config
 from rima_core.config import loading as config_loading
 from rima_core.config.schema import sections
+from rima_core.pipeline import cli
 from tests.conftest import clear_mlflow_env
 from tests.test_dvc_pipeline import NO_EFFECT, OVERRIDDEN, _render, _stages
 

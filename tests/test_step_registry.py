@@ -1,9 +1,10 @@
-"""The step table (``rima_core.step_registry.STEPS``) and what is made from it or checked
+"""The step table (``rima_core.pipeline.step_registry.STEPS``) and what is made from it or checked
 against it.
 
 Generated from the table: the ``rima`` step commands, the ``MLproject`` file and the Kubeflow
 tasks' settings; checked against it: ``dvc.yaml`` (written by hand), the component functions
-and the compiled pipeline. Adding a step touches the table, its function in ``rima_core.steps``
+and the compiled pipeline. Adding a step touches the table, its function in
+``rima_core.pipeline.steps``
 and its test; the last test here shows that is enough for the CLI and MLproject. Deliberate
 exceptions are stated in the table (``why``, ``KFP_ONLY_TASKS``, ``MLPROJECT_ONLY_ENTRIES``,
 ``NON_STEP_COMMANDS``), not here.
@@ -21,9 +22,9 @@ import yaml
 
 from components import EXIT_TASK, STEP_FUNCTIONS, TASK_NAMES
 from components.tasks import FUNCTIONS
-from rima_core import mlproject_file, step_registry, steps
-from rima_core.cli import HANDLERS, build_parser, main
-from rima_core.step_registry import (
+from rima_core.pipeline import mlproject_file, step_registry, steps
+from rima_core.pipeline.cli import HANDLERS, build_parser, main
+from rima_core.pipeline.step_registry import (
     NON_STEP_COMMANDS,
     STEPS,
     Option,
@@ -59,7 +60,7 @@ def test_every_step_is_a_function_of_rima_core_steps() -> None:
     names = [s.name for s in STEPS]
     assert len(names) == len(set(names)), "a step is registered twice"
     missing = [s.function for s in STEPS if not callable(getattr(steps, s.function, None))]
-    assert not missing, f"registered steps without a rima_core.steps function: {missing}"
+    assert not missing, f"registered steps without a rima_core.pipeline.steps function: {missing}"
     for s in STEPS:
         left_out = s.dvc_stage is None or s.mlproject is None or not s.kfp_tasks
         assert s.why or not left_out, f"step {s.name}: an orchestrator leaves it out; say why"
@@ -81,7 +82,7 @@ def test_cli_has_a_command_per_step_and_no_stray_commands() -> None:
         if name not in heads and name not in NON_STEP_COMMANDS
     ]
     stray = sorted(set(HANDLERS) - {s.name for s in STEPS})
-    problems += [f"rima_core.cli.HANDLERS[{n!r}] is no registered step" for n in stray]
+    problems += [f"rima_core.pipeline.cli.HANDLERS[{n!r}] is no registered step" for n in stray]
     assert not problems, "\n".join(problems)
 
 
@@ -117,7 +118,7 @@ def test_dvc_stages_depend_on_the_library() -> None:
 def test_checked_in_mlproject_is_the_generated_one() -> None:
     text = (ROOT / "MLproject").read_text()
     assert text == mlproject_file.render(), (
-        "MLproject differs from the step table: run `python -m rima_core.mlproject_file`"
+        "MLproject differs from the step table: run `python -m rima_core.pipeline.mlproject_file`"
     )
 
 
@@ -191,8 +192,8 @@ def test_compiled_pipeline_runs_every_task_once(compiled_tasks: set[str]) -> Non
 def test_a_new_step_needs_only_its_row_and_its_function(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Adding a step: a row of the table and a function of rima_core.steps (here patched in)
-    give it a ``rima`` command that runs the function, and an MLproject entry point; no other
+    """Adding a step: a row of the table and a function of rima_core.pipeline.steps (here patched
+    in) give it a ``rima`` command that runs the function, and an MLproject entry point; no other
     file changes."""
     calls: list[dict[str, Any]] = []
 

@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from rima_core.data import Store, open_store
-from rima_core.data.store import (
+from rima_core.core.data import Store, open_store
+from rima_core.core.data.store import (
     MANIFEST_FILE,
     TENSORS_FILE,
     StoreError,

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rima_core import tracking
 from rima_core.config import Config, MlflowConfig
+from rima_core.tracking import mlflow_runs as tracking
 from tests.conftest import clear_mlflow_env
 from tests.servers import sqlite_uri
 
@@ -30,7 +30,7 @@ def _store(tmp_path: Path, content_hash: str) -> Path:
 def test_import_does_not_import_mlflow() -> None:
     # A fresh interpreter: importing tracking (and calling the no-op helpers) must not load mlflow.
     code = (
-        "import sys; from rima_core import tracking; "
+        "import sys; from rima_core.tracking import mlflow_runs as tracking; "
         "tracking.log_metrics({'a': 1.0}, step=0); tracking.set_tags({'x': 1}); "
         "assert 'mlflow' not in sys.modules, 'mlflow imported'"
     )
@@ -173,7 +173,7 @@ def test_the_mlflow_project_run_is_named_and_a_wrong_experiment_is_said(
     client.log_param(project_run.info.run_id, "profile", "configs/tiny.yaml")  # -P profile=...
     monkeypatch.setenv("MLFLOW_RUN_ID", project_run.info.run_id)
     with (
-        caplog.at_level("WARNING", logger="rima_core.tracking"),
+        caplog.at_level("WARNING", logger="rima_core.tracking.mlflow_runs"),
         tracking.start_run(cfg, "evaluate", log_params=False),
     ):
         pass
@@ -379,8 +379,8 @@ def test_a_dvc_temp_experiment_writes_into_the_workspace_databases(
     """`dvc exp run --temp` runs stages in a copy under .dvc/tmp/exps with DVC_ROOT naming the
     workspace: relative SQLite files (MLflow and Optuna) must be the workspace's, not the copy's."""
     from rima_core.config import MlflowConfig
-    from rima_core.tracking import dvc_tags, in_workspace, tracking_uri
-    from rima_core.tune import make_storage
+    from rima_core.runs.tune import make_storage
+    from rima_core.tracking.mlflow_runs import dvc_tags, in_workspace, tracking_uri
 
     workspace = tmp_path / "ws"
     copy_dir = workspace / ".dvc" / "tmp" / "exps" / "standalone" / "tmpabc"

@@ -16,7 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from rima_core import cli, steps, tracking
+from rima_core.pipeline import cli, steps
+from rima_core.tracking import mlflow_runs as tracking
 from tests.conftest import TINY_OVERRIDES, TinyData, clear_mlflow_env, mlflow_free_env
 from tests.servers import mlflow_test_config, sqlite_uri
 
@@ -29,7 +30,7 @@ def _train_cmd(data: TinyData, out: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "rima_core.cli",
+        "rima_core.pipeline.cli",
         "train",
         "--params",
         os.devnull,
@@ -159,9 +160,9 @@ def test_reopened_run_keeps_its_params_and_records_changes(tmp_path: Path, monke
 
 def _untrained_model(data: TinyData, path: Path) -> Path:
     """A real model file for the tiny store (weights untrained: only its format matters here)."""
-    from rima_core.data import open_store
-    from rima_core.models import build_model, save_model
-    from rima_core.train import model_spec
+    from rima_core.core.data import open_store
+    from rima_core.core.models import build_model, save_model
+    from rima_core.runs.train import model_spec
 
     spec = model_spec(data.cfg, open_store(data.store))
     path.parent.mkdir(parents=True)

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from rima_core.config import Config
-from rima_core.engine import EngineError, predict
-from rima_core.metrics import classification_metrics
-from rima_core.train import epoch_seed, is_timing_column, lr_factor, train
+from rima_core.core.metrics import classification_metrics
+from rima_core.runs.engine import EngineError, predict
+from rima_core.runs.train import epoch_seed, is_timing_column, lr_factor, train
 from tests.conftest import TinyData
 
 
@@ -150,7 +150,7 @@ def test_resume_after_sigkill_is_exact(
         f"""
         import json, os, signal
         from rima_core.config import config_from_dict
-        from rima_core.train import train
+        from rima_core.runs.train import train
         cfg = config_from_dict(json.load(open({str(cfg_path)!r})))
         def kill(epoch, metrics):
             if epoch == 1:
@@ -180,11 +180,11 @@ def test_selection_uses_the_validation_split(
     """Validation metrics in the history are those of the val split under the selection rule
     (``mean``: each main scenario's metric, and their mean under the plain name), and model.pt
     is the best epoch by that metric."""
-    from rima_core.data import open_store
-    from rima_core.data.dataset import EyeDataset, make_loader
-    from rima_core.data.masks import MAIN_SCENARIOS
-    from rima_core.models import build_model, load_model
-    from rima_core.train import model_spec
+    from rima_core.core.data import open_store
+    from rima_core.core.data.dataset import EyeDataset, make_loader
+    from rima_core.core.data.masks import MAIN_SCENARIOS
+    from rima_core.core.models import build_model, load_model
+    from rima_core.runs.train import model_spec
 
     cfg = tiny_data.cfg
     assert cfg.train.selection_scenario == "mean"
@@ -195,7 +195,7 @@ def test_selection_uses_the_validation_split(
         """The shipped predictor, fitted here as training fits it every epoch: path weights
         from the full path alone, then one temperature per availability pattern, both on the
         validation eyes of the selection scenarios."""
-        from rima_core.calibration import (
+        from rima_core.runs.calibration import (
             calibrate_paths,
             fit_temperatures,
             row_temperatures,
@@ -248,7 +248,7 @@ def test_selection_uses_the_validation_split(
 def test_datasets_train_on_train_scenario_and_select_on_val(
     tiny_data: TinyData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import rima_core.data.dataset as dataset_module
+    import rima_core.core.data.dataset as dataset_module
 
     seen: list[tuple[str, str, int, int, int]] = []
     real = dataset_module.EyeDataset
@@ -271,7 +271,7 @@ def test_datasets_train_on_train_scenario_and_select_on_val(
     assert [(s, sc) for s, sc, *_ in seen] == [("train", "fundus_missing"), ("val", "oct_missing")]
     # the masks decide: no training eye keeps both modalities; only an eye whose source lacks the
     # OCT keeps its fundus (never both missing). Likewise on validation with the roles swapped.
-    from rima_core.data import open_store
+    from rima_core.core.data import open_store
 
     man = open_store(tiny_data.store).manifest
     tr, va = man[man["split"] == "train"], man[man["split"] == "val"]
@@ -324,7 +324,7 @@ def test_epoch_seeds_differ_and_repeat() -> None:
 
 
 def test_tracker_receives_every_epoch(tiny_cfg: Config, tiny_data: TinyData, tmp_path: Path):
-    from rima_core.data.masks import MAIN_SCENARIOS
+    from rima_core.core.data.masks import MAIN_SCENARIOS
 
     logged: list[tuple[int | None, dict[str, float]]] = []
 
@@ -390,14 +390,14 @@ def distilled(tiny_data: TinyData, tmp_path_factory: pytest.TempPathFactory) -> 
 def test_distillation_trains_the_teacher_first_then_freezes_it(
     distilled: Path, tiny_data: TinyData
 ) -> None:
-    from rima_core.models import load_model
+    from rima_core.core.models import load_model
 
     summary = json.loads((distilled / "train_summary.json").read_text())
     teacher = summary["teacher"]
     assert teacher["epochs_run"] == 2 and teacher["best_epoch"] in (1, 2)
     # the teacher learns from (and is selected on) the eyes with both modalities only
     masks = pd.read_parquet(tiny_data.masks)
-    from rima_core.data.dataset import EyeDataset
+    from rima_core.core.data.dataset import EyeDataset
 
     ds = EyeDataset(tiny_data.store, masks, "train", "complete")
     assert teacher["n_train"] == int((ds.has_fundus & ds.has_oct).sum()) < summary["n_train"]
@@ -427,7 +427,7 @@ class _StopTeacher(RuntimeError):
 def test_distillation_resumes_exactly_in_either_stage(
     distilled: Path, tiny_data: TinyData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import rima_core.train as engine
+    import rima_core.runs.train as engine
 
     cfg = _distillation_cfg(tiny_data)
     # killed in stage 2, after the students' first epoch

@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from rima_core import steps
 from rima_core.config import Config, ConfigError
-from rima_core.tune import (
+from rima_core.pipeline import steps
+from rima_core.runs.tune import (
     LINEAR,
     TUNED,
     TuneError,
@@ -34,8 +34,8 @@ def _cfg(tiny_cfg: Config, tmp_path: Path, **tune_values: object) -> Config:
 
 
 class ScriptedTraining:
-    """Stands in for :func:`rima_core.train.train` with a known learning curve, so the search and
-    pruning logic is tested exactly and in milliseconds: validation qwk rises with the epoch and
+    """Stands in for :func:`rima_core.runs.train.train` with a known learning curve, so the search
+    and pruning logic is tested exactly and in milliseconds: validation qwk rises with the epoch and
     with the trial's lr, so low-lr trials trail the median from their first epoch."""
 
     def __init__(self, fail_first: int = 0) -> None:
@@ -58,10 +58,10 @@ class ScriptedTraining:
 
 @pytest.fixture
 def scripted(monkeypatch: pytest.MonkeyPatch) -> ScriptedTraining:
-    import rima_core.train
+    import rima_core.runs.train
 
     fake = ScriptedTraining()
-    monkeypatch.setattr(rima_core.train, "train", fake)
+    monkeypatch.setattr(rima_core.runs.train, "train", fake)
     return fake
 
 
@@ -206,10 +206,10 @@ def test_zero_budget_means_no_tuning(
 def test_diverging_trial_is_failed_and_the_search_goes_on(
     tiny_cfg: Config, tiny_data: TinyData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import rima_core.train
+    import rima_core.runs.train
 
     fake = ScriptedTraining(fail_first=1)
-    monkeypatch.setattr(rima_core.train, "train", fake)
+    monkeypatch.setattr(rima_core.runs.train, "train", fake)
     cfg = _cfg(tiny_cfg, tmp_path, n_trials=3, pruner_startup_trials=10)
     summary = tune(tiny_data.store, tiny_data.masks, tmp_path / "tune", cfg, track=False)
     assert summary["n_failed"] == 1
@@ -220,9 +220,9 @@ def test_diverging_trial_is_failed_and_the_search_goes_on(
 def test_every_trial_failing_is_an_error(
     tiny_cfg: Config, tiny_data: TinyData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import rima_core.train
+    import rima_core.runs.train
 
-    monkeypatch.setattr(rima_core.train, "train", ScriptedTraining(fail_first=100))
+    monkeypatch.setattr(rima_core.runs.train, "train", ScriptedTraining(fail_first=100))
     cfg = _cfg(tiny_cfg, tmp_path, n_trials=2)
     with pytest.raises(TuneError, match="no trial completed"):
         tune(tiny_data.store, tiny_data.masks, tmp_path / "tune", cfg, track=False)
@@ -287,7 +287,7 @@ def test_workers_share_one_study(tiny_cfg: Config, tiny_data: TinyData, tmp_path
 
 
 def test_cli_tune(tiny_data: TinyData, tmp_path: Path) -> None:
-    from rima_core.cli import main
+    from rima_core.pipeline.cli import main
 
     out = tmp_path / "tune"
     argv = ["tune", "--params", "/nonexistent.yaml"]
@@ -320,8 +320,8 @@ def test_study_is_named_and_reports_fit_dvc(
 
     import optuna
 
-    from rima_core.headline import count_numbers
-    from rima_core.tune import make_storage, objective_name
+    from rima_core.runs.tune import make_storage, objective_name
+    from rima_core.tracking.headline import count_numbers
 
     cfg = _cfg(tiny_cfg, tmp_path, n_trials=3, epochs=2, pruner_startup_trials=1)
     out = tmp_path / "tune"
@@ -373,16 +373,16 @@ def test_one_log_line_per_trial_and_the_trials_training_quiet(
     training's loggers are as they were."""
     import logging
 
-    import rima_core.train
+    import rima_core.runs.train
 
-    train_log = logging.getLogger("rima_core.train")
+    train_log = logging.getLogger("rima_core.runs.train")
 
     def chatty(*args, **kw):  # type: ignore[no-untyped-def]
         train_log.info("epoch line")
         train_log.warning("a real warning")
         return scripted(*args, **kw)
 
-    rima_core.train.train = chatty  # the fixture's monkeypatch restores the original
+    rima_core.runs.train.train = chatty  # the fixture's monkeypatch restores the original
     cfg = _cfg(tiny_cfg, tmp_path, n_trials=4, epochs=3, pruner_startup_trials=1)
     with caplog.at_level(logging.INFO):
         summary = tune(tiny_data.store, tiny_data.masks, tmp_path / "tune", cfg, track=False)

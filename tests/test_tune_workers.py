@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rima_core import tune_workers as tw
 from rima_core.config import Config
+from rima_core.runs import tune_workers as tw
 
 
 def test_study_name_and_worker_seeds() -> None:

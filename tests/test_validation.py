@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from rima_core.config import ValidateConfig
-from rima_core.data.store import TENSORS_FILE, StoreWriter, write_manifest
-from rima_core.data.validation import validate_store
+from rima_core.core.data.store import TENSORS_FILE, StoreWriter, write_manifest
+from rima_core.core.data.validation import validate_store
 from tests.data_helpers import build_store, make_arrays, make_manifest
 
 N = 40

@@ -70,11 +70,11 @@ METRICS = (
     "qwk_ordinal",
 )  # fmt: skip
 METRIC = one_of(*METRICS)
-DECODINGS = ("argmax", "ordinal")  # rima_core.metrics.decode
-AUGMENTATIONS = ("flip", "intensity")  # rima_core.augment.augment_batch
-FULL_PATHS = ("product", "head")  # rima_core.models.rima.RIMA.full_logits
+DECODINGS = ("argmax", "ordinal")  # rima_core.core.metrics.decode
+AUGMENTATIONS = ("flip", "intensity")  # rima_core.core.augment.augment_batch
+FULL_PATHS = ("product", "head")  # rima_core.core.models.rima.RIMA.full_logits
 SPLITS = ("train", "val", "test")
-# registered source formats and their aliases (rima_core.data.sources.SOURCES / ALIASES)
+# registered source formats and their aliases (rima_core.core.data.sources.SOURCES / ALIASES)
 SOURCE_NAMES = ("rima", "gamma", "fairvision", "rima_folders", "harvard", "synthetic")
 # a plug-in format: the dotted path of a module with scan()/load() (data/prepare.resolve_source)
 PLUGIN_SOURCE = matches(
@@ -96,7 +96,7 @@ def registered_plugins() -> dict[str, str]:
 
 def _model_names() -> tuple[str, ...]:
     # lazy: the registry needs torch and imports this package
-    from rima_core.models.spec import model_names
+    from rima_core.core.models.spec import model_names
 
     return tuple(model_names())
 
@@ -211,7 +211,7 @@ class SynthConfig:
         1.0, POSITIVE, "the OCT view's signal strength: its severity noise = 0.12 / signal"
     )
     # Phantom regimes, all off by default (synthetic.py's docstring says which clinical property
-    # each stands for; rima_core/data/oracle.py gives each one's Bayes ceiling)
+    # each stands for; rima_core/core/data/oracle.py gives each one's Bayes ceiling)
     anatomy: str = setting(
         "none",
         one_of("none", "shared"),
@@ -246,7 +246,7 @@ class PrepareConfig:
     skip_bad: bool = setting(
         False, help="quarantine unreadable cases (listed in the report) instead of stopping"
     )
-    # rima_core.data.types.ReadLimits has the same names and defaults
+    # rima_core.core.data.types.ReadLimits has the same names and defaults
     # (tests/test_security_data.py fails if they disagree). Sizes are refused, not truncated.
     max_file_bytes: int = setting(
         1 << 30, integer(1), "decompressed bytes of one npz / NIfTI file (zip bombs)"
