@@ -5,7 +5,7 @@ Why one prepared script: the GPU machine that can be borrowed is bare (no MLflow
 Optuna, POT, Great Expectations; MONAI travels as a wheel, see ``benchmarks/gpu_wheels.txt``) and
 lent for about 15 minutes in all, so every question has to be answered by one run that is known to
 work before it gets there. ``--device cpu --tiny`` runs the same code at tiny sizes here
-(``tests/test_gpu_check.py``), so it cannot rot.
+(``tests/e2e/test_gpu_check.py``), so it cannot rot.
 
 Parts (each in its own process, with its own time budget, so a hang or a crash in one part, or a
 compile that outruns its budget, still leaves the others' results):
@@ -69,9 +69,10 @@ RESULT_NAME = "gpu_check"
 PARAMS = ROOT / "params.yaml"
 PAPER_PROFILE = ROOT / "configs" / "paper.yaml"
 TINY_PROFILE = ROOT / "configs" / "tiny.yaml"
-# Where each pyproject dependency stands on the GPU machine (tests/test_import_isolation.py checks
-# that every dependency is in exactly one place: here, or as a wheel in benchmarks/gpu_wheels.txt).
-# In its image (its own versions; Python 3.12, torch 2.11 with CUDA):
+# Where each pyproject dependency stands on the GPU machine
+# (tests/contracts/test_import_isolation.py checks that every dependency is in exactly one place:
+# here, or as a wheel in benchmarks/gpu_wheels.txt). In its image (its own versions; Python 3.12,
+# torch 2.11 with CUDA):
 ON_GPU_MACHINE = (
     "torch",
     "numpy",

@@ -3,7 +3,7 @@
 
 Why it exists: the speed target of the OT step is relative ("at most 1.2x a plain numpy
 implementation that reaches the same accuracy"), because absolute times on a shared CPU move with
-their load. This module is written from the math in ``rima_core/core/ot.py``'s module docstring, not
+their load. This module is written from the math in ``rima_core/core/ot/``'s module docstring, not
 from its code: float32 throughout, mirror-descent entropic GW on the masked, warm-started,
 row/column-shifted kernel, and the feature step as one Sinkhorn solve on the max-scaled COOT cost.
 

@@ -21,7 +21,7 @@ OCT features d_o = 6144, 4 classes of unequal size — on the *same inputs* agai
 * POT, labeled GW, each direction (fundus->OCT and OCT->fundus): ours vs
   ``ot.gromov.entropic_fused_gromov_wasserstein`` with a label-mismatch cost
   ``M = 1e3 * [y_i != y_j]``, ``alpha = 0.5`` and ``epsilon_pot = 2 * alpha * epsilon = epsilon``
-  (POT's kernel uses the GW gradient ``2 L(T)``, see ``rima_core/core/ot.py``). POT runs stock:
+  (POT's kernel uses the GW gradient ``2 L(T)``, see ``rima_core/core/ot/``). POT runs stock:
   float64 numpy, its own product initialisation, ``tol`` = our outer ``tol`` (POT measures the
   Frobenius norm of the change every 10 outer iterations, ours the L1 norm every iteration),
   inner ``stopThr`` = our inner tolerance.

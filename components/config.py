@@ -30,7 +30,7 @@ def resolve_config(
     """params.yaml text <- profile text <- the typed pipeline parameters, validated.
 
     The signature is the config-setting rows of ``rima_core.pipeline.remote_config.RUN_PARAMETERS``
-    (KFP reads a literal signature; tests/test_kfp_parameters.py checks the two agree).
+    (KFP reads a literal signature; tests/contracts/test_kfp_parameters.py checks the two agree).
     Returns the tuning fan-out: one worker index per parallel tune task (``tune.workers``).
     """
     arguments = dict(locals())  # first statement: exactly this task's parameters

@@ -16,7 +16,7 @@ tasks it watches: an exit task cannot wait on a task that may not have run.
 from kfp import dsl
 
 #: MLflow tag holding the KFP run id on every run a pipeline task starts. Component functions
-#: are shipped as source, so each one spells the key out; tests/test_kfp_exit_handler.py checks
+#: are shipped as source, so each one spells the key out; tests/e2e/test_kfp_exit_handler.py checks
 #: that they all use this one.
 RUN_TAG = "kfp.run_id"
 #: Environment variable whose JSON object MLflow adds as tags to every run it starts.

@@ -366,8 +366,8 @@ def build_pipeline(options: ClusterOptions | None = None) -> Callable[..., Any]:
     """The pipeline function for ``options`` (compile it, or call it under ``kfp.local``).
 
     The signature is ``rima_core.pipeline.remote_config.RUN_PARAMETERS`` written out (KFP reads a
-    literal signature; tests/test_kfp_parameters.py checks the two agree); the embedded defaults are
-    the config's, replaced from params.yaml by the compiler.
+    literal signature; tests/contracts/test_kfp_parameters.py checks the two agree); the embedded
+    defaults are the config's, replaced from params.yaml by the compiler.
     """
     opts = options or ClusterOptions()
     c: Components = build_components(opts.image)

@@ -33,6 +33,8 @@ import re
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
+from rima_core.config import secret_keys
+
 MASK = "***"
 
 _SCHEME = r"[A-Za-z][A-Za-z0-9+.\-]*"
@@ -226,7 +228,6 @@ def redact_text(text: str) -> str:
 
 def _secret_keys() -> frozenset[str]:
     """The config keys declared secret in the schema (``rima_core.config.secret_keys``)."""
-    from rima_core.config import secret_keys
 
     return secret_keys()
 

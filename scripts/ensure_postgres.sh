@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make sure a PostgreSQL server binary is installed for tests/test_postgres.py (the tests start
+# Make sure a PostgreSQL server binary is installed for tests/e2e/test_postgres.py (the tests start
 # and stop their own server on 127.0.0.1 in a temporary data directory; nothing is left running).
 # As root on Debian/Ubuntu it installs the `postgresql` package when initdb is missing; otherwise
 # it only reports. In CI (CI=true) the PostgreSQL tests fail when no server can be started.
@@ -18,6 +18,6 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   (command -v pg_ctlcluster >/dev/null && service postgresql stop >/dev/null 2>&1) || true
   echo "PostgreSQL: $("$(find_initdb)" --version)"
 else
-  echo "PostgreSQL not installed (apt-get install -y postgresql): tests/test_postgres.py will" \
+  echo "PostgreSQL not installed (apt-get install -y postgresql): tests/e2e/test_postgres.py will" \
     "skip, or fail under CI=true" >&2
 fi

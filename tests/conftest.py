@@ -7,6 +7,10 @@
 - MLflow isolation: :func:`clear_mlflow_env` / :func:`mlflow_free_env` (the one place that
   decides which variables a test must not inherit), and the ``cfg`` fixture, a config on a
   fresh MLflow store (``tests.servers.mlflow_test_config`` for other scopes).
+- Tiers, one folder each, the folder's name its marker: ``unit`` (one module's behaviour on
+  small data it makes itself), ``contracts`` (files, orchestrators and docs agree with the code
+  and with each other), ``e2e`` (steps, servers and pipelines run for real); so
+  ``pytest tests/unit`` or ``-m unit`` runs one tier. ``slow`` is written on each heavy test.
 - Markers derived from the code (:func:`pytest_collection_modifyitems`): ``servers`` on a test
   that starts a server, itself or through a fixture, ``kfp`` on the Kubeflow tests; so
   ``pytest -m "not slow and not servers and not kfp"`` runs the fast core; ``trains`` on a
@@ -96,8 +100,15 @@ def _calls(item: pytest.Item, calls: tuple[str, ...]) -> bool:
     return any(c in _source(f) for f in funcs if f is not None for c in calls)
 
 
+TIERS = ("unit", "contracts", "e2e")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
+        tier = Path(str(item.fspath)).parent.name
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: a test lives in one of tests/{TIERS}")
+        item.add_marker(getattr(pytest.mark, tier))
         if _calls(item, SERVER_CALLS):
             item.add_marker(pytest.mark.servers)
         if item.module.__name__.rpartition(".")[2].startswith("test_kfp") or _calls(

@@ -3,8 +3,8 @@
 ``docs/parameters.md`` (the parameter reference).
 
 ``python -m rima_core.config.reference --write`` rewrites the three files; ``--check`` exits 1
-naming the ones that differ (tests/test_config_reference.py runs the same comparison), so a help
-text, range or default is written once, in :mod:`rima_core.config.schema`.
+naming the ones that differ (tests/contracts/test_config_reference.py runs the same comparison), so
+a help text, range or default is written once, in :mod:`rima_core.config.schema`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from rima_core.atomic import write_text
 from rima_core.config.checks import JsonSchema
 from rima_core.config.loading import load_config
 from rima_core.config.schema import Config, sections
@@ -250,7 +251,6 @@ def stale(root: Path = ROOT) -> list[str]:
 
 def write(root: Path = ROOT) -> list[str]:
     """Rewrite the rendered files that differ (each atomically); returns their paths."""
-    from rima_core.atomic import write_text
 
     changed = stale(root)
     texts = rendered(root)

@@ -46,14 +46,22 @@ from rima_core.config.scenarios import MAIN_SCENARIOS, MEAN_SCENARIO, SWEPT_FAMI
 
 
 def setting(
-    default: Any, check: Check | None = None, help: str = "", *, secret: bool = False
+    default: Any,
+    check: Check | None = None,
+    help: str = "",
+    *,
+    secret: bool = False,
+    tunes: str | None = None,
+    scale: str = "log",
 ) -> Any:
     """A config key: its default, the check its value must pass at load (``None``: the type
     alone), its help text, and whether it can carry a credential (a URL with
     ``user:password@``, a presigned query): every serialisation of a config (MLflow params, the
     logged model's config.json, ``rima params show``) masks a secret key by construction through
-    :mod:`rima_core.redact`, and ``python -m pipelines compile`` refuses it."""
-    meta = {"check": check, "help": help, "secret": secret}
+    :mod:`rima_core.redact`, and ``python -m pipelines compile`` refuses it. ``tunes`` marks a
+    search range: the ``section.key`` tuning samples in it, on a ``log`` or ``linear`` scale
+    (rima_core.runs.tune_study reads the tuned parameters from here)."""
+    meta = {"check": check, "help": help, "secret": secret, "tunes": tunes, "scale": scale}
     if isinstance(default, list | dict):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -61,7 +69,7 @@ def setting(
 
 # --- names checked here that other modules own -----------------------------------------------
 # Copies of names whose source of truth lives in a heavier module (torch models, sklearn
-# metrics): tests/test_config_validation.py checks them against it.
+# metrics): tests/unit/test_config_validation.py checks them against it.
 ENCODERS_2D = ("small_cnn2d", "res2net50")
 ENCODERS_3D = ("small_cnn3d", "resnet10_3d")
 OT_TARGETS = ("barycentric", "sample")
@@ -247,7 +255,7 @@ class PrepareConfig:
         False, help="quarantine unreadable cases (listed in the report) instead of stopping"
     )
     # rima_core.core.data.types.ReadLimits has the same names and defaults
-    # (tests/test_security_data.py fails if they disagree). Sizes are refused, not truncated.
+    # (tests/e2e/test_security_data.py fails if they disagree). Sizes are refused, not truncated.
     max_file_bytes: int = setting(
         1 << 30, integer(1), "decompressed bytes of one npz / NIfTI file (zip bombs)"
     )
@@ -463,22 +471,39 @@ class TuneConfig:
     pruner_warmup_epochs: int = setting(
         1, integer(0), "MedianPruner: nor before a trial has trained this many epochs"
     )
+    # The search ranges, in the order trials sample them (changing it changes the sampled
+    # values). Named *_range so tune.lr_range (where to search) is never mistaken for train.lr.
     gw_epsilon_range: list[float] = setting(
-        [1e-3, 5e-2], increasing_pair(POSITIVE), "search range of ot.gw_epsilon, log scale"
+        [1e-3, 5e-2],
+        increasing_pair(POSITIVE),
+        "search range of ot.gw_epsilon, log scale",
+        tunes="ot.gw_epsilon",
     )
     feature_epsilon_range: list[float] = setting(
-        [1e-3, 5e-2], increasing_pair(POSITIVE), "search range of ot.feature_epsilon, log scale"
+        [1e-3, 5e-2],
+        increasing_pair(POSITIVE),
+        "search range of ot.feature_epsilon, log scale",
+        tunes="ot.feature_epsilon",
     )
     loss_weight_range: list[float] = setting(
-        [0.05, 2.0], increasing_pair(POSITIVE), "search range of ot.loss_weight, log scale"
+        [0.05, 2.0],
+        increasing_pair(POSITIVE),
+        "search range of ot.loss_weight, log scale",
+        tunes="ot.loss_weight",
     )
     lr_range: list[float] = setting(
-        [2e-4, 3e-3], increasing_pair(POSITIVE), "search range of train.lr, log scale"
+        [2e-4, 3e-3],
+        increasing_pair(POSITIVE),
+        "search range of train.lr, log scale",
+        tunes="train.lr",
     )
+    # a share in [0, 1] where 0 itself is a setting (the paper's coupling): linear; null = off
     pairing_mix_range: list[float] | None = setting(
         [0.0, 1.0],
         optional(increasing_pair(FRACTION)),
         "search range of ot.pairing_mix, linear scale; null = not searched",
+        tunes="ot.pairing_mix",
+        scale="linear",
     )
 
 
@@ -613,6 +638,16 @@ def key_field(dotted: str) -> tuple[dataclasses.Field[Any], Any]:
     if key not in fields:
         raise KeyError(f"{dotted!r} is not a section.key of the config schema")
     return fields[key], typing.get_type_hints(cls)[key]
+
+
+def tuned_parameters() -> dict[str, tuple[str, str]]:
+    """``section.key`` tuning searches -> (its range key in ``tune:``, ``log``/``linear``), in
+    the order trials sample them."""
+    return {
+        f.metadata["tunes"]: (dotted.split(".")[1], f.metadata["scale"])
+        for dotted, f in keys()
+        if f.metadata.get("tunes")
+    }
 
 
 # The load-time value rules, section.key -> check, derived from the fields.

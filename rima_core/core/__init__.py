@@ -4,5 +4,5 @@ transport (``ot``), the networks (``models``), metrics, augmentation, and the da
 
 Layers, lowest first: ``config``/``atomic``/``progress``/``redact`` (shared utilities) <
 ``core`` < ``tracking`` < ``runs`` < ``ops`` < ``pipeline``; a module imports only from its own
-layer or lower ones (tests/test_layers.py).
+layer or lower ones (tests/contracts/test_layers.py).
 """

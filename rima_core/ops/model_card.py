@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from rima_core.config import Config
+from rima_core.ops.serving import model_file
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +160,6 @@ def _with_ci(scores: pd.DataFrame, split: str, scenario: str, metric: str) -> st
 
 def _spec(model_dir: Path) -> dict[str, Any]:
     import torch
-
-    from rima_core.ops.serving import model_file
 
     blob = torch.load(model_file(model_dir), map_location="cpu", weights_only=True)
     return dict(blob.get("spec", {})) if isinstance(blob, dict) else {}

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,7 @@ from rima_core.ops.registry_tags import (  # noqa: F401
     version_description,
     version_metric,
 )
+from rima_core.redact import redact_text
 from rima_core.tracking import mlflow_runs as tracking
 
 log = logging.getLogger(__name__)
@@ -142,11 +144,8 @@ def verify_version(name: str, mv: Any) -> str | None:
     """Why version ``mv`` of ``name`` could not be served, or None: its files are downloaded
     (as ``models:/NAME@champion`` would be) and, when the version records the weights' sha256,
     its ``model.pt`` must have that hash."""
-    import tempfile
 
     import mlflow
-
-    from rima_core.redact import redact_text
 
     with tempfile.TemporaryDirectory(prefix="rima-verify-") as tmp:
         try:
@@ -250,7 +249,6 @@ def _record_decision(
     """Act on a decided (not dry-run) ``result``: move ``@champion`` when it says promote, then
     tag the challenger with the decision, put it in the version's description and log it as a
     ``promote`` run, so the registry itself says why a version serves or does not."""
-    from rima_core.redact import redact_text
 
     promote_it, reason = result["decision"] == "promote", result["reason"]
     decision = "promoted" if promote_it else "refused"

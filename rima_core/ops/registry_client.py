@@ -9,8 +9,10 @@ PostgreSQL, none for an MLflow server), not on what is registered or promoted un
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,14 +44,11 @@ def registry_lock(cfg: Config, name: str) -> Iterator[str]:
     uri = tracking.tracking_uri(cfg.mlflow)
     scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
     if scheme == "sqlite":
-        import fcntl
-
         db = tracking.sqlite_path(uri)
         if db is None:  # in-memory: one process
             yield "none"
             return
         # in the temp folder (SQLite is one machine's), keyed by the database: no file to ignore
-        import tempfile
 
         key = hashlib.sha256(f"{db.resolve()}\0{name}".encode()).hexdigest()[:24]
         lock = Path(tempfile.gettempdir()) / f"rima-registry-{key}.lock"

@@ -17,11 +17,20 @@ import json
 import logging
 import math
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
 
 from rima_core.config import Config
-from rima_core.core.metrics import LOWER_IS_BETTER
+from rima_core.core.metrics import (
+    BOOT_METRICS,
+    LOWER_IS_BETTER,
+    metric_range,
+    paired_bootstrap_difference,
+)
 from rima_core.ops.registry_tags import RegistryError, read_metrics
 
 # the registry's logger: these lines are the registry's, as before this module was split from it
@@ -160,7 +169,6 @@ def _selection_from_tags(tags: dict[str, str], who: str) -> tuple[dict[str, Any]
 
 def _check_value(metric: str, value: Any) -> str | None:
     """Why ``value`` is not a usable ``metric`` value (None when it is)."""
-    from rima_core.core.metrics import metric_range
 
     if value is None:
         return "null"
@@ -280,7 +288,6 @@ def portable_artifact_uri(uri: str) -> str:
     (a tag written before the workspace moved); any other URI as it is."""
     if not uri.startswith("file://"):
         return uri
-    from urllib.parse import unquote, urlsplit
 
     if Path(unquote(urlsplit(uri).path)).exists():
         return uri
@@ -297,11 +304,6 @@ def significance(
     (``evaluate.bootstrap``, ``evaluate.bootstrap_seed``, ``evaluate.ci_level``); the gain counts
     only when its whole interval is above 0. Different eyes or labels: not comparable.
     """
-    import tempfile
-
-    import numpy as np
-
-    from rima_core.core.metrics import BOOT_METRICS, paired_bootstrap_difference
 
     p, ev = cfg.promote, cfg.evaluate
     if p.metric not in BOOT_METRICS:

@@ -13,6 +13,7 @@ outputs on disk, promotion only the registry.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -41,7 +42,6 @@ log = logging.getLogger("rima_core.ops.registry")
 
 def model_sha256(model_dir: str | Path) -> str:
     """Content hash of the trained weights file: what ties a registry version to its training."""
-    import hashlib
 
     from rima_core.ops.serving import model_file
 

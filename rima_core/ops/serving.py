@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Sequence
@@ -35,6 +36,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from rima_core.atomic import atomic_file
 
 # What a request may ask for and how a cell is decoded have a module of their own; every public
 # name stays importable from here (re-exported: hence the noqa).
@@ -55,6 +58,7 @@ from rima_core.ops.serving_inputs import (  # noqa: F401
     decode,
     is_missing,
 )
+from rima_core.redact import redact_config  # the served config holds no credentials
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +268,6 @@ def _one_line_invocations(original: Any) -> Any:
 def install_one_line_replies() -> bool:
     """Wrap the scoring server's request handler (when this process is one: ``mlflow models
     serve`` imports it before loading the model); True when it is wrapped now or already was."""
-    import sys
 
     server = sys.modules.get("mlflow.pyfunc.scoring_server")
     handler = getattr(server, "invocations", None)
@@ -426,7 +429,6 @@ def log_pyfunc(model_dir: str | Path, cfg: Any, name: str = "model") -> Any:
     with tempfile.TemporaryDirectory(prefix="rima-pyfunc-") as tmp:
         tmp_path = Path(tmp)
         (tmp_path / "class_names.json").write_text(json.dumps(class_names))
-        from rima_core.redact import redact_config  # the served config holds no credentials
 
         config = redact_config(cfg.to_dict())
         (tmp_path / "config.json").write_text(json.dumps(config, indent=2, default=str))
@@ -467,7 +469,6 @@ def predict_files(model_uri: str, input_path: str | Path, out: str | Path) -> di
     are not capped (they are graded batch by batch). The output (CSV or Parquet by suffix) is
     written atomically.
     """
-    from rima_core.atomic import atomic_file
 
     input_path, out = Path(input_path), Path(out)
     try:

@@ -23,6 +23,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rima_core.core.data import safe_read
+from rima_core.core.data.pixels import as_fundus, as_oct
+from rima_core.core.data.safe_read import (
+    UnsafeInputError,
+    npz_keys,
+    read_image,
+    read_nifti,
+    read_npz,
+)
+from rima_core.core.data.sources.fairvision import FUNDUS_KEY, OCT_KEY
+from rima_core.core.data.sources.gamma import bscan_files
+from rima_core.core.data.sources.rima_folders import NIFTI_TO_DHW
+from rima_core.core.data.types import CaseError, ReadLimits
+
 # the serving logger: these lines are the server's, as before this module was split from it
 log = logging.getLogger("rima_core.ops.serving")
 
@@ -178,7 +192,6 @@ def _inside(path: Path, policy: InputPolicy) -> Path:
 
 def _npz_array(path: Path, key: str, max_bytes: int, root: Path | None = None) -> np.ndarray:
     """The ``key`` array of a FairVision-style npz, or its only image-like array."""
-    from rima_core.core.data.safe_read import npz_keys, read_npz
 
     keys = npz_keys(path, root=root)
     if key in keys:
@@ -193,8 +206,6 @@ def _npz_array(path: Path, key: str, max_bytes: int, root: Path | None = None) -
 
 def _read_file(path: Path, modality: str, policy: InputPolicy) -> np.ndarray:
     """One fundus/OCT file (or B-scan folder) through the restricted readers, within limits."""
-    from rima_core.core.data import safe_read
-    from rima_core.core.data.sources.fairvision import FUNDUS_KEY, OCT_KEY
 
     limit = policy.limits.of(modality)
     max_bytes = limit * 8  # float64 data of the largest allowed image
@@ -224,8 +235,6 @@ def _read_file(path: Path, modality: str, policy: InputPolicy) -> np.ndarray:
 
 def _nifti_dhw(path: Path, limit: int, max_bytes: int, root: Path | None = None) -> np.ndarray:
     """A NIfTI volume in the D×H×W order ``prepare`` uses for the RIMA folders."""
-    from rima_core.core.data.safe_read import read_nifti
-    from rima_core.core.data.sources.rima_folders import NIFTI_TO_DHW
 
     data = read_nifti(path, max_bytes=max_bytes, max_voxels=limit, root=root)
     while data.ndim > 3 and data.shape[-1] == 1:
@@ -235,8 +244,6 @@ def _nifti_dhw(path: Path, limit: int, max_bytes: int, root: Path | None = None)
 
 def _bscan_folder(folder: Path, limit: int, policy: InputPolicy) -> np.ndarray:
     """A GAMMA-style folder of ``<n>_image.jpg`` B-scans; each file must pass ``_inside`` too."""
-    from rima_core.core.data.safe_read import read_image
-    from rima_core.core.data.sources.gamma import bscan_files
 
     scans, total = [], 0
     root = None if policy.any_path else policy.file_root
@@ -299,9 +306,6 @@ def decode(
     min-max scaled): the same ``as_fundus`` / ``as_oct`` checks reject a wrong rank here as in
     ``prepare``. File paths are read only as ``policy`` allows (default: :meth:`InputPolicy.local`).
     """
-    from rima_core.core.data.pixels import as_fundus, as_oct
-    from rima_core.core.data.safe_read import UnsafeInputError
-    from rima_core.core.data.types import CaseError
 
     policy = policy or InputPolicy.local()
     if is_missing(value):
@@ -340,7 +344,6 @@ def decode(
 def _check_shape(arr: np.ndarray, modality: str, row: str) -> None:
     """The minimum sizes ``prepare`` applies (``prepare.min_fundus_size`` / ``min_oct_size``):
     an eye the store would refuse is not graded either."""
-    from rima_core.core.data.types import ReadLimits
 
     limits = ReadLimits()
     if modality == "fundus" and min(arr.shape[:2]) < limits.min_fundus_size:

@@ -15,16 +15,21 @@ overrides. Explicit path options win over the paths in params. Errors that are t
 from __future__ import annotations
 
 import argparse
+import difflib
+import errno
 import functools
 import logging
+import os
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from rima_core import __version__
 from rima_core.config import Config, ConfigError
 from rima_core.core.data.types import CaseError, SourceError
-from rima_core.pipeline import step_registry
+from rima_core.pipeline import step_registry, steps
 from rima_core.pipeline.commands import (
     HANDLERS,
     ExitStatus,
@@ -61,7 +66,6 @@ def _run_step(entry: step_registry.Step, args: argparse.Namespace) -> Any:
     **options)``,
     each of the step's options passed under its ``dest``. This is what lets a new step get its
     command from its row of the step table alone."""
-    from rima_core.pipeline import steps
 
     options = {option.dest: getattr(args, option.dest) for option in entry.options}
     return getattr(steps, entry.function)(cfg=config_from_args(args), **options)
@@ -144,7 +148,6 @@ class _Parser(argparse.ArgumentParser):
 
 def _hint(message: str, command: str) -> str:
     """A "did you mean" for argparse's invalid-choice and unrecognized-arguments errors."""
-    import difflib
 
     choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
     if choice:
@@ -175,7 +178,6 @@ def _hint(message: str, command: str) -> str:
 def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """A top-level parser with ``--version``/``--verbose`` and this CLI's help formatting, for
     ``rima`` and for command lines built on it outside the library (``python -m pipelines``)."""
-    from rima_core import __version__
 
     parser = _Parser(prog=prog, description=description)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -241,8 +243,6 @@ def _quiet_libraries(verbose: bool = False) -> None:
     several times. An explicit MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR wins. Without -v, MLflow's
     own INFO log lines (rima logs what it did) and :data:`NOISY_WARNINGS` are off; an explicit
     MLFLOW_LOGGING_LEVEL wins."""
-    import os
-    import warnings
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     warnings.formatwarning = _one_line_warning  # type: ignore[assignment]
@@ -290,7 +290,6 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
 
 def _os_error_line(exc: OSError) -> str:
     """One line for an OSError: what failed, on which file, and why (no traceback)."""
-    import errno
 
     reason = exc.strerror or str(exc) or type(exc).__name__
     where = f" ({exc.filename})" if exc.filename else ""

@@ -9,13 +9,22 @@ handlers only turn options into a :mod:`rima_core.pipeline.steps` call.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from rima_core.config import Config, ConfigError, load_config, load_yaml
+import yaml
+
+from rima_core.atomic import write_text
+from rima_core.config import Config, ConfigError, load_config, load_yaml, with_values
+from rima_core.core.data.types import printable
+from rima_core.ops.registry import RegistryError, format_table
+from rima_core.pipeline import repro, steps
 from rima_core.redact import redact_config
+from rima_core.runs.tune import TuneError
 
 log = logging.getLogger("rima")
 
@@ -75,7 +84,6 @@ def summary_line(result: Any, limit: int = 200) -> str:
 
 
 def _cmd_synth(args: argparse.Namespace) -> Any:
-    from rima_core.pipeline import steps
 
     cfg = config_from_args(args)
     if args.n_eyes is not None:
@@ -86,8 +94,6 @@ def _cmd_synth(args: argparse.Namespace) -> Any:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> Any:
-    from rima_core.config import with_values
-    from rima_core.pipeline import steps
 
     cfg = config_from_args(args)
     if args.source is not None:
@@ -108,13 +114,11 @@ def _cmd_prepare(args: argparse.Namespace) -> Any:
         )
     except (PermissionError, IsADirectoryError, NotADirectoryError, UnicodeError) as exc:
         # a source tree we may not read (or name) is the user's problem: one line, exit 2
-        from rima_core.core.data.types import printable
 
         raise StepFailed(f"prepare: {printable(exc)}") from exc
 
 
 def _cmd_validate(args: argparse.Namespace) -> Any:
-    from rima_core.pipeline import steps
 
     cfg = config_from_args(args)
     result = steps.validate(
@@ -127,7 +131,6 @@ def _cmd_validate(args: argparse.Namespace) -> Any:
 
 
 def _cmd_simulate_missing(args: argparse.Namespace) -> Any:
-    from rima_core.pipeline import steps
 
     cfg = config_from_args(args)
     return steps.simulate_missing(
@@ -139,9 +142,7 @@ def _cmd_simulate_missing(args: argparse.Namespace) -> Any:
 
 
 def _cmd_train(args: argparse.Namespace) -> Any:
-    from pathlib import Path
 
-    from rima_core.pipeline import steps
     from rima_core.runs.engine import EngineError
 
     cfg = config_from_args(args)
@@ -165,7 +166,6 @@ def _cmd_train(args: argparse.Namespace) -> Any:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> Any:
-    from rima_core.pipeline import steps
     from rima_core.runs.engine import EngineError
 
     cfg = config_from_args(args)
@@ -186,8 +186,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> Any:
 
 
 def _cmd_tune(args: argparse.Namespace) -> Any:
-    from rima_core.pipeline import steps
-    from rima_core.runs.tune import TuneError
 
     cfg = config_from_args(args)
     try:
@@ -223,7 +221,6 @@ def _dvc_value(value: Any) -> str:
 
 
 def _cmd_params(args: argparse.Namespace) -> Any:
-    import yaml
 
     if args.params_command == "show":
         # credentials masked: this output ends up in terminals, CI logs and bug reports
@@ -233,7 +230,6 @@ def _cmd_params(args: argparse.Namespace) -> Any:
         return None
     # overrides: the profile's keys as `dvc exp run` arguments, one per line
     load_config(None, args.profile_file)  # schema check: a typo fails here, not in a stage
-    from pathlib import Path
 
     raw = load_yaml(Path(args.profile_file).read_text()) or {}
     for key, value in _flatten(raw).items():
@@ -261,16 +257,12 @@ def _registry_errors() -> tuple[type[Exception], ...]:
     """User-facing registry/serving errors, imported only when a registry command runs."""
     from mlflow.exceptions import MlflowException
 
-    from rima_core.ops.registry import RegistryError
     from rima_core.ops.serving import InputError
 
     return (RegistryError, InputError, MlflowException)
 
 
 def _cmd_register(args: argparse.Namespace) -> Any:
-    from pathlib import Path
-
-    from rima_core.pipeline import steps
 
     cfg = config_from_args(args)
     store = args.store or cfg.prepare.store_dir
@@ -295,9 +287,6 @@ def _write_receipt(path: str, model_name: str, model_dir: Any, metrics: Any) -> 
     """What was registered, without what differs between runs (version, run ids): the model
     name and the digests of the model file and the metrics. The DVC output of the register
     stage, so a rerun with the same model leaves dvc.lock unchanged."""
-    import hashlib
-
-    from rima_core.atomic import write_text
 
     def sha256(file: Any) -> str:
         return hashlib.sha256(file.read_bytes()).hexdigest()
@@ -311,8 +300,6 @@ def _write_receipt(path: str, model_name: str, model_dir: Any, metrics: Any) -> 
 
 
 def _cmd_promote(args: argparse.Namespace) -> Any:
-    from rima_core.ops.registry import format_table
-    from rima_core.pipeline import steps
 
     cfg = config_from_args(args)
     try:
@@ -327,7 +314,6 @@ def _cmd_promote(args: argparse.Namespace) -> Any:
 
 
 def _cmd_predict(args: argparse.Namespace) -> Any:
-    from rima_core.pipeline import steps
 
     cfg = config_from_args(args)
     model = args.model or f"models:/{cfg.mlflow.model_name}@champion"
@@ -346,9 +332,6 @@ class ExitStatus(int):
 
 
 def _cmd_check_repro(args: argparse.Namespace) -> Any:
-    from pathlib import Path
-
-    from rima_core.pipeline import repro
 
     cfg = config_from_args(args)
     report = repro.check(Path.cwd(), cfg, rev=args.rev)

@@ -4,7 +4,7 @@ Each entry point runs a step's ``rima`` command (:data:`rima_core.pipeline.step_
 ``mlproject`` entry, ``mlproject_parameters`` and ``command``), plus the entry points that run no
 single step (:data:`rima_core.pipeline.step_registry.MLPROJECT_ONLY_ENTRIES`). Writing the file
 from the table means a new step gets its entry point without anyone editing ``MLproject``;
-tests/test_step_registry.py fails when the checked-in file differs from :func:`render`::
+tests/contracts/test_step_registry.py fails when the checked-in file differs from :func:`render`::
 
     python -m rima_core.pipeline.mlproject_file           # rewrite MLproject
     python -m rima_core.pipeline.mlproject_file --check   # exit 1 if it is out of date
@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from rima_core.atomic import write_text
 from rima_core.pipeline import step_registry
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if current == text:
         log.info("%s unchanged", args.out)
         return 0
-    from rima_core.atomic import write_text
 
     write_text(args.out, text)
     log.info("wrote %s", args.out)

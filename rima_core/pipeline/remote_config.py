@@ -4,7 +4,7 @@ A Kubeflow run carries ``params.yaml`` and the profile as text (the pod has no c
 knobs a run most often changes as typed parameters. :data:`RUN_PARAMETERS` is the one list of
 those parameters: the pipeline's signature, the ``resolve-config`` component's signature, the
 compiler's argument values and the table in docs/kubernetes.md follow it (the literal
-signatures KFP reads are checked against it by tests/test_kfp_parameters.py). The
+signatures KFP reads are checked against it by tests/contracts/test_kfp_parameters.py). The
 ``resolve-config`` task turns them into one resolved config file that every later task reads,
 so a typo fails in the first task with the schema's message. Imports neither kfp nor mlflow
 (it runs in every pod).

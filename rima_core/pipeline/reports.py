@@ -17,6 +17,16 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from rima_core.tracking.headline import eval_headline, train_headline
+from rima_core.tracking.metric_names import (
+    data_stat,
+    part,
+    scored_numbers,
+    train_stat,
+    tune_stat,
+    validation_numbers,
+)
+
 log = logging.getLogger(__name__)
 
 
@@ -69,8 +79,6 @@ def train_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
     """Training: ``train/best_epoch``, ``train/epochs_run`` and the selected epoch's
     validation numbers (``val/mean/qwk``, ``val/complete/qwk`` ...)."""
     from rima_core.core.data.masks import selection_scenarios
-    from rima_core.tracking.headline import train_headline
-    from rima_core.tracking.metric_names import train_stat, validation_numbers
 
     scenarios = selection_scenarios(summary.get("selection_scenario") or "mean")
     best = summary.get("best_val_metrics") or {}
@@ -89,8 +97,6 @@ def eval_metrics(
     """Evaluation (``metrics.json`` of ``split``): the MLflow numbers of each main scenario
     (``test/complete/qwk`` ...) and the headline's equity number."""
     from rima_core.core.data.masks import MAIN_SCENARIOS
-    from rima_core.tracking.headline import eval_headline
-    from rima_core.tracking.metric_names import scored_numbers
 
     names = ("qwk", "auc", "accuracy", "balanced_accuracy", "ece", "nll")
     return finite_numbers(
@@ -103,7 +109,6 @@ def eval_metrics(
 
 def tune_metrics(result: Mapping[str, Any]) -> dict[str, float]:
     """Tuning: the study's counts and best value (``tune/n_complete``, ``tune/best_value``)."""
-    from rima_core.tracking.metric_names import tune_stat
 
     keys = ("best_value", "n_complete", "n_pruned", "n_failed", "n_trials", "budget_trials")
     return finite_numbers({tune_stat(k): result.get(k) for k in keys if k in result})
@@ -112,7 +117,6 @@ def tune_metrics(result: Mapping[str, Any]) -> dict[str, float]:
 def mask_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
     """The masks: ``data/n_rows`` and, per scenario, ``data/<scenario>/<stat>`` (realised
     missing rates over the eyes with both modalities)."""
-    from rima_core.tracking.metric_names import data_stat, part
 
     out: dict[str, Any] = {data_stat("n_rows"): summary.get("n_rows")}
     for scenario, stats in (summary.get("rates") or {}).items():

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from rima_core.config import Config
 from rima_core.tracking.metric_names import scored
 
@@ -140,7 +142,6 @@ def _cache_path(root: Path, md5: str) -> Path | None:
 
 
 def _lock_stages(text: bytes | str) -> dict[str, Any]:
-    import yaml
 
     data = yaml.safe_load(text) or {}
     return data.get("stages", {}) if isinstance(data, dict) else {}

@@ -12,12 +12,12 @@ the others are made from it rather than written beside it:
 - each Kubeflow task's caching, retries, resources, accelerator, credentials, display name and
   deadline (:mod:`components.tasks` pairs them with the component functions).
 
-``dvc.yaml`` stays written by hand, so DVC users read a plain file; tests/test_step_registry.py
-diffs its stage names and commands against :attr:`Step.dvc_stage` and :attr:`Step.dvc_args`. Every
-deliberate exception (a step an orchestrator does not run, a task or entry point that is no step) is
-stated here with its reason, and nowhere else. Adding a step: its function in
-``rima_core.pipeline.steps``, an entry in :data:`STEPS`, and its test (docs/pipeline.md, "Adding a
-step").
+``dvc.yaml`` stays written by hand, so DVC users read a plain file;
+tests/contracts/test_step_registry.py diffs its stage names and commands against
+:attr:`Step.dvc_stage` and :attr:`Step.dvc_args`. Every deliberate exception (a step an orchestrator
+does not run, a task or entry point that is no step) is stated here with its reason, and nowhere
+else. Adding a step: its function in ``rima_core.pipeline.steps``, an entry in :data:`STEPS`, and
+its test (docs/pipeline.md, "Adding a step").
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rima_core.config import registered_plugins
 from rima_core.core.data.sources import ALIASES, SOURCES
 from rima_core.core.data.sources.fairvision import DISEASES
 from rima_core.pipeline.remote_config import OPTUNA_STORAGE_ENV
@@ -71,7 +72,6 @@ class Option:
 def source_name(text: str) -> str:
     """``--source``: a built-in source (or alias), ``auto``, a ``rima.sources`` entry-point
     name, or a dotted module path listed in ``data.plugins`` (checked once params are read)."""
-    from rima_core.config import registered_plugins
 
     if text == "auto" or "." in text or text.lower() in SOURCES or text.lower() in ALIASES:
         return text

@@ -9,11 +9,24 @@ expectations) happen inside the functions so ``rima --help`` stays fast.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
-from rima_core.config import Config
+from rima_core.atomic import write_text
+from rima_core.config import Config, ConfigError, with_values
+from rima_core.ops.registry import log_trained_model, skipped_promotion
+from rima_core.ops.registry import promote as _promote
+from rima_core.ops.registry import register as _register
+from rima_core.runs.tune import tune as _tune
+from rima_core.tracking import mlflow_runs as tracking
+from rima_core.tracking.metric_names import (
+    epoch_metrics,
+    legacy_history,
+    selection_scenario_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +79,6 @@ def apply_best_params(cfg: Config, best_params: str | Path) -> Config:
     The tuning step writes dotted ``section.key`` names; a ``{"params": {...}}`` wrapper is
     accepted too. Unknown keys are errors, so a renamed parameter is never silently ignored.
     """
-    import json
-
-    from rima_core.config import ConfigError, with_values
 
     path = Path(best_params)
     try:
@@ -108,8 +118,6 @@ def train(
     out = Path(out_dir)
     if not track:
         return _train(Path(store), Path(masks), out, cfg, resume=resume)
-    from rima_core.ops.registry import log_trained_model
-    from rima_core.tracking import mlflow_runs as tracking
 
     run_id, tags = _train_run(out, cfg, resume)
     with tracking.start_run(
@@ -135,7 +143,6 @@ MLFLOW_RUN_FILE = "mlflow_run.json"
 
 def read_run_file(out_dir: str | Path) -> str | None:
     """The MLflow run id recorded in ``out_dir``, or None (none recorded, or unreadable)."""
-    import json
 
     path = Path(out_dir) / MLFLOW_RUN_FILE
     try:
@@ -149,9 +156,6 @@ def read_run_file(out_dir: str | Path) -> str | None:
 
 
 def write_run_file(out_dir: str | Path, run_id: str) -> None:
-    import json
-
-    from rima_core.atomic import write_text
 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     write_text(Path(out_dir) / MLFLOW_RUN_FILE, json.dumps({"run_id": run_id}) + "\n")
@@ -165,9 +169,6 @@ def _train_run(out: Path, cfg: Config, resume: bool) -> tuple[str | None, dict[s
     ends a run without ending it), so it is marked KILLED and linked from the new run. Under
     ``mlflow run`` (``MLFLOW_RUN_ID``) the project's run is used as it is.
     """
-    import os
-
-    from rima_core.tracking import mlflow_runs as tracking
 
     tags: dict[str, Any] = {"model": cfg.model.name}
     previous = read_run_file(out)
@@ -193,11 +194,6 @@ def _backfill_epochs(history_csv: Path, run_id: str, cfg: Config) -> None:
     import pandas as pd
 
     from rima_core.core.data.masks import MAIN_SCENARIOS, selection_scenarios
-    from rima_core.tracking.metric_names import (
-        epoch_metrics,
-        legacy_history,
-        selection_scenario_name,
-    )
 
     if not history_csv.is_file():
         return
@@ -214,7 +210,6 @@ def _backfill_epochs(history_csv: Path, run_id: str, cfg: Config) -> None:
         return
     probe = next(iter(picked[0]))
     logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, probe)}
-    from rima_core.tracking import mlflow_runs as tracking
 
     for row, metrics in zip(rows, picked, strict=True):
         epoch = int(row["epoch"])
@@ -236,7 +231,6 @@ def evaluate(
 
     if not track:
         return _evaluate(Path(model), Path(store), Path(masks), Path(out_dir), cfg)
-    from rima_core.tracking import mlflow_runs as tracking
 
     tags = {}
     run_id = read_run_file(Path(model).parent)
@@ -258,7 +252,6 @@ def check_evaluate_inputs(
     model trained for other classes/sizes — before any MLflow run is opened, so a typo in a path
     never leaves a FAILED evaluation run behind. (The same checks as the top of
     :func:`rima_core.runs.evaluate.evaluate`, which repeats them for its direct callers.)"""
-    from rima_core.core.data import open_store
     from rima_core.core.data.masks import load_masks
     from rima_core.core.models import load_model
     from rima_core.runs.engine import EngineError, resolve_device
@@ -267,6 +260,9 @@ def check_evaluate_inputs(
     model, store = Path(model), Path(store)
     if not model.is_file():
         raise FileNotFoundError(f"{model}: no model file (run `rima train` first)")
+
+    from rima_core.core.data import open_store  # lazy: the store needs pandas and pyarrow
+
     st = open_store(store)
     try:
         mask_df = load_masks(masks)
@@ -297,7 +293,6 @@ def tune(
     track: bool = True,
 ) -> dict[str, Any]:
     """Optuna search (or its continuation); writes ``best_params.json`` for :func:`train`."""
-    from rima_core.runs.tune import tune as _tune
 
     return _tune(
         store,
@@ -315,10 +310,6 @@ def tune(
 
 def _write_json(out: str | Path | None, result: dict[str, Any]) -> None:
     if out is not None:
-        import json
-
-        from rima_core.atomic import write_text
-
         write_text(out, json.dumps(result, indent=2, default=str) + "\n")
 
 
@@ -331,7 +322,6 @@ def register(
 ) -> dict[str, Any]:
     """Register ``model_dir/model.pt`` as a new version of ``cfg.mlflow.model_name`` tagged with
     the evaluation ``metrics`` JSON, aliased ``challenger``; the summary also goes to ``out``."""
-    from rima_core.ops.registry import register as _register
 
     tags = {}
     run_id = read_run_file(model_dir)
@@ -357,10 +347,6 @@ def promote(
     registered, the decision is "skip" (recorded, not an error), so a pipeline that runs
     register then promote does not fail on a model the gate refused.
     """
-    import json
-
-    from rima_core.ops.registry import promote as _promote
-    from rima_core.ops.registry import skipped_promotion
 
     summary = json.loads(Path(after).read_text()) if after is not None else None
     if summary is not None and not summary.get("registered", False):
@@ -376,7 +362,6 @@ def promote(
 def predict(model: str, input_path: str | Path, out: str | Path, cfg: Config) -> dict[str, Any]:
     """Batch prediction from a CSV/Parquet table of image paths with a registered model URI."""
     from rima_core.ops.serving import predict_files
-    from rima_core.tracking import mlflow_runs as tracking
 
     tracking.use_store(cfg.mlflow)  # models:/ URIs resolve against the project's registry
     return predict_files(model, input_path, out)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from rima_core.core.metrics import ECE_BINS, expected_calibration_error
+from rima_core.core.models.common import Inputs, check_inputs
 from rima_core.core.models.postprocess import PATTERNS
 
 log = logging.getLogger(__name__)
@@ -274,7 +275,6 @@ def calibrate_paths(
     """
     import torch
 
-    from rima_core.core.models.common import Inputs, check_inputs
     from rima_core.runs.engine import autocast, eval_mode, to_device
 
     if not hasattr(model, "complete_eye_log_probs"):

@@ -31,6 +31,9 @@ import pandas as pd
 import torch
 from torch import nn
 
+from rima_core.core import ot
+from rima_core.core.metrics import classification_metrics
+
 log = logging.getLogger(__name__)
 
 __all__ = ["alignment_diagnostics", "encode_split", "supports_diagnostics"]
@@ -89,7 +92,6 @@ def _probe(train_x: np.ndarray, train_y: np.ndarray) -> Any:
 
 
 def _qwk(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
-    from rima_core.core.metrics import classification_metrics
 
     proba = np.eye(n_classes)[pred]
     return float(classification_metrics(y, proba)["qwk"])
@@ -106,7 +108,6 @@ def _centred_cosine(pred: np.ndarray, real: np.ndarray) -> float:
 def _gw_concentration(
     f: np.ndarray, o: np.ndarray, y: np.ndarray, epsilon: float, max_eyes: int
 ) -> tuple[float, float]:
-    from rima_core.core import ot
 
     n = min(len(y), max_eyes)
     T, _ = ot.labeled_gw(

@@ -38,8 +38,11 @@ import pandas as pd
 
 from rima_core.atomic import atomic_dir
 from rima_core.config import Config, ConfigError, Scenario
+from rima_core.core.data import open_store
+from rima_core.core.data.dataset import EyeDataset, make_loader
 from rima_core.core.data.masks import MAIN_SCENARIOS, load_masks
 from rima_core.core.metrics import bootstrap_scores, classification_metrics, metric_key
+from rima_core.core.models import load_model
 from rima_core.runs.calibration import calibration_report
 from rima_core.runs.engine import (
     EngineError,
@@ -63,6 +66,7 @@ from rima_core.runs.equity import (  # noqa: F401
 from rima_core.runs.figures import PLOT_METRICS, write_eval_figures  # noqa: F401
 from rima_core.runs.plots import PLOTS_DIR, write_eval_plots
 from rima_core.runs.train import check_scenario
+from rima_core.tracking import mlflow_runs as tracking
 from rima_core.tracking.headline import HEADLINE_FILE, eval_headline, write_headline
 from rima_core.tracking.metric_names import scored_numbers
 
@@ -166,7 +170,6 @@ def _predict_scenario(
 ) -> Predictions:
     """Predict every eye of ``split`` under ``scenario``, in a fixed order (no shuffling), so
     that the predictions line up with the store's rows."""
-    from rima_core.core.data.dataset import EyeDataset, make_loader
 
     ds = EyeDataset(store, mask_df, split, scenario)
     loader = make_loader(
@@ -265,8 +268,6 @@ def _load_inputs(
 ) -> tuple[Any, Any, Any, pd.DataFrame, Any, Any]:
     """Check the settings and inputs, then load them: ``(model, spec, store, masks, device,
     dtype)``. Every refusal comes before a prediction is made."""
-    from rima_core.core.data import open_store
-    from rima_core.core.models import load_model
 
     if not model_path.exists():
         raise FileNotFoundError(f"{model_path}: no model (run `rima train` first)")
@@ -466,7 +467,6 @@ def _eval_summary(
 def _log_evaluation(result: _Evaluation, out_dir: Path) -> None:
     """MLflow gets the headline numbers of both scored splits; every scenario x every metric
     (the sweep included) is one table, beside the files of ``out_dir``."""
-    from rima_core.tracking import mlflow_runs as tracking
 
     test, val = result.test, result.val
     split, sel_split = test["split"], val["split"]

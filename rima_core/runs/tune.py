@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 from rima_core.config import Config, ConfigError
 from rima_core.progress import mode as progress_mode
+from rima_core.redact import install_log_redaction
 
 # The study's rules and its reports have modules of their own; every public name stays
 # importable from here (re-exported: hence the noqa).
@@ -87,6 +88,7 @@ from rima_core.runs.tune_study import (  # noqa: F401
     study_numbers,
     trial_config,
 )
+from rima_core.tracking import mlflow_runs as tracking
 from rima_core.tracking.metric_names import tune_stat
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -155,7 +157,6 @@ def _objective(job: _Job) -> Any:
     import optuna
 
     from rima_core.runs.train import train
-    from rima_core.tracking import mlflow_runs as tracking
 
     space = search_space(job.cfg.tune)
     metric = job.cfg.tune.metric
@@ -230,7 +231,6 @@ def run_worker(job: _Job) -> None:
     logging.basicConfig(
         level=job.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from rima_core.redact import install_log_redaction
 
     install_log_redaction()  # a spawned worker's own handlers: no password in its log lines
     _quiet_optuna(job.log_level)
@@ -282,7 +282,6 @@ def _study_run(cfg: Config, track: bool, store: str, tags: dict[str, Any]) -> It
     if not track:
         yield None
         return
-    from rima_core.tracking import mlflow_runs as tracking
 
     with tracking.start_run(cfg, "tune", store=store, tags=tags) as run:
         yield run.info.run_id
@@ -378,8 +377,6 @@ def tune(
     ``workers`` > 1 runs that many processes on the one study (each with a share of the cores).
     """
     import optuna
-
-    from rima_core.tracking import mlflow_runs as tracking
 
     cfg = _with_budget(cfg, workers, n_trials, timeout_s, storage)
     tc = cfg.tune

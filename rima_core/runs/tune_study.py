@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rima_core.config import Config, ConfigError, TuneConfig, with_values
+from rima_core.config.schema import tuned_parameters
+from rima_core.core.metrics import LOWER_IS_BETTER
 from rima_core.tracking.metric_names import scored, tune_stat
+from rima_core.tracking.mlflow_runs import in_workspace
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
@@ -26,21 +29,11 @@ if TYPE_CHECKING:  # pragma: no cover
 # --- search space and configs ------------------------------------------------------------------
 
 
-# Tuned parameter (``section.key`` in the config) -> its search range in TuneConfig. The ranges
-# are named ``*_range`` so ``tune.lr_range`` (where to search) cannot be mistaken for ``train.lr``
-# (the value trained with).
-TUNED: dict[str, str] = {
-    "ot.gw_epsilon": "gw_epsilon_range",
-    "ot.feature_epsilon": "feature_epsilon_range",
-    "ot.loss_weight": "loss_weight_range",
-    "train.lr": "lr_range",
-    "ot.pairing_mix": "pairing_mix_range",
-}
-
-
-# Searched on a linear scale (a share in [0, 1], where 0 itself is a setting: the paper's
-# coupling); every other name on a log scale. A linear name's range may be null: not searched.
-LINEAR = frozenset({"ot.pairing_mix"})
+# Tuned parameter (``section.key`` in the config) -> its search range in TuneConfig, and the
+# names searched on a linear scale (a linear name's range may be null: not searched); both read
+# from the schema, where each ``tune.*_range`` key says what it tunes and on which scale.
+TUNED: dict[str, str] = {name: key for name, (key, _) in tuned_parameters().items()}
+LINEAR = frozenset(name for name, (_, scale) in tuned_parameters().items() if scale == "linear")
 
 
 # tune.* keys that set the budget or the plumbing, not what a trial measures: changing them
@@ -111,7 +104,6 @@ def trial_config(cfg: Config, params: Mapping[str, float]) -> Config:
 
 
 def study_direction(metric: str) -> str:
-    from rima_core.core.metrics import LOWER_IS_BETTER
 
     return "minimize" if metric in LOWER_IS_BETTER else "maximize"
 
@@ -153,8 +145,6 @@ def make_storage(url: str) -> optuna.storages.RDBStorage:
     generous lock timeout so several local worker processes can share one file."""
     import optuna
     from sqlalchemy.engine import make_url
-
-    from rima_core.tracking.mlflow_runs import in_workspace
 
     # a relative SQLite file is the workspace's, also in a DVC temp experiment (reports keep the
     # URL as configured, so they do not depend on where the checkout lives)

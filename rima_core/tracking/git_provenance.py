@@ -11,9 +11,12 @@ recorded as params, so none of them may mark a run dirty; that rule needs ``dvc.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 
 def _git(*args: str, cwd: Path | None = None) -> str | None:
@@ -37,9 +40,6 @@ _NOT_CODE_FILES = ("dvc.lock", "params.yaml", ".dvcignore")
 def _dvc_outputs(root: Path) -> set[str]:
     """Paths ``dvc.yaml`` declares as stage outputs (outs/metrics/plots) or draws in its top-level
     ``plots:``, relative to ``root``; ``${section.key}`` resolved from ``params.yaml``."""
-    import re
-
-    import yaml
 
     def load(name: str) -> dict[str, Any]:
         try:

@@ -1,8 +1,8 @@
 """The few numbers DVC shows: one small ``headline.json`` per stage that has results.
 
-``dvc metrics show`` and ``dvc exp show`` print every number of every metrics file as a column,
-so the metrics files DVC reads hold numbers only and only the headline, at most
-:data:`MAX_NUMBERS` in all (tests/test_dvc_pipeline.py counts them on the pipeline's output):
+``dvc metrics show`` and ``dvc exp show`` print every number of every metrics file as a column, so
+the metrics files DVC reads hold numbers only and only the headline, at most :data:`MAX_NUMBERS` in
+all (tests/contracts/test_dvc_pipeline.py counts them on the pipeline's output):
 
 - evaluation: QWK and ECE under each main scenario, AUC and the lowest equity-scaled AUC over
   the attributes under the promotion scenario (``promote.scenario``): 10 numbers, however many
@@ -42,7 +42,8 @@ PROMOTION_METRICS = ("auc",)
 # promotion scenario (metrics.json); the headline holds their minimum, ES_AUC_MIN.
 ES_AUC_PREFIX = "es_auc/"
 ES_AUC_MIN = "es_auc_min"
-# What `dvc metrics show` may print across all headline files (tests/test_dvc_pipeline.py).
+# What `dvc metrics show` may print across all headline files
+# (tests/contracts/test_dvc_pipeline.py).
 MAX_NUMBERS = 15
 
 

@@ -16,10 +16,10 @@ the same way, so a run can be compared across DVC, MLflow, the model card and Ku
   trial's run logs its value as ``tune/objective``.
 - ``data/<stat>`` for counts of the data steps (Kubeflow's mask statistics).
 
-A distillation's teacher stage logs its epochs under the same names behind ``teacher/``.
-Everything is lower case and slash-separated; :data:`NAME_RE` is the scheme as a regular
-expression (tests/test_metric_names.py checks every producer against it). The bare metric names
-of the configuration (``train.selection_metric: qwk``, ``promote.metric``) stay bare: they name a
+A distillation's teacher stage logs its epochs under the same names behind ``teacher/``. Everything
+is lower case and slash-separated; :data:`NAME_RE` is the scheme as a regular expression
+(tests/contracts/test_metric_names.py checks every producer against it). The bare metric names of
+the configuration (``train.selection_metric: qwk``, ``promote.metric``) stay bare: they name a
 metric, not a reported number.
 
 Files written by older versions used other names (``val_qwk``, ``val_complete_qwk``,

@@ -17,7 +17,9 @@ import contextlib
 import json
 import logging
 import os
+import sqlite3
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +29,7 @@ from rima_core.redact import redact_config, redact_text, remember_config_secrets
 
 # What counts as uncommitted code has a module of its own; its names stay importable from here
 from rima_core.tracking.git_provenance import _git, dirty_code_files
+from rima_core.tracking.mlproject import run_name
 
 if TYPE_CHECKING:  # pragma: no cover
     import mlflow
@@ -161,7 +164,6 @@ def relocate_artifacts(uri: str) -> dict[str, str]:
     location column. Explicit ``artifact_location`` settings (any other folder name, ``s3://``)
     are never touched. Returns ``{old_root: new_root}`` for what was rewritten.
     """
-    import sqlite3
 
     db = sqlite_path(uri)
     if db is None or not db.is_file():
@@ -330,7 +332,6 @@ def log_dataset(store: str | Path, context: str) -> str | None:
     digest = manifest_hash(store)
     if mlflow is None or digest is None:
         return None
-    import warnings
 
     import mlflow.data
     import pandas as pd
@@ -434,8 +435,6 @@ def _project_run_name(cfg: Config, step: str) -> str:
     if not project:
         return step
     import mlflow
-
-    from rima_core.tracking.mlproject import run_name
 
     profile = mlflow.MlflowClient().get_run(project).data.params.get("profile")
     return run_name(step, profile, cfg.runtime.seed)

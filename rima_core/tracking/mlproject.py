@@ -23,6 +23,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from rima_core.config import load_config
+
 ROOT = Path(__file__).resolve().parents[2]  # the project, from rima_core/<layer>/
 
 
@@ -62,7 +64,6 @@ def _parameters(argv: Sequence[str]) -> tuple[str, dict[str, list[str]], set[str
 def mlflow_run_args(argv: Sequence[str], project: str | Path = ROOT) -> list[str]:
     """The ``mlflow run`` command for ``argv`` (its options and ``-P`` parameters), with the
     experiment and run name of the effective configuration added where not given."""
-    from rima_core.config import load_config
 
     entry, params, options = _parameters(argv)
     project = Path(project)

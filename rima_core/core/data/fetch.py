@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
+from rima_core.atomic import atomic_dir
 from rima_core.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -22,7 +26,6 @@ def progress_callback(what: str, every_s: float = 10.0) -> Any:
     """An fsspec callback that logs a download's progress (files done of total) at most every
     ``every_s`` seconds and at the end: a few lines per step in a pod's log, not one per file
     (fsspec is imported lazily, hence the class inside)."""
-    import time
 
     from fsspec.callbacks import Callback
 
@@ -56,10 +59,6 @@ def fetch_tree(uri: str, out: str | Path) -> dict[str, Any]:
     ``dvc repro`` reads, use :func:`fetch_dvc`. The copy is atomic: a failed download leaves no
     half tree that ``prepare`` would read.
     """
-    import shutil
-    from urllib.parse import urlparse
-
-    from rima_core.atomic import atomic_dir
 
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
@@ -106,8 +105,6 @@ def fetch_dvc(repo: str, path: str, out: str | Path, rev: str = "") -> dict[str,
     does not track, or a remote that lacks the data, is an error, and nothing is written.
     """
     from dvc.api import DVCFileSystem
-
-    from rima_core.atomic import atomic_dir
 
     where = f"{repo}@{rev or 'HEAD'}:{path}"
     fs = DVCFileSystem(repo, rev=rev or None)

@@ -20,7 +20,7 @@ How it is computed (``method``):
   interval under the independent truncated-normal posteriors of ``s`` and ``u`` on [0, 1]: the
   CDF of ``s`` in closed form, ``u`` integrated on a fixed grid of :data:`GRID` midpoints
   (deterministic; error far below the Monte-Carlo noise of the check below).
-* ``"mc"``: the generic estimator, for a check (tests/test_oracle.py: it agrees with both): a
+* ``"mc"``: the generic estimator, for a check (tests/unit/test_oracle.py: it agrees with both): a
   fixed-seed sample of ``mc_draws`` latents per grade from the grade-conditional prior (the
   generator's own sampler), likelihoods averaged in log space (log-sum-exp), in chunks of eyes.
 

@@ -13,443 +13,80 @@ limits (:class:`~rima_core.core.data.types.ReadLimits`, installed in every worke
 while decoding one case is that case's failure (reported, or quarantined with ``--skip-bad``), never
 a traceback. Workers die with the parent (``PR_SET_PDEATHSIG`` plus a parent-pid watchdog), and the
 temporary store of a killed run is removed by the next run (:mod:`rima_core.atomic`).
+
+Layout: this module is the step (scan, write, split, manifest, summary); one case's conversion is
+in :mod:`rima_core.core.data.prepare_cases`, the worker pool in
+:mod:`rima_core.core.data.prepare_workers`, resizing in :mod:`rima_core.core.data.resize` and the
+split arithmetic in :mod:`rima_core.core.data.splits`. Their public names stay importable from
+here.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
-import multiprocessing
-import os
-import signal
-import sys
-import threading
-import time
-from collections import Counter, deque
-from collections.abc import Collection, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Collection, Sequence
 from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from rima_core.atomic import atomic_dir
 from rima_core.config import ConfigError, PrepareConfig
-from rima_core.core.data.store import StoreWriter, rows_per_batch, split_counts, write_manifest
+from rima_core.core.data.prepare_cases import (
+    _Failed,
+    _first_path,
+    _printable_path,
+    _Row,
+    _Task,
+    check_raw_case,
+    limits_of,
+    resolve_source,
+)
+from rima_core.core.data.prepare_workers import _decode_all
+from rima_core.core.data.resize import resize_fundus, resize_oct
+from rima_core.core.data.sources import ScanResult, detect_source
+from rima_core.core.data.splits import (
+    PATIENT_ID_ATTRIBUTES,
+    _check_fractions,
+    grouped_stratified_split,
+    patient_ids,
+    stratified_split,
+)
+from rima_core.core.data.store import StoreWriter, split_counts, write_manifest
 from rima_core.core.data.types import (
-    SPLITS,
     CaseError,
     CaseRef,
-    RawCase,
     ReadLimits,
     SourceError,
-    is_utf8,
     printable,
-    set_read_limits,
     using_read_limits,
 )
 from rima_core.progress import progress as tqdm
 
-if TYPE_CHECKING:
-    from rima_core.core.data.sources import ScanResult
+# Names kept importable from here: serving, the benchmarks and the tests import them from this
+# module (the step's one public entry), wherever they are defined.
+__all__ = [
+    "PATIENT_ID_ATTRIBUTES",
+    "QUARANTINE_FILE",
+    "_Row",
+    "_assign_splits",
+    "check_raw_case",
+    "grouped_stratified_split",
+    "limits_of",
+    "patient_ids",
+    "prepare_store",
+    "resize_fundus",
+    "resize_oct",
+    "resolve_source",
+    "stratified_split",
+]
 
 log = logging.getLogger(__name__)
 
 QUARANTINE_FILE = "quarantine.json"
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-_WATCHDOG_PERIOD_S = 1.0
-
-
-# --- resizing ------------------------------------------------------------------------------------
-
-
-def resize_fundus(image: np.ndarray, size: int) -> np.ndarray:
-    """H×W or H×W×3 uint8 -> size×size×3 uint8 (grey replicated: the model takes 3 channels).
-
-    PIL's bilinear filter widens its support when shrinking, so a 2000-px fundus reduced to 64 px
-    is area-averaged rather than aliased.
-    """
-    from PIL import Image
-
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[..., 0]
-    if image.shape[:2] == (size, size):
-        out = image
-    else:
-        mode = "L" if image.ndim == 2 else "RGB"
-        pil = Image.fromarray(np.ascontiguousarray(image), mode=mode)
-        out = np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR))
-    if out.ndim == 2:
-        out = np.repeat(out[..., None], 3, axis=2)
-    return np.ascontiguousarray(out, dtype=np.uint8)
-
-
-def resize_oct(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """D×H×W uint8 -> ``shape`` uint8.
-
-    Axes that shrink are area-averaged (adaptive average pooling) and axes that grow are then
-    interpolated trilinearly: plain trilinear sampling from 200 to 32 slices would read one slice
-    in six and alias the retinal layers.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    target = tuple(int(s) for s in shape)
-    if tuple(volume.shape) == target:
-        return np.ascontiguousarray(volume, dtype=np.uint8)
-    x = torch.from_numpy(np.ascontiguousarray(volume)).to(torch.float32)[None, None]
-    shrunk = tuple(min(s, t) for s, t in zip(volume.shape, target, strict=True))
-    if shrunk != tuple(volume.shape):
-        x = F.adaptive_avg_pool3d(x, shrunk)
-    if shrunk != target:
-        x = F.interpolate(x, size=target, mode="trilinear", align_corners=False)
-    return x[0, 0].round_().clamp_(0, 255).to(torch.uint8).numpy()
-
-
-# --- decoding (runs in worker processes) ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Task:
-    source: str
-    ref: CaseRef
-    disease: str | None
-    n_classes: int
-    fundus_size: int
-    oct_shape: tuple[int, int, int]
-    limits: ReadLimits = field(default_factory=ReadLimits)
-
-
-@dataclass
-class _Decoded:
-    case_id: str
-    label: int
-    split: str | None
-    fundus: np.ndarray | None
-    oct: np.ndarray | None
-    attributes: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class _Row:
-    """What the manifest keeps of a decoded case once its pixels are written."""
-
-    case_id: str
-    label: int
-    split: str | None
-    has_fundus: bool
-    has_oct: bool
-    attributes: dict[str, Any]
-
-    @classmethod
-    def of(cls, d: _Decoded) -> _Row:
-        return cls(
-            d.case_id, d.label, d.split, d.fundus is not None, d.oct is not None, d.attributes
-        )
-
-
-@dataclass
-class _Failed:
-    case_id: str
-    path: str | None
-    reason: str
-
-    def error(self) -> CaseError:
-        return CaseError(self.case_id, self.reason, self.path)
-
-
-def resolve_source(name: str, plugins: Collection[str] | None = None) -> ModuleType:
-    """A built-in source name (``fairvision``, ``gamma``, ``rima`` or an alias) or a plug-in.
-
-    A plug-in (a dotted module path with ``scan`` and ``load``, or a ``rima.sources`` entry-point
-    name) lets a group add its own export format without editing this package; with
-    ``plugins`` (``data.plugins``) an unregistered one is refused before it is imported
-    (:func:`rima_core.core.data.sources.load_plugin`). Configuration values (params, ``--set``,
-    ``--source``, Kubeflow parameters) are checked against the registry before they get here.
-    """
-    from rima_core.core.data.sources import ALIASES, SOURCES, get_source, load_plugin
-
-    if name.lower() in SOURCES or name.lower() in ALIASES:
-        return get_source(name)
-    return load_plugin(name, plugins)
-
-
-def _first_path(ref: CaseRef) -> str | None:
-    return next(iter(ref.paths.values()), None) if ref.paths else None
-
-
-def limits_of(cfg: PrepareConfig) -> ReadLimits:
-    """The ``prepare.max_*`` / ``prepare.min_*`` settings as loader limits (validated)."""
-    values = {
-        name: getattr(cfg, name, getattr(ReadLimits, name))
-        for name in ReadLimits.__dataclass_fields__
-    }
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"prepare.{name} must be a positive integer, got {value!r}")
-    return ReadLimits(**values)
-
-
-def _ref_problem(ref: CaseRef) -> str | None:
-    """Why a scanned case is bad before any pixel is read (None when it is not)."""
-    if ref.problem:
-        return ref.problem
-    names = [ref.case_id, *ref.paths.values()]
-    if not all(is_utf8(n) for n in names):
-        return "file or folder name is not valid UTF-8; rename it"
-    return None
-
-
-def check_raw_case(
-    raw: RawCase, ref: CaseRef, n_classes: int, limits: ReadLimits | None = None
-) -> None:
-    """Reject a decoded case the store cannot hold, naming the reason (raises CaseError).
-
-    ``limits`` adds the size rules: a fundus side below ``min_fundus_size``, an OCT axis below
-    ``min_oct_size`` (a 1×1×1 "volume") or above ``max_volume_voxels`` voxels is refused.
-    """
-    limits = limits or ReadLimits()
-    path = _first_path(ref)
-    if raw.case_id != ref.case_id:
-        raise CaseError(ref.case_id, f"loader returned case id {raw.case_id!r}", path)
-    if raw.fundus is None and raw.oct is None:
-        raise CaseError(ref.case_id, "eye has neither a fundus image nor an OCT volume", path)
-    if isinstance(raw.label, bool) or not isinstance(raw.label, int | np.integer):
-        raise CaseError(ref.case_id, f"label {raw.label!r} is not an integer", path)
-    if not 0 <= int(raw.label) < n_classes:
-        raise CaseError(ref.case_id, f"label {raw.label} outside [0, {n_classes})", path)
-    split = raw.split if raw.split is not None else ref.split
-    if split is not None and split not in SPLITS:
-        raise CaseError(ref.case_id, f"split {split!r} is not one of {SPLITS}", path)
-    for name, arr, ranks in (("fundus", raw.fundus, (2, 3)), ("OCT volume", raw.oct, (3,))):
-        if arr is None:
-            continue
-        if arr.ndim not in ranks:
-            raise CaseError(ref.case_id, f"{name} has rank {arr.ndim} (shape {arr.shape})", path)
-        if arr.dtype != np.uint8:
-            raise CaseError(ref.case_id, f"{name} has dtype {arr.dtype}, expected uint8", path)
-        if min(arr.shape) == 0:
-            raise CaseError(ref.case_id, f"{name} has an empty axis (shape {arr.shape})", path)
-    if raw.fundus is not None:
-        side = min(raw.fundus.shape[:2])
-        if side < limits.min_fundus_size:
-            raise CaseError(
-                ref.case_id,
-                f"fundus of shape {raw.fundus.shape} is below the minimum side of "
-                f"{limits.min_fundus_size} (prepare.min_fundus_size)",
-                path,
-            )
-        if raw.fundus.shape[0] * raw.fundus.shape[1] > limits.max_image_pixels:
-            raise CaseError(ref.case_id, "fundus is over prepare.max_image_pixels", path)
-    if raw.oct is not None:
-        if raw.oct.ndim == 3 and min(raw.oct.shape) < limits.min_oct_size:
-            raise CaseError(
-                ref.case_id,
-                f"OCT volume of shape {raw.oct.shape} is below the minimum axis of "
-                f"{limits.min_oct_size} (prepare.min_oct_size)",
-                path,
-            )
-        if raw.oct.size > limits.max_volume_voxels:
-            raise CaseError(ref.case_id, "OCT volume is over prepare.max_volume_voxels", path)
-    if raw.fundus is not None and raw.fundus.ndim == 3 and raw.fundus.shape[2] not in (1, 3):
-        raise CaseError(
-            ref.case_id, f"fundus has {raw.fundus.shape[2]} channels, expected 1 or 3", path
-        )
-
-
-def _decode(task: _Task) -> _Decoded | _Failed:
-    """Load, check and resize one case; errors come back as values so the parent decides."""
-    ref = task.ref
-    problem = _ref_problem(ref)
-    if problem is not None:
-        return _Failed(printable(ref.case_id), _printable_path(_first_path(ref)), problem)
-    try:
-        with using_read_limits(task.limits):
-            raw = resolve_source(task.source).load(ref, task.disease)
-        check_raw_case(raw, ref, task.n_classes, task.limits)
-        fundus = None if raw.fundus is None else resize_fundus(raw.fundus, task.fundus_size)
-        oct = None if raw.oct is None else resize_oct(raw.oct, task.oct_shape)
-    except CaseError as exc:
-        return _Failed(exc.case_id, exc.path or _printable_path(_first_path(ref)), exc.reason)
-    except Exception as exc:  # untrusted bytes: any failure is this case's, never a traceback
-        log.debug("case %s failed", printable(ref.case_id), exc_info=True)
-        reason = printable(f"unreadable: {type(exc).__name__}: {exc}")
-        return _Failed(printable(ref.case_id), _printable_path(_first_path(ref)), reason)
-    split = raw.split if raw.split is not None else ref.split
-    # attribute strings come from the files: keep them writable as UTF-8 (Parquet)
-    attrs = {
-        printable(k): printable(v) if isinstance(v, str) else v for k, v in raw.attributes.items()
-    }
-    return _Decoded(ref.case_id, int(raw.label), split, fundus, oct, attrs)
-
-
-def _printable_path(path: str | None) -> str | None:
-    return None if path is None else printable(path)
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Make this worker exit when ``parent_pid`` does, even if the parent is SIGKILLed.
-
-    Linux: the kernel sends SIGKILL on the parent's death (``PR_SET_PDEATHSIG``). Everywhere
-    (and in case the parent died before prctl ran, or the signal is lost because the creating
-    thread exited first): a daemon thread polls the parent pid and exits the process.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):  # no libc with prctl: the watchdog still works
-            log.debug("prctl(PR_SET_PDEATHSIG) unavailable", exc_info=True)
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-    def watch() -> None:
-        while True:
-            time.sleep(_WATCHDOG_PERIOD_S)
-            if os.getppid() != parent_pid:
-                os._exit(1)
-
-    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
-
-
-def _worker_init(parent_pid: int, limits: ReadLimits) -> None:
-    _die_with_parent(parent_pid)
-    set_read_limits(limits)
-    # One intra-op thread per worker: the pool already uses every core it was given.
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def _decode_all(tasks: Sequence[_Task], workers: int) -> Iterator[_Decoded | _Failed]:
-    """Yield results in task order, keeping at most a few batches of resized eyes in flight."""
-    if workers <= 1 or len(tasks) <= 1:
-        for task in tasks:
-            yield _decode(task)
-        return
-    task0 = tasks[0]
-    in_flight = 2 * rows_per_batch((task0.fundus_size,) * 2 + (3,), task0.oct_shape)
-    in_flight = max(4 * workers, min(in_flight, 1024))
-    # spawn, not fork: the parent may hold torch/OpenMP threads, which a forked child inherits
-    # in a locked state.
-    ctx = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(
-        max_workers=min(workers, len(tasks)),
-        mp_context=ctx,
-        initializer=_worker_init,
-        initargs=(os.getpid(), task0.limits),
-    )
-    pending: deque[tuple[_Task, Future]] = deque()
-    it: Iterable[_Task] = iter(tasks)
-    try:
-        for task in it:
-            pending.append((task, pool.submit(_decode, task)))
-            if len(pending) >= in_flight:
-                break
-        while pending:
-            task, future = pending.popleft()
-            try:
-                result = future.result()
-            except BrokenProcessPool as exc:
-                raise SourceError(
-                    "a prepare worker process died (killed, or out of memory) while decoding "
-                    f"case {printable(task.ref.case_id)} or one near it; lower prepare.workers "
-                    "or prepare.max_file_bytes"
-                ) from exc
-            nxt = next(it, None)  # type: ignore[call-overload]
-            if nxt is not None:
-                pending.append((nxt, pool.submit(_decode, nxt)))
-            yield result
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-# --- splitting -----------------------------------------------------------------------------------
-
-
-def _check_fractions(fractions: Sequence[float]) -> np.ndarray:
-    f = np.asarray(fractions, dtype=np.float64)
-    if f.shape != (3,) or (f < 0).any() or abs(f.sum() - 1.0) > 1e-6:
-        raise ConfigError(
-            f"prepare.split_fractions must be three non-negative numbers (train, val, test) "
-            f"summing to 1, got {list(fractions)}"
-        )
-    return f
-
-
-def _allocate(n: int, fractions: np.ndarray) -> np.ndarray:
-    """Split ``n`` eyes by ``fractions`` (largest remainder), giving every non-empty split at
-    least one eye when there are enough, so small classes still reach val and test."""
-    exact = fractions * n
-    counts = np.floor(exact).astype(int)
-    order = np.argsort(-(exact - counts), kind="stable")
-    counts[order[: n - counts.sum()]] += 1
-    wanted = fractions > 0
-    if n >= wanted.sum():
-        for s in np.flatnonzero(wanted & (counts == 0)):
-            counts[int(np.argmax(counts))] -= 1
-            counts[s] = 1
-    return counts
-
-
-def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: int) -> list[str]:
-    """Seeded per-class split into train/val/test (row order in, split name per row out)."""
-    f = _check_fractions(fractions)
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    out = np.empty(len(labels), dtype=object)
-    for cls in np.unique(labels):
-        rows = rng.permutation(np.flatnonzero(labels == cls))
-        counts = _allocate(len(rows), f)
-        bounds = np.cumsum(counts)[:-1]
-        for name, part in zip(SPLITS, np.split(rows, bounds), strict=True):
-            out[part] = name
-    return out.tolist()
-
-
-# Source attribute names (case-insensitive) that identify the patient an eye belongs to. When a
-# source has one, prepare splits by patient, so both eyes of a patient land in the same split (an
-# eye's fellow eye in the test split would leak the patient's disease into selection/testing).
-PATIENT_ID_ATTRIBUTES = frozenset(
-    {"patient_id", "patientid", "patient", "pid", "subject_id", "subjectid", "subject"}
-)
-
-
-def patient_ids(attributes: Sequence[dict[str, Any]]) -> list[str | None] | None:
-    """Per case, the value of its patient-id attribute (:data:`PATIENT_ID_ATTRIBUTES`); None for
-    a case without one, and None overall when no case has any."""
-    out: list[str | None] = []
-    for attrs in attributes:
-        key = next((k for k in attrs if str(k).lower() in PATIENT_ID_ATTRIBUTES), None)
-        value = None if key is None else attrs[key]
-        missing = value is None or (isinstance(value, float) and np.isnan(value))
-        out.append(None if missing or str(value).strip() == "" else str(value))
-    return out if any(v is not None for v in out) else None
-
-
-def grouped_stratified_split(
-    labels: Sequence[int], groups: Sequence[str | None], fractions: Sequence[float], seed: int
-) -> list[str]:
-    """Seeded split of whole patients: every eye of a group gets its group's split.
-
-    Patients are stratified by their most severe label (the highest class index of their eyes);
-    an eye with no group is a patient of its own. Eye counts per split then follow the fractions
-    up to the size of one patient.
-    """
-    labels = np.asarray(labels)
-    keys = [g if g is not None else f"\0eye{i}" for i, g in enumerate(groups)]
-    order = list(dict.fromkeys(keys))  # first appearance: stable across runs
-    index = {k: i for i, k in enumerate(order)}
-    member = np.array([index[k] for k in keys])
-    group_label = np.full(len(order), -1)
-    np.maximum.at(group_label, member, labels)
-    group_split = np.asarray(stratified_split(group_label.tolist(), fractions, seed), dtype=object)
-    return group_split[member].tolist()
 
 
 # --- manifest ------------------------------------------------------------------------------------
@@ -514,8 +151,6 @@ def _scan(
     the loader name the workers resolve (a plug-in is vetted here, before any file is read)."""
     with using_read_limits(limits):
         if source == "auto":
-            from rima_core.core.data.sources import detect_source
-
             source = detect_source(input_dir)
         module = resolve_source(source, plugins)
         scan = module.scan(input_dir, disease)

@@ -13,11 +13,15 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from rima_core.core.data import safe_read
 from rima_core.core.data.types import CaseError, CaseRef, SourceError, read_limits
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -140,20 +144,31 @@ def read_onehot_sheet(
     a repeated id) is recorded there (id -> reason) instead of raising, so ``prepare
     --skip-bad`` can quarantine that eye and keep the others; a repeated id keeps no label.
     """
-    import pandas as pd
+    df = _load_sheet(path)
+    id_col, cols, names = _sheet_columns(df, path, id_column, class_columns)
+    labels = _sheet_labels(df, path, id_col, cols, case_name, bad)
+    if not labels and not (bad or {}):
+        raise SourceError(f"{path}: the label sheet has no rows")
+    return names, labels
 
-    def row_problem(case_int: int, reason: str) -> None:
-        if bad is None:
-            raise CaseError(case_name(case_int), reason, str(path))
-        bad.setdefault(case_int, reason)
+
+def _load_sheet(path: Path) -> pd.DataFrame:
+    """The first sheet of the workbook at ``path``, every failure a :class:`SourceError`."""
+    import pandas as pd
 
     try:
         with safe_read.open_regular(path) as fh:  # a FIFO named like the sheet must not hang
-            df = pd.read_excel(fh, engine="openpyxl")
+            return pd.read_excel(fh, engine="openpyxl")
     except safe_read.UnsafeInputError as exc:
         raise SourceError(f"{exc}") from exc
     except Exception as exc:  # openpyxl raises a zoo of types for broken workbooks
         raise SourceError(f"{path}: cannot read the label sheet: {exc}") from exc
+
+
+def _sheet_columns(
+    df: pd.DataFrame, path: Path, id_column: str, class_columns: list[str] | None
+) -> tuple[Any, list[Any], list[str]]:
+    """The sheet's id column, its one-hot class columns and the class names they stand for."""
     norm = {c: re.sub(r"[\s\-]+", "_", str(c).strip().lower()) for c in df.columns}
     by_norm = {v: k for k, v in norm.items()}
     if id_column not in by_norm:
@@ -174,6 +189,26 @@ def read_onehot_sheet(
         names = [str(c).strip() for c in cols]
         if len(cols) < 2:
             raise SourceError(f"{path}: need at least two one-hot class columns after '{id_col}'")
+    return id_col, cols, names
+
+
+def _sheet_labels(
+    df: pd.DataFrame,
+    path: Path,
+    id_col: Any,
+    cols: list[Any],
+    case_name: Callable[[int], str],
+    bad: dict[int, str] | None,
+) -> dict[int, int]:
+    """id -> grade of every well-formed row; a row wrong on its own raises, or with ``bad``
+    is recorded there (see :func:`read_onehot_sheet`)."""
+    import pandas as pd
+
+    def row_problem(case_int: int, reason: str) -> None:
+        if bad is None:
+            raise CaseError(case_name(case_int), reason, str(path))
+        bad.setdefault(case_int, reason)
+
     labels: dict[int, int] = {}
     seen: set[int] = set()
     for row_no, (raw_id, values) in enumerate(
@@ -200,6 +235,4 @@ def read_onehot_sheet(
             row_problem(case_int, f"label row {list(values)} has no unique maximum (row {row_no})")
             continue
         labels[case_int] = int(vec.argmax())
-    if not labels and not (bad or {}):
-        raise SourceError(f"{path}: the label sheet has no rows")
-    return names, labels
+    return labels
