@@ -37,6 +37,7 @@ from rima_core.config.scenarios import (
     MEAN_SCENARIO,
     SWEPT_FAMILIES,
     Scenario,
+    is_sweep,
     scenario_names,
 )
 from rima_core.config.schema import (
@@ -70,6 +71,7 @@ from rima_core.config.schema import (
     registered_plugins,
     secret_keys,
     setting,
+    source_refusal,
 )
 
 __all__ = [
@@ -79,7 +81,7 @@ __all__ = [
     "ConfigError", "DataConfig", "EvaluateConfig", "MissingConfig", "MlflowConfig", "ModelConfig",
     "OTConfig", "PrepareConfig", "PromoteConfig", "ReproConfig", "RuntimeConfig", "Scenario",
     "StrictLoader", "SynthConfig", "TrainConfig", "TuneConfig", "ValidateConfig",
-    "config_from_dict", "deep_merge", "did_you_mean", "load_config", "load_yaml",
+    "config_from_dict", "deep_merge", "did_you_mean", "is_sweep", "load_config", "load_yaml",
     "parse_override", "refuse_moved", "registered_plugins", "scenario_names", "secret_keys",
-    "setting", "validate_config", "with_values", "yaml_error",
+    "setting", "source_refusal", "validate_config", "with_values", "yaml_error",
 ]  # fmt: skip

@@ -19,14 +19,7 @@ import yaml
 
 from rima_core.config.checks import ConfigError, did_you_mean
 from rima_core.config.scenarios import MEAN_SCENARIO, scenario_names
-from rima_core.config.schema import (
-    PLUGIN_SOURCE,
-    RULES,
-    SOURCE_ENTRY_POINTS,
-    SOURCE_NAMES,
-    Config,
-    registered_plugins,
-)
+from rima_core.config.schema import RULES, Config, source_refusal
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -266,16 +259,8 @@ def with_values(cfg: Config, values: dict[str, Any], where: str) -> Config:
 
 def _source_registered(cfg: Config) -> tuple[str, str] | None:
     """A dotted ``data.source`` must be registered: listed in data.plugins or an entry point."""
-    source = cfg.data.source
-    if PLUGIN_SOURCE(source) is not None or source in SOURCE_NAMES:
-        return None
-    if source in cfg.data.plugins or source in registered_plugins().values():
-        return None
-    return (
-        "data.source",
-        f"plug-in module {source!r} is not registered (not imported): list it under "
-        f"data.plugins, or register it as a {SOURCE_ENTRY_POINTS!r} entry point",
-    )
+    reason = source_refusal(cfg.data.source, cfg.data.plugins)
+    return ("data.source", reason) if reason else None
 
 
 def _class_weights_match(cfg: Config) -> tuple[str, str] | None:

@@ -57,6 +57,12 @@ class Scenario:
         return self.rate is not None
 
 
+def is_sweep(name: str) -> bool:
+    """Whether ``name`` is a sweep point (``<family>@<rate>``), not a main scenario; never raises
+    (it sorts names read from files, which :meth:`Scenario.parse` checks where it matters)."""
+    return "@" in str(name)
+
+
 def scenario_names(cfg: MissingConfig) -> list[str]:
     """All scenarios in evaluation order (sweep duplicates dropped)."""
     names = list(MAIN_SCENARIOS)

@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import importlib.metadata
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,16 +124,40 @@ def _model_name(v: Any) -> str | None:
 MODEL_NAME = Check(_model_name, lambda: {"enum": list(_model_names())})
 
 
-def _source_name(v: Any) -> str | None:
-    if v == "auto" or v in SOURCE_NAMES or PLUGIN_SOURCE(v) is None:
+def source_refusal(name: Any, plugins: Collection[str] | None) -> str | None:
+    """Why ``name`` may not name a source format, or None: the one plug-in rule, applied to
+    ``data.source`` at load, to ``--source`` on the command line and by the source loader
+    before it imports anything.
+
+    A source is ``auto``, a built-in format or alias (any case), a ``rima.sources`` entry-point
+    name, or the dotted path of a module with ``scan()``/``load()`` that is registered: listed in
+    ``plugins`` (``data.plugins``) or the module of an entry point. A module named nowhere is
+    never imported (importing is running: a module such as ``venv.__main__`` acts on import).
+    ``plugins=None`` judges the shape only: where the allow-list is not known yet (the command
+    line, before params are read) or the caller's own Python code chose the module.
+    """
+    if not isinstance(name, str):
+        return "must be a source name (a string)"
+    if name == "auto" or name.lower() in SOURCE_NAMES:
         return None
-    if isinstance(v, str) and v in registered_plugins():
+    entry_points = registered_plugins()
+    if name in entry_points:
         return None
-    return f"must be one of {['auto', *SOURCE_NAMES]} or a dotted module path (a plug-in format)"
+    if PLUGIN_SOURCE(name) is not None:
+        return (
+            f"must be one of {['auto', *SOURCE_NAMES]}, a {SOURCE_ENTRY_POINTS!r} entry-point "
+            "name, or a dotted module path (a plug-in format)"
+        )
+    if plugins is None or name in plugins or name in entry_points.values():
+        return None
+    return (
+        f"plug-in module {name!r} is not registered (not imported): list it under "
+        f"data.plugins, or register it as a {SOURCE_ENTRY_POINTS!r} entry point"
+    )
 
 
 SOURCE_NAME = Check(
-    _source_name,
+    lambda v: source_refusal(v, None),
     lambda: {
         "anyOf": [
             {"enum": ["auto", *SOURCE_NAMES]},

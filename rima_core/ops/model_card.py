@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from rima_core.config import Config
+from rima_core.config import Config, is_sweep
 from rima_core.ops.serving import model_file
 
 log = logging.getLogger(__name__)
@@ -397,7 +397,7 @@ def build_model_card(
     test, val = summary.get("split", "test"), summary.get("selection_split", "val")
     scenarios = list(summary.get("scenarios", pd.unique(inputs["scores"]["scenario"])))
     # one row per scenario; the missing-rate sweeps (``kind@rate``) are rate_curve.csv's
-    main = [s for s in scenarios if "@" not in s] or scenarios
+    main = [s for s in scenarios if not is_sweep(s)] or scenarios
     headline = summary.get("equity_headline_scenario", cfg.promote.scenario)
     level = float(summary.get("bootstrap", {}).get("level", cfg.evaluate.ci_level))
 

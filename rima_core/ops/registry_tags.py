@@ -15,7 +15,7 @@ import logging
 import math
 from pathlib import Path
 
-from rima_core.config import Config
+from rima_core.config import Config, is_sweep
 from rima_core.core.metrics import LOWER_IS_BETTER
 from rima_core.tracking.metric_names import legacy_version_tag, scored
 
@@ -122,7 +122,7 @@ def headline_tags(
     p = cfg.promote
     wanted: list[tuple[str, str]] = [(p.scenario, p.metric)]
     wanted += [(p.scenario, m) for m in HEADLINE_METRICS if m != p.metric]
-    others = sorted((s for s in metrics if s != p.scenario), key=lambda s: "@" in s)
+    others = sorted((s for s in metrics if s != p.scenario), key=is_sweep)
     wanted += [(s, p.metric) for s in others]
     budget = MAX_VERSION_TAGS - RESERVED_TAGS
     tags: dict[str, str] = {}

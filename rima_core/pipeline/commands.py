@@ -84,7 +84,6 @@ def summary_line(result: Any, limit: int = 200) -> str:
 
 
 def _cmd_synth(args: argparse.Namespace) -> Any:
-
     cfg = config_from_args(args)
     if args.n_eyes is not None:
         cfg.synth.n_eyes = args.n_eyes
@@ -94,7 +93,6 @@ def _cmd_synth(args: argparse.Namespace) -> Any:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> Any:
-
     cfg = config_from_args(args)
     if args.source is not None:
         # checked like data.source: a plug-in module must be registered before it is imported
@@ -119,7 +117,6 @@ def _cmd_prepare(args: argparse.Namespace) -> Any:
 
 
 def _cmd_validate(args: argparse.Namespace) -> Any:
-
     cfg = config_from_args(args)
     result = steps.validate(
         args.store or cfg.prepare.store_dir, args.report or cfg.validate.report, cfg
@@ -131,7 +128,6 @@ def _cmd_validate(args: argparse.Namespace) -> Any:
 
 
 def _cmd_simulate_missing(args: argparse.Namespace) -> Any:
-
     cfg = config_from_args(args)
     return steps.simulate_missing(
         args.store or cfg.prepare.store_dir, args.out or cfg.missing.masks, cfg
@@ -142,7 +138,6 @@ def _cmd_simulate_missing(args: argparse.Namespace) -> Any:
 
 
 def _cmd_train(args: argparse.Namespace) -> Any:
-
     from rima_core.runs.engine import EngineError
 
     cfg = config_from_args(args)
@@ -186,7 +181,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> Any:
 
 
 def _cmd_tune(args: argparse.Namespace) -> Any:
-
     cfg = config_from_args(args)
     try:
         return steps.tune(
@@ -221,7 +215,6 @@ def _dvc_value(value: Any) -> str:
 
 
 def _cmd_params(args: argparse.Namespace) -> Any:
-
     if args.params_command == "show":
         # credentials masked: this output ends up in terminals, CI logs and bug reports
         print(
@@ -263,7 +256,6 @@ def _registry_errors() -> tuple[type[Exception], ...]:
 
 
 def _cmd_register(args: argparse.Namespace) -> Any:
-
     cfg = config_from_args(args)
     store = args.store or cfg.prepare.store_dir
     model_dir = args.model_dir or cfg.train.out_dir
@@ -300,7 +292,6 @@ def _write_receipt(path: str, model_name: str, model_dir: Any, metrics: Any) -> 
 
 
 def _cmd_promote(args: argparse.Namespace) -> Any:
-
     cfg = config_from_args(args)
     try:
         result = steps.promote(cfg, dry_run=args.dry_run, out=args.out, after=args.after)
@@ -314,7 +305,6 @@ def _cmd_promote(args: argparse.Namespace) -> Any:
 
 
 def _cmd_predict(args: argparse.Namespace) -> Any:
-
     cfg = config_from_args(args)
     model = args.model or f"models:/{cfg.mlflow.model_name}@champion"
     try:
@@ -332,7 +322,6 @@ class ExitStatus(int):
 
 
 def _cmd_check_repro(args: argparse.Namespace) -> Any:
-
     cfg = config_from_args(args)
     report = repro.check(Path.cwd(), cfg, rev=args.rev)
     facts = None if report.exact else repro.processor_facts()

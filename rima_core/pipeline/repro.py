@@ -142,7 +142,6 @@ def _cache_path(root: Path, md5: str) -> Path | None:
 
 
 def _lock_stages(text: bytes | str) -> dict[str, Any]:
-
     data = yaml.safe_load(text) or {}
     return data.get("stages", {}) if isinstance(data, dict) else {}
 

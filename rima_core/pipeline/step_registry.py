@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rima_core.config import registered_plugins
-from rima_core.core.data.sources import ALIASES, SOURCES
+from rima_core.config import source_refusal
+from rima_core.core.data.sources import SOURCES
 from rima_core.core.data.sources.fairvision import DISEASES
 from rima_core.pipeline.remote_config import OPTUNA_STORAGE_ENV
 
@@ -70,17 +70,12 @@ class Option:
 
 
 def source_name(text: str) -> str:
-    """``--source``: a built-in source (or alias), ``auto``, a ``rima.sources`` entry-point
-    name, or a dotted module path listed in ``data.plugins`` (checked once params are read)."""
-
-    if text == "auto" or "." in text or text.lower() in SOURCES or text.lower() in ALIASES:
-        return text
-    if text in registered_plugins():
-        return text
-    raise argparse.ArgumentTypeError(
-        f"unknown source {text!r}: expected one of {', '.join(SOURCES)}, auto, "
-        "or a registered plug-in (data.plugins, or a rima.sources entry point)"
-    )
+    """``--source``: checked by the one plug-in rule (:func:`rima_core.config.source_refusal`);
+    whether a dotted module is registered is judged once params (``data.plugins``) are read."""
+    reason = source_refusal(text, None)
+    if reason:
+        raise argparse.ArgumentTypeError(f"unknown source {text!r}: {reason}")
+    return text
 
 
 def _flag(name: str, help: str | None = None, **more: Any) -> Option:

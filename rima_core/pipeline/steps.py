@@ -156,7 +156,6 @@ def read_run_file(out_dir: str | Path) -> str | None:
 
 
 def write_run_file(out_dir: str | Path, run_id: str) -> None:
-
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     write_text(Path(out_dir) / MLFLOW_RUN_FILE, json.dumps({"run_id": run_id}) + "\n")
 

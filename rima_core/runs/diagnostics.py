@@ -92,7 +92,6 @@ def _probe(train_x: np.ndarray, train_y: np.ndarray) -> Any:
 
 
 def _qwk(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
-
     proba = np.eye(n_classes)[pred]
     return float(classification_metrics(y, proba)["qwk"])
 
@@ -108,7 +107,6 @@ def _centred_cosine(pred: np.ndarray, real: np.ndarray) -> float:
 def _gw_concentration(
     f: np.ndarray, o: np.ndarray, y: np.ndarray, epsilon: float, max_eyes: int
 ) -> tuple[float, float]:
-
     n = min(len(y), max_eyes)
     T, _ = ot.labeled_gw(
         torch.from_numpy(f[:n]), torch.from_numpy(y[:n]), torch.from_numpy(o[:n]),

@@ -104,7 +104,6 @@ def trial_config(cfg: Config, params: Mapping[str, float]) -> Config:
 
 
 def study_direction(metric: str) -> str:
-
     return "minimize" if metric in LOWER_IS_BETTER else "maximize"
 
 

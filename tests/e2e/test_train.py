@@ -261,7 +261,10 @@ def test_datasets_train_on_train_scenario_and_select_on_val(
                 (split, scenario, int(self.has_fundus.sum()), int(self.has_oct.sum()), both)
             )
 
-    monkeypatch.setattr(dataset_module, "EyeDataset", Recording)
+    import rima_core.runs.train as train_module
+
+    # patched where training looks it up
+    monkeypatch.setattr(train_module, "EyeDataset", Recording)
     cfg = copy.deepcopy(tiny_data.cfg)
     cfg.train.epochs = 1
     cfg.missing.train_scenario = "fundus_missing"  # rate 1.0: no training eye keeps a fundus

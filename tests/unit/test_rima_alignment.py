@@ -314,3 +314,34 @@ def test_mixed_coupling_blends_masses_and_keeps_a_batch_without_pairs() -> None:
     assert m[0, 1].item() == pytest.approx(0.75 / 30 + 0.125)
     assert m[3:].sum().item() == pytest.approx(0.75 * 12 / 30)  # bank rows: class-wise only
     assert torch.equal(RIMA.mixed_coupling(T, torch.zeros(3, 4), 0.25), T)
+
+
+def test_diagnostic_numbers_on_known_answers() -> None:
+    """The alignment numbers read what they claim: centred cosine 1 for the features
+    themselves, -1 for their negation, ~0 for noise; a probe reads noise at chance and class
+    means as the grade; class-separated features concentrate the GW rows."""
+    from rima_core.runs.diagnostics import _centred_cosine, _gw_concentration, _probe, _qwk
+
+    rng = np.random.default_rng(0)
+    n, k = 240, 3
+    y = np.arange(n) % k
+    real = rng.normal(size=(n, 8)) + 3.0 * np.eye(k, 8)[y]  # class-separated features
+    assert _centred_cosine(real, real) == pytest.approx(1.0)
+    assert _centred_cosine(-real, real) == pytest.approx(-1.0)
+    noise = rng.normal(size=(n, 8))
+    assert abs(_centred_cosine(noise, real)) < 0.1
+
+    fit, ev = slice(0, n // 2), slice(n // 2, n)
+    probe = _probe(real[fit], y[fit])
+    own = _qwk(y[ev], probe.predict(real[ev]), k)
+    assert own > 0.9
+    assert _qwk(y[ev], probe.predict(noise[ev]), k) < 0.3  # carries no grade
+    # a translation to the class means carries the grade but not the eye: the cross-probe reads
+    # it, the centred cosine does not call it faithful
+    means = np.stack([real[y == c].mean(0) for c in range(k)])[y]
+    assert _qwk(y[ev], probe.predict(means[ev]), k) > 0.9
+    assert _centred_cosine(means, real) < 0.9
+
+    share, flat = _gw_concentration(real, real, y, epsilon=5e-3, max_eyes=120)
+    assert flat == pytest.approx(1 / (120 / k), rel=0.05)  # a row spread over its class
+    assert share > flat  # each row concentrates beyond the flat within-class coupling

@@ -37,6 +37,7 @@ from rima_core.config import (
     MEAN_SCENARIO,
     ConfigError,
     MissingConfig,
+    Scenario,
     scenario_names,
 )
 from rima_core.core.data.store import open_store
@@ -70,12 +71,13 @@ def stable_seed(*parts: object) -> int:
 
 def _rates(scenario: str, cfg: MissingConfig) -> tuple[str, float, float]:
     """scenario -> (family, fundus rate, OCT rate)."""
-    if scenario == "complete":
+    parsed = Scenario.parse(scenario)
+    family = parsed.family
+    if family == "complete":
         return "complete", 0.0, 0.0
-    if scenario == "mixed":
+    if family == "mixed":
         return "mixed", float(cfg.mixed[0]), float(cfg.mixed[1])
-    family, _, rate_text = scenario.partition("@")
-    rate = float(rate_text) if rate_text else float(cfg.rate)
+    rate = float(cfg.rate) if parsed.rate is None else parsed.rate
     if family == "fundus_missing":
         return family, rate, 0.0
     if family == "oct_missing":

@@ -19,7 +19,7 @@ from collections.abc import Collection
 from pathlib import Path
 from types import ModuleType
 
-from rima_core.config import SOURCE_ENTRY_POINTS, registered_plugins
+from rima_core.config import registered_plugins, source_refusal
 from rima_core.core.data.sources._common import ScanResult
 from rima_core.core.data.types import SourceError
 
@@ -60,17 +60,10 @@ def load_plugin(name: str, plugins: Collection[str] | None = None) -> ModuleType
     the caller's own code chose the module (a Python call such as ``prepare_store(module_path,
     ...)``), which registers it. After the import, ``scan`` and ``load`` must be callables.
     """
-    entry_points = registered_plugins()
-    module_path = entry_points.get(name, name)
-    if (
-        plugins is not None
-        and module_path not in plugins
-        and module_path not in entry_points.values()
-    ):
-        raise SourceError(
-            f"source module {name!r} is not registered, so it is not imported: list it under "
-            f"data.plugins in params.yaml, or register it as a {SOURCE_ENTRY_POINTS!r} entry point"
-        )
+    reason = source_refusal(name, plugins)
+    if reason:
+        raise SourceError(f"source {name!r}: {reason}")
+    module_path = registered_plugins().get(name, name)
     try:
         module = importlib.import_module(module_path)
     except ImportError as exc:
