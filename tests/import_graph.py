@@ -23,23 +23,36 @@ def module_path(module: str) -> Path | None:
     return None
 
 
+def module_name(path: Path) -> str:
+    """The dotted name of the module in ``path`` (a package's ``__init__.py`` is the package)."""
+    rel = path.relative_to(ROOT).with_suffix("")
+    return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+
+
+def statement_names(node: ast.Import | ast.ImportFrom, module: str) -> list[str]:
+    """Absolute names one import statement in ``module`` loads: ``import a.b`` -> ``a.b``;
+    ``from .x import y`` -> the package ``x`` resolves to, and ``x.y`` when that is a module."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    base = node.module or ""
+    if node.level:
+        package = module.split(".")
+        path = module_path(module)
+        if path is None or path.name != "__init__.py":
+            package = package[:-1]
+        base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+    return [base] + [f"{base}.{a.name}" for a in node.names if module_path(f"{base}.{a.name}")]
+
+
 def imports(tree: ast.AST, module: str) -> set[str]:
     """``rima_core`` modules imported anywhere in ``tree`` (module or function level)."""
-    found: set[str] = set()
-    package = module.split(".")
-    if module_path(module) is None or module_path(module).name != "__init__.py":
-        package = package[:-1]
-    for node in ast.walk(tree):
-        names: list[str] = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
-            names = [base] + [f"{base}.{a.name}" for a in node.names]
-        found |= {n for n in names if n.startswith("rima_core") and module_path(n)}
-    return found
+    return {
+        n
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for n in statement_names(node, module)
+        if n.startswith("rima_core") and module_path(n)
+    }
 
 
 def closure(start: set[str]) -> set[str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from tests.import_graph import ROOT, imports
+from tests.import_graph import ROOT, imports, module_name
 
 # lowest first; the shared utilities sit below everything
 LAYERS = {
@@ -38,12 +38,7 @@ def _layer(module: str) -> int | None:
 
 
 def _modules() -> dict[str, Path]:
-    out = {}
-    for path in sorted((ROOT / "rima_core").rglob("*.py")):
-        rel = path.relative_to(ROOT).with_suffix("")
-        parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
-        out[".".join(parts)] = path
-    return out
+    return {module_name(p): p for p in sorted((ROOT / "rima_core").rglob("*.py"))}
 
 
 def test_every_module_belongs_to_a_layer() -> None:

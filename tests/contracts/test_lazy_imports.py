@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import ast
 import functools
-from pathlib import Path
 
-from tests.import_graph import ROOT, module_path
+from tests.import_graph import ROOT, module_name, module_path, statement_names
 
 # Top-level packages whose import costs a noticeable fraction of a second or more on their own
 # (benchmarks/results/startup.md); a command that does not use them must not import them.
@@ -49,21 +48,6 @@ def _is_type_checking(node: ast.If) -> bool:
     )
 
 
-def _names(node: ast.Import | ast.ImportFrom, module: str) -> list[str]:
-    """Absolute module names an import statement loads (``from a import b`` may load ``a.b``)."""
-    if isinstance(node, ast.Import):
-        return [a.name for a in node.names]
-    base = node.module or ""
-    if node.level:
-        package = module.split(".")
-        path = module_path(module)
-        if path is None or path.name != "__init__.py":
-            package = package[:-1]
-        base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
-    subs = [f"{base}.{a.name}" for a in node.names if module_path(f"{base}.{a.name}")]
-    return [base, *subs]
-
-
 def _top_level_imports(module: str) -> list[str]:
     path = module_path(module)
     if path is None:
@@ -71,12 +55,12 @@ def _top_level_imports(module: str) -> list[str]:
     out: list[str] = []
     for node in ast.parse(path.read_text()).body:
         if isinstance(node, ast.Import | ast.ImportFrom):
-            out += _names(node, module)
+            out += statement_names(node, module)
         elif isinstance(node, ast.Try) or (
             isinstance(node, ast.If) and not _is_type_checking(node)
         ):
             out += [n for s in node.body if isinstance(s, ast.Import | ast.ImportFrom)
-                    for n in _names(s, module)]  # fmt: skip
+                    for n in statement_names(s, module)]  # fmt: skip
     return out
 
 
@@ -141,19 +125,13 @@ def _why_lazy_node(importer: str, node: ast.Import | ast.ImportFrom) -> str | No
             for a in node.names
         ):
             return "a name its package imports only when asked (module __getattr__)"
-    return next((r for n in _names(node, importer) if (r := _why_lazy(importer, n))), None)
-
-
-def _module_of(path: Path) -> str:
-    rel = path.relative_to(ROOT).with_suffix("")
-    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
-    return ".".join(parts)
+    return next((r for n in statement_names(node, importer) if (r := _why_lazy(importer, n))), None)
 
 
 def lazy_imports_without_reason() -> list[str]:
     found = []
     for path in sorted((ROOT / "rima_core").rglob("*.py")):
-        module = _module_of(path)
+        module = module_name(path)
         for fn in ast.walk(ast.parse(path.read_text())):
             if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
                 continue
@@ -162,7 +140,7 @@ def lazy_imports_without_reason() -> list[str]:
                     continue
                 if _why_lazy_node(module, node) is None:
                     rel = path.relative_to(ROOT)
-                    names = ", ".join(_names(node, module))
+                    names = ", ".join(statement_names(node, module))
                     found.append(f"{rel}:{node.lineno} ({fn.name}): {names}")
     return found
 
